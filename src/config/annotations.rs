@@ -1,0 +1,322 @@
+//! Pod annotations → the settings Istio's sidecar injector would have rendered as
+//! `istio-init` args, so the injection template can pass `--annotations` and keep no logic.
+//!
+//! The file is the Kubernetes Downward API format: `key="value"` lines, values quoted like
+//! Go's `strconv.Quote`. The derivation follows Istio's `injection-template.yaml`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::build::{RawSettings, Setting};
+use super::error::{ConfigError, Origin};
+
+pub const INJECT: &str = "sidecar.istio.io/inject";
+pub const INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
+pub const INCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/includeOutboundIPRanges";
+pub const EXCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
+pub const INCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeInboundPorts";
+pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
+pub const INCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeOutboundPorts";
+pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
+pub const EXCLUDE_INTERFACES: &str = "traffic.sidecar.istio.io/excludeInterfaces";
+pub const KUBEVIRT_INTERFACES: &str = "traffic.sidecar.istio.io/kubevirtInterfaces";
+pub const REROUTE_VIRTUAL_INTERFACES: &str = "istio.io/reroute-virtual-interfaces";
+pub const STATUS_PORT: &str = "status.sidecar.istio.io/port";
+
+/// The injector's chart default for `global.proxy.statusPort`.
+const DEFAULT_STATUS_PORT: &str = "15020";
+/// Envoy's Prometheus port and the agent's health port, always excluded from inbound capture.
+const ALWAYS_EXCLUDED_INBOUND: &str = "15090,15021";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Annotations {
+    path: PathBuf,
+    values: BTreeMap<String, String>,
+}
+
+/// What the annotations say about this pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnnotationsVerdict {
+    /// The injector would not have added an init container: change nothing.
+    Skip(String),
+    Capture,
+}
+
+impl Annotations {
+    pub fn load(path: &Path) -> Result<Annotations, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::AnnotationsUnreadable {
+                path: path.to_owned(),
+                source,
+            })?;
+        Annotations::parse(path, &text)
+    }
+
+    /// Parses the Downward API format. Like Istio's `ParseDownwardAPI`, lines without `=`
+    /// are skipped and a later duplicate key wins; unlike it, the error names the line.
+    pub fn parse(path: &Path, text: &str) -> Result<Annotations, ConfigError> {
+        let mut values = BTreeMap::new();
+        for (index, line) in text.split('\n').enumerate() {
+            let Some((key, quoted)) = line.split_once('=') else {
+                continue;
+            };
+            let value = go_unquote(quoted).map_err(|reason| ConfigError::AnnotationsMalformed {
+                path: path.to_owned(),
+                line: index + 1,
+                reason: format!("value of {key:?} is not a quoted string ({reason})"),
+            })?;
+            values.insert(key.to_owned(), value);
+        }
+        Ok(Annotations {
+            path: path.to_owned(),
+            values,
+        })
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.values.get(key).map(String::as_str)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Adds to `raw` what the injector would render from these annotations. Explicit flags
+    /// already in `raw` still win: `RawSettings` ranks flags above annotations.
+    pub fn derive(&self, raw: &mut RawSettings) -> Result<AnnotationsVerdict, ConfigError> {
+        if self.get(INJECT) == Some("false") {
+            return Ok(AnnotationsVerdict::Skip(format!(
+                "annotation {INJECT} is \"false\": this pod is not meshed"
+            )));
+        }
+        let mode = self.get(INTERCEPTION_MODE).unwrap_or("REDIRECT");
+        if mode == "NONE" {
+            return Ok(AnnotationsVerdict::Skip(format!(
+                "annotation {INTERCEPTION_MODE} is \"NONE\": traffic is not captured"
+            )));
+        }
+        if let Some(mode) = self.get(INTERCEPTION_MODE) {
+            raw.set_annotation(Setting::InterceptionMode, INTERCEPTION_MODE, mode);
+        }
+        // The injector always renders -u; under TPROXY it is the literal 1337.
+        raw.set_annotation(Setting::ProxyUid, "(sidecar injector's -u)", "1337");
+        raw.set_annotation(
+            Setting::OutboundCidrs,
+            INCLUDE_OUTBOUND_IP_RANGES,
+            self.get(INCLUDE_OUTBOUND_IP_RANGES).unwrap_or("*"),
+        );
+        raw.set_annotation(
+            Setting::OutboundCidrsExclude,
+            EXCLUDE_OUTBOUND_IP_RANGES,
+            self.get(EXCLUDE_OUTBOUND_IP_RANGES).unwrap_or(""),
+        );
+        raw.set_annotation(
+            Setting::InboundPorts,
+            INCLUDE_INBOUND_PORTS,
+            self.get(INCLUDE_INBOUND_PORTS).unwrap_or("*"),
+        );
+        let (excluded, origin_key) = self.excluded_inbound_ports()?;
+        raw.set_annotation(Setting::InboundPortsExclude, origin_key, excluded);
+        for (setting, key) in [
+            (Setting::OutboundPorts, INCLUDE_OUTBOUND_PORTS),
+            (Setting::OutboundPortsExclude, EXCLUDE_OUTBOUND_PORTS),
+            (Setting::ExcludeInterfaces, EXCLUDE_INTERFACES),
+        ] {
+            if let Some(value) = self.get(key) {
+                raw.set_annotation(setting, key, value);
+            }
+        }
+        // The newer annotation wins whenever present, even if empty.
+        for key in [REROUTE_VIRTUAL_INTERFACES, KUBEVIRT_INTERFACES] {
+            if let Some(value) = self.get(key) {
+                raw.set_annotation(Setting::KubeVirtInterfaces, key, value);
+                break;
+            }
+        }
+        Ok(AnnotationsVerdict::Capture)
+    }
+
+    /// `-d`: 15090 and 15021, the user's exclusions, then the status port unless it is 0 or
+    /// already listed (the injector's `excludeInboundPort`).
+    fn excluded_inbound_ports(&self) -> Result<(String, &'static str), ConfigError> {
+        let status = self.get(STATUS_PORT).unwrap_or(DEFAULT_STATUS_PORT).trim();
+        if status.parse::<u16>().is_err() {
+            return Err(ConfigError::InvalidValue {
+                origin: Origin::Annotation(STATUS_PORT.into()),
+                value: status.to_owned(),
+                reason: "expected a port number (0 to disable)".into(),
+            });
+        }
+        let user: Vec<&str> = self
+            .get(EXCLUDE_INBOUND_PORTS)
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .collect();
+        let mut ports = vec![ALWAYS_EXCLUDED_INBOUND.to_owned()];
+        ports.extend(user.iter().map(|p| (*p).to_owned()));
+        if status != "0" && !user.contains(&status) {
+            ports.push(status.to_owned());
+        }
+        let origin = if self.get(EXCLUDE_INBOUND_PORTS).is_some() {
+            EXCLUDE_INBOUND_PORTS
+        } else {
+            STATUS_PORT
+        };
+        Ok((ports.join(","), origin))
+    }
+}
+
+/// Go's `strconv.Unquote` for double-quoted and back-quoted strings.
+pub fn go_unquote(quoted: &str) -> Result<String, String> {
+    if let Some(raw) = quoted
+        .strip_prefix('`')
+        .and_then(|s| s.strip_suffix('`'))
+    {
+        return if raw.contains('`') {
+            Err("unexpected backquote inside".into())
+        } else {
+            Ok(raw.to_owned())
+        };
+    }
+    let inner = quoted
+        .strip_prefix('"')
+        .and_then(|s| s.strip_suffix('"'))
+        .filter(|_| quoted.len() >= 2)
+        .ok_or_else(|| "expected a value in double quotes".to_owned())?;
+    let mut bytes = Vec::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => return Err("unescaped quote inside".into()),
+            '\n' => return Err("line break inside".into()),
+            '\\' => {
+                let escape = chars.next().ok_or("dangling backslash")?;
+                match escape {
+                    'a' => bytes.push(0x07),
+                    'b' => bytes.push(0x08),
+                    'f' => bytes.push(0x0c),
+                    'n' => bytes.push(b'\n'),
+                    'r' => bytes.push(b'\r'),
+                    't' => bytes.push(b'\t'),
+                    'v' => bytes.push(0x0b),
+                    '\\' => bytes.push(b'\\'),
+                    '"' => bytes.push(b'"'),
+                    '\'' => return Err("\\' is not valid in a double-quoted string".into()),
+                    'x' => bytes.push(hex_escape(&mut chars, 2)? as u8),
+                    'u' => push_char(&mut bytes, hex_escape(&mut chars, 4)?)?,
+                    'U' => push_char(&mut bytes, hex_escape(&mut chars, 8)?)?,
+                    '0'..='7' => {
+                        let mut value = escape.to_digit(8).unwrap_or(0);
+                        for _ in 0..2 {
+                            let digit = chars
+                                .next()
+                                .and_then(|d| d.to_digit(8))
+                                .ok_or("bad octal escape")?;
+                            value = value * 8 + digit;
+                        }
+                        let byte = u8::try_from(value).map_err(|_| "octal escape above \\377")?;
+                        bytes.push(byte);
+                    }
+                    other => return Err(format!("unknown escape \\{other}")),
+                }
+            }
+            c => {
+                let mut buf = [0u8; 4];
+                bytes.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            }
+        }
+    }
+    // Go strings may hold any bytes; annotation values are text, so insist on UTF-8.
+    String::from_utf8(bytes).map_err(|_| "escapes do not form UTF-8 text".to_owned())
+}
+
+fn hex_escape(chars: &mut std::str::Chars<'_>, digits: usize) -> Result<u32, String> {
+    let mut value = 0u32;
+    for _ in 0..digits {
+        let digit = chars
+            .next()
+            .and_then(|c| c.to_digit(16))
+            .ok_or("bad hex escape")?;
+        value = value * 16 + digit;
+    }
+    Ok(value)
+}
+
+fn push_char(bytes: &mut Vec<u8>, code: u32) -> Result<(), String> {
+    let c = char::from_u32(code).ok_or("escape is not a Unicode character")?;
+    let mut buf = [0u8; 4];
+    bytes.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Annotations {
+        Annotations::parse(Path::new("annotations"), text).unwrap()
+    }
+
+    #[test]
+    fn unquotes_go_strings() {
+        assert_eq!(go_unquote(r#""a\"b\\c\n\x41\u00e9""#).unwrap(), "a\"b\\c\nAé");
+        assert_eq!(go_unquote("`raw \\n`").unwrap(), "raw \\n");
+        assert_eq!(go_unquote(r#""\101""#).unwrap(), "A");
+        assert!(go_unquote("unquoted").is_err());
+        assert!(go_unquote("\"").is_err());
+        assert!(go_unquote(r#""bad\q""#).is_err());
+        assert!(go_unquote(r#""tail\""#).is_err());
+    }
+
+    #[test]
+    fn parses_kubelet_format() {
+        let a = parse("a=\"1\"\nkubectl.kubernetes.io/x=\"{\\\"k\\\":\\\"v=w\\\"}\"");
+        assert_eq!(a.get("a"), Some("1"));
+        assert_eq!(a.get("kubectl.kubernetes.io/x"), Some("{\"k\":\"v=w\"}"));
+    }
+
+    #[test]
+    fn malformed_line_is_named() {
+        let err = Annotations::parse(Path::new("f"), "a=\"1\"\nb=oops").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("line 2") && msg.contains("\"b\""), "{msg}");
+    }
+
+    #[test]
+    fn inject_false_and_mode_none_skip() {
+        let mut raw = RawSettings::default();
+        let verdict = parse("sidecar.istio.io/inject=\"false\"").derive(&mut raw).unwrap();
+        assert!(matches!(verdict, AnnotationsVerdict::Skip(_)));
+        let verdict = parse("sidecar.istio.io/interceptionMode=\"NONE\"").derive(&mut raw).unwrap();
+        assert!(matches!(verdict, AnnotationsVerdict::Skip(_)));
+    }
+
+    fn derived_exclude(text: &str) -> String {
+        let a = parse(text);
+        a.excluded_inbound_ports().unwrap().0
+    }
+
+    #[test]
+    fn inbound_exclusions_follow_the_injector() {
+        assert_eq!(derived_exclude(""), "15090,15021,15020");
+        assert_eq!(
+            derived_exclude("traffic.sidecar.istio.io/excludeInboundPorts=\"4,5,6\""),
+            "15090,15021,4,5,6,15020"
+        );
+        assert_eq!(derived_exclude("status.sidecar.istio.io/port=\"0\""), "15090,15021");
+        assert_eq!(
+            derived_exclude("status.sidecar.istio.io/port=\"123\"\ntraffic.sidecar.istio.io/excludeInboundPorts=\"123\""),
+            "15090,15021,123"
+        );
+    }
+
+    #[test]
+    fn bad_status_port_names_the_annotation() {
+        let err = parse("status.sidecar.istio.io/port=\"http\"")
+            .derive(&mut RawSettings::default())
+            .unwrap_err();
+        assert!(err.to_string().contains(STATUS_PORT), "{err}");
+    }
+}

@@ -1,0 +1,460 @@
+//! From raw strings (flags, annotations, environment) to a validated `Config`.
+//!
+//! Precedence, highest first: an explicit flag, a value derived from pod annotations, an
+//! environment variable (Istio's alias variables beat the flag-named ones, as in Istio), the
+//! default. Validation runs over every value before the host is asked anything.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use super::error::{ConfigError, Origin};
+use super::host::HostFacts;
+use super::parse::{self, PortsOrAll, Reason};
+use super::{
+    CaptureConfig, Config, DnsCapture, InboundCapture, OwnerGroups, RunOptions,
+};
+use crate::rules::model::Owner;
+
+/// Every setting meshinit reads, Istio's and its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Setting {
+    EnvoyPort,
+    InboundCapturePort,
+    InboundTunnelPort,
+    ProxyUid,
+    ProxyGid,
+    InterceptionMode,
+    TproxyMark,
+    TproxyRouteTable,
+    InboundPorts,
+    InboundPortsExclude,
+    ExcludeInterfaces,
+    OutboundCidrs,
+    OutboundCidrsExclude,
+    OutboundPorts,
+    OutboundPortsExclude,
+    KubeVirtInterfaces,
+    DryRun,
+    ProbePort,
+    ProbeTimeout,
+    SkipRuleApply,
+    RunValidation,
+    RedirectDns,
+    DropInvalid,
+    DualStack,
+    CaptureAllDns,
+    NetworkNamespace,
+    CniMode,
+    Reconcile,
+    CleanupOnly,
+    ForceApply,
+    NativeNftables,
+    ForceIptablesBinary,
+    OwnerGroups,
+    OwnerGroupsExclude,
+    LoopbackCidr,
+    EnvoyUser,
+    Ipv6,
+    DnsServers,
+}
+
+/// How a setting is spelled on the command line and in the environment.
+#[derive(Debug, Clone, Copy)]
+pub struct SettingSpec {
+    pub setting: Setting,
+    /// Long flag name without dashes; `None` for environment-only settings.
+    pub long: Option<&'static str>,
+    pub short: Option<char>,
+    /// Environment variables, weakest first: a later one overrides an earlier one.
+    pub envs: &'static [&'static str],
+    pub default: &'static str,
+    pub is_bool: bool,
+}
+
+const fn spec(
+    setting: Setting,
+    long: Option<&'static str>,
+    short: Option<char>,
+    envs: &'static [&'static str],
+    default: &'static str,
+    is_bool: bool,
+) -> SettingSpec {
+    SettingSpec {
+        setting,
+        long,
+        short,
+        envs,
+        default,
+        is_bool,
+    }
+}
+
+use Setting as S;
+
+/// Istio 1.30's `istio-iptables` flags (`tools/istio-iptables/pkg/cmd/root.go`), with the
+/// environment variables `flag.BindEnv` derives from them, then meshinit's additions.
+pub const SETTINGS: &[SettingSpec] = &[
+    spec(S::EnvoyPort, Some("envoy-port"), Some('p'), &[], "15001", false),
+    spec(S::InboundCapturePort, Some("inbound-capture-port"), Some('z'), &["INBOUND_CAPTURE_PORT"], "15006", false),
+    spec(S::InboundTunnelPort, Some("inbound-tunnel-port"), Some('e'), &["INBOUND_TUNNEL_PORT"], "15008", false),
+    spec(S::ProxyUid, Some("proxy-uid"), Some('u'), &["PROXY_UID"], "", false),
+    spec(S::ProxyGid, Some("proxy-gid"), Some('g'), &["PROXY_GID"], "", false),
+    spec(S::InterceptionMode, Some("istio-inbound-interception-mode"), Some('m'), &["ISTIO_INBOUND_INTERCEPTION_MODE"], "", false),
+    spec(S::TproxyMark, Some("istio-inbound-tproxy-mark"), Some('t'), &["ISTIO_INBOUND_TPROXY_MARK"], "1337", false),
+    spec(S::TproxyRouteTable, Some("istio-inbound-tproxy-route-table"), Some('r'), &["ISTIO_INBOUND_TPROXY_ROUTE_TABLE"], "133", false),
+    spec(S::InboundPorts, Some("istio-inbound-ports"), Some('b'), &["ISTIO_INBOUND_PORTS"], "", false),
+    spec(S::InboundPortsExclude, Some("istio-local-exclude-ports"), Some('d'), &["ISTIO_LOCAL_EXCLUDE_PORTS"], "", false),
+    spec(S::ExcludeInterfaces, Some("istio-exclude-interfaces"), Some('c'), &["ISTIO_EXCLUDE_INTERFACES"], "", false),
+    spec(S::OutboundCidrs, Some("istio-service-cidr"), Some('i'), &["ISTIO_SERVICE_CIDR"], "", false),
+    spec(S::OutboundCidrsExclude, Some("istio-service-exclude-cidr"), Some('x'), &["ISTIO_SERVICE_EXCLUDE_CIDR"], "", false),
+    spec(S::OutboundPorts, Some("istio-outbound-ports"), Some('q'), &["ISTIO_OUTBOUND_PORTS"], "", false),
+    spec(S::OutboundPortsExclude, Some("istio-local-outbound-ports-exclude"), Some('o'), &["ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE"], "", false),
+    spec(S::KubeVirtInterfaces, Some("kube-virt-interfaces"), Some('k'), &["KUBE_VIRT_INTERFACES"], "", false),
+    spec(S::DryRun, Some("dry-run"), Some('n'), &["DRY_RUN"], "false", true),
+    spec(S::ProbePort, Some("iptables-probe-port"), None, &["IPTABLES_PROBE_PORT"], "15002", false),
+    spec(S::ProbeTimeout, Some("probe-timeout"), None, &["PROBE_TIMEOUT"], "5s", false),
+    spec(S::SkipRuleApply, Some("skip-rule-apply"), None, &["SKIP_RULE_APPLY"], "false", true),
+    spec(S::RunValidation, Some("run-validation"), None, &["RUN_VALIDATION"], "false", true),
+    spec(S::RedirectDns, Some("redirect-dns"), None, &["REDIRECT_DNS", "ISTIO_META_DNS_CAPTURE"], "false", true),
+    spec(S::DropInvalid, Some("drop-invalid"), None, &["DROP_INVALID", "INVALID_DROP"], "false", true),
+    spec(S::DualStack, Some("dual-stack"), None, &["DUAL_STACK", "ISTIO_DUAL_STACK"], "false", true),
+    spec(S::CaptureAllDns, Some("capture-all-dns"), None, &["CAPTURE_ALL_DNS"], "false", true),
+    spec(S::NetworkNamespace, Some("network-namespace"), None, &["NETWORK_NAMESPACE"], "", false),
+    spec(S::CniMode, Some("cni-mode"), None, &["CNI_MODE"], "false", true),
+    spec(S::Reconcile, Some("reconcile"), None, &["RECONCILE"], "false", true),
+    spec(S::CleanupOnly, Some("cleanup-only"), None, &["CLEANUP_ONLY"], "false", true),
+    spec(S::ForceApply, Some("force-apply"), None, &["FORCE_APPLY"], "false", true),
+    spec(S::NativeNftables, Some("native-nftables"), None, &["NATIVE_NFTABLES"], "false", true),
+    spec(S::ForceIptablesBinary, Some("force-iptables-binary"), None, &["FORCE_IPTABLES_BINARY"], "", false),
+    spec(S::OwnerGroups, None, None, &["ISTIO_OUTBOUND_OWNER_GROUPS"], "*", false),
+    spec(S::OwnerGroupsExclude, None, None, &["ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE"], "", false),
+    spec(S::LoopbackCidr, None, None, &["ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR"], "127.0.0.1/32", false),
+    spec(S::EnvoyUser, None, None, &["ENVOY_USER"], "istio-proxy", false),
+    // meshinit's own: what Istio reads off the machine, made explicit.
+    spec(S::Ipv6, Some("ipv6"), None, &["MESHINIT_IPV6"], "", true),
+    spec(S::DnsServers, Some("dns-servers"), None, &["MESHINIT_DNS_SERVERS"], "", false),
+];
+
+/// Istio caps the owner-group include list: it becomes one rule with a match per group.
+pub const MAX_OWNER_GROUPS_INCLUDE: usize = 64;
+
+pub fn spec_of(setting: Setting) -> &'static SettingSpec {
+    SETTINGS
+        .iter()
+        .find(|s| s.setting == setting)
+        .unwrap_or_else(|| unreachable!("every Setting has a row in SETTINGS"))
+}
+
+/// The unvalidated inputs: explicit flags and annotation-derived values.
+#[derive(Debug, Clone, Default)]
+pub struct RawSettings {
+    flags: HashMap<Setting, String>,
+    annotations: HashMap<Setting, (String, String)>,
+}
+
+impl RawSettings {
+    pub fn set_flag(&mut self, setting: Setting, value: impl Into<String>) {
+        self.flags.insert(setting, value.into());
+    }
+
+    /// A value Istio's injector would have rendered from annotation `key`.
+    pub fn set_annotation(&mut self, setting: Setting, key: &str, value: impl Into<String>) {
+        self.annotations
+            .insert(setting, (key.to_owned(), value.into()));
+    }
+}
+
+/// What a run should do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigOutcome {
+    Capture(Box<Config>),
+    /// Capture is switched off for this pod (interception mode NONE); nothing to change.
+    Skip { reason: String },
+}
+
+struct Resolver<'a> {
+    raw: &'a RawSettings,
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Resolver<'_> {
+    fn value(&self, setting: Setting) -> (String, Origin) {
+        let spec = spec_of(setting);
+        if let Some(value) = self.raw.flags.get(&setting) {
+            let long = spec.long.unwrap_or("?");
+            return (
+                value.clone(),
+                Origin::Flag {
+                    long,
+                    short: spec.short,
+                },
+            );
+        }
+        if let Some((key, value)) = self.raw.annotations.get(&setting) {
+            return (value.clone(), Origin::Annotation(key.clone()));
+        }
+        for name in spec.envs.iter().rev() {
+            if let Some(value) = (self.env)(name) {
+                // Istio ignores a bool variable it cannot parse, such as an empty one; an
+                // empty value is "unset" here too, while a wrong one is still an error.
+                if spec.is_bool && value.trim().is_empty() {
+                    continue;
+                }
+                return (value, Origin::Env((*name).to_owned()));
+            }
+        }
+        (spec.default.to_owned(), Origin::Default(spec.long.unwrap_or("setting")))
+    }
+
+    fn parsed<T>(
+        &self,
+        setting: Setting,
+        parser: impl Fn(&str) -> Result<T, Reason>,
+    ) -> Result<T, ConfigError> {
+        let (value, origin) = self.value(setting);
+        parser(&value).map_err(|reason| ConfigError::InvalidValue {
+            origin,
+            value,
+            reason,
+        })
+    }
+
+    fn flag(&self, setting: Setting) -> Result<bool, ConfigError> {
+        self.parsed(setting, parse::parse_bool)
+    }
+
+    /// `Some` when the setting was given anywhere but its default.
+    fn explicit(&self, setting: Setting) -> Option<(String, Origin)> {
+        let (value, origin) = self.value(setting);
+        (!matches!(origin, Origin::Default(_))).then_some((value, origin))
+    }
+}
+
+/// A config whose every value is valid, with the machine facts still to be filled in.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    config: Config,
+    ipv6: Option<bool>,
+    dns_servers: Option<Vec<IpAddr>>,
+    redirect_dns: bool,
+    capture_all_dns: bool,
+    /// `ENVOY_USER`, when no proxy uid was given and it must be looked up.
+    envoy_user: Option<String>,
+    gid_follows_uid: bool,
+    skip: Option<String>,
+}
+
+/// Phase one: parse and check every value. Pure.
+pub fn validate(
+    raw: &RawSettings,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Validated, ConfigError> {
+    let r = Resolver { raw, env };
+    let port = |s| r.parsed(s, parse::parse_port);
+
+    let proxy_port = port(S::EnvoyPort)?;
+    let inbound_capture_port = port(S::InboundCapturePort)?;
+    let inbound_tunnel_port = port(S::InboundTunnelPort)?;
+    let proxy_uids = r.parsed(S::ProxyUid, parse::parse_owner_list)?;
+    let proxy_gids = r.parsed(S::ProxyGid, parse::parse_owner_list)?;
+    let mode = r.parsed(S::InterceptionMode, parse::parse_interception_mode)?;
+    let tproxy_mark = r.parsed(S::TproxyMark, parse::parse_tproxy_mark)?;
+    let tproxy_route_table = r.parsed(S::TproxyRouteTable, parse::parse_route_table)?;
+    let inbound_ports = r.parsed(S::InboundPorts, parse::parse_ports_or_all)?;
+    let inbound_exclude = r.parsed(S::InboundPortsExclude, parse::parse_port_list)?;
+    let exclude_interfaces = r.parsed(S::ExcludeInterfaces, parse::parse_interface_list)?;
+    let outbound_include = r.parsed(S::OutboundCidrs, parse::parse_outbound_include)?;
+    let outbound_exclude = r.parsed(S::OutboundCidrsExclude, parse::parse_outbound_exclude)?;
+    let outbound_ports_include = r.parsed(S::OutboundPorts, parse::parse_port_list)?;
+    let outbound_ports_exclude = r.parsed(S::OutboundPortsExclude, parse::parse_port_list)?;
+    let kube_virt_interfaces = r.parsed(S::KubeVirtInterfaces, parse::parse_interface_list)?;
+    let probe_port = port(S::ProbePort)?;
+    let probe_timeout = r.parsed(S::ProbeTimeout, parse::parse_go_duration)?;
+    let network_namespace = r.parsed(S::NetworkNamespace, |v| {
+        Ok::<_, Reason>((!v.is_empty()).then(|| PathBuf::from(v)))
+    })?;
+    let force_backend = r.parsed(S::ForceIptablesBinary, parse::parse_backend)?;
+    let host_ipv4_loopback = r.parsed(S::LoopbackCidr, parse::parse_loopback_cidr)?;
+    let owner_groups = owner_groups(&r)?;
+    let redirect_dns = r.flag(S::RedirectDns)?;
+    let capture_all_dns = r.flag(S::CaptureAllDns)?;
+    let dual_stack = r.flag(S::DualStack)?;
+    let ipv6 = match r.explicit(S::Ipv6) {
+        Some((value, origin)) => Some(parse::parse_bool(&value).map_err(|reason| {
+            ConfigError::InvalidValue {
+                origin,
+                value,
+                reason,
+            }
+        })?),
+        None => None,
+    };
+    let dns_servers = match r.explicit(S::DnsServers) {
+        Some((value, origin)) => Some(parse::parse_ip_list(&value).map_err(|reason| {
+            ConfigError::InvalidValue {
+                origin,
+                value,
+                reason,
+            }
+        })?),
+        None => None,
+    };
+    let run = RunOptions {
+        dry_run: r.flag(S::DryRun)?,
+        skip_rule_apply: r.flag(S::SkipRuleApply)?,
+        run_validation: r.flag(S::RunValidation)?,
+        probe_port,
+        probe_timeout,
+        network_namespace,
+        cni_mode: r.flag(S::CniMode)?,
+        reconcile: r.flag(S::Reconcile)?,
+        cleanup_only: r.flag(S::CleanupOnly)?,
+        force_apply: r.flag(S::ForceApply)?,
+        native_nftables: r.flag(S::NativeNftables)?,
+        force_backend,
+        dual_stack,
+    };
+    let drop_invalid = r.flag(S::DropInvalid)?;
+
+    let inbound = match inbound_ports {
+        PortsOrAll::All => InboundCapture::AllExcept(inbound_exclude),
+        PortsOrAll::List(ports) if ports.is_empty() => InboundCapture::Off,
+        PortsOrAll::List(ports) => InboundCapture::Only(ports),
+    };
+    let envoy_user = proxy_uids
+        .is_empty()
+        .then(|| r.value(S::EnvoyUser).0);
+    let gid_follows_uid = proxy_gids.is_empty();
+    let skip = mode.is_none().then(|| {
+        let (value, origin) = r.value(S::InterceptionMode);
+        format!("interception mode is {value} (from {origin}): traffic is not captured")
+    });
+
+    let capture = CaptureConfig {
+        proxy_port,
+        inbound_capture_port,
+        inbound_tunnel_port,
+        proxy_uids,
+        proxy_gids,
+        interception: mode.unwrap_or(super::InterceptionMode::Redirect),
+        tproxy_mark,
+        tproxy_route_table,
+        inbound,
+        outbound_include,
+        outbound_exclude,
+        outbound_ports_include,
+        outbound_ports_exclude,
+        kube_virt_interfaces,
+        exclude_interfaces,
+        dns: DnsCapture::Off,
+        drop_invalid,
+        ipv6: false,
+        owner_groups,
+        host_ipv4_loopback,
+    };
+    Ok(Validated {
+        config: Config { capture, run },
+        ipv6,
+        dns_servers,
+        redirect_dns,
+        capture_all_dns,
+        envoy_user,
+        gid_follows_uid,
+        skip,
+    })
+}
+
+fn owner_groups(r: &Resolver<'_>) -> Result<OwnerGroups, ConfigError> {
+    let (include, origin) = r.value(S::OwnerGroups);
+    let exclude = r.parsed(S::OwnerGroupsExclude, parse::parse_owner_list)?;
+    if include.trim() == "*" {
+        return Ok(OwnerGroups::AllExcept(exclude));
+    }
+    let groups = parse::parse_owner_list(&include).map_err(|reason| ConfigError::InvalidValue {
+        origin: origin.clone(),
+        value: include.clone(),
+        reason,
+    })?;
+    if groups.len() > MAX_OWNER_GROUPS_INCLUDE {
+        return Err(ConfigError::InvalidValue {
+            origin,
+            value: include,
+            reason: format!(
+                "at most {MAX_OWNER_GROUPS_INCLUDE} groups can be listed (they become one iptables rule), got {}",
+                groups.len()
+            ),
+        });
+    }
+    Ok(OwnerGroups::Only(groups))
+}
+
+impl Validated {
+    /// Phase two: fill in what only the machine knows, asking `host` only for what no
+    /// option settled.
+    pub fn resolve(self, host: &dyn HostFacts) -> Result<ConfigOutcome, ConfigError> {
+        if let Some(reason) = self.skip {
+            return Ok(ConfigOutcome::Skip { reason });
+        }
+        let mut config = self.config;
+        let capture = &mut config.capture;
+        if let Some(user) = &self.envoy_user {
+            // Istio: the uid of ENVOY_USER if that user exists, else 1337.
+            let uid = host.user_uid(user).unwrap_or(DEFAULT_PROXY_UID);
+            capture.proxy_uids = vec![Owner::Id(uid)];
+        }
+        if self.gid_follows_uid {
+            capture.proxy_gids = capture.proxy_uids.clone();
+        }
+        capture.ipv6 = match self.ipv6 {
+            Some(ipv6) => ipv6,
+            None => host.detect_ipv6(config.run.dual_stack)?,
+        };
+        capture.dns = if !self.redirect_dns {
+            DnsCapture::Off
+        } else if self.capture_all_dns {
+            DnsCapture::All
+        } else {
+            let servers = match self.dns_servers {
+                Some(servers) => servers,
+                None => host.resolv_conf_nameservers()?,
+            };
+            // Split by how the address is written, as Istio does: "::127.0.0.53" is IPv6.
+            let v4: Vec<_> = servers
+                .iter()
+                .filter_map(|s| match s {
+                    IpAddr::V4(a) => Some(*a),
+                    IpAddr::V6(_) => None,
+                })
+                .collect();
+            let v6: Vec<_> = servers
+                .iter()
+                .filter_map(|s| match s {
+                    IpAddr::V6(a) => Some(*a),
+                    IpAddr::V4(_) => None,
+                })
+                .collect();
+            if v4.is_empty() && v6.is_empty() {
+                tracing::warn!(
+                    "DNS capture is on, but capture-all-dns is off and no DNS servers are known: DNS is not captured"
+                );
+                DnsCapture::Off
+            } else {
+                DnsCapture::Servers { v4, v6 }
+            }
+        };
+        Ok(ConfigOutcome::Capture(Box::new(config)))
+    }
+}
+
+/// Both phases at once, for callers that have no reason to act in between.
+pub fn build_config(
+    raw: &RawSettings,
+    env: &dyn Fn(&str) -> Option<String>,
+    host: &dyn HostFacts,
+) -> Result<ConfigOutcome, ConfigError> {
+    validate(raw, env)?.resolve(host)
+}
+
+/// The uid used when nothing else decides it (Istio's `DefaultProxyUID`).
+pub const DEFAULT_PROXY_UID: u32 = 1337;

@@ -1,0 +1,441 @@
+//! Parsers for single setting values. Each returns the reason on failure; the caller adds
+//! where the value came from. No parser panics on any input (a property test checks).
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use ipnet::{IpNet, Ipv4Net};
+
+use super::{ForcedBackend, InterceptionMode, OutboundInclude};
+use crate::rules::model::{Interface, Owner, Port};
+use crate::rules::plan::OUTBOUND_MARK;
+
+pub type Reason = String;
+
+/// Istio splits lists on commas and drops empty items ("6000,7000," is two ports); meshinit
+/// also trims blanks around items, which Istio would pass on to iptables and fail there.
+pub fn split_list(value: &str) -> impl Iterator<Item = &str> {
+    value.split(',').map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// Go's `strconv.ParseBool`, which Istio's flags and environment variables use.
+pub fn parse_bool(value: &str) -> Result<bool, Reason> {
+    match value {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        _ => Err("expected a boolean: true or false (or 1, 0, t, f)".into()),
+    }
+}
+
+pub fn parse_port(value: &str) -> Result<Port, Reason> {
+    let value = value.trim();
+    let number: u32 = value
+        .parse()
+        .map_err(|_| format!("{value:?} is not a port number (expected 1-65535)"))?;
+    u16::try_from(number)
+        .ok()
+        .and_then(Port::new)
+        .ok_or_else(|| format!("port {number} is out of range (expected 1-65535)"))
+}
+
+pub fn parse_port_list(value: &str) -> Result<Vec<Port>, Reason> {
+    split_list(value).map(parse_port).collect()
+}
+
+/// `*` or a port list, as `-b` takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortsOrAll {
+    All,
+    List(Vec<Port>),
+}
+
+pub fn parse_ports_or_all(value: &str) -> Result<PortsOrAll, Reason> {
+    if value.trim() == "*" {
+        return Ok(PortsOrAll::All);
+    }
+    if split_list(value).any(|item| item == "*") {
+        return Err("\"*\" means every port and cannot be mixed with a list of ports".into());
+    }
+    parse_port_list(value).map(PortsOrAll::List)
+}
+
+pub fn parse_cidr(value: &str) -> Result<IpNet, Reason> {
+    if let Ok(addr) = value.parse::<IpAddr>() {
+        let bits = if addr.is_ipv4() { 32 } else { 128 };
+        return Err(format!(
+            "{value:?} is an address, not a CIDR range; write {value}/{bits} for just that address"
+        ));
+    }
+    value
+        .parse::<IpNet>()
+        .map_err(|_| format!("{value:?} is not a CIDR range such as 10.0.0.0/8 or 2001:db8::/32"))
+}
+
+fn parse_cidrs(value: &str) -> Result<Vec<IpNet>, Reason> {
+    split_list(value).map(parse_cidr).collect()
+}
+
+/// `-i`: `*` for everything, empty for nothing, or CIDRs of either family.
+pub fn parse_outbound_include(value: &str) -> Result<OutboundInclude, Reason> {
+    if value.trim() == "*" {
+        return Ok(OutboundInclude::All);
+    }
+    if split_list(value).any(|item| item == "*") {
+        return Err("\"*\" means every destination and cannot be mixed with CIDR ranges".into());
+    }
+    let nets = parse_cidrs(value)?;
+    Ok(if nets.is_empty() {
+        OutboundInclude::Off
+    } else {
+        OutboundInclude::Only(nets)
+    })
+}
+
+/// `-x`: CIDRs only. Istio rejects `*` here too (excluding everything is "-i ''").
+pub fn parse_outbound_exclude(value: &str) -> Result<Vec<IpNet>, Reason> {
+    if split_list(value).any(|item| item == "*") {
+        return Err(
+            "\"*\" is not allowed in an exclude list; to capture no outbound traffic, set the include list (-i) to \"\""
+                .into(),
+        );
+    }
+    parse_cidrs(value)
+}
+
+/// A user or group: a number, or a name iptables will resolve.
+pub fn parse_owner(value: &str) -> Result<Owner, Reason> {
+    if let Ok(id) = value.parse::<u32>() {
+        return Ok(Owner::Id(id));
+    }
+    let body = value.strip_suffix('$').unwrap_or(value);
+    let valid_name = !body.is_empty()
+        && value.len() <= 32
+        && body.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && body
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if valid_name {
+        Ok(Owner::Name(value.to_owned()))
+    } else {
+        Err(format!(
+            "{value:?} is neither a numeric id (0-4294967295) nor a user/group name"
+        ))
+    }
+}
+
+pub fn parse_owner_list(value: &str) -> Result<Vec<Owner>, Reason> {
+    split_list(value).map(parse_owner).collect()
+}
+
+/// Kernel interface names: 1-15 bytes, none of '/', ':' or blanks; meshinit further keeps
+/// to letters, digits, '_', '.', '-', plus iptables' trailing '+' wildcard.
+pub fn parse_interface(value: &str) -> Result<Interface, Reason> {
+    let body = value.strip_suffix('+').unwrap_or(value);
+    if value.len() > 15 {
+        return Err(format!(
+            "interface name {value:?} is longer than 15 characters"
+        ));
+    }
+    let valid = !body.is_empty()
+        && body != "."
+        && body != ".."
+        && body
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if valid {
+        Ok(Interface::new_unchecked(value.to_owned()))
+    } else {
+        Err(format!(
+            "{value:?} is not an interface name (letters, digits, '_', '.', '-', optionally ending in '+')"
+        ))
+    }
+}
+
+pub fn parse_interface_list(value: &str) -> Result<Vec<Interface>, Reason> {
+    split_list(value).map(parse_interface).collect()
+}
+
+/// The interception mode, or `None` for Istio's `NONE` (capture nothing).
+pub fn parse_interception_mode(value: &str) -> Result<Option<InterceptionMode>, Reason> {
+    match value {
+        // Istio's default: an empty mode is REDIRECT.
+        "" | "REDIRECT" => Ok(Some(InterceptionMode::Redirect)),
+        "TPROXY" => Ok(Some(InterceptionMode::Tproxy)),
+        "NONE" => Ok(None),
+        other => {
+            let upper = other.trim().to_ascii_uppercase();
+            let hint = if ["REDIRECT", "TPROXY", "NONE"].contains(&upper.as_str()) {
+                format!(" (values are case-sensitive: did you mean {upper}?)")
+            } else {
+                String::new()
+            };
+            Err(format!(
+                "expected REDIRECT or TPROXY{hint}; Istio would silently use REDIRECT here"
+            ))
+        }
+    }
+}
+
+pub fn parse_tproxy_mark(value: &str) -> Result<u32, Reason> {
+    let mark: u32 = value
+        .trim()
+        .parse()
+        .map_err(|_| "expected a decimal packet mark (1-4294967295)".to_owned())?;
+    if mark == 0 {
+        return Err("mark 0 means \"unmarked\" and cannot select TPROXY traffic".into());
+    }
+    if mark == OUTBOUND_MARK {
+        return Err(format!(
+            "mark {OUTBOUND_MARK} is the mark Istio's rules give the sidecar's own connections back to the app; pick another"
+        ));
+    }
+    Ok(mark)
+}
+
+pub fn parse_route_table(value: &str) -> Result<u32, Reason> {
+    let table: u32 = value
+        .trim()
+        .parse()
+        .map_err(|_| "expected a routing table number (1-252 or 256-4294967295)".to_owned())?;
+    match table {
+        0 => Err("table 0 is not a routing table".into()),
+        253 => Err("table 253 is the kernel's \"default\" table; pick an unused one".into()),
+        254 => Err("table 254 is the kernel's \"main\" table; pick an unused one".into()),
+        255 => Err("table 255 is the kernel's \"local\" table; pick an unused one".into()),
+        table => Ok(table),
+    }
+}
+
+/// Go's `time.ParseDuration` format ("5s", "1m30s", "250ms"), which `--probe-timeout` takes.
+pub fn parse_go_duration(value: &str) -> Result<Duration, Reason> {
+    let bad = || format!("{value:?} is not a duration such as 5s, 500ms or 1m30s");
+    let s = value.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    if s.is_empty() || s.starts_with('-') {
+        return Err(bad());
+    }
+    let mut rest = s.strip_prefix('+').unwrap_or(s);
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let number_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let number: f64 = rest[..number_len].parse().map_err(|_| bad())?;
+        rest = &rest[number_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" | "μs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        rest = &rest[unit_len..];
+        total += number * scale;
+    }
+    Duration::try_from_secs_f64(total).map_err(|_| bad())
+}
+
+/// Istio's `ValidateIPv4LoopbackCidr`: an IPv4 loopback range with a /8 to /32 mask.
+pub fn parse_loopback_cidr(value: &str) -> Result<Ipv4Net, Reason> {
+    let net: Ipv4Net = value
+        .trim()
+        .parse()
+        .map_err(|_| format!("{value:?} is not an IPv4 CIDR range such as 127.0.0.1/32"))?;
+    if !net.addr().is_loopback() {
+        return Err(format!("{} is not a loopback address (127.0.0.0/8)", net.addr()));
+    }
+    if net.prefix_len() < 8 {
+        return Err(format!(
+            "mask /{} is wider than the loopback range; expected /8 to /32",
+            net.prefix_len()
+        ));
+    }
+    Ok(net)
+}
+
+pub fn parse_ip_list(value: &str) -> Result<Vec<IpAddr>, Reason> {
+    split_list(value)
+        .map(|item| {
+            item.parse::<IpAddr>()
+                .map_err(|_| format!("{item:?} is not an IP address"))
+        })
+        .collect()
+}
+
+pub fn parse_backend(value: &str) -> Result<Option<ForcedBackend>, Reason> {
+    match value.trim() {
+        "" => Ok(None),
+        "legacy" => Ok(Some(ForcedBackend::Legacy)),
+        "nft" => Ok(Some(ForcedBackend::Nft)),
+        _ => Err("expected \"legacy\" or \"nft\"".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bools_follow_go() {
+        assert_eq!(parse_bool("T"), Ok(true));
+        assert_eq!(parse_bool("0"), Ok(false));
+        assert!(parse_bool("yes").is_err());
+        assert!(parse_bool("").is_err());
+    }
+
+    #[test]
+    fn ports_reject_zero_and_out_of_range() {
+        assert_eq!(parse_port("8080").map(Port::get), Ok(8080));
+        assert!(parse_port("0").unwrap_err().contains("out of range"));
+        assert!(parse_port("99999").unwrap_err().contains("99999"));
+        assert!(parse_port("http").unwrap_err().contains("not a port"));
+        assert!(parse_port("-1").is_err());
+    }
+
+    #[test]
+    fn port_lists_drop_empty_items_like_istio() {
+        let ports = parse_port_list("6000,7000,").unwrap();
+        assert_eq!(ports.iter().map(|p| p.get()).collect::<Vec<_>>(), [6000, 7000]);
+        assert_eq!(parse_port_list(" 80 , 443").unwrap().len(), 2);
+        assert!(parse_port_list("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn wildcard_ports_cannot_mix_with_a_list() {
+        assert_eq!(parse_ports_or_all("*"), Ok(PortsOrAll::All));
+        assert!(parse_ports_or_all("*,80").unwrap_err().contains("cannot be mixed"));
+    }
+
+    #[test]
+    fn cidrs_need_a_prefix_length() {
+        assert!(parse_cidr("10.0.0.0/8").is_ok());
+        assert!(parse_cidr("2001:db8::/32").is_ok());
+        assert!(parse_cidr("1.2.3.4").unwrap_err().contains("1.2.3.4/32"));
+        assert!(parse_cidr("10.0.0/8").is_err());
+        assert!(parse_cidr("10.0.0.0/33").is_err());
+    }
+
+    #[test]
+    fn include_cidrs_take_wildcard_and_empty() {
+        assert_eq!(parse_outbound_include("*"), Ok(OutboundInclude::All));
+        assert_eq!(parse_outbound_include(""), Ok(OutboundInclude::Off));
+        assert!(parse_outbound_include("*,10.0.0.0/8").is_err());
+    }
+
+    #[test]
+    fn exclude_cidrs_reject_wildcard() {
+        assert!(parse_outbound_exclude("*").unwrap_err().contains("not allowed"));
+        assert_eq!(parse_outbound_exclude("").unwrap(), vec![]);
+    }
+
+    #[test]
+    fn owners_are_ids_or_names() {
+        assert_eq!(parse_owner("1337"), Ok(Owner::Id(1337)));
+        assert_eq!(parse_owner("java"), Ok(Owner::Name("java".into())));
+        assert!(parse_owner("rm -rf").is_err());
+        assert!(parse_owner("-1").is_err());
+        assert!(parse_owner("99999999999").is_err());
+    }
+
+    #[test]
+    fn interfaces_follow_kernel_rules() {
+        assert!(parse_interface("eth0").is_ok());
+        assert!(parse_interface("veth+").is_ok());
+        assert!(parse_interface("bond0.100").is_ok());
+        assert!(parse_interface("a23456789012345x").unwrap_err().contains("15"));
+        assert!(parse_interface("eth0:1").is_err());
+        assert!(parse_interface("eth 0").is_err());
+        assert!(parse_interface("..").is_err());
+    }
+
+    #[test]
+    fn interception_mode_is_strict() {
+        assert_eq!(parse_interception_mode(""), Ok(Some(InterceptionMode::Redirect)));
+        assert_eq!(parse_interception_mode("TPROXY"), Ok(Some(InterceptionMode::Tproxy)));
+        assert_eq!(parse_interception_mode("NONE"), Ok(None));
+        assert!(parse_interception_mode("tproxy").unwrap_err().contains("did you mean TPROXY"));
+        assert!(parse_interception_mode("FOO").unwrap_err().contains("REDIRECT or TPROXY"));
+    }
+
+    #[test]
+    fn marks_and_tables_reject_reserved_values() {
+        assert_eq!(parse_tproxy_mark("1337"), Ok(1337));
+        assert!(parse_tproxy_mark("0").is_err());
+        assert!(parse_tproxy_mark("1338").unwrap_err().contains("1338"));
+        assert_eq!(parse_route_table("133"), Ok(133));
+        assert!(parse_route_table("254").unwrap_err().contains("main"));
+        assert!(parse_route_table("x").is_err());
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(parse_go_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_go_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_go_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_go_duration("0"), Ok(Duration::ZERO));
+        assert!(parse_go_duration("5").is_err());
+        assert!(parse_go_duration("-5s").is_err());
+        assert!(parse_go_duration("5x").is_err());
+        assert!(parse_go_duration("s").is_err());
+    }
+
+    #[test]
+    fn loopback_cidr_follows_istio() {
+        assert!(parse_loopback_cidr("127.0.0.1/8").is_ok());
+        assert!(parse_loopback_cidr("10.0.0.1/32").unwrap_err().contains("loopback"));
+        assert!(parse_loopback_cidr("127.0.0.1/4").unwrap_err().contains("/8 to /32"));
+        assert!(parse_loopback_cidr("::1/128").is_err());
+    }
+
+    #[test]
+    fn backends() {
+        assert_eq!(parse_backend(""), Ok(None));
+        assert_eq!(parse_backend("nft"), Ok(Some(ForcedBackend::Nft)));
+        assert!(parse_backend("iptables").is_err());
+    }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+            #[test]
+            fn no_parser_panics(input in any::<String>()) {
+                let _ = parse_bool(&input);
+                let _ = parse_port(&input);
+                let _ = parse_port_list(&input);
+                let _ = parse_ports_or_all(&input);
+                let _ = parse_cidr(&input);
+                let _ = parse_outbound_include(&input);
+                let _ = parse_outbound_exclude(&input);
+                let _ = parse_owner(&input);
+                let _ = parse_owner_list(&input);
+                let _ = parse_interface(&input);
+                let _ = parse_interface_list(&input);
+                let _ = parse_interception_mode(&input);
+                let _ = parse_tproxy_mark(&input);
+                let _ = parse_route_table(&input);
+                let _ = parse_go_duration(&input);
+                let _ = parse_loopback_cidr(&input);
+                let _ = parse_ip_list(&input);
+                let _ = parse_backend(&input);
+            }
+
+            #[test]
+            fn list_shaped_inputs_never_panic(input in "[0-9a-z*:./, -]{0,40}") {
+                let _ = parse_port_list(&input);
+                let _ = parse_outbound_include(&input);
+                let _ = parse_go_duration(&input);
+                let _ = parse_interface_list(&input);
+            }
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! meshinit: Istio's `istio-init`, done as a small static binary.
+//!
+//! Layers, each unaware of the ones above it: `config` (flags, environment and annotations
+//! → a validated `Config`), `rules` (`Config` → a typed ruleset → text), `app` (wires them
+//! to the commands). Only `app` and the system-facing modules touch the machine.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod logging;
+pub mod rules;
+
+pub use error::Error;

@@ -1,0 +1,38 @@
+//! The `meshinit` binary: parse, run, and turn any error into one line and an exit code.
+
+use std::error::Error as _;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use meshinit::cli::Cli;
+use meshinit::error::exit;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            // Help and version are not failures; usage errors exit 1 as Istio's do.
+            return if err.use_stderr() {
+                ExitCode::from(exit::BAD_INPUT)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    meshinit::logging::init(&cli.log);
+    match meshinit::app::run(&cli, &meshinit::app::process_env) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            let mut message = format!("meshinit: {err}");
+            let mut source = err.source();
+            while let Some(cause) = source {
+                message.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            eprintln!("{message}");
+            ExitCode::from(err.exit_code())
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! The ruleset: a typed model (`model`), the planner that fills it from a `Config`
+//! (`plan`), and the renderers that turn it into text (`iptables`, `routes`).
+
+mod builder;
+pub mod iptables;
+pub mod model;
+pub mod plan;
+pub mod routes;
+
+pub use model::Ruleset;
+pub use plan::plan;

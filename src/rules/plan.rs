@@ -1,0 +1,848 @@
+//! `CaptureConfig` → `Ruleset`: the capture rules Istio's `istio-iptables` would install.
+//!
+//! Pure: no I/O, no text. The order of steps follows Istio's `IptablesConfigurator.Run` so the
+//! two can be compared section by section; the resulting chains are what matters, and
+//! `tests/` checks them against Istio's own golden files.
+
+use std::net::IpAddr;
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use super::builder::{jump, Families, RulesetBuilder};
+use super::model::{
+    BuiltinChain, Chain, CtState, Family, Interface, IstioChain, Match, Owner, OwnerKind, Port,
+    Protocol, Rule, Ruleset, Table, Target, TproxyRouting,
+};
+use crate::config::{CaptureConfig, DnsCapture, InboundCapture, InterceptionMode, OutboundInclude};
+use crate::config::OwnerGroups;
+
+/// Envoy marks its connections back to the app with this in TPROXY mode (Istio's
+/// `OutboundMark`); the inbound rules let them through.
+pub const OUTBOUND_MARK: u32 = 1338;
+/// The agent's DNS proxy.
+pub const DNS_PROXY_PORT: u16 = 15053;
+const DNS_PORT: u16 = 53;
+/// Conntrack zones that keep the agent's own DNS flows apart from the app's (Istio's fix for
+/// UDP conntrack races): upstream queries in zone 1, app ↔ agent in zone 2.
+const CT_ZONE_UPSTREAM: u16 = 1;
+const CT_ZONE_CLIENT: u16 = 2;
+
+const PREROUTING: Chain = Chain::Builtin(BuiltinChain::Prerouting);
+const OUTPUT: Chain = Chain::Builtin(BuiltinChain::Output);
+const INBOUND: Chain = Chain::Istio(IstioChain::Inbound);
+const REDIRECT: Chain = Chain::Istio(IstioChain::Redirect);
+const IN_REDIRECT: Chain = Chain::Istio(IstioChain::InRedirect);
+const ISTIO_OUTPUT: Chain = Chain::Istio(IstioChain::Output);
+const OUTPUT_DNS: Chain = Chain::Istio(IstioChain::OutputDns);
+const DIVERT: Chain = Chain::Istio(IstioChain::Divert);
+const TPROXY: Chain = Chain::Istio(IstioChain::Tproxy);
+const DROP: Chain = Chain::Istio(IstioChain::Drop);
+
+/// Plans the complete ruleset for `cfg`.
+pub fn plan(cfg: &CaptureConfig) -> Ruleset {
+    let mut planner = Planner {
+        cfg,
+        b: RulesetBuilder::new(cfg.ipv6),
+    };
+    planner.run();
+    let (v4, v6) = planner.b.finish();
+    let tproxy_routing = (cfg.interception == InterceptionMode::Tproxy
+        && cfg.inbound != InboundCapture::Off)
+        .then_some(TproxyRouting {
+            mark: cfg.tproxy_mark,
+            table: cfg.tproxy_route_table,
+        });
+    Ruleset {
+        v4,
+        v6,
+        tproxy_routing,
+        ipv6_passthrough_address: cfg.ipv6,
+    }
+}
+
+struct Planner<'a> {
+    cfg: &'a CaptureConfig,
+    b: RulesetBuilder,
+}
+
+fn proto(p: Protocol) -> Match {
+    Match::Protocol(p)
+}
+
+fn dport(port: Port) -> Match {
+    Match::DestinationPort {
+        port,
+        negated: false,
+    }
+}
+
+fn not_dport(port: Port) -> Match {
+    Match::DestinationPort {
+        port,
+        negated: true,
+    }
+}
+
+fn fixed_port(port: u16) -> Port {
+    // Only called with the non-zero constants above.
+    Port::new(port).unwrap_or_else(|| unreachable!("fixed ports are non-zero"))
+}
+
+fn dst(net: IpNet) -> Match {
+    Match::Destination {
+        net,
+        negated: false,
+    }
+}
+
+fn not_dst(net: IpNet) -> Match {
+    Match::Destination { net, negated: true }
+}
+
+fn owner(kind: OwnerKind, who: &Owner, negated: bool) -> Match {
+    Match::Owner {
+        kind,
+        owner: who.clone(),
+        negated,
+    }
+}
+
+fn lo() -> Interface {
+    Interface::new_unchecked("lo".to_owned())
+}
+
+fn host_net(addr: IpAddr) -> IpNet {
+    match addr {
+        IpAddr::V4(a) => IpNet::V4(Ipv4Net::from(a)),
+        IpAddr::V6(a) => IpNet::V6(Ipv6Net::from(a)),
+    }
+}
+
+fn ipv6_loopback() -> IpNet {
+    host_net(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST))
+}
+
+fn inbound_passthrough_source(family: Family) -> IpNet {
+    match family {
+        Family::V4 => host_net(IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 6))),
+        Family::V6 => host_net(super::model::IPV6_PASSTHROUGH),
+    }
+}
+
+fn rule(matches: Vec<Match>, target: Target) -> Rule {
+    Rule::new(matches, target)
+}
+
+impl Planner<'_> {
+    /// The loopback range that counts as "the app talking to itself" in this family.
+    fn loopback(&self, family: Family) -> IpNet {
+        match family {
+            Family::V4 => IpNet::V4(self.cfg.host_ipv4_loopback),
+            Family::V6 => ipv6_loopback(),
+        }
+    }
+
+    fn tproxy(&self) -> bool {
+        self.cfg.interception == InterceptionMode::Tproxy
+    }
+
+    fn dns_on(&self) -> bool {
+        self.cfg.dns != DnsCapture::Off
+    }
+
+    /// The proxy's uids then gids, each with its owner-match kind (Istio handles them in two
+    /// identical loops).
+    fn proxy_owners(&self) -> impl Iterator<Item = (OwnerKind, &Owner)> {
+        let uids = self.cfg.proxy_uids.iter().map(|o| (OwnerKind::Uid, o));
+        let gids = self.cfg.proxy_gids.iter().map(|o| (OwnerKind::Gid, o));
+        uids.chain(gids)
+    }
+
+    fn run(&mut self) {
+        self.exclude_interfaces();
+        self.kube_virt_interfaces_bypass();
+        if self.cfg.drop_invalid {
+            self.b.append(
+                Families::Both,
+                Table::Mangle,
+                PREROUTING,
+                rule(
+                    vec![Match::ConntrackState(CtState::Invalid)],
+                    jump(IstioChain::Drop),
+                ),
+            );
+            self.b
+                .append(Families::Both, Table::Mangle, DROP, rule(vec![], Target::Drop));
+        }
+        let cfg = self.cfg;
+        self.b.append(
+            Families::Both,
+            Table::Nat,
+            INBOUND,
+            rule(
+                vec![proto(Protocol::Tcp), dport(cfg.inbound_tunnel_port)],
+                Target::Return,
+            ),
+        );
+        self.b.append(
+            Families::Both,
+            Table::Nat,
+            REDIRECT,
+            rule(
+                vec![proto(Protocol::Tcp)],
+                Target::Redirect {
+                    to_port: cfg.proxy_port,
+                },
+            ),
+        );
+        self.b.append(
+            Families::Both,
+            Table::Nat,
+            IN_REDIRECT,
+            rule(
+                vec![proto(Protocol::Tcp)],
+                Target::Redirect {
+                    to_port: cfg.inbound_capture_port,
+                },
+            ),
+        );
+        self.inbound();
+        self.b.append(
+            Families::Both,
+            Table::Nat,
+            OUTPUT,
+            rule(vec![], jump(IstioChain::Output)),
+        );
+        self.outbound_port_exclusions();
+        self.b.append_versioned(Table::Nat, ISTIO_OUTPUT, |family| {
+            rule(
+                vec![
+                    Match::OutInterface(lo()),
+                    Match::Source(inbound_passthrough_source(family)),
+                ],
+                Target::Return,
+            )
+        });
+        self.proxy_owner_rules();
+        self.owner_groups();
+        if self.dns_on() {
+            self.dns_redirect();
+            self.dns_conntrack_zones();
+        }
+        let loopback_v4 = self.loopback(Family::V4);
+        self.b.append_versioned(Table::Nat, ISTIO_OUTPUT, |family| {
+            let net = match family {
+                Family::V4 => loopback_v4,
+                Family::V6 => ipv6_loopback(),
+            };
+            rule(vec![dst(net)], Target::Return)
+        });
+        for net in &cfg.outbound_exclude {
+            self.b.append(
+                families_of(net),
+                Table::Nat,
+                ISTIO_OUTPUT,
+                rule(vec![dst(*net)], Target::Return),
+            );
+        }
+        for port in &cfg.outbound_ports_include {
+            self.b.append(
+                Families::Both,
+                Table::Nat,
+                ISTIO_OUTPUT,
+                rule(
+                    vec![proto(Protocol::Tcp), dport(*port)],
+                    jump(IstioChain::Redirect),
+                ),
+            );
+        }
+        self.outbound_include(Family::V4);
+        self.outbound_include(Family::V6);
+        if self.tproxy() {
+            self.tproxy_marks();
+        }
+    }
+
+    fn exclude_interfaces(&mut self) {
+        let cfg = self.cfg;
+        let mut tables = vec![Table::Nat];
+        if self.tproxy() {
+            tables.push(Table::Mangle);
+        }
+        for table in tables {
+            for iface in &cfg.exclude_interfaces {
+                self.b.append(
+                    Families::Both,
+                    table,
+                    PREROUTING,
+                    rule(vec![Match::InInterface(iface.clone())], Target::Return),
+                );
+                self.b.append(
+                    Families::Both,
+                    table,
+                    OUTPUT,
+                    rule(vec![Match::OutInterface(iface.clone())], Target::Return),
+                );
+            }
+        }
+    }
+
+    fn kube_virt_interfaces_bypass(&mut self) {
+        for iface in &self.cfg.kube_virt_interfaces {
+            self.b.insert(
+                Families::Both,
+                Table::Nat,
+                PREROUTING,
+                1,
+                rule(vec![Match::InInterface(iface.clone())], Target::Return),
+            );
+        }
+    }
+
+    fn inbound(&mut self) {
+        let cfg = self.cfg;
+        if cfg.inbound == InboundCapture::Off {
+            return;
+        }
+        let table = if self.tproxy() {
+            self.b.append(
+                Families::Both,
+                Table::Mangle,
+                DIVERT,
+                rule(vec![], Target::SetMark(cfg.tproxy_mark)),
+            );
+            self.b
+                .append(Families::Both, Table::Mangle, DIVERT, rule(vec![], Target::Accept));
+            let loopback_v4 = self.loopback(Family::V4);
+            self.b.append_versioned(Table::Mangle, TPROXY, |family| {
+                let net = match family {
+                    Family::V4 => loopback_v4,
+                    Family::V6 => ipv6_loopback(),
+                };
+                rule(
+                    vec![not_dst(net), proto(Protocol::Tcp)],
+                    Target::Tproxy {
+                        mark: cfg.tproxy_mark,
+                        on_port: cfg.inbound_capture_port,
+                    },
+                )
+            });
+            Table::Mangle
+        } else {
+            Table::Nat
+        };
+        self.b.append(
+            Families::Both,
+            table,
+            PREROUTING,
+            rule(vec![proto(Protocol::Tcp)], jump(IstioChain::Inbound)),
+        );
+        let established = || Match::ConntrackState(CtState::RelatedEstablished);
+        match &cfg.inbound {
+            InboundCapture::Off => {}
+            InboundCapture::AllExcept(excluded) => {
+                for port in excluded {
+                    self.b.append(
+                        Families::Both,
+                        table,
+                        INBOUND,
+                        rule(vec![proto(Protocol::Tcp), dport(*port)], Target::Return),
+                    );
+                }
+                if self.tproxy() {
+                    self.b.append(
+                        Families::Both,
+                        Table::Mangle,
+                        INBOUND,
+                        rule(
+                            vec![proto(Protocol::Tcp), established()],
+                            jump(IstioChain::Divert),
+                        ),
+                    );
+                    self.b.append(
+                        Families::Both,
+                        Table::Mangle,
+                        INBOUND,
+                        rule(vec![proto(Protocol::Tcp)], jump(IstioChain::Tproxy)),
+                    );
+                } else {
+                    self.b.append(
+                        Families::Both,
+                        Table::Nat,
+                        INBOUND,
+                        rule(vec![proto(Protocol::Tcp)], jump(IstioChain::InRedirect)),
+                    );
+                }
+            }
+            InboundCapture::Only(ports) => {
+                for port in ports {
+                    if self.tproxy() {
+                        self.b.append(
+                            Families::Both,
+                            Table::Mangle,
+                            INBOUND,
+                            rule(
+                                vec![proto(Protocol::Tcp), dport(*port), established()],
+                                jump(IstioChain::Divert),
+                            ),
+                        );
+                        self.b.append(
+                            Families::Both,
+                            Table::Mangle,
+                            INBOUND,
+                            rule(
+                                vec![proto(Protocol::Tcp), dport(*port)],
+                                jump(IstioChain::Tproxy),
+                            ),
+                        );
+                    } else {
+                        self.b.append(
+                            Families::Both,
+                            Table::Nat,
+                            INBOUND,
+                            rule(
+                                vec![proto(Protocol::Tcp), dport(*port)],
+                                jump(IstioChain::InRedirect),
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Port exclusions come before the loopback handling, so an excluded port is never
+    /// redirected, not even back to the pod itself.
+    fn outbound_port_exclusions(&mut self) {
+        for port in &self.cfg.outbound_ports_exclude {
+            for p in [Protocol::Tcp, Protocol::Udp] {
+                self.b.append(
+                    Families::Both,
+                    Table::Nat,
+                    ISTIO_OUTPUT,
+                    rule(vec![proto(p), dport(*port)], Target::Return),
+                );
+            }
+        }
+    }
+
+    /// For each proxy uid and gid: the proxy's own connections to the pod's address go back
+    /// through inbound capture (app → VIP → Envoy → Envoy inbound → app), the app's own
+    /// loopback traffic is left alone, and everything else the proxy sends goes direct.
+    fn proxy_owner_rules(&mut self) {
+        let cfg = self.cfg;
+        let dns_on = self.dns_on();
+        let loopback_included = match &cfg.outbound_include {
+            OutboundInclude::Only(nets) => nets.iter().any(|n| n.addr().is_loopback()),
+            OutboundInclude::Off | OutboundInclude::All => false,
+        };
+        let owners: Vec<(OwnerKind, Owner)> =
+            self.proxy_owners().map(|(k, o)| (k, o.clone())).collect();
+        let loopback_v4 = self.loopback(Family::V4);
+        let tunnel = cfg.inbound_tunnel_port;
+        for (kind, who) in &owners {
+            // Istio skips DNS in this rule for uids only; gids keep the plain form.
+            let skip_dns_here = dns_on && *kind == OwnerKind::Uid;
+            self.b.append_versioned(Table::Nat, ISTIO_OUTPUT, |family| {
+                let net = match family {
+                    Family::V4 => loopback_v4,
+                    Family::V6 => ipv6_loopback(),
+                };
+                let port_match = if skip_dns_here {
+                    Match::DestinationPorts {
+                        ports: vec![fixed_port(DNS_PORT), tunnel],
+                        negated: true,
+                    }
+                } else {
+                    not_dport(tunnel)
+                };
+                rule(
+                    vec![
+                        Match::OutInterface(lo()),
+                        not_dst(net),
+                        proto(Protocol::Tcp),
+                        port_match,
+                        owner(*kind, who, false),
+                    ],
+                    jump(IstioChain::InRedirect),
+                )
+            });
+            if !loopback_included {
+                // With DNS capture, TCP DNS to a resolver on localhost must still be caught
+                // further down, so port 53 is not waved through here.
+                let matches = if dns_on {
+                    vec![
+                        Match::OutInterface(lo()),
+                        proto(Protocol::Tcp),
+                        not_dport(fixed_port(DNS_PORT)),
+                        owner(*kind, who, true),
+                    ]
+                } else {
+                    vec![Match::OutInterface(lo()), owner(*kind, who, true)]
+                };
+                self.b.append(
+                    Families::Both,
+                    Table::Nat,
+                    ISTIO_OUTPUT,
+                    rule(matches, Target::Return),
+                );
+            }
+            self.b.append(
+                Families::Both,
+                Table::Nat,
+                ISTIO_OUTPUT,
+                rule(vec![owner(*kind, who, false)], Target::Return),
+            );
+        }
+    }
+
+    fn owner_groups(&mut self) {
+        match &self.cfg.owner_groups {
+            OwnerGroups::AllExcept(groups) => {
+                for group in groups {
+                    self.b.append(
+                        Families::Both,
+                        Table::Nat,
+                        ISTIO_OUTPUT,
+                        rule(vec![owner(OwnerKind::Gid, group, false)], Target::Return),
+                    );
+                }
+            }
+            OwnerGroups::Only(groups) => {
+                let none_of = groups
+                    .iter()
+                    .map(|g| owner(OwnerKind::Gid, g, true))
+                    .collect();
+                self.b.append(
+                    Families::Both,
+                    Table::Nat,
+                    ISTIO_OUTPUT,
+                    rule(none_of, Target::Return),
+                );
+            }
+        }
+    }
+
+    fn dns_redirect(&mut self) {
+        let (all, v4, v6) = dns_servers(&self.cfg.dns);
+        let dns = fixed_port(DNS_PORT);
+        let proxy = Target::Redirect {
+            to_port: fixed_port(DNS_PROXY_PORT),
+        };
+        self.b.append(
+            Families::Both,
+            Table::Raw,
+            OUTPUT,
+            rule(vec![], jump(IstioChain::OutputDns)),
+        );
+        if all || !v4.is_empty() {
+            self.b.append(
+                Families::V4,
+                Table::Nat,
+                ISTIO_OUTPUT,
+                rule(vec![], jump(IstioChain::OutputDns)),
+            );
+        }
+        if all || !v6.is_empty() {
+            self.b.append(
+                Families::V6,
+                Table::Nat,
+                ISTIO_OUTPUT,
+                rule(vec![], jump(IstioChain::OutputDns)),
+            );
+        }
+        for p in [Protocol::Tcp, Protocol::Udp] {
+            if all {
+                self.b.append(
+                    Families::Both,
+                    Table::Nat,
+                    OUTPUT_DNS,
+                    rule(vec![proto(p), dport(dns)], proxy.clone()),
+                );
+                continue;
+            }
+            for server in v4.iter().chain(v6.iter()) {
+                self.b.append(
+                    families_of(server),
+                    Table::Nat,
+                    OUTPUT_DNS,
+                    rule(vec![proto(p), dport(dns), dst(*server)], proxy.clone()),
+                );
+            }
+        }
+    }
+
+    fn dns_conntrack_zones(&mut self) {
+        let (all, v4, v6) = dns_servers(&self.cfg.dns);
+        let dns = fixed_port(DNS_PORT);
+        let owners: Vec<(OwnerKind, Owner)> =
+            self.proxy_owners().map(|(k, o)| (k, o.clone())).collect();
+        for (kind, who) in &owners {
+            self.b.append(
+                Families::Both,
+                Table::Raw,
+                OUTPUT_DNS,
+                rule(
+                    vec![proto(Protocol::Udp), dport(dns), owner(*kind, who, false)],
+                    Target::CtZone(CT_ZONE_UPSTREAM),
+                ),
+            );
+            self.b.append(
+                Families::Both,
+                Table::Raw,
+                OUTPUT_DNS,
+                rule(
+                    vec![
+                        proto(Protocol::Udp),
+                        Match::SourcePort(fixed_port(DNS_PROXY_PORT)),
+                        owner(*kind, who, false),
+                    ],
+                    Target::CtZone(CT_ZONE_CLIENT),
+                ),
+            );
+        }
+        if all {
+            self.b.append(
+                Families::Both,
+                Table::Raw,
+                PREROUTING,
+                rule(vec![], jump(IstioChain::Inbound)),
+            );
+            self.b.append(
+                Families::Both,
+                Table::Raw,
+                OUTPUT_DNS,
+                rule(
+                    vec![proto(Protocol::Udp), dport(dns)],
+                    Target::CtZone(CT_ZONE_CLIENT),
+                ),
+            );
+            self.b.append(
+                Families::Both,
+                Table::Raw,
+                INBOUND,
+                rule(
+                    vec![proto(Protocol::Udp), Match::SourcePort(dns)],
+                    Target::CtZone(CT_ZONE_UPSTREAM),
+                ),
+            );
+            return;
+        }
+        for (servers, families) in [(&v4, Families::V4), (&v6, Families::V6)] {
+            if !servers.is_empty() {
+                self.b.append(
+                    families,
+                    Table::Raw,
+                    PREROUTING,
+                    rule(vec![], jump(IstioChain::Inbound)),
+                );
+            }
+            for server in servers.iter() {
+                self.b.append(
+                    families,
+                    Table::Raw,
+                    OUTPUT_DNS,
+                    rule(
+                        vec![proto(Protocol::Udp), dport(dns), dst(*server)],
+                        Target::CtZone(CT_ZONE_CLIENT),
+                    ),
+                );
+                self.b.append(
+                    families,
+                    Table::Raw,
+                    INBOUND,
+                    rule(
+                        vec![
+                            proto(Protocol::Udp),
+                            Match::SourcePort(dns),
+                            Match::Source(*server),
+                        ],
+                        Target::CtZone(CT_ZONE_UPSTREAM),
+                    ),
+                );
+            }
+        }
+    }
+
+    fn outbound_include(&mut self, family: Family) {
+        let cfg = self.cfg;
+        let families = match family {
+            Family::V4 => Families::V4,
+            Family::V6 => Families::V6,
+        };
+        match &cfg.outbound_include {
+            OutboundInclude::Off => {}
+            OutboundInclude::All => {
+                self.b.append(
+                    families,
+                    Table::Nat,
+                    ISTIO_OUTPUT,
+                    rule(vec![], jump(IstioChain::Redirect)),
+                );
+                for iface in &cfg.kube_virt_interfaces {
+                    self.b.insert(
+                        families,
+                        Table::Nat,
+                        PREROUTING,
+                        1,
+                        rule(vec![Match::InInterface(iface.clone())], jump(IstioChain::Redirect)),
+                    );
+                }
+            }
+            OutboundInclude::Only(nets) => {
+                for net in nets.iter().filter(|n| family_of(n) == family) {
+                    for iface in &cfg.kube_virt_interfaces {
+                        self.b.insert(
+                            families,
+                            Table::Nat,
+                            PREROUTING,
+                            1,
+                            rule(
+                                vec![Match::InInterface(iface.clone()), dst(*net)],
+                                jump(IstioChain::Redirect),
+                            ),
+                        );
+                    }
+                    self.b.append(
+                        families,
+                        Table::Nat,
+                        ISTIO_OUTPUT,
+                        rule(vec![dst(*net)], jump(IstioChain::Redirect)),
+                    );
+                }
+            }
+        }
+    }
+
+    /// TPROXY bookkeeping: remember marks across a connection, let the sidecar's own
+    /// connections back to the app through, and stop re-capturing marked packets.
+    fn tproxy_marks(&mut self) {
+        let cfg = self.cfg;
+        let mark = cfg.tproxy_mark;
+        self.b.append(
+            Families::Both,
+            Table::Mangle,
+            PREROUTING,
+            rule(
+                vec![proto(Protocol::Tcp), Match::Mark { mark, negated: false }],
+                Target::ConnMarkSave,
+            ),
+        );
+        self.b.append(
+            Families::Both,
+            Table::Mangle,
+            OUTPUT,
+            rule(
+                vec![
+                    proto(Protocol::Tcp),
+                    Match::OutInterface(lo()),
+                    Match::Mark { mark, negated: false },
+                ],
+                Target::Return,
+            ),
+        );
+        let owners: Vec<(OwnerKind, Owner)> =
+            self.proxy_owners().map(|(k, o)| (k, o.clone())).collect();
+        let loopback_v4 = self.loopback(Family::V4);
+        for (kind, who) in &owners {
+            self.b.append_versioned(Table::Mangle, OUTPUT, |family| {
+                let net = match family {
+                    Family::V4 => loopback_v4,
+                    Family::V6 => ipv6_loopback(),
+                };
+                rule(
+                    vec![
+                        not_dst(net),
+                        proto(Protocol::Tcp),
+                        Match::OutInterface(lo()),
+                        owner(*kind, who, false),
+                    ],
+                    Target::SetMark(OUTBOUND_MARK),
+                )
+            });
+        }
+        self.b.append(
+            Families::Both,
+            Table::Mangle,
+            OUTPUT,
+            rule(
+                vec![proto(Protocol::Tcp), Match::ConnMark(mark)],
+                Target::ConnMarkRestore,
+            ),
+        );
+        self.b.insert(
+            Families::Both,
+            Table::Mangle,
+            INBOUND,
+            1,
+            rule(
+                vec![proto(Protocol::Tcp), Match::Mark { mark, negated: false }],
+                Target::Return,
+            ),
+        );
+        for family in Family::ALL {
+            let families = match family {
+                Family::V4 => Families::V4,
+                Family::V6 => Families::V6,
+            };
+            self.b.insert(
+                families,
+                Table::Mangle,
+                INBOUND,
+                2,
+                rule(
+                    vec![
+                        proto(Protocol::Tcp),
+                        Match::Source(inbound_passthrough_source(family)),
+                        Match::InInterface(lo()),
+                    ],
+                    Target::Return,
+                ),
+            );
+        }
+        self.b.insert(
+            Families::Both,
+            Table::Mangle,
+            INBOUND,
+            3,
+            rule(
+                vec![
+                    proto(Protocol::Tcp),
+                    Match::InInterface(lo()),
+                    Match::Mark {
+                        mark: OUTBOUND_MARK,
+                        negated: true,
+                    },
+                ],
+                Target::Return,
+            ),
+        );
+    }
+}
+
+fn family_of(net: &IpNet) -> Family {
+    match net {
+        IpNet::V4(_) => Family::V4,
+        IpNet::V6(_) => Family::V6,
+    }
+}
+
+fn families_of(net: &IpNet) -> Families {
+    match family_of(net) {
+        Family::V4 => Families::V4,
+        Family::V6 => Families::V6,
+    }
+}
+
+/// (capture all, v4 server host routes, v6 server host routes).
+fn dns_servers(dns: &DnsCapture) -> (bool, Vec<IpNet>, Vec<IpNet>) {
+    match dns {
+        DnsCapture::Off => (false, vec![], vec![]),
+        DnsCapture::All => (true, vec![], vec![]),
+        DnsCapture::Servers { v4, v6 } => (
+            false,
+            v4.iter().map(|a| host_net(IpAddr::V4(*a))).collect(),
+            v6.iter().map(|a| host_net(IpAddr::V6(*a))).collect(),
+        ),
+    }
+}
