@@ -1,0 +1,6 @@
+//! meshinit's integration tests: one binary, one module per area.
+//!
+//! Tests that need root and real network namespaces skip with a printed reason when run
+//! unprivileged on a laptop, and fail under CI (`CI=true`), where they must run.
+
+mod support;

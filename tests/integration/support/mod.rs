@@ -1,0 +1,1 @@
+//! Shared test support: privilege checks, throwaway network namespaces, traffic helpers.
