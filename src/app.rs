@@ -1,10 +1,13 @@
 //! The commands: wires config, plan and render (and, for `apply`, the kernel) together.
 
 use std::io::Write;
+use std::time::Instant;
 
 use crate::cli::{CaptureArgs, Cli, Command, FamilyArg, PrintArgs};
+use crate::apply::{IptablesTools, NetlinkRouting, Netfilter as _};
 use crate::config::{
-    validate, Annotations, AnnotationsVerdict, Config, ConfigOutcome, SystemHost, Validated,
+    validate, Annotations, AnnotationsVerdict, Config, ConfigOutcome, RunOptions, SystemHost,
+    Validated,
 };
 use crate::error::Error;
 use crate::rules::iptables::render_fresh;
@@ -122,18 +125,104 @@ pub fn render_plan(ruleset: &Ruleset) -> String {
 }
 
 fn apply(args: &CaptureArgs, env: Env<'_>, out: &mut dyn Write) -> Result<(), Error> {
-    let Some(config) = configured(args, env)? else {
-        return Ok(());
+    let validated = match prepare(args, env)? {
+        Prepared::Skip(reason) => {
+            tracing::info!("{reason}; nothing to do");
+            return Ok(());
+        }
+        Prepared::Ready(validated) => validated,
     };
-    if config.run.dry_run {
+    let run = validated.run_options().clone();
+    if run.native_nftables {
+        return Err(Error::NativeNftablesUnsupported);
+    }
+    if run.dry_run {
+        let Some(config) = resolve(validated)? else {
+            return Ok(());
+        };
         tracing::info!("dry run: printing the plan, changing nothing");
         let text = render_plan(&plan(&config.capture));
         return out.write_all(text.as_bytes()).map_err(Error::Output);
     }
-    Err(Error::ApplyUnavailable)
+    if run.skip_rule_apply {
+        tracing::info!("--skip-rule-apply: not applying rules");
+        return Ok(());
+    }
+    enter_pod_namespace(&run)?;
+    if run.cleanup_only {
+        return remove_everything(&run);
+    }
+    let Some(config) = resolve(validated)? else {
+        return Ok(());
+    };
+    let ruleset = plan(&config.capture);
+    let families: Vec<Family> = ruleset.families().map(|f| f.family).collect();
+    let started = Instant::now();
+    let mut tools = IptablesTools::detect(run.force_backend, &families, run.xtables_wait)?;
+    let mut routing = NetlinkRouting::default();
+    let summary = crate::apply::apply(&mut tools, &mut routing, &ruleset)?;
+    crate::caps::drop_all()?;
+    let rules: Vec<String> = summary
+        .rules
+        .iter()
+        .map(|(family, table, count)| format!("{family}/{}={count}", table.name()))
+        .collect();
+    tracing::info!(
+        backend = tools.backend().name(),
+        rules = %rules.join(","),
+        converged = ?summary.converged,
+        routing_changes = summary.routing_added,
+        processes = tools.processes_launched(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "applied"
+    );
+    Ok(())
+}
+
+/// Checks capabilities first, so a pod without them fails before anything is touched.
+fn enter_pod_namespace(run: &RunOptions) -> Result<(), Error> {
+    crate::caps::check_required()?;
+    if let Some(path) = &run.network_namespace {
+        crate::netns::enter(path)?;
+        tracing::info!(netns = %path.display(), "entered network namespace");
+    }
+    Ok(())
 }
 
 fn cleanup(args: &CaptureArgs, env: Env<'_>) -> Result<(), Error> {
-    let _ = prepare(args, env)?;
-    Err(Error::ApplyUnavailable)
+    // Bad flags are refused here too, before anything is touched.
+    let run = match prepare(args, env)? {
+        Prepared::Ready(validated) => validated.run_options().clone(),
+        Prepared::Skip(_) => {
+            let mut raw = args.to_raw();
+            raw.set_flag(crate::config::build::Setting::InterceptionMode, "REDIRECT");
+            validate(&raw, env)?.run_options().clone()
+        }
+    };
+    enter_pod_namespace(&run)?;
+    remove_everything(&run)
+}
+
+/// Removes meshinit's rules from both families (IPv6 when ip6tables exists) and routing.
+fn remove_everything(run: &RunOptions) -> Result<(), Error> {
+    let started = Instant::now();
+    let (mut tools, families) =
+        match IptablesTools::detect(run.force_backend, &Family::ALL, run.xtables_wait) {
+            Ok(tools) => (tools, Family::ALL.to_vec()),
+            Err(err) => {
+                tracing::debug!(%err, "no usable ip6tables; cleaning IPv4 only");
+                let tools = IptablesTools::detect(run.force_backend, &[Family::V4], run.xtables_wait)?;
+                (tools, vec![Family::V4])
+            }
+        };
+    let removed = crate::apply::cleanup(&mut tools, &mut NetlinkRouting::default(), &families)?;
+    crate::caps::drop_all()?;
+    tracing::info!(
+        backend = tools.backend().name(),
+        removed,
+        processes = tools.processes_launched(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "cleaned up"
+    );
+    Ok(())
 }

@@ -289,13 +289,18 @@ pub struct CaptureArgs {
     /// means none. [env: MESHINIT_DNS_SERVERS]
     #[arg(long = "dns-servers", value_name = "IPS")]
     pub dns_servers: Option<String>,
+
+    /// Seconds a restore waits for the xtables lock, which iptables-legacy shares across
+    /// every pod on the node. [default: 30] [env: MESHINIT_XTABLES_WAIT]
+    #[arg(long = "xtables-wait", value_name = "SECONDS")]
+    pub xtables_wait: Option<String>,
 }
 
 impl CaptureArgs {
     /// The explicitly given flags, keyed by the setting they set.
     pub fn to_raw(&self) -> RawSettings {
         let mut raw = RawSettings::default();
-        let fields: [(Setting, &Option<String>); 34] = [
+        let fields: [(Setting, &Option<String>); 35] = [
             (Setting::EnvoyPort, &self.envoy_port),
             (Setting::InboundCapturePort, &self.inbound_capture_port),
             (Setting::InboundTunnelPort, &self.inbound_tunnel_port),
@@ -330,6 +335,7 @@ impl CaptureArgs {
             (Setting::ForceIptablesBinary, &self.force_iptables_binary),
             (Setting::DnsServers, &self.dns_servers),
             (Setting::Ipv6, &self.ipv6),
+            (Setting::XtablesWait, &self.xtables_wait),
         ];
         for (setting, value) in fields {
             if let Some(value) = value {

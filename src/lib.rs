@@ -5,10 +5,14 @@
 //! to the commands). Only `app` and the system-facing modules touch the machine.
 
 pub mod app;
+pub mod apply;
+pub mod caps;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod logging;
+pub mod netlink;
+pub mod netns;
 pub mod rules;
 
 pub use error::Error;

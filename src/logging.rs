@@ -1,5 +1,7 @@
 //! Logging setup: `tracing` to stderr, plain or JSON, with pilot-agent's flags mapped on.
 
+use std::io::IsTerminal;
+
 use tracing::Level;
 
 use crate::cli::{LogArgs, LogFormat};
@@ -53,6 +55,7 @@ pub fn init(args: &LogArgs) {
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_max_level(level)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     let installed = if json(args) {
         tracing::subscriber::set_global_default(builder.json().flatten_event(true).finish())

@@ -57,6 +57,7 @@ pub enum Setting {
     EnvoyUser,
     Ipv6,
     DnsServers,
+    XtablesWait,
 }
 
 /// How a setting is spelled on the command line and in the environment.
@@ -134,6 +135,7 @@ pub const SETTINGS: &[SettingSpec] = &[
     // meshinit's own: what Istio reads off the machine, made explicit.
     spec(S::Ipv6, Some("ipv6"), None, &["MESHINIT_IPV6"], "", true),
     spec(S::DnsServers, Some("dns-servers"), None, &["MESHINIT_DNS_SERVERS"], "", false),
+    spec(S::XtablesWait, Some("xtables-wait"), None, &["MESHINIT_XTABLES_WAIT"], "30", false),
 ];
 
 /// Istio caps the owner-group include list: it becomes one rule with a match per group.
@@ -314,6 +316,7 @@ pub fn validate(
         native_nftables: r.flag(S::NativeNftables)?,
         force_backend,
         dual_stack,
+        xtables_wait: r.parsed(S::XtablesWait, parse::parse_wait_seconds)?,
     };
     let drop_invalid = r.flag(S::DropInvalid)?;
 
@@ -390,6 +393,10 @@ fn owner_groups(r: &Resolver<'_>) -> Result<OwnerGroups, ConfigError> {
 }
 
 impl Validated {
+    pub fn run_options(&self) -> &RunOptions {
+        &self.config.run
+    }
+
     /// Phase two: fill in what only the machine knows, asking `host` only for what no
     /// option settled.
     pub fn resolve(self, host: &dyn HostFacts) -> Result<ConfigOutcome, ConfigError> {

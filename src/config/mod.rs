@@ -117,6 +117,8 @@ pub struct RunOptions {
     pub native_nftables: bool,
     pub force_backend: Option<ForcedBackend>,
     pub dual_stack: bool,
+    /// How long to wait for the xtables lock that iptables-legacy shares node-wide.
+    pub xtables_wait: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -269,6 +269,14 @@ pub fn parse_ip_list(value: &str) -> Result<Vec<IpAddr>, Reason> {
         .collect()
 }
 
+/// Whole seconds, 1 to 3600: how long a restore may wait for the xtables lock.
+pub fn parse_wait_seconds(value: &str) -> Result<Duration, Reason> {
+    match value.trim().parse::<u64>() {
+        Ok(secs @ 1..=3600) => Ok(Duration::from_secs(secs)),
+        _ => Err("expected whole seconds from 1 to 3600".into()),
+    }
+}
+
 pub fn parse_backend(value: &str) -> Result<Option<ForcedBackend>, Reason> {
     match value.trim() {
         "" => Ok(None),
@@ -427,6 +435,7 @@ mod tests {
                 let _ = parse_loopback_cidr(&input);
                 let _ = parse_ip_list(&input);
                 let _ = parse_backend(&input);
+                let _ = parse_wait_seconds(&input);
             }
 
             #[test]

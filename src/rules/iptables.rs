@@ -8,7 +8,8 @@
 use std::fmt::Write as _;
 
 use super::model::{
-    Chain, CtState, FamilyRuleset, Match, OwnerKind, Rule, Table, Target, OWNER_COMMENT,
+    BuiltinChain, Chain, CtState, FamilyRuleset, IstioChain, Match, OwnerKind, Rule, Table,
+    Target, OWNER_COMMENT,
 };
 
 /// The argument text of one rule (everything after `-A CHAIN`), as iptables reads it.
@@ -175,4 +176,175 @@ fn render_chain_rules(out: &mut String, chain: Chain, head: &[Rule], rules: &[Ru
 /// `iptables-restore` can load.
 pub fn render_fresh(desired: &FamilyRuleset) -> String {
     render_restore(desired, &ExistingState::default())
+}
+
+impl ExistingState {
+    /// What `desired` leaves in the kernel once applied: used to undo an apply that must be
+    /// rolled back when nothing of ours was there before.
+    pub fn from_planned(desired: &FamilyRuleset) -> ExistingState {
+        let tables = desired
+            .tables
+            .iter()
+            .map(|t| {
+                let own_chains = t.own_chains().map(|c| c.name().to_owned()).collect();
+                let builtin_rules = t
+                    .chains
+                    .iter()
+                    .filter(|c| matches!(c.chain, Chain::Builtin(_)))
+                    .flat_map(|c| c.all_rules().map(move |r| (c.chain.name().to_owned(), rule_spec(r))))
+                    .collect();
+                (
+                    t.table,
+                    ExistingTable {
+                        own_chains,
+                        builtin_rules,
+                    },
+                )
+            })
+            .collect();
+        ExistingState { tables }
+    }
+}
+
+/// Reads `iptables-save` output and keeps what belongs to meshinit: its chains (by Istio's
+/// names) and, in built-in chains, rules that jump to them or carry the owner comment.
+pub fn parse_existing(save: &str) -> ExistingState {
+    let mut state = ExistingState::default();
+    let mut current: Option<usize> = None;
+    for line in save.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            current = Table::from_name(name.trim()).map(|table| {
+                state.tables.push((table, ExistingTable::default()));
+                state.tables.len() - 1
+            });
+            continue;
+        }
+        let Some(index) = current else { continue };
+        let entry = &mut state.tables[index].1;
+        if let Some(decl) = line.strip_prefix(':') {
+            let name = decl.split_whitespace().next().unwrap_or("");
+            if IstioChain::from_name(name).is_some() {
+                entry.own_chains.push(name.to_owned());
+            }
+        } else if let Some(rest) = line.strip_prefix("-A ") {
+            let (chain, spec) = rest.split_once(' ').unwrap_or((rest, ""));
+            let builtin = BuiltinChain::ALL.iter().any(|b| b.name() == chain);
+            if builtin && is_ours(spec) {
+                entry.builtin_rules.push((chain.to_owned(), spec.to_owned()));
+            }
+        }
+    }
+    state.tables.retain(|(_, t)| t != &ExistingTable::default());
+    state
+}
+
+fn is_ours(spec: &str) -> bool {
+    let words: Vec<&str> = spec.split_whitespace().collect();
+    let jumps_to_own = words
+        .windows(2)
+        .any(|w| matches!(w[0], "-j" | "-g") && IstioChain::from_name(w[1]).is_some());
+    let tagged = words
+        .windows(2)
+        .any(|w| w[0] == "--comment" && w[1].trim_matches('"') == OWNER_COMMENT);
+    jumps_to_own || tagged
+}
+
+/// Tables of a save that hold nothing but meshinit's rules and chains: empty once cleanup
+/// has run, so they can go too, leaving the namespace as it was before meshinit.
+pub fn tables_holding_only_ours(save: &str) -> Vec<Table> {
+    let mut result = Vec::new();
+    let mut current: Option<(Table, bool)> = None;
+    for line in save.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            current = Table::from_name(name.trim()).map(|t| (t, true));
+        } else if line == "COMMIT" {
+            if let Some((table, true)) = current.take() {
+                result.push(table);
+            }
+        } else if let Some((_, only_ours)) = current.as_mut() {
+            let foreign = if let Some(decl) = line.strip_prefix(':') {
+                let name = decl.split_whitespace().next().unwrap_or("");
+                let policy = decl.split_whitespace().nth(1).unwrap_or("");
+                let builtin = BuiltinChain::ALL.iter().any(|b| b.name() == name);
+                (builtin && policy != "ACCEPT") || (!builtin && IstioChain::from_name(name).is_none())
+            } else if let Some(rest) = line.strip_prefix("-A ") {
+                let (chain, spec) = rest.split_once(' ').unwrap_or((rest, ""));
+                IstioChain::from_name(chain).is_none() && !is_ours(spec)
+            } else {
+                false
+            };
+            if foreign {
+                *only_ours = false;
+            }
+        }
+    }
+    result
+}
+
+/// The `*table … COMMIT` blocks of a save for the given tables: restored without
+/// `--noflush`, they put those tables back exactly as saved.
+pub fn saved_tables(save: &str, tables: &[Table]) -> String {
+    let mut out = String::new();
+    let mut keep = false;
+    for line in save.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            keep = Table::from_name(name.trim()).is_some_and(|t| tables.contains(&t));
+        }
+        if keep && !line.starts_with('#') {
+            out.push_str(line);
+            out.push('\n');
+        }
+        if line == "COMMIT" {
+            keep = false;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::model::{Family, FamilyRuleset};
+
+    const SAVE: &str = "# Generated by iptables-save\n*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n:OTHER - [0:0]\n-A PREROUTING -i eth9 -m comment --comment meshinit -j RETURN\n-A PREROUTING -i eth9 -j RETURN\n-A OUTPUT -j ISTIO_OUTPUT\n-A OUTPUT -j OTHER\n-A ISTIO_OUTPUT -j RETURN\nCOMMIT\n*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j ACCEPT\nCOMMIT\n";
+
+    #[test]
+    fn existing_state_keeps_only_ours() {
+        let state = parse_existing(SAVE);
+        assert_eq!(state.tables.len(), 1, "filter holds nothing of ours");
+        let nat = state.table(Table::Nat).unwrap();
+        assert_eq!(nat.own_chains, ["ISTIO_OUTPUT"]);
+        assert_eq!(
+            nat.builtin_rules,
+            [
+                ("PREROUTING".to_owned(), "-i eth9 -m comment --comment meshinit -j RETURN".to_owned()),
+                ("OUTPUT".to_owned(), "-j ISTIO_OUTPUT".to_owned()),
+            ]
+        );
+    }
+
+    #[test]
+    fn cleanup_restore_deletes_rules_then_chains() {
+        let empty = FamilyRuleset {
+            family: Family::V4,
+            tables: vec![],
+        };
+        let text = render_restore(&empty, &parse_existing(SAVE));
+        assert_eq!(
+            text,
+            "*nat\n:ISTIO_OUTPUT - [0:0]\n-D PREROUTING -i eth9 -m comment --comment meshinit -j RETURN\n-D OUTPUT -j ISTIO_OUTPUT\n-X ISTIO_OUTPUT\nCOMMIT\n"
+        );
+    }
+
+    #[test]
+    fn only_our_tables_are_found() {
+        assert!(tables_holding_only_ours(SAVE).is_empty(), "nat has OTHER, filter a rule");
+        let ours = "*mangle\n:PREROUTING ACCEPT [0:0]\n:ISTIO_DIVERT - [0:0]\n-A PREROUTING -p tcp -j ISTIO_DIVERT\nCOMMIT\n*raw\n:OUTPUT DROP [0:0]\nCOMMIT\n";
+        assert_eq!(tables_holding_only_ours(ours), [Table::Mangle]);
+    }
+
+    #[test]
+    fn saved_tables_selects_blocks() {
+        assert_eq!(saved_tables(SAVE, &[Table::Filter]), "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j ACCEPT\nCOMMIT\n");
+    }
 }

@@ -1,0 +1,286 @@
+//! The production `Netfilter`: iptables' save and restore tools, legacy or nft.
+//!
+//! Istio picks its binary by running each candidate's save, `--version`, `-A` and `-D`
+//! (about ten launches before anything is applied). meshinit decides without launching
+//! anything: which binaries exist (`which`), whether legacy tables are instantiated in
+//! this namespace (`/proc/net/ip*_tables_names`), and, for nft, whether any ISTIO_* chain
+//! exists (one netlink dump), so a fresh pod costs one `*-restore` per family.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use super::{ApplyError, Netfilter, RestoreMode};
+use crate::config::ForcedBackend;
+use crate::netlink::{NlFamily, Socket};
+use crate::rules::model::{Family, IstioChain, Table};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Legacy,
+    Nft,
+    /// Whatever plain `iptables-restore` is on this system (no -legacy/-nft variants).
+    Plain,
+}
+
+impl Backend {
+    fn suffix(self) -> &'static str {
+        match self {
+            Backend::Legacy => "-legacy",
+            Backend::Nft => "-nft",
+            Backend::Plain => "",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Legacy => "iptables-legacy",
+            Backend::Nft => "iptables-nft",
+            Backend::Plain => "iptables",
+        }
+    }
+}
+
+/// Sbin directories are searched even when PATH lacks them, as in minimal images.
+fn find(program: &str) -> Option<PathBuf> {
+    which::which(program).ok().or_else(|| {
+        ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+            .iter()
+            .map(|dir| Path::new(dir).join(program))
+            .find(|p| p.is_file())
+    })
+}
+
+fn tool_name(family: Family, backend: Backend, kind: &str) -> String {
+    let base = match family {
+        Family::V4 => "iptables",
+        Family::V6 => "ip6tables",
+    };
+    format!("{base}{}-{kind}", backend.suffix())
+}
+
+fn legacy_tables_in_use(family: Family) -> bool {
+    let file = match family {
+        Family::V4 => "/proc/net/ip_tables_names",
+        Family::V6 => "/proc/net/ip6_tables_names",
+    };
+    std::fs::read_to_string(file).is_ok_and(|names| !names.trim().is_empty())
+}
+
+/// The save/restore programs for one backend.
+#[derive(Debug)]
+pub struct IptablesTools {
+    backend: Backend,
+    wait: Duration,
+    launched: usize,
+    /// nf_tables chains seen by one dump, fetched on first use.
+    nft_chains: Option<Vec<(u8, String, String)>>,
+}
+
+impl IptablesTools {
+    /// Picks the backend as Istio does (legacy if it already holds tables here, else nft,
+    /// else plain), unless forced, and checks the tools exist for every needed family.
+    pub fn detect(
+        forced: Option<ForcedBackend>,
+        families: &[Family],
+        wait: Duration,
+    ) -> Result<IptablesTools, ApplyError> {
+        let has_all = |backend: Backend| {
+            families.iter().all(|&f| {
+                find(&tool_name(f, backend, "restore")).is_some()
+                    && find(&tool_name(f, backend, "save")).is_some()
+            })
+        };
+        let backend = match forced {
+            Some(ForcedBackend::Legacy) => Backend::Legacy,
+            Some(ForcedBackend::Nft) => Backend::Nft,
+            None if has_all(Backend::Legacy)
+                && families.iter().any(|&f| legacy_tables_in_use(f)) =>
+            {
+                Backend::Legacy
+            }
+            None if has_all(Backend::Nft) => Backend::Nft,
+            None if has_all(Backend::Legacy) && !has_all(Backend::Plain) => Backend::Legacy,
+            None => Backend::Plain,
+        };
+        for &family in families {
+            for kind in ["restore", "save"] {
+                let program = tool_name(family, backend, kind);
+                if find(&program).is_none() {
+                    return Err(ApplyError::MissingBinary {
+                        program,
+                        package: "iptables",
+                    });
+                }
+            }
+        }
+        Ok(IptablesTools {
+            backend,
+            wait,
+            launched: 0,
+            nft_chains: None,
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    fn nft_may_hold(&mut self, family: Family) -> bool {
+        if self.nft_chains.is_none() {
+            match Socket::netfilter().and_then(|mut s| s.nftables_chains()) {
+                Ok(chains) => self.nft_chains = Some(chains),
+                Err(err) => {
+                    tracing::debug!(%err, "cannot list nf_tables chains; reading the tables instead");
+                    return true;
+                }
+            }
+        }
+        let nf_family = match family {
+            Family::V4 => NlFamily::Inet as u8,
+            Family::V6 => NlFamily::Inet6 as u8,
+        };
+        self.nft_chains.as_ref().is_none_or(|chains| {
+            chains
+                .iter()
+                .any(|(f, _, chain)| *f == nf_family && IstioChain::from_name(chain).is_some())
+        })
+    }
+
+    fn run(&mut self, program: &str, args: &[String], input: Option<&str>) -> Result<(String, String, bool), ApplyError> {
+        let path = find(program).ok_or_else(|| ApplyError::MissingBinary {
+            program: program.to_owned(),
+            package: "iptables",
+        })?;
+        let spawn_error = |source| ApplyError::Spawn {
+            program: program.to_owned(),
+            source,
+        };
+        let mut child = Command::new(&path)
+            .args(args)
+            .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(spawn_error)?;
+        self.launched += 1;
+        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+            // A restore that dies early closes stdin; its stderr says why, so the write
+            // error itself is not the interesting one.
+            let _ = stdin.write_all(input.as_bytes());
+        }
+        let output = child.wait_with_output().map_err(spawn_error)?;
+        Ok((
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            output.status.success(),
+        ))
+    }
+}
+
+/// The input line an `iptables-restore` error names ("line 7 failed", "Error occurred at
+/// line: 7").
+fn failed_line(stderr: &str) -> Option<usize> {
+    let words: Vec<&str> = stderr.split_whitespace().collect();
+    words.windows(2).find_map(|w| {
+        (w[0] == "line" || w[0] == "line:")
+            .then(|| w[1].trim_end_matches(':').parse().ok())
+            .flatten()
+    })
+}
+
+fn is_lock_timeout(stderr: &str) -> bool {
+    stderr.contains("xtables lock")
+}
+
+impl Netfilter for IptablesTools {
+    fn describe(&self) -> String {
+        self.backend.name().to_owned()
+    }
+
+    fn may_hold_rules(&mut self, family: Family) -> bool {
+        match self.backend {
+            Backend::Legacy => legacy_tables_in_use(family),
+            Backend::Nft => self.nft_may_hold(family),
+            Backend::Plain => true,
+        }
+    }
+
+    fn save(&mut self, family: Family) -> Result<String, ApplyError> {
+        let program = tool_name(family, self.backend, "save");
+        let (stdout, stderr, ok) = self.run(&program, &[], None)?;
+        if ok {
+            Ok(stdout)
+        } else {
+            Err(ApplyError::Save { program, stderr })
+        }
+    }
+
+    fn restore(&mut self, family: Family, input: &str, mode: RestoreMode) -> Result<(), ApplyError> {
+        let program = tool_name(family, self.backend, "restore");
+        let mut args = vec![format!("--wait={}", self.wait.as_secs().max(1))];
+        if mode == RestoreMode::NoFlush {
+            args.push("--noflush".into());
+        }
+        let (_, stderr, ok) = self.run(&program, &args, Some(input))?;
+        if ok {
+            return Ok(());
+        }
+        if is_lock_timeout(&stderr) {
+            return Err(ApplyError::LockTimeout {
+                program,
+                wait: self.wait,
+            });
+        }
+        let line = failed_line(&stderr);
+        let line_text = line.and_then(|n| input.lines().nth(n.checked_sub(1)?)).map(str::to_owned);
+        Err(ApplyError::Restore {
+            program,
+            family,
+            line,
+            line_text,
+            stderr,
+        })
+    }
+
+    fn remove_tables(&mut self, family: Family, tables: &[Table]) -> Result<(), ApplyError> {
+        if self.backend != Backend::Nft || tables.is_empty() {
+            return Ok(());
+        }
+        let nf_family = match family {
+            Family::V4 => NlFamily::Inet,
+            Family::V6 => NlFamily::Inet6,
+        };
+        let mut socket = Socket::netfilter()?;
+        for table in tables {
+            socket.delete_nftables_table(nf_family, table.name())?;
+        }
+        Ok(())
+    }
+
+    fn processes_launched(&self) -> usize {
+        self.launched
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_line_from_both_backends() {
+        assert_eq!(failed_line("iptables-restore: line 7 failed"), Some(7));
+        assert_eq!(
+            failed_line("iptables-restore v1.8.9 (nf_tables): unknown option \"--bogus\"\nError occurred at line: 3\nTry `iptables-restore -h'"),
+            Some(3)
+        );
+        assert_eq!(failed_line("something else"), None);
+    }
+
+    #[test]
+    fn tool_names() {
+        assert_eq!(tool_name(Family::V6, Backend::Nft, "restore"), "ip6tables-nft-restore");
+        assert_eq!(tool_name(Family::V4, Backend::Plain, "save"), "iptables-save");
+    }
+}

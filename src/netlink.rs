@@ -1,0 +1,489 @@
+//! Just enough netlink: TPROXY policy routing and the `::6` address (rtnetlink), and a
+//! listing of nf_tables chains (nfnetlink), without launching `ip` or `nft`.
+//!
+//! Every launched process costs an init container time and memory; these few messages are
+//! simple enough to build by hand. Message building and parsing are pure functions, tested
+//! without a kernel; only `Socket` does I/O.
+
+use std::net::Ipv6Addr;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    recv, sendto, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
+};
+
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_EXCL: u16 = 0x200;
+const NLM_F_CREATE: u16 = 0x400;
+const NLM_F_DUMP: u16 = 0x300;
+const HEADER_LEN: usize = 16;
+
+const RTM_NEWADDR: u16 = 20;
+const RTM_DELADDR: u16 = 21;
+const RTM_NEWROUTE: u16 = 24;
+const RTM_DELROUTE: u16 = 25;
+const RTM_GETROUTE: u16 = 26;
+const RTM_NEWRULE: u16 = 32;
+const RTM_DELRULE: u16 = 33;
+const RTM_GETRULE: u16 = 34;
+
+const IFA_ADDRESS: u16 = 1;
+const IFA_LOCAL: u16 = 2;
+const FRA_FWMARK: u16 = 10;
+const FRA_TABLE: u16 = 15;
+const FRA_PROTOCOL: u16 = 21;
+const FR_ACT_TO_TBL: u8 = 1;
+const RTA_OIF: u16 = 4;
+const RTA_TABLE: u16 = 15;
+const RTN_LOCAL: u8 = 2;
+const RT_SCOPE_HOST: u8 = 254;
+
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NFT_MSG_DELTABLE: u16 = 2;
+const NFT_MSG_GETCHAIN: u16 = 4;
+const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+
+/// The routing protocol number meshinit tags its ip rules and routes with, so cleanup can
+/// find exactly its own, whatever mark and table an earlier configuration used.
+pub const ROUTE_PROTOCOL: u8 = 224;
+
+/// Address family numbers as netlink uses them (AF_INET, AF_INET6; also NFPROTO_*).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NlFamily {
+    Inet = 2,
+    Inet6 = 10,
+}
+
+fn align4(len: usize) -> usize {
+    (len + 3) & !3
+}
+
+fn push_attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
+    let len = 4 + payload.len();
+    buf.extend_from_slice(&(len as u16).to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+    buf.extend_from_slice(payload);
+    buf.resize(align4(buf.len()), 0);
+}
+
+/// Iterates the (type, payload) attributes in `data`, stopping at the first malformed one.
+fn attrs(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if data.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([data[0], data[1]]) as usize;
+        let kind = u16::from_ne_bytes([data[2], data[3]]) & 0x3fff;
+        if len < 4 || len > data.len() {
+            return None;
+        }
+        let payload = &data[4..len];
+        data = &data[align4(len).min(data.len())..];
+        Some((kind, payload))
+    })
+}
+
+/// `fib_rule_hdr` + attributes for "fwmark MARK lookup TABLE", tagged with our protocol.
+pub fn rule_payload(family: NlFamily, mark: u32, table: u32) -> Vec<u8> {
+    let short_table = u8::try_from(table).unwrap_or(0);
+    let mut buf = vec![family as u8, 0, 0, 0, short_table, 0, 0, FR_ACT_TO_TBL];
+    buf.extend_from_slice(&0u32.to_ne_bytes());
+    push_attr(&mut buf, FRA_FWMARK, &mark.to_ne_bytes());
+    push_attr(&mut buf, FRA_TABLE, &table.to_ne_bytes());
+    push_attr(&mut buf, FRA_PROTOCOL, &[ROUTE_PROTOCOL]);
+    buf
+}
+
+/// `rtmsg` + attributes for "local default dev IFINDEX table TABLE", tagged likewise.
+pub fn local_route_payload(family: NlFamily, ifindex: u32, table: u32) -> Vec<u8> {
+    let short_table = u8::try_from(table).unwrap_or(0);
+    let mut buf = vec![
+        family as u8,
+        0,
+        0,
+        0,
+        short_table,
+        ROUTE_PROTOCOL,
+        RT_SCOPE_HOST,
+        RTN_LOCAL,
+    ];
+    buf.extend_from_slice(&0u32.to_ne_bytes());
+    push_attr(&mut buf, RTA_TABLE, &table.to_ne_bytes());
+    push_attr(&mut buf, RTA_OIF, &ifindex.to_ne_bytes());
+    buf
+}
+
+/// `ifaddrmsg` + attributes for an IPv6 host address on interface `ifindex`.
+pub fn ipv6_address_payload(address: Ipv6Addr, ifindex: u32) -> Vec<u8> {
+    let mut buf = vec![NlFamily::Inet6 as u8, 128, 0, 0];
+    buf.extend_from_slice(&ifindex.to_ne_bytes());
+    push_attr(&mut buf, IFA_LOCAL, &address.octets());
+    push_attr(&mut buf, IFA_ADDRESS, &address.octets());
+    buf
+}
+
+/// Whether a dumped rule (`fib_rule_hdr` + attributes) carries meshinit's protocol tag.
+pub fn rule_is_ours(payload: &[u8]) -> bool {
+    payload.len() >= 12
+        && attrs(&payload[12..]).any(|(kind, value)| kind == FRA_PROTOCOL && value == [ROUTE_PROTOCOL])
+}
+
+/// Whether a dumped rule is meshinit's "fwmark MARK lookup TABLE".
+pub fn rule_matches(payload: &[u8], mark: u32, table: u32) -> bool {
+    if !rule_is_ours(payload) {
+        return false;
+    }
+    let u32_attr = |wanted: u16| {
+        attrs(&payload[12..]).find_map(|(kind, value)| {
+            (kind == wanted && value.len() == 4)
+                .then(|| u32::from_ne_bytes([value[0], value[1], value[2], value[3]]))
+        })
+    };
+    u32_attr(FRA_FWMARK) == Some(mark) && u32_attr(FRA_TABLE).unwrap_or(u32::from(payload[4])) == table
+}
+
+/// Whether a dumped route (`rtmsg` + attributes) carries meshinit's protocol tag.
+pub fn route_is_ours(payload: &[u8]) -> bool {
+    payload.len() >= 12 && payload[5] == ROUTE_PROTOCOL
+}
+
+/// (nf family, table, chain) of one dumped nf_tables chain.
+pub fn parse_chain(payload: &[u8]) -> Option<(u8, String, String)> {
+    let family = *payload.first()?;
+    let mut table = None;
+    let mut name = None;
+    for (kind, value) in attrs(payload.get(4..)?) {
+        let text = || {
+            String::from_utf8_lossy(value)
+                .trim_end_matches('\0')
+                .to_owned()
+        };
+        match kind {
+            NFTA_CHAIN_TABLE => table = Some(text()),
+            NFTA_CHAIN_NAME => name = Some(text()),
+            _ => {}
+        }
+    }
+    Some((family, table?, name?))
+}
+
+/// A netlink socket of one protocol.
+pub struct Socket {
+    fd: OwnedFd,
+    seq: u32,
+}
+
+/// A netlink request that failed, with the kernel's errno.
+#[derive(Debug, thiserror::Error)]
+#[error("netlink {what}: {errno}")]
+pub struct NetlinkError {
+    pub what: &'static str,
+    pub errno: Errno,
+}
+
+impl Socket {
+    pub fn route() -> Result<Socket, NetlinkError> {
+        Socket::open(SockProtocol::NetlinkRoute)
+    }
+
+    pub fn netfilter() -> Result<Socket, NetlinkError> {
+        Socket::open(SockProtocol::NetlinkNetFilter)
+    }
+
+    fn open(protocol: SockProtocol) -> Result<Socket, NetlinkError> {
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            protocol,
+        )
+        .map_err(|errno| NetlinkError {
+            what: "socket",
+            errno,
+        })?;
+        Ok(Socket { fd, seq: 1 })
+    }
+
+    fn push_message(&mut self, buf: &mut Vec<u8>, kind: u16, flags: u16, payload: &[u8]) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        buf.extend_from_slice(&((HEADER_LEN + payload.len()) as u32).to_ne_bytes());
+        buf.extend_from_slice(&kind.to_ne_bytes());
+        buf.extend_from_slice(&(flags | NLM_F_REQUEST).to_ne_bytes());
+        buf.extend_from_slice(&self.seq.to_ne_bytes());
+        buf.extend_from_slice(&0u32.to_ne_bytes());
+        buf.extend_from_slice(payload);
+        buf.resize(align4(buf.len()), 0);
+        self.seq
+    }
+
+    fn send(&mut self, kind: u16, flags: u16, payload: &[u8]) -> Result<u32, Errno> {
+        let mut msg = Vec::with_capacity(HEADER_LEN + payload.len());
+        let seq = self.push_message(&mut msg, kind, flags, payload);
+        sendto(self.fd.as_raw_fd(), &msg, &NetlinkAddr::new(0, 0), MsgFlags::empty())?;
+        Ok(seq)
+    }
+
+    /// Reads replies to `seq`, handing each data message's (type, payload) to `each`, until
+    /// the final ACK or DONE. Returns the kernel's error, if any.
+    fn receive(&mut self, seq: u32, mut each: impl FnMut(u16, &[u8])) -> Result<(), Errno> {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let len = recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+            let mut data = &buf[..len];
+            while data.len() >= HEADER_LEN {
+                let msg_len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
+                let kind = u16::from_ne_bytes([data[4], data[5]]);
+                let msg_seq = u32::from_ne_bytes([data[8], data[9], data[10], data[11]]);
+                if msg_len < HEADER_LEN || msg_len > data.len() {
+                    return Err(Errno::EBADMSG);
+                }
+                let payload = &data[HEADER_LEN..msg_len];
+                data = &data[align4(msg_len).min(data.len())..];
+                if msg_seq != seq {
+                    continue;
+                }
+                match kind {
+                    NLMSG_DONE => return Ok(()),
+                    NLMSG_ERROR => {
+                        let code = payload
+                            .get(..4)
+                            .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+                            .unwrap_or(-libc_eproto());
+                        return if code == 0 {
+                            Ok(())
+                        } else {
+                            Err(Errno::from_raw(-code))
+                        };
+                    }
+                    _ => each(kind, payload),
+                }
+            }
+        }
+    }
+
+    fn request(&mut self, kind: u16, flags: u16, payload: &[u8]) -> Result<(), Errno> {
+        let seq = self.send(kind, flags | NLM_F_ACK, payload)?;
+        self.receive(seq, |_, _| {})
+    }
+
+    fn dump(&mut self, kind: u16, payload: &[u8]) -> Result<Vec<(u16, Vec<u8>)>, Errno> {
+        let seq = self.send(kind, NLM_F_DUMP, payload)?;
+        let mut out = Vec::new();
+        self.receive(seq, |k, p| out.push((k, p.to_vec())))?;
+        Ok(out)
+    }
+
+    /// Adds something that may already exist; `Ok(false)` when it did.
+    fn ensure(&mut self, kind: u16, payload: &[u8], what: &'static str) -> Result<bool, NetlinkError> {
+        match self.request(kind, NLM_F_CREATE | NLM_F_EXCL, payload) {
+            Ok(()) => Ok(true),
+            Err(Errno::EEXIST) => Ok(false),
+            Err(errno) => Err(NetlinkError { what, errno }),
+        }
+    }
+
+    /// Removes something that may already be gone.
+    fn remove(&mut self, kind: u16, payload: &[u8], what: &'static str) -> Result<(), NetlinkError> {
+        match self.request(kind, 0, payload) {
+            Ok(()) | Err(Errno::ENOENT) | Err(Errno::ESRCH) | Err(Errno::EADDRNOTAVAIL) => Ok(()),
+            Err(errno) => Err(NetlinkError { what, errno }),
+        }
+    }
+
+    /// Rules are looked up first: without an explicit priority the kernel gives each new
+    /// rule its own, so NLM_F_EXCL never sees a duplicate.
+    pub fn ensure_rule(&mut self, family: NlFamily, mark: u32, table: u32) -> Result<bool, NetlinkError> {
+        let header = [family as u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let existing = self.dump(RTM_GETRULE, &header).map_err(|errno| NetlinkError {
+            what: "listing ip rules",
+            errno,
+        })?;
+        if existing.iter().any(|(_, p)| rule_matches(p, mark, table)) {
+            return Ok(false);
+        }
+        self.ensure(RTM_NEWRULE, &rule_payload(family, mark, table), "adding ip rule")
+    }
+
+    pub fn ensure_local_route(&mut self, family: NlFamily, ifindex: u32, table: u32) -> Result<bool, NetlinkError> {
+        self.ensure(
+            RTM_NEWROUTE,
+            &local_route_payload(family, ifindex, table),
+            "adding local route",
+        )
+    }
+
+    pub fn ensure_ipv6_address(&mut self, address: Ipv6Addr, ifindex: u32) -> Result<bool, NetlinkError> {
+        self.ensure(
+            RTM_NEWADDR,
+            &ipv6_address_payload(address, ifindex),
+            "adding IPv6 address",
+        )
+    }
+
+    pub fn remove_rule(&mut self, family: NlFamily, mark: u32, table: u32) -> Result<(), NetlinkError> {
+        self.remove(RTM_DELRULE, &rule_payload(family, mark, table), "deleting ip rule")
+    }
+
+    pub fn remove_local_route(&mut self, family: NlFamily, ifindex: u32, table: u32) -> Result<(), NetlinkError> {
+        self.remove(
+            RTM_DELROUTE,
+            &local_route_payload(family, ifindex, table),
+            "deleting local route",
+        )
+    }
+
+    pub fn remove_ipv6_address(&mut self, address: Ipv6Addr, ifindex: u32) -> Result<(), NetlinkError> {
+        self.remove(
+            RTM_DELADDR,
+            &ipv6_address_payload(address, ifindex),
+            "deleting IPv6 address",
+        )
+    }
+
+    /// Deletes every rule and route tagged with `ROUTE_PROTOCOL`, in both families.
+    /// Returns how many were removed.
+    pub fn remove_all_tagged(&mut self) -> Result<usize, NetlinkError> {
+        let mut removed = 0;
+        for family in [NlFamily::Inet, NlFamily::Inet6] {
+            let header = [family as u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            let rules = self.dump(RTM_GETRULE, &header).map_err(|errno| NetlinkError {
+                what: "listing ip rules",
+                errno,
+            })?;
+            for (_, payload) in rules.iter().filter(|(_, p)| rule_is_ours(p)) {
+                self.remove(RTM_DELRULE, payload, "deleting ip rule")?;
+                removed += 1;
+            }
+            let routes = self.dump(RTM_GETROUTE, &header).map_err(|errno| NetlinkError {
+                what: "listing routes",
+                errno,
+            })?;
+            for (_, payload) in routes.iter().filter(|(_, p)| route_is_ours(p)) {
+                self.remove(RTM_DELROUTE, payload, "deleting route")?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Deletes the nf_tables table `name` of `family` (with whatever is left in it) in one
+    /// nfnetlink batch. A table that is already gone is not an error.
+    pub fn delete_nftables_table(&mut self, family: NlFamily, name: &str) -> Result<(), NetlinkError> {
+        let subsystem = NFNL_SUBSYS_NFTABLES.to_be_bytes();
+        let batch_header = [0, 0, subsystem[0], subsystem[1]];
+        let mut payload = vec![family as u8, 0, 0, 0];
+        let mut table_name = name.as_bytes().to_vec();
+        table_name.push(0);
+        push_attr(&mut payload, NFTA_TABLE_NAME, &table_name);
+        let mut buf = Vec::new();
+        self.push_message(&mut buf, NFNL_MSG_BATCH_BEGIN, 0, &batch_header);
+        let seq = self.push_message(
+            &mut buf,
+            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELTABLE,
+            NLM_F_ACK,
+            &payload,
+        );
+        self.push_message(&mut buf, NFNL_MSG_BATCH_END, 0, &batch_header);
+        let error = |errno| NetlinkError {
+            what: "deleting an nf_tables table",
+            errno,
+        };
+        sendto(self.fd.as_raw_fd(), &buf, &NetlinkAddr::new(0, 0), MsgFlags::empty()).map_err(error)?;
+        match self.receive(seq, |_, _| {}) {
+            Ok(()) | Err(Errno::ENOENT) => Ok(()),
+            Err(errno) => Err(error(errno)),
+        }
+    }
+
+    /// Every nf_tables chain in this namespace as (nf family, table, chain).
+    pub fn nftables_chains(&mut self) -> Result<Vec<(u8, String, String)>, NetlinkError> {
+        let kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETCHAIN;
+        // nfgenmsg: any family, version 0, resource id 0.
+        let replies = self.dump(kind, &[0, 0, 0, 0]).map_err(|errno| NetlinkError {
+            what: "listing nf_tables chains",
+            errno,
+        })?;
+        Ok(replies
+            .iter()
+            .filter_map(|(_, payload)| parse_chain(payload))
+            .collect())
+    }
+}
+
+fn libc_eproto() -> i32 {
+    Errno::EPROTO as i32
+}
+
+/// The index of interface `name` in the current network namespace.
+pub fn interface_index(name: &str) -> Result<u32, NetlinkError> {
+    nix::net::if_::if_nametoindex(name).map_err(|errno| NetlinkError {
+        what: "finding the loopback interface",
+        errno,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rule_payload_layout() {
+        let p = rule_payload(NlFamily::Inet, 1337, 133);
+        assert_eq!(&p[..8], &[2, 0, 0, 0, 133, 0, 0, FR_ACT_TO_TBL]);
+        let found: Vec<(u16, Vec<u8>)> = attrs(&p[12..]).map(|(k, v)| (k, v.to_vec())).collect();
+        assert_eq!(found[0], (FRA_FWMARK, 1337u32.to_ne_bytes().to_vec()));
+        assert_eq!(found[1], (FRA_TABLE, 133u32.to_ne_bytes().to_vec()));
+        assert_eq!(found[2], (FRA_PROTOCOL, vec![ROUTE_PROTOCOL]));
+        assert!(rule_is_ours(&p));
+        assert!(rule_matches(&p, 1337, 133));
+        assert!(!rule_matches(&p, 1337, 134));
+        assert!(!rule_matches(&p, 1, 133));
+    }
+
+    #[test]
+    fn large_tables_use_the_attribute_only() {
+        let p = rule_payload(NlFamily::Inet6, 1, 1000);
+        assert_eq!(p[0], 10);
+        assert_eq!(p[4], 0, "header table is RT_TABLE_UNSPEC beyond 255");
+    }
+
+    #[test]
+    fn route_payload_is_local_host_scope_and_tagged() {
+        let p = local_route_payload(NlFamily::Inet, 1, 133);
+        assert_eq!(&p[..8], &[2, 0, 0, 0, 133, ROUTE_PROTOCOL, RT_SCOPE_HOST, RTN_LOCAL]);
+        assert!(route_is_ours(&p));
+        let mut other = p.clone();
+        other[5] = 4;
+        assert!(!route_is_ours(&other));
+    }
+
+    #[test]
+    fn address_payload() {
+        let p = ipv6_address_payload(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6), 1);
+        assert_eq!(&p[..4], &[10, 128, 0, 0]);
+        assert_eq!(attrs(&p[8..]).count(), 2);
+    }
+
+    #[test]
+    fn chain_parsing() {
+        let mut p = vec![2, 0, 0, 0];
+        push_attr(&mut p, NFTA_CHAIN_TABLE, b"nat\0");
+        push_attr(&mut p, NFTA_CHAIN_NAME, b"ISTIO_OUTPUT\0");
+        assert_eq!(parse_chain(&p), Some((2, "nat".into(), "ISTIO_OUTPUT".into())));
+        assert_eq!(parse_chain(&[2, 0]), None);
+    }
+
+    #[test]
+    fn malformed_attributes_stop_iteration() {
+        assert_eq!(attrs(&[200, 0, 1, 0, 9]).count(), 0);
+        assert_eq!(attrs(&[2, 0, 1, 0]).count(), 0);
+    }
+}

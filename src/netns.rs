@@ -1,0 +1,32 @@
+//! Entering the pod's network namespace (`--network-namespace`).
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+use nix::sched::{setns, CloneFlags};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("cannot open network namespace {}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot enter network namespace {} (needs CAP_SYS_ADMIN): {errno}", path.display())]
+    Enter { path: PathBuf, errno: nix::errno::Errno },
+}
+
+/// Moves the calling thread into the namespace at `path`. Called before any thread or
+/// child process exists, so everything meshinit does afterwards happens there.
+pub fn enter(path: &Path) -> Result<(), NetnsError> {
+    let file = File::open(path).map_err(|source| NetnsError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|errno| NetnsError::Enter {
+        path: path.to_owned(),
+        errno,
+    })
+}
