@@ -1,0 +1,287 @@
+//! Real traffic through meshinit's rules, in throwaway namespaces: each scenario applies a
+//! configuration to a pod, opens real connections from the app, the proxy, a peer or a VM,
+//! and checks which listener answered and what it saw as the original destination, the
+//! way Istio's own rules behave.
+//!
+//! Needs root: skips with a reason otherwise, fails under `CI=true`.
+
+use crate::support::lab::From::{App, AppGid, Peer, Proxy, Vm};
+use crate::support::lab::{tcp, udp, Check, Expect, Lab, Setup, Sidecar};
+use crate::support::require_root;
+use crate::support::topology::VM_IFACE;
+
+/// "Vault": a service outside the mesh, on the peer.
+const VAULT: &str = "198.51.100.30:8200";
+const VAULT_8300: &str = "198.51.100.30:8300";
+/// Another remote service, outside 198.51.100.0/24.
+const OTHER: &str = "203.0.113.10:8200";
+const POD_8080: &str = "192.0.2.2:8080";
+const DNS_SERVER: &str = "192.0.2.1:53";
+const OTHER_DNS_SERVER: &str = "203.0.113.53:53";
+
+/// Istio's injector arguments, IPv4 only and no DNS servers from the host's resolv.conf,
+/// then `overrides` (a repeated flag takes the last value, as with Istio's pflag).
+fn istio_args(overrides: &[&str]) -> Vec<String> {
+    let defaults = [
+        "--no-ipv6", "--dns-servers", "", "-p", "15001", "-z", "15006", "-u", "1337", "-m",
+        "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020",
+    ];
+    defaults.iter().chain(overrides).map(|arg| arg.to_string()).collect()
+}
+
+/// Captured by the sidecar's outbound listener, original destination kept.
+fn outbound(orig: &'static str) -> Expect {
+    Expect::Captured { port: 15001, orig }
+}
+
+/// Captured by the sidecar's inbound listener (REDIRECT).
+fn inbound(orig: &'static str) -> Expect {
+    Expect::Captured { port: 15006, orig }
+}
+
+/// Answered by the peer itself on `local`: not captured.
+fn peer(local: &'static str) -> Expect {
+    Expect::Direct { name: "peer", local }
+}
+
+/// Answered by the pod's app itself on `local`: not captured.
+fn app(local: &'static str) -> Expect {
+    Expect::Direct { name: "app", local }
+}
+
+/// Runs each case in a lab of its own (fresh namespaces), all at once.
+fn run(test: &str, cases: &[(Setup<'_>, &[Check])]) {
+    if !require_root(test) {
+        return;
+    }
+    std::thread::scope(|scope| {
+        let labs: Vec<_> = cases
+            .iter()
+            .map(|(setup, checks)| scope.spawn(move || Lab::start(setup).check(checks)))
+            .collect();
+        let failures: Vec<String> = labs
+            .into_iter()
+            .filter_map(|lab| lab.join().err())
+            .map(|panic| {
+                panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .unwrap_or_else(|| "(non-string panic)".to_owned())
+            })
+            .collect();
+        assert!(failures.is_empty(), "{test}:\n{}", failures.join("\n\n"));
+    });
+}
+
+/// Scenario 1, on the backend `backend` picks: the injector's defaults.
+fn default_redirect(test: &str, backend: &[&str]) {
+    let checks = [
+        tcp(App, VAULT, outbound(VAULT)),
+        tcp(Proxy, VAULT, peer(VAULT)),
+        tcp(Peer, POD_8080, inbound(POD_8080)),
+        tcp(Peer, "192.0.2.2:15021", app("192.0.2.2:15021")),
+        tcp(App, "127.0.0.1:9090", app("127.0.0.1:9090")),
+    ];
+    run(test, &[(Setup::new(istio_args(backend)), &checks)]);
+}
+
+#[test]
+fn default_redirect_detected_backend() {
+    default_redirect("default_redirect_detected_backend", &[]);
+}
+
+#[test]
+fn default_redirect_legacy() {
+    default_redirect("default_redirect_legacy", &["--force-iptables-binary", "legacy"]);
+}
+
+#[test]
+fn default_redirect_nft() {
+    default_redirect("default_redirect_nft", &["--force-iptables-binary", "nft"]);
+}
+
+#[test]
+fn outbound_cidrs_include_and_exclude() {
+    run(
+        "outbound_cidrs_include_and_exclude",
+        &[
+            (
+                Setup::new(istio_args(&["-i", "198.51.100.0/24"])),
+                &[tcp(App, VAULT, outbound(VAULT)), tcp(App, OTHER, peer(OTHER))],
+            ),
+            (
+                Setup::new(istio_args(&["-x", "198.51.100.30/32"])),
+                &[tcp(App, VAULT, peer(VAULT)), tcp(App, OTHER, outbound(OTHER))],
+            ),
+        ],
+    );
+}
+
+#[test]
+fn outbound_ports_include_and_exclude() {
+    run(
+        "outbound_ports_include_and_exclude",
+        &[
+            (
+                Setup::new(istio_args(&["-i", "", "-q", "8200"])),
+                &[tcp(App, VAULT, outbound(VAULT)), tcp(App, VAULT_8300, peer(VAULT_8300))],
+            ),
+            (
+                Setup::new(istio_args(&["-o", "8200"])),
+                &[tcp(App, VAULT, peer(VAULT)), tcp(App, VAULT_8300, outbound(VAULT_8300))],
+            ),
+        ],
+    );
+}
+
+#[test]
+fn inbound_ports_include() {
+    run(
+        "inbound_ports_include",
+        &[(
+            Setup::new(istio_args(&["-b", "8080"])),
+            &[
+                tcp(Peer, POD_8080, inbound(POD_8080)),
+                tcp(Peer, "192.0.2.2:8081", app("192.0.2.2:8081")),
+            ],
+        )],
+    );
+}
+
+#[test]
+fn tproxy_inbound_keeps_client_address() {
+    run(
+        "tproxy_inbound_keeps_client_address",
+        &[(
+            Setup::new(istio_args(&["-m", "TPROXY"])).sidecar(Sidecar::Tproxy),
+            &[
+                tcp(
+                    Peer,
+                    POD_8080,
+                    Expect::Transparent {
+                        port: 15006,
+                        local: POD_8080,
+                        client_ip: "192.0.2.1",
+                    },
+                ),
+                tcp(Peer, "192.0.2.2:15021", app("192.0.2.2:15021")),
+                tcp(App, VAULT, outbound(VAULT)),
+                tcp(Proxy, VAULT, peer(VAULT)),
+            ],
+        )],
+    );
+}
+
+#[test]
+fn ipv6_dual_stack() {
+    const PEER6: &str = "[2001:db8::1]:8200";
+    const POD6_8080: &str = "[2001:db8::2]:8080";
+    run(
+        "ipv6_dual_stack",
+        &[(
+            Setup::new(istio_args(&["--dual-stack", "--ipv6"])),
+            &[
+                tcp(App, PEER6, outbound(PEER6)),
+                tcp(Proxy, PEER6, peer(PEER6)),
+                tcp(Peer, POD6_8080, inbound(POD6_8080)),
+                tcp(App, VAULT, outbound(VAULT)),
+            ],
+        )],
+    );
+}
+
+#[test]
+fn dns_capture() {
+    run(
+        "dns_capture",
+        &[
+            (
+                Setup::new(istio_args(&["--redirect-dns", "--dns-servers", "192.0.2.1"])),
+                &[
+                    udp(App, DNS_SERVER, Expect::DnsProxy),
+                    tcp(App, DNS_SERVER, Expect::Captured { port: 15053, orig: DNS_SERVER }),
+                    udp(Proxy, DNS_SERVER, peer(DNS_SERVER)),
+                    // Not a configured server: left alone.
+                    udp(App, OTHER_DNS_SERVER, peer(OTHER_DNS_SERVER)),
+                ],
+            ),
+            (
+                Setup::new(istio_args(&[
+                    "--redirect-dns",
+                    "--capture-all-dns",
+                    "--dns-servers",
+                    "192.0.2.1",
+                ])),
+                &[
+                    udp(App, OTHER_DNS_SERVER, Expect::DnsProxy),
+                    udp(Proxy, OTHER_DNS_SERVER, peer(OTHER_DNS_SERVER)),
+                ],
+            ),
+        ],
+    );
+}
+
+#[test]
+fn exclude_interface() {
+    run(
+        "exclude_interface",
+        &[(
+            Setup::new(istio_args(&["-c", crate::support::topology::POD_IFACE])),
+            &[
+                tcp(App, VAULT, peer(VAULT)),
+                tcp(Peer, POD_8080, app(POD_8080)),
+            ],
+        )],
+    );
+}
+
+#[test]
+fn kube_virt_interface_traffic_is_outbound() {
+    run(
+        "kube_virt_interface_traffic_is_outbound",
+        &[
+            (
+                Setup::new(istio_args(&["-k", VM_IFACE])).with_vm(),
+                &[tcp(Vm, VAULT, outbound(VAULT))],
+            ),
+            // Without -k, the VM's traffic is just inbound TCP to the pod.
+            (Setup::new(istio_args(&[])).with_vm(), &[tcp(Vm, VAULT, inbound(VAULT))]),
+        ],
+    );
+}
+
+#[test]
+fn outbound_owner_groups() {
+    run(
+        "outbound_owner_groups",
+        &[
+            (
+                Setup::new(istio_args(&[])).env(&[("ISTIO_OUTBOUND_OWNER_GROUPS", "2000")]),
+                &[tcp(AppGid(2000), VAULT, outbound(VAULT)), tcp(AppGid(3000), VAULT, peer(VAULT))],
+            ),
+            (
+                Setup::new(istio_args(&[]))
+                    .env(&[("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "3000")]),
+                &[tcp(AppGid(3000), VAULT, peer(VAULT)), tcp(AppGid(2000), VAULT, outbound(VAULT))],
+            ),
+        ],
+    );
+}
+
+/// An app init container runs before the sidecar: with the rules in place its connection to
+/// Vault goes nowhere, unless Vault is excluded by port or address, or it runs as the proxy.
+#[test]
+fn app_init_container_without_sidecar() {
+    let no_sidecar = |overrides: &[&str]| Setup::new(istio_args(overrides)).sidecar(Sidecar::Absent);
+    run(
+        "app_init_container_without_sidecar",
+        &[
+            (
+                no_sidecar(&[]),
+                &[tcp(App, VAULT, Expect::Fails), tcp(Proxy, VAULT, peer(VAULT))],
+            ),
+            (no_sidecar(&["-o", "8200"]), &[tcp(App, VAULT, peer(VAULT))]),
+            (no_sidecar(&["-x", "198.51.100.30/32"]), &[tcp(App, VAULT, peer(VAULT))]),
+        ],
+    );
+}

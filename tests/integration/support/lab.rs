@@ -1,0 +1,256 @@
+//! A pod with meshinit's rules, its app, a fake sidecar and remote servers: start one, send
+//! connections through it, and compare who answered with what Istio's rules would do.
+
+use std::fmt;
+
+use super::meshinit::{apply, dump_rules};
+use super::netns::NetNs;
+use super::procs::{connect, Background, Creds, Outcome, Proto};
+use super::topology::Topology;
+
+/// The app's user (any uid but the proxy's).
+pub const APP: Creds = Creds::user(1000, 1000);
+/// Istio's proxy user.
+pub const PROXY: Creds = Creds::user(1337, 1337);
+
+/// TCP ports the sidecar listens on: outbound, inbound, DNS (also over UDP).
+const SIDECAR_PORTS: [u16; 3] = [15001, 15006, 15053];
+/// The pod's app serves these (8080/8081 inbound, 15021 excluded by Istio, 9090 local).
+const APP_PORTS: [u16; 4] = [8080, 8081, 15021, 9090];
+/// The peer's TCP servers: remote services and DNS.
+const PEER_PORTS: [u16; 3] = [8200, 8300, 53];
+/// The peer's UDP DNS servers, each bound to its address so its answer names it.
+const PEER_UDP_DNS: [&str; 2] = ["192.0.2.1:53", "203.0.113.53:53"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sidecar {
+    /// No proxy running: the app-init-container situation.
+    Absent,
+    /// Envoy under REDIRECT: plain listeners.
+    Redirect,
+    /// Envoy under TPROXY: the inbound listener is transparent, and the proxy keeps
+    /// CAP_NET_ADMIN to open it.
+    Tproxy,
+}
+
+/// How a lab is set up: meshinit's arguments and environment, and which sidecar runs.
+pub struct Setup<'a> {
+    pub args: Vec<String>,
+    pub env: &'a [(&'a str, &'a str)],
+    pub sidecar: Sidecar,
+    pub vm: bool,
+}
+
+impl<'a> Setup<'a> {
+    pub fn new(args: Vec<String>) -> Self {
+        Setup {
+            args,
+            env: &[],
+            sidecar: Sidecar::Redirect,
+            vm: false,
+        }
+    }
+
+    pub fn env(mut self, env: &'a [(&'a str, &'a str)]) -> Self {
+        self.env = env;
+        self
+    }
+
+    pub fn sidecar(mut self, sidecar: Sidecar) -> Self {
+        self.sidecar = sidecar;
+        self
+    }
+
+    pub fn with_vm(mut self) -> Self {
+        self.vm = true;
+        self
+    }
+}
+
+/// Who opens a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum From {
+    /// The app in the pod (uid/gid 1000).
+    App,
+    /// The app in the pod, running with this gid.
+    AppGid(u32),
+    /// The proxy in the pod (uid 1337).
+    Proxy,
+    /// A client on the peer, root.
+    Peer,
+    /// A VM behind the pod's kube-virt interface, root.
+    Vm,
+}
+
+/// What should answer a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// The sidecar's listener on `port`, with this original destination (REDIRECT).
+    Captured { port: u16, orig: &'static str },
+    /// The sidecar's transparent listener on `port`: the socket's own address is the
+    /// original destination, and the client's address is kept (TPROXY).
+    Transparent {
+        port: u16,
+        local: &'static str,
+        client_ip: &'static str,
+    },
+    /// The sidecar's DNS listener, over UDP (no original destination to check).
+    DnsProxy,
+    /// Not the sidecar: the named server, reached on this address.
+    Direct { name: &'static str, local: &'static str },
+    /// Nobody: the connection is refused or times out.
+    Fails,
+}
+
+impl Expect {
+    fn matches(self, outcome: &Outcome) -> bool {
+        let Outcome::Answered(reply) = outcome else {
+            return self == Expect::Fails;
+        };
+        let by = |name: &str, port: u16| reply.by == name && reply.port == port;
+        let is = |addr: Option<std::net::SocketAddr>, want: &str| {
+            addr.is_some_and(|addr| addr.to_string() == want)
+        };
+        match self {
+            Expect::Captured { port, orig } => by("sidecar", port) && is(reply.orig, orig),
+            Expect::Transparent {
+                port,
+                local,
+                client_ip,
+            } => {
+                by("sidecar", port)
+                    && is(Some(reply.local), local)
+                    && reply.client.ip().to_string() == client_ip
+            }
+            Expect::DnsProxy => by("sidecar", 15053),
+            Expect::Direct { name, local } => {
+                reply.by == name && is(Some(reply.local), local)
+            }
+            Expect::Fails => false,
+        }
+    }
+}
+
+/// One connection to make and its expected outcome.
+#[derive(Debug, Clone, Copy)]
+pub struct Check {
+    pub from: From,
+    pub proto: Proto,
+    pub to: &'static str,
+    pub expect: Expect,
+}
+
+pub fn tcp(from: From, to: &'static str, expect: Expect) -> Check {
+    Check {
+        from,
+        proto: Proto::Tcp,
+        to,
+        expect,
+    }
+}
+
+pub fn udp(from: From, to: &'static str, expect: Expect) -> Check {
+    Check {
+        from,
+        proto: Proto::Udp,
+        to,
+        expect,
+    }
+}
+
+impl fmt::Display for Check {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?} {} → {}", self.from, self.proto.as_str(), self.to)
+    }
+}
+
+pub struct Lab {
+    // Declared first so the processes stop before their namespaces are deleted.
+    _servers: Vec<Background>,
+    topo: Topology,
+    what: String,
+}
+
+impl Lab {
+    /// Builds the namespaces, starts the servers and the sidecar, applies the rules.
+    pub fn start(setup: &Setup<'_>) -> Lab {
+        let builder = Topology::builder();
+        let topo = if setup.vm { builder.with_vm() } else { builder }.build();
+        let mut peer = on_any_address("tcp", &PEER_PORTS);
+        peer.extend(PEER_UDP_DNS.map(|addr| format!("udp:{addr}")));
+        let mut servers = vec![
+            Background::serve(&topo.peer, None, "peer", &peer),
+            Background::serve(&topo.pod, Some(APP), "app", &on_any_address("tcp", &APP_PORTS)),
+        ];
+        let sidecar = match setup.sidecar {
+            Sidecar::Absent => None,
+            Sidecar::Redirect => Some((PROXY, "tcp")),
+            Sidecar::Tproxy => Some((PROXY.with_net_admin(), "tproxy")),
+        };
+        if let Some((creds, kind)) = sidecar {
+            let mut listeners = on_any_address(kind, &SIDECAR_PORTS);
+            // Like Istio's agent, on loopback: REDIRECT sends the app's queries to
+            // 127.0.0.1, and the answer must come from there for conntrack to undo the NAT.
+            listeners.extend(["udp:127.0.0.1:15053", "udp:[::1]:15053"].map(String::from));
+            servers.push(Background::serve(&topo.pod, Some(creds), "sidecar", &listeners));
+        }
+        let args: Vec<&str> = setup.args.iter().map(String::as_str).collect();
+        apply(&topo.pod, &args, setup.env);
+        Lab {
+            _servers: servers,
+            topo,
+            what: format!("meshinit {:?} with env {:?}, sidecar {:?}", setup.args, setup.env, setup.sidecar),
+        }
+    }
+
+    fn client(&self, from: From) -> (&NetNs, Option<Creds>) {
+        match from {
+            From::App => (&self.topo.pod, Some(APP)),
+            From::AppGid(gid) => (&self.topo.pod, Some(Creds::user(APP.uid, gid))),
+            From::Proxy => (&self.topo.pod, Some(PROXY)),
+            From::Peer => (&self.topo.peer, None),
+            From::Vm => (self.topo.vm.as_ref().expect("a lab started with_vm"), None),
+        }
+    }
+
+    /// Makes every connection (concurrently) and panics listing each one that did not end
+    /// as expected, with the pod's rules.
+    pub fn check(&self, checks: &[Check]) {
+        let outcomes: Vec<Outcome> = std::thread::scope(|scope| {
+            let running: Vec<_> = checks
+                .iter()
+                .map(|check| {
+                    let (ns, creds) = self.client(check.from);
+                    scope.spawn(move || connect(ns, creds, check.proto, check.to))
+                })
+                .collect();
+            running
+                .into_iter()
+                .map(|thread| thread.join().expect("client thread"))
+                .collect()
+        });
+        let wrong: Vec<String> = checks
+            .iter()
+            .zip(&outcomes)
+            .filter(|(check, outcome)| !check.expect.matches(outcome))
+            .map(|(check, outcome)| {
+                format!("  {check}\n    expected {:?}\n    got      {outcome:?}", check.expect)
+            })
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "{}:\n{}\nrules in the pod:\n{}",
+            self.what,
+            wrong.join("\n"),
+            dump_rules(&self.topo.pod)
+        );
+    }
+}
+
+/// `kind` listeners on `ports`, on every address of both families.
+fn on_any_address(kind: &str, ports: &[u16]) -> Vec<String> {
+    ports
+        .iter()
+        .flat_map(|port| ["0.0.0.0", "[::]"].map(|any| format!("{kind}:{any}:{port}")))
+        .collect()
+}
