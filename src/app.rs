@@ -3,8 +3,8 @@
 use std::io::Write;
 use std::time::Instant;
 
+use crate::apply::{IptablesTools, Netfilter as _, NetlinkRouting};
 use crate::cli::{CaptureArgs, Cli, Command, FamilyArg, PrintArgs};
-use crate::apply::{IptablesTools, NetlinkRouting, Netfilter as _};
 use crate::config::{
     validate, Annotations, AnnotationsVerdict, Config, ConfigOutcome, RunOptions, SystemHost,
     Validated,
@@ -25,7 +25,7 @@ pub fn process_env(name: &str) -> Option<String> {
 /// Either the validated settings, or the reason this pod needs nothing done.
 pub enum Prepared {
     Skip(String),
-    Ready(Validated),
+    Ready(Box<Validated>),
 }
 
 /// Flags, annotations and environment → validated settings. No system state is read
@@ -38,7 +38,7 @@ pub fn prepare(args: &CaptureArgs, env: Env<'_>) -> Result<Prepared, Error> {
             return Ok(Prepared::Skip(reason));
         }
     }
-    Ok(Prepared::Ready(validate(&raw, env)?))
+    Ok(Prepared::Ready(Box::new(validate(&raw, env)?)))
 }
 
 /// Validated settings → a config, reading host facts only where no option settled them.
@@ -89,7 +89,7 @@ fn configured(args: &CaptureArgs, env: Env<'_>) -> Result<Option<Config>, Error>
             Ok(None)
         }
         Prepared::Ready(validated) => {
-            let config = resolve(validated)?;
+            let config = resolve(*validated)?;
             if config.as_ref().is_some_and(|c| c.run.native_nftables) {
                 return Err(Error::NativeNftablesUnsupported);
             }
@@ -137,7 +137,7 @@ fn apply(args: &CaptureArgs, env: Env<'_>, out: &mut dyn Write) -> Result<(), Er
         return Err(Error::NativeNftablesUnsupported);
     }
     if run.dry_run {
-        let Some(config) = resolve(validated)? else {
+        let Some(config) = resolve(*validated)? else {
             return Ok(());
         };
         tracing::info!("dry run: printing the plan, changing nothing");
@@ -152,7 +152,7 @@ fn apply(args: &CaptureArgs, env: Env<'_>, out: &mut dyn Write) -> Result<(), Er
     if run.cleanup_only {
         return remove_everything(&run);
     }
-    let Some(config) = resolve(validated)? else {
+    let Some(config) = resolve(*validated)? else {
         return Ok(());
     };
     let ruleset = plan(&config.capture);
@@ -211,7 +211,8 @@ fn remove_everything(run: &RunOptions) -> Result<(), Error> {
             Ok(tools) => (tools, Family::ALL.to_vec()),
             Err(err) => {
                 tracing::debug!(%err, "no usable ip6tables; cleaning IPv4 only");
-                let tools = IptablesTools::detect(run.force_backend, &[Family::V4], run.xtables_wait)?;
+                let tools =
+                    IptablesTools::detect(run.force_backend, &[Family::V4], run.xtables_wait)?;
                 (tools, vec![Family::V4])
             }
         };

@@ -24,7 +24,8 @@ pub enum CapsError {
 
 /// Fails, naming each missing capability, unless all of `REQUIRED` are effective.
 pub fn check_required() -> Result<(), CapsError> {
-    let effective = caps::read(None, CapSet::Effective).map_err(|e| CapsError::Read(e.to_string()))?;
+    let effective =
+        caps::read(None, CapSet::Effective).map_err(|e| CapsError::Read(e.to_string()))?;
     let missing: Vec<String> = REQUIRED
         .iter()
         .filter(|cap| !effective.contains(cap))
@@ -42,7 +43,12 @@ pub fn check_required() -> Result<(), CapsError> {
 /// CAP_SETPCAP to shrink; without it, emptying the other sets already leaves nothing usable.
 pub fn drop_all() -> Result<(), CapsError> {
     let _ = caps::clear(None, CapSet::Bounding);
-    for set in [CapSet::Ambient, CapSet::Inheritable, CapSet::Effective, CapSet::Permitted] {
+    for set in [
+        CapSet::Ambient,
+        CapSet::Inheritable,
+        CapSet::Effective,
+        CapSet::Permitted,
+    ] {
         caps::clear(None, set).map_err(|e| CapsError::Drop(format!("{set:?}: {e}")))?;
     }
     Ok(())

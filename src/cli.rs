@@ -76,7 +76,13 @@ pub struct LogArgs {
     pub log_level: Option<String>,
 
     /// Log format: plain for people, json for log pipelines.
-    #[arg(long, global = true, env = "MESHINIT_LOG_FORMAT", value_enum, value_name = "FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        env = "MESHINIT_LOG_FORMAT",
+        value_enum,
+        value_name = "FORMAT"
+    )]
     pub log_format: Option<LogFormat>,
 
     /// pilot-agent's log level flag ("default:info", "info"), mapped onto --log-level.
@@ -136,7 +142,11 @@ pub struct CaptureArgs {
     /// Inbound interception mode: REDIRECT or TPROXY (exact case; anything else is an
     /// error, where Istio would silently use REDIRECT). NONE captures nothing.
     /// [env: ISTIO_INBOUND_INTERCEPTION_MODE]
-    #[arg(short = 'm', long = "istio-inbound-interception-mode", value_name = "MODE")]
+    #[arg(
+        short = 'm',
+        long = "istio-inbound-interception-mode",
+        value_name = "MODE"
+    )]
     pub interception_mode: Option<String>,
 
     /// Packet mark for TPROXY. [default: 1337] [env: ISTIO_INBOUND_TPROXY_MARK]
@@ -144,7 +154,11 @@ pub struct CaptureArgs {
     pub tproxy_mark: Option<String>,
 
     /// Routing table for TPROXY. [default: 133] [env: ISTIO_INBOUND_TPROXY_ROUTE_TABLE]
-    #[arg(short = 'r', long = "istio-inbound-tproxy-route-table", value_name = "TABLE")]
+    #[arg(
+        short = 'r',
+        long = "istio-inbound-tproxy-route-table",
+        value_name = "TABLE"
+    )]
     pub tproxy_route_table: Option<String>,
 
     /// Inbound ports to capture: a list, "*" for all, empty for none. [default: none]
@@ -178,7 +192,11 @@ pub struct CaptureArgs {
     /// Outbound ports never captured (TCP and UDP). This is the fix for an app init
     /// container that must reach, say, Vault before the sidecar runs.
     /// [env: ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE]
-    #[arg(short = 'o', long = "istio-local-outbound-ports-exclude", value_name = "PORTS")]
+    #[arg(
+        short = 'o',
+        long = "istio-local-outbound-ports-exclude",
+        value_name = "PORTS"
+    )]
     pub local_outbound_ports_exclude: Option<String>,
 
     /// Virtual interfaces (e.g. KubeVirt VMs) whose inbound traffic is treated as outbound.
@@ -315,7 +333,10 @@ impl CaptureArgs {
             (Setting::OutboundCidrs, &self.service_cidr),
             (Setting::OutboundCidrsExclude, &self.service_exclude_cidr),
             (Setting::OutboundPorts, &self.outbound_ports),
-            (Setting::OutboundPortsExclude, &self.local_outbound_ports_exclude),
+            (
+                Setting::OutboundPortsExclude,
+                &self.local_outbound_ports_exclude,
+            ),
             (Setting::KubeVirtInterfaces, &self.kube_virt_interfaces),
             (Setting::DryRun, &self.dry_run),
             (Setting::RedirectDns, &self.redirect_dns),
@@ -383,20 +404,52 @@ mod tests {
     #[test]
     fn injector_default_args_parse() {
         let cli = parse(&[
-            "meshinit", "istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-m",
-            "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020",
+            "meshinit",
+            "istio-iptables",
+            "-p",
+            "15001",
+            "-z",
+            "15006",
+            "-u",
+            "1337",
+            "-m",
+            "REDIRECT",
+            "-i",
+            "*",
+            "-x",
+            "",
+            "-b",
+            "*",
+            "-d",
+            "15090,15021,15020",
             "--log_output_level=default:info",
         ]);
-        let Command::IstioIptables(args) = cli.command else { panic!() };
+        let Command::IstioIptables(args) = cli.command else {
+            panic!()
+        };
         assert_eq!(args.service_exclude_cidr.as_deref(), Some(""));
-        assert_eq!(args.local_exclude_ports.as_deref(), Some("15090,15021,15020"));
-        assert_eq!(cli.log.istio_log_output_level.as_deref(), Some("default:info"));
+        assert_eq!(
+            args.local_exclude_ports.as_deref(),
+            Some("15090,15021,15020")
+        );
+        assert_eq!(
+            cli.log.istio_log_output_level.as_deref(),
+            Some("default:info")
+        );
     }
 
     #[test]
     fn bool_flags_take_optional_values_like_pflag() {
-        let cli = parse(&["meshinit", "apply", "--redirect-dns", "-n", "--drop-invalid=false"]);
-        let Command::Apply(args) = cli.command else { panic!() };
+        let cli = parse(&[
+            "meshinit",
+            "apply",
+            "--redirect-dns",
+            "-n",
+            "--drop-invalid=false",
+        ]);
+        let Command::Apply(args) = cli.command else {
+            panic!()
+        };
         assert_eq!(args.redirect_dns.as_deref(), Some("true"));
         assert_eq!(args.dry_run.as_deref(), Some("true"));
         assert_eq!(args.drop_invalid.as_deref(), Some("false"));
@@ -405,14 +458,18 @@ mod tests {
     #[test]
     fn repeated_flags_take_the_last_value_like_pflag() {
         let cli = parse(&["meshinit", "apply", "-p", "1", "-p", "2"]);
-        let Command::Apply(args) = cli.command else { panic!() };
+        let Command::Apply(args) = cli.command else {
+            panic!()
+        };
         assert_eq!(args.envoy_port.as_deref(), Some("2"));
     }
 
     #[test]
     fn no_ipv6_maps_to_false() {
         let cli = parse(&["meshinit", "print", "--no-ipv6"]);
-        let Command::Print(args) = cli.command else { panic!() };
+        let Command::Print(args) = cli.command else {
+            panic!()
+        };
         assert!(args.capture.no_ipv6);
     }
 }

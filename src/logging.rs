@@ -19,7 +19,7 @@ pub fn level(args: &LogArgs) -> (Level, Option<String>) {
                     Some(_) => None,
                     None => Some(scope),
                 })
-                .last()
+                .next_back()
                 .unwrap_or("info")
                 .to_owned()
         })
@@ -84,9 +84,15 @@ mod tests {
 
     #[test]
     fn pilot_agent_levels_map_onto_ours() {
-        assert_eq!(level(&args(&["--log_output_level=default:debug"])).0, Level::DEBUG);
+        assert_eq!(
+            level(&args(&["--log_output_level=default:debug"])).0,
+            Level::DEBUG
+        );
         assert_eq!(level(&args(&["--log_output_level=warn"])).0, Level::WARN);
-        assert_eq!(level(&args(&["--log_output_level=ads:debug,default:error"])).0, Level::ERROR);
+        assert_eq!(
+            level(&args(&["--log_output_level=ads:debug,default:error"])).0,
+            Level::ERROR
+        );
         assert_eq!(level(&args(&[])).0, Level::INFO);
         assert!(level(&args(&["--log-level", "loud"])).1.is_some());
     }

@@ -133,7 +133,8 @@ pub fn ipv6_address_payload(address: Ipv6Addr, ifindex: u32) -> Vec<u8> {
 /// Whether a dumped rule (`fib_rule_hdr` + attributes) carries meshinit's protocol tag.
 pub fn rule_is_ours(payload: &[u8]) -> bool {
     payload.len() >= 12
-        && attrs(&payload[12..]).any(|(kind, value)| kind == FRA_PROTOCOL && value == [ROUTE_PROTOCOL])
+        && attrs(&payload[12..])
+            .any(|(kind, value)| kind == FRA_PROTOCOL && value == [ROUTE_PROTOCOL])
 }
 
 /// Whether a dumped rule is meshinit's "fwmark MARK lookup TABLE".
@@ -147,7 +148,8 @@ pub fn rule_matches(payload: &[u8], mark: u32, table: u32) -> bool {
                 .then(|| u32::from_ne_bytes([value[0], value[1], value[2], value[3]]))
         })
     };
-    u32_attr(FRA_FWMARK) == Some(mark) && u32_attr(FRA_TABLE).unwrap_or(u32::from(payload[4])) == table
+    u32_attr(FRA_FWMARK) == Some(mark)
+        && u32_attr(FRA_TABLE).unwrap_or(u32::from(payload[4])) == table
 }
 
 /// Whether a dumped route (`rtmsg` + attributes) carries meshinit's protocol tag.
@@ -227,7 +229,12 @@ impl Socket {
     fn send(&mut self, kind: u16, flags: u16, payload: &[u8]) -> Result<u32, Errno> {
         let mut msg = Vec::with_capacity(HEADER_LEN + payload.len());
         let seq = self.push_message(&mut msg, kind, flags, payload);
-        sendto(self.fd.as_raw_fd(), &msg, &NetlinkAddr::new(0, 0), MsgFlags::empty())?;
+        sendto(
+            self.fd.as_raw_fd(),
+            &msg,
+            &NetlinkAddr::new(0, 0),
+            MsgFlags::empty(),
+        )?;
         Ok(seq)
     }
 
@@ -282,7 +289,12 @@ impl Socket {
     }
 
     /// Adds something that may already exist; `Ok(false)` when it did.
-    fn ensure(&mut self, kind: u16, payload: &[u8], what: &'static str) -> Result<bool, NetlinkError> {
+    fn ensure(
+        &mut self,
+        kind: u16,
+        payload: &[u8],
+        what: &'static str,
+    ) -> Result<bool, NetlinkError> {
         match self.request(kind, NLM_F_CREATE | NLM_F_EXCL, payload) {
             Ok(()) => Ok(true),
             Err(Errno::EEXIST) => Ok(false),
@@ -291,7 +303,12 @@ impl Socket {
     }
 
     /// Removes something that may already be gone.
-    fn remove(&mut self, kind: u16, payload: &[u8], what: &'static str) -> Result<(), NetlinkError> {
+    fn remove(
+        &mut self,
+        kind: u16,
+        payload: &[u8],
+        what: &'static str,
+    ) -> Result<(), NetlinkError> {
         match self.request(kind, 0, payload) {
             Ok(()) | Err(Errno::ENOENT) | Err(Errno::ESRCH) | Err(Errno::EADDRNOTAVAIL) => Ok(()),
             Err(errno) => Err(NetlinkError { what, errno }),
@@ -300,19 +317,35 @@ impl Socket {
 
     /// Rules are looked up first: without an explicit priority the kernel gives each new
     /// rule its own, so NLM_F_EXCL never sees a duplicate.
-    pub fn ensure_rule(&mut self, family: NlFamily, mark: u32, table: u32) -> Result<bool, NetlinkError> {
+    pub fn ensure_rule(
+        &mut self,
+        family: NlFamily,
+        mark: u32,
+        table: u32,
+    ) -> Result<bool, NetlinkError> {
         let header = [family as u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-        let existing = self.dump(RTM_GETRULE, &header).map_err(|errno| NetlinkError {
-            what: "listing ip rules",
-            errno,
-        })?;
+        let existing = self
+            .dump(RTM_GETRULE, &header)
+            .map_err(|errno| NetlinkError {
+                what: "listing ip rules",
+                errno,
+            })?;
         if existing.iter().any(|(_, p)| rule_matches(p, mark, table)) {
             return Ok(false);
         }
-        self.ensure(RTM_NEWRULE, &rule_payload(family, mark, table), "adding ip rule")
+        self.ensure(
+            RTM_NEWRULE,
+            &rule_payload(family, mark, table),
+            "adding ip rule",
+        )
     }
 
-    pub fn ensure_local_route(&mut self, family: NlFamily, ifindex: u32, table: u32) -> Result<bool, NetlinkError> {
+    pub fn ensure_local_route(
+        &mut self,
+        family: NlFamily,
+        ifindex: u32,
+        table: u32,
+    ) -> Result<bool, NetlinkError> {
         self.ensure(
             RTM_NEWROUTE,
             &local_route_payload(family, ifindex, table),
@@ -320,7 +353,11 @@ impl Socket {
         )
     }
 
-    pub fn ensure_ipv6_address(&mut self, address: Ipv6Addr, ifindex: u32) -> Result<bool, NetlinkError> {
+    pub fn ensure_ipv6_address(
+        &mut self,
+        address: Ipv6Addr,
+        ifindex: u32,
+    ) -> Result<bool, NetlinkError> {
         self.ensure(
             RTM_NEWADDR,
             &ipv6_address_payload(address, ifindex),
@@ -328,11 +365,25 @@ impl Socket {
         )
     }
 
-    pub fn remove_rule(&mut self, family: NlFamily, mark: u32, table: u32) -> Result<(), NetlinkError> {
-        self.remove(RTM_DELRULE, &rule_payload(family, mark, table), "deleting ip rule")
+    pub fn remove_rule(
+        &mut self,
+        family: NlFamily,
+        mark: u32,
+        table: u32,
+    ) -> Result<(), NetlinkError> {
+        self.remove(
+            RTM_DELRULE,
+            &rule_payload(family, mark, table),
+            "deleting ip rule",
+        )
     }
 
-    pub fn remove_local_route(&mut self, family: NlFamily, ifindex: u32, table: u32) -> Result<(), NetlinkError> {
+    pub fn remove_local_route(
+        &mut self,
+        family: NlFamily,
+        ifindex: u32,
+        table: u32,
+    ) -> Result<(), NetlinkError> {
         self.remove(
             RTM_DELROUTE,
             &local_route_payload(family, ifindex, table),
@@ -340,7 +391,11 @@ impl Socket {
         )
     }
 
-    pub fn remove_ipv6_address(&mut self, address: Ipv6Addr, ifindex: u32) -> Result<(), NetlinkError> {
+    pub fn remove_ipv6_address(
+        &mut self,
+        address: Ipv6Addr,
+        ifindex: u32,
+    ) -> Result<(), NetlinkError> {
         self.remove(
             RTM_DELADDR,
             &ipv6_address_payload(address, ifindex),
@@ -354,18 +409,22 @@ impl Socket {
         let mut removed = 0;
         for family in [NlFamily::Inet, NlFamily::Inet6] {
             let header = [family as u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-            let rules = self.dump(RTM_GETRULE, &header).map_err(|errno| NetlinkError {
-                what: "listing ip rules",
-                errno,
-            })?;
+            let rules = self
+                .dump(RTM_GETRULE, &header)
+                .map_err(|errno| NetlinkError {
+                    what: "listing ip rules",
+                    errno,
+                })?;
             for (_, payload) in rules.iter().filter(|(_, p)| rule_is_ours(p)) {
                 self.remove(RTM_DELRULE, payload, "deleting ip rule")?;
                 removed += 1;
             }
-            let routes = self.dump(RTM_GETROUTE, &header).map_err(|errno| NetlinkError {
-                what: "listing routes",
-                errno,
-            })?;
+            let routes = self
+                .dump(RTM_GETROUTE, &header)
+                .map_err(|errno| NetlinkError {
+                    what: "listing routes",
+                    errno,
+                })?;
             for (_, payload) in routes.iter().filter(|(_, p)| route_is_ours(p)) {
                 self.remove(RTM_DELROUTE, payload, "deleting route")?;
                 removed += 1;
@@ -376,7 +435,11 @@ impl Socket {
 
     /// Deletes the nf_tables table `name` of `family` (with whatever is left in it) in one
     /// nfnetlink batch. A table that is already gone is not an error.
-    pub fn delete_nftables_table(&mut self, family: NlFamily, name: &str) -> Result<(), NetlinkError> {
+    pub fn delete_nftables_table(
+        &mut self,
+        family: NlFamily,
+        name: &str,
+    ) -> Result<(), NetlinkError> {
         let subsystem = NFNL_SUBSYS_NFTABLES.to_be_bytes();
         let batch_header = [0, 0, subsystem[0], subsystem[1]];
         let mut payload = vec![family as u8, 0, 0, 0];
@@ -396,7 +459,13 @@ impl Socket {
             what: "deleting an nf_tables table",
             errno,
         };
-        sendto(self.fd.as_raw_fd(), &buf, &NetlinkAddr::new(0, 0), MsgFlags::empty()).map_err(error)?;
+        sendto(
+            self.fd.as_raw_fd(),
+            &buf,
+            &NetlinkAddr::new(0, 0),
+            MsgFlags::empty(),
+        )
+        .map_err(error)?;
         match self.receive(seq, |_, _| {}) {
             Ok(()) | Err(Errno::ENOENT) => Ok(()),
             Err(errno) => Err(error(errno)),
@@ -407,10 +476,12 @@ impl Socket {
     pub fn nftables_chains(&mut self) -> Result<Vec<(u8, String, String)>, NetlinkError> {
         let kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETCHAIN;
         // nfgenmsg: any family, version 0, resource id 0.
-        let replies = self.dump(kind, &[0, 0, 0, 0]).map_err(|errno| NetlinkError {
-            what: "listing nf_tables chains",
-            errno,
-        })?;
+        let replies = self
+            .dump(kind, &[0, 0, 0, 0])
+            .map_err(|errno| NetlinkError {
+                what: "listing nf_tables chains",
+                errno,
+            })?;
         Ok(replies
             .iter()
             .filter_map(|(_, payload)| parse_chain(payload))
@@ -458,7 +529,10 @@ mod tests {
     #[test]
     fn route_payload_is_local_host_scope_and_tagged() {
         let p = local_route_payload(NlFamily::Inet, 1, 133);
-        assert_eq!(&p[..8], &[2, 0, 0, 0, 133, ROUTE_PROTOCOL, RT_SCOPE_HOST, RTN_LOCAL]);
+        assert_eq!(
+            &p[..8],
+            &[2, 0, 0, 0, 133, ROUTE_PROTOCOL, RT_SCOPE_HOST, RTN_LOCAL]
+        );
         assert!(route_is_ours(&p));
         let mut other = p.clone();
         other[5] = 4;
@@ -477,7 +551,10 @@ mod tests {
         let mut p = vec![2, 0, 0, 0];
         push_attr(&mut p, NFTA_CHAIN_TABLE, b"nat\0");
         push_attr(&mut p, NFTA_CHAIN_NAME, b"ISTIO_OUTPUT\0");
-        assert_eq!(parse_chain(&p), Some((2, "nat".into(), "ISTIO_OUTPUT".into())));
+        assert_eq!(
+            parse_chain(&p),
+            Some((2, "nat".into(), "ISTIO_OUTPUT".into()))
+        );
         assert_eq!(parse_chain(&[2, 0]), None);
     }
 

@@ -15,7 +15,10 @@ pub enum NetnsError {
         source: std::io::Error,
     },
     #[error("cannot enter network namespace {} (needs CAP_SYS_ADMIN): {errno}", path.display())]
-    Enter { path: PathBuf, errno: nix::errno::Errno },
+    Enter {
+        path: PathBuf,
+        errno: nix::errno::Errno,
+    },
 }
 
 /// Moves the calling thread into the namespace at `path`. Called before any thread or

@@ -148,7 +148,12 @@ impl IptablesTools {
         })
     }
 
-    fn run(&mut self, program: &str, args: &[String], input: Option<&str>) -> Result<(String, String, bool), ApplyError> {
+    fn run(
+        &mut self,
+        program: &str,
+        args: &[String],
+        input: Option<&str>,
+    ) -> Result<(String, String, bool), ApplyError> {
         let path = find(program).ok_or_else(|| ApplyError::MissingBinary {
             program: program.to_owned(),
             package: "iptables",
@@ -159,7 +164,11 @@ impl IptablesTools {
         };
         let mut child = Command::new(&path)
             .args(args)
-            .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -217,7 +226,12 @@ impl Netfilter for IptablesTools {
         }
     }
 
-    fn restore(&mut self, family: Family, input: &str, mode: RestoreMode) -> Result<(), ApplyError> {
+    fn restore(
+        &mut self,
+        family: Family,
+        input: &str,
+        mode: RestoreMode,
+    ) -> Result<(), ApplyError> {
         let program = tool_name(family, self.backend, "restore");
         let mut args = vec![format!("--wait={}", self.wait.as_secs().max(1))];
         if mode == RestoreMode::NoFlush {
@@ -234,7 +248,9 @@ impl Netfilter for IptablesTools {
             });
         }
         let line = failed_line(&stderr);
-        let line_text = line.and_then(|n| input.lines().nth(n.checked_sub(1)?)).map(str::to_owned);
+        let line_text = line
+            .and_then(|n| input.lines().nth(n.checked_sub(1)?))
+            .map(str::to_owned);
         Err(ApplyError::Restore {
             program,
             family,
@@ -280,7 +296,13 @@ mod tests {
 
     #[test]
     fn tool_names() {
-        assert_eq!(tool_name(Family::V6, Backend::Nft, "restore"), "ip6tables-nft-restore");
-        assert_eq!(tool_name(Family::V4, Backend::Plain, "save"), "iptables-save");
+        assert_eq!(
+            tool_name(Family::V6, Backend::Nft, "restore"),
+            "ip6tables-nft-restore"
+        );
+        assert_eq!(
+            tool_name(Family::V4, Backend::Plain, "save"),
+            "iptables-save"
+        );
     }
 }

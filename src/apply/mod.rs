@@ -34,7 +34,8 @@ pub trait Netfilter {
     /// tables hold rules of ours? `false` lets apply skip the save.
     fn may_hold_rules(&mut self, family: Family) -> bool;
     fn save(&mut self, family: Family) -> Result<String, ApplyError>;
-    fn restore(&mut self, family: Family, input: &str, mode: RestoreMode) -> Result<(), ApplyError>;
+    fn restore(&mut self, family: Family, input: &str, mode: RestoreMode)
+        -> Result<(), ApplyError>;
     /// Removes tables that cleanup left empty, where the backend can (nft can; legacy
     /// tables stay registered once used, as with any iptables command).
     fn remove_tables(&mut self, family: Family, tables: &[Table]) -> Result<(), ApplyError>;
@@ -60,8 +61,15 @@ pub struct RoutingChanges {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RoutingItem {
     Ipv6PassthroughAddress,
-    Rule { family: Family, mark: u32, table: u32 },
-    LocalRoute { family: Family, table: u32 },
+    Rule {
+        family: Family,
+        mark: u32,
+        table: u32,
+    },
+    LocalRoute {
+        family: Family,
+        table: u32,
+    },
 }
 
 pub trait Routing {
@@ -224,7 +232,11 @@ fn roll_back(nf: &mut dyn Netfilter, done: &Staged<'_>) -> Result<(), ApplyError
                 .map(|t| t.table)
                 .chain(done.existing.tables.iter().map(|(t, _)| *t))
                 .collect();
-            nf.restore(family, &saved_tables(previous, &tables), RestoreMode::ReplaceTables)
+            nf.restore(
+                family,
+                &saved_tables(previous, &tables),
+                RestoreMode::ReplaceTables,
+            )
         }
         None => {
             let empty = FamilyRuleset {
@@ -265,7 +277,11 @@ pub fn cleanup(
                 .iter()
                 .map(|(_, t)| t.builtin_rules.len() + t.own_chains.len())
                 .sum::<usize>();
-            nf.restore(family, &render_restore(&empty, &existing), RestoreMode::NoFlush)?;
+            nf.restore(
+                family,
+                &render_restore(&empty, &existing),
+                RestoreMode::NoFlush,
+            )?;
             nf.remove_tables(family, &tables_holding_only_ours(&save))?;
             Ok(count)
         });

@@ -47,13 +47,23 @@ impl Routing for NetlinkRouting {
                 changes.added.push(RoutingItem::Ipv6PassthroughAddress);
             }
             if let Some((mark, table)) = plan.tproxy {
-                let families: &[Family] = if plan.ipv6 { &Family::ALL } else { &[Family::V4] };
+                let families: &[Family] = if plan.ipv6 {
+                    &Family::ALL
+                } else {
+                    &[Family::V4]
+                };
                 for &family in families {
                     if socket.ensure_rule(nl(family), mark, table)? {
-                        changes.added.push(RoutingItem::Rule { family, mark, table });
+                        changes.added.push(RoutingItem::Rule {
+                            family,
+                            mark,
+                            table,
+                        });
                     }
                     if socket.ensure_local_route(nl(family), lo, table)? {
-                        changes.added.push(RoutingItem::LocalRoute { family, table });
+                        changes
+                            .added
+                            .push(RoutingItem::LocalRoute { family, table });
                     }
                 }
             }
@@ -74,9 +84,17 @@ impl Routing for NetlinkRouting {
         let socket = self.socket()?;
         for item in changes.added.iter().rev() {
             match *item {
-                RoutingItem::Ipv6PassthroughAddress => socket.remove_ipv6_address(passthrough(), lo)?,
-                RoutingItem::Rule { family, mark, table } => socket.remove_rule(nl(family), mark, table)?,
-                RoutingItem::LocalRoute { family, table } => socket.remove_local_route(nl(family), lo, table)?,
+                RoutingItem::Ipv6PassthroughAddress => {
+                    socket.remove_ipv6_address(passthrough(), lo)?
+                }
+                RoutingItem::Rule {
+                    family,
+                    mark,
+                    table,
+                } => socket.remove_rule(nl(family), mark, table)?,
+                RoutingItem::LocalRoute { family, table } => {
+                    socket.remove_local_route(nl(family), lo, table)?
+                }
             }
         }
         Ok(())

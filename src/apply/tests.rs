@@ -32,8 +32,14 @@ impl Netfilter for FakeNetfilter {
         self.calls.push(Call::Save(family));
         Ok(self.saves.get(&family).cloned().unwrap_or_default())
     }
-    fn restore(&mut self, family: Family, input: &str, mode: RestoreMode) -> Result<(), ApplyError> {
-        self.calls.push(Call::Restore(family, mode, input.to_owned()));
+    fn restore(
+        &mut self,
+        family: Family,
+        input: &str,
+        mode: RestoreMode,
+    ) -> Result<(), ApplyError> {
+        self.calls
+            .push(Call::Restore(family, mode, input.to_owned()));
         if self.fail_family == Some(family) {
             self.fail_family = None;
             return Err(ApplyError::Restore {
@@ -66,7 +72,13 @@ impl Routing for FakeRouting {
         self.ensured.push(*plan);
         let added = plan
             .tproxy
-            .map(|(mark, table)| vec![RoutingItem::Rule { family: Family::V4, mark, table }])
+            .map(|(mark, table)| {
+                vec![RoutingItem::Rule {
+                    family: Family::V4,
+                    mark,
+                    table,
+                }]
+            })
             .unwrap_or_default();
         Ok(RoutingChanges { added })
     }
@@ -110,16 +122,27 @@ fn fresh_namespace_costs_one_restore_per_family_and_no_save() {
     let rules = ruleset(&[(S::Ipv6, "true"), (S::OutboundCidrs, "*")]);
     let mut nf = FakeNetfilter::default();
     let summary = apply(&mut nf, &mut FakeRouting::default(), &rules).unwrap();
-    assert!(matches!(nf.calls.as_slice(), [
-        Call::Restore(Family::V4, RestoreMode::NoFlush, _),
-        Call::Restore(Family::V6, RestoreMode::NoFlush, _),
-    ]), "{:?}", nf.calls);
+    assert!(
+        matches!(
+            nf.calls.as_slice(),
+            [
+                Call::Restore(Family::V4, RestoreMode::NoFlush, _),
+                Call::Restore(Family::V6, RestoreMode::NoFlush, _),
+            ]
+        ),
+        "{:?}",
+        nf.calls
+    );
     assert!(summary.converged.is_empty());
 }
 
 #[test]
 fn v6_failure_rolls_back_v4_and_routing() {
-    let rules = ruleset(&[(S::Ipv6, "true"), (S::InterceptionMode, "TPROXY"), (S::InboundPorts, "*")]);
+    let rules = ruleset(&[
+        (S::Ipv6, "true"),
+        (S::InterceptionMode, "TPROXY"),
+        (S::InboundPorts, "*"),
+    ]);
     let mut nf = FakeNetfilter {
         fail_family: Some(Family::V6),
         ..Default::default()
@@ -130,14 +153,18 @@ fn v6_failure_rolls_back_v4_and_routing() {
     let Call::Restore(Family::V4, RestoreMode::NoFlush, undo) = nf.calls.last().unwrap() else {
         panic!("expected a v4 rollback last: {:?}", nf.calls)
     };
-    assert!(undo.contains("-X ISTIO_OUTPUT") && undo.contains("-D PREROUTING"), "{undo}");
+    assert!(
+        undo.contains("-X ISTIO_OUTPUT") && undo.contains("-D PREROUTING"),
+        "{undo}"
+    );
     assert_eq!(routing.undone.len(), 1, "routing changes are undone");
 }
 
 #[test]
 fn v6_failure_restores_a_saved_v4_exactly() {
     let rules = ruleset(&[(S::Ipv6, "true")]);
-    let previous = "*nat\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT\n";
+    let previous =
+        "*nat\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT\n";
     let mut nf = FakeNetfilter {
         fail_family: Some(Family::V6),
         saves: HashMap::from([(Family::V4, previous.to_owned())]),
@@ -146,7 +173,11 @@ fn v6_failure_restores_a_saved_v4_exactly() {
     apply(&mut nf, &mut FakeRouting::default(), &rules).unwrap_err();
     assert_eq!(
         nf.calls.last(),
-        Some(&Call::Restore(Family::V4, RestoreMode::ReplaceTables, previous.to_owned()))
+        Some(&Call::Restore(
+            Family::V4,
+            RestoreMode::ReplaceTables,
+            previous.to_owned()
+        ))
     );
 }
 
@@ -160,7 +191,9 @@ fn rerun_converges_in_one_restore() {
     };
     let summary = apply(&mut nf, &mut FakeRouting::default(), &rules).unwrap();
     assert_eq!(summary.converged, [Family::V4]);
-    let [Call::Save(Family::V4), Call::Restore(Family::V4, RestoreMode::NoFlush, input)] = nf.calls.as_slice() else {
+    let [Call::Save(Family::V4), Call::Restore(Family::V4, RestoreMode::NoFlush, input)] =
+        nf.calls.as_slice()
+    else {
         panic!("{:?}", nf.calls)
     };
     for expected in [
@@ -175,7 +208,8 @@ fn rerun_converges_in_one_restore() {
 
 #[test]
 fn cleanup_touches_only_families_that_may_hold_rules() {
-    let old = "*nat\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT\n";
+    let old =
+        "*nat\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT\n";
     let mut nf = FakeNetfilter {
         saves: HashMap::from([(Family::V4, old.to_owned())]),
         ..Default::default()
@@ -183,5 +217,8 @@ fn cleanup_touches_only_families_that_may_hold_rules() {
     let removed = cleanup(&mut nf, &mut FakeRouting::default(), &Family::ALL).unwrap();
     assert_eq!(removed, 2);
     assert_eq!(nf.calls.len(), 3, "{:?}", nf.calls);
-    assert_eq!(nf.calls[2], Call::RemoveTables(Family::V4, vec![Table::Nat]));
+    assert_eq!(
+        nf.calls[2],
+        Call::RemoveTables(Family::V4, vec![Table::Nat])
+    );
 }

@@ -170,10 +170,7 @@ impl Annotations {
 
 /// Go's `strconv.Unquote` for double-quoted and back-quoted strings.
 pub fn go_unquote(quoted: &str) -> Result<String, String> {
-    if let Some(raw) = quoted
-        .strip_prefix('`')
-        .and_then(|s| s.strip_suffix('`'))
-    {
+    if let Some(raw) = quoted.strip_prefix('`').and_then(|s| s.strip_suffix('`')) {
         return if raw.contains('`') {
             Err("unexpected backquote inside".into())
         } else {
@@ -261,7 +258,10 @@ mod tests {
 
     #[test]
     fn unquotes_go_strings() {
-        assert_eq!(go_unquote(r#""a\"b\\c\n\x41\u00e9""#).unwrap(), "a\"b\\c\nAé");
+        assert_eq!(
+            go_unquote(r#""a\"b\\c\n\x41\u00e9""#).unwrap(),
+            "a\"b\\c\nAé"
+        );
         assert_eq!(go_unquote("`raw \\n`").unwrap(), "raw \\n");
         assert_eq!(go_unquote(r#""\101""#).unwrap(), "A");
         assert!(go_unquote("unquoted").is_err());
@@ -287,9 +287,13 @@ mod tests {
     #[test]
     fn inject_false_and_mode_none_skip() {
         let mut raw = RawSettings::default();
-        let verdict = parse("sidecar.istio.io/inject=\"false\"").derive(&mut raw).unwrap();
+        let verdict = parse("sidecar.istio.io/inject=\"false\"")
+            .derive(&mut raw)
+            .unwrap();
         assert!(matches!(verdict, AnnotationsVerdict::Skip(_)));
-        let verdict = parse("sidecar.istio.io/interceptionMode=\"NONE\"").derive(&mut raw).unwrap();
+        let verdict = parse("sidecar.istio.io/interceptionMode=\"NONE\"")
+            .derive(&mut raw)
+            .unwrap();
         assert!(matches!(verdict, AnnotationsVerdict::Skip(_)));
     }
 
@@ -305,7 +309,10 @@ mod tests {
             derived_exclude("traffic.sidecar.istio.io/excludeInboundPorts=\"4,5,6\""),
             "15090,15021,4,5,6,15020"
         );
-        assert_eq!(derived_exclude("status.sidecar.istio.io/port=\"0\""), "15090,15021");
+        assert_eq!(
+            derived_exclude("status.sidecar.istio.io/port=\"0\""),
+            "15090,15021"
+        );
         assert_eq!(
             derived_exclude("status.sidecar.istio.io/port=\"123\"\ntraffic.sidecar.istio.io/excludeInboundPorts=\"123\""),
             "15090,15021,123"

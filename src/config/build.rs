@@ -11,9 +11,7 @@ use std::path::PathBuf;
 use super::error::{ConfigError, Origin};
 use super::host::HostFacts;
 use super::parse::{self, PortsOrAll, Reason};
-use super::{
-    CaptureConfig, Config, DnsCapture, InboundCapture, OwnerGroups, RunOptions,
-};
+use super::{CaptureConfig, Config, DnsCapture, InboundCapture, OwnerGroups, RunOptions};
 use crate::rules::model::Owner;
 
 /// Every setting meshinit reads, Istio's and its own.
@@ -95,6 +93,7 @@ use Setting as S;
 
 /// Istio 1.30's `istio-iptables` flags (`tools/istio-iptables/pkg/cmd/root.go`), with the
 /// environment variables `flag.BindEnv` derives from them, then meshinit's additions.
+#[rustfmt::skip]
 pub const SETTINGS: &[SettingSpec] = &[
     spec(S::EnvoyPort, Some("envoy-port"), Some('p'), &[], "15001", false),
     spec(S::InboundCapturePort, Some("inbound-capture-port"), Some('z'), &["INBOUND_CAPTURE_PORT"], "15006", false),
@@ -172,7 +171,9 @@ impl RawSettings {
 pub enum ConfigOutcome {
     Capture(Box<Config>),
     /// Capture is switched off for this pod (interception mode NONE); nothing to change.
-    Skip { reason: String },
+    Skip {
+        reason: String,
+    },
 }
 
 struct Resolver<'a> {
@@ -206,7 +207,10 @@ impl Resolver<'_> {
                 return (value, Origin::Env((*name).to_owned()));
             }
         }
-        (spec.default.to_owned(), Origin::Default(spec.long.unwrap_or("setting")))
+        (
+            spec.default.to_owned(),
+            Origin::Default(spec.long.unwrap_or("setting")),
+        )
     }
 
     fn parsed<T>(
@@ -283,23 +287,27 @@ pub fn validate(
     let capture_all_dns = r.flag(S::CaptureAllDns)?;
     let dual_stack = r.flag(S::DualStack)?;
     let ipv6 = match r.explicit(S::Ipv6) {
-        Some((value, origin)) => Some(parse::parse_bool(&value).map_err(|reason| {
-            ConfigError::InvalidValue {
-                origin,
-                value,
-                reason,
-            }
-        })?),
+        Some((value, origin)) => {
+            Some(
+                parse::parse_bool(&value).map_err(|reason| ConfigError::InvalidValue {
+                    origin,
+                    value,
+                    reason,
+                })?,
+            )
+        }
         None => None,
     };
     let dns_servers = match r.explicit(S::DnsServers) {
-        Some((value, origin)) => Some(parse::parse_ip_list(&value).map_err(|reason| {
-            ConfigError::InvalidValue {
-                origin,
-                value,
-                reason,
-            }
-        })?),
+        Some((value, origin)) => {
+            Some(
+                parse::parse_ip_list(&value).map_err(|reason| ConfigError::InvalidValue {
+                    origin,
+                    value,
+                    reason,
+                })?,
+            )
+        }
         None => None,
     };
     let run = RunOptions {
@@ -325,9 +333,7 @@ pub fn validate(
         PortsOrAll::List(ports) if ports.is_empty() => InboundCapture::Off,
         PortsOrAll::List(ports) => InboundCapture::Only(ports),
     };
-    let envoy_user = proxy_uids
-        .is_empty()
-        .then(|| r.value(S::EnvoyUser).0);
+    let envoy_user = proxy_uids.is_empty().then(|| r.value(S::EnvoyUser).0);
     let gid_follows_uid = proxy_gids.is_empty();
     let skip = mode.is_none().then(|| {
         let (value, origin) = r.value(S::InterceptionMode);

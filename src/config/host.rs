@@ -146,18 +146,27 @@ mod tests {
     fn any_ipv6_address_counts_with_dual_stack() {
         let addrs = ips(&["192.0.2.10", "2001:db8::10"]);
         assert_eq!(ipv6_from_addresses(&addrs, true), Some(true));
-        assert_eq!(ipv6_from_addresses(&ips(&["192.0.2.10"]), true), Some(false));
+        assert_eq!(
+            ipv6_from_addresses(&ips(&["192.0.2.10"]), true),
+            Some(false)
+        );
     }
 
     #[test]
     fn no_pod_address_is_undecidable() {
-        assert_eq!(ipv6_from_addresses(&ips(&["127.0.0.1", "::1", "fe80::2"]), false), None);
+        assert_eq!(
+            ipv6_from_addresses(&ips(&["127.0.0.1", "::1", "fe80::2"]), false),
+            None
+        );
     }
 
     #[test]
     fn resolv_conf_nameservers_only() {
         let text = "search svc.cluster.local\nnameserver 192.0.2.53\nnameserver 2001:db8::53\nnameserver bogus\noptions ndots:5\n";
-        assert_eq!(parse_resolv_conf(text), ips(&["192.0.2.53", "2001:db8::53"]));
+        assert_eq!(
+            parse_resolv_conf(text),
+            ips(&["192.0.2.53", "2001:db8::53"])
+        );
     }
 
     #[test]

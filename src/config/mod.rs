@@ -64,7 +64,10 @@ pub enum OwnerGroups {
 pub enum DnsCapture {
     Off,
     /// Only queries to these servers (normally the pod's resolv.conf).
-    Servers { v4: Vec<Ipv4Addr>, v6: Vec<Ipv6Addr> },
+    Servers {
+        v4: Vec<Ipv4Addr>,
+        v6: Vec<Ipv6Addr>,
+    },
     /// Every query to port 53, whatever the server.
     All,
 }

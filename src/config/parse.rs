@@ -249,7 +249,10 @@ pub fn parse_loopback_cidr(value: &str) -> Result<Ipv4Net, Reason> {
         .parse()
         .map_err(|_| format!("{value:?} is not an IPv4 CIDR range such as 127.0.0.1/32"))?;
     if !net.addr().is_loopback() {
-        return Err(format!("{} is not a loopback address (127.0.0.0/8)", net.addr()));
+        return Err(format!(
+            "{} is not a loopback address (127.0.0.0/8)",
+            net.addr()
+        ));
     }
     if net.prefix_len() < 8 {
         return Err(format!(
@@ -310,7 +313,10 @@ mod tests {
     #[test]
     fn port_lists_drop_empty_items_like_istio() {
         let ports = parse_port_list("6000,7000,").unwrap();
-        assert_eq!(ports.iter().map(|p| p.get()).collect::<Vec<_>>(), [6000, 7000]);
+        assert_eq!(
+            ports.iter().map(|p| p.get()).collect::<Vec<_>>(),
+            [6000, 7000]
+        );
         assert_eq!(parse_port_list(" 80 , 443").unwrap().len(), 2);
         assert!(parse_port_list("").unwrap().is_empty());
     }
@@ -318,7 +324,9 @@ mod tests {
     #[test]
     fn wildcard_ports_cannot_mix_with_a_list() {
         assert_eq!(parse_ports_or_all("*"), Ok(PortsOrAll::All));
-        assert!(parse_ports_or_all("*,80").unwrap_err().contains("cannot be mixed"));
+        assert!(parse_ports_or_all("*,80")
+            .unwrap_err()
+            .contains("cannot be mixed"));
     }
 
     #[test]
@@ -339,7 +347,9 @@ mod tests {
 
     #[test]
     fn exclude_cidrs_reject_wildcard() {
-        assert!(parse_outbound_exclude("*").unwrap_err().contains("not allowed"));
+        assert!(parse_outbound_exclude("*")
+            .unwrap_err()
+            .contains("not allowed"));
         assert_eq!(parse_outbound_exclude("").unwrap(), vec![]);
     }
 
@@ -357,7 +367,9 @@ mod tests {
         assert!(parse_interface("eth0").is_ok());
         assert!(parse_interface("veth+").is_ok());
         assert!(parse_interface("bond0.100").is_ok());
-        assert!(parse_interface("a23456789012345x").unwrap_err().contains("15"));
+        assert!(parse_interface("a23456789012345x")
+            .unwrap_err()
+            .contains("15"));
         assert!(parse_interface("eth0:1").is_err());
         assert!(parse_interface("eth 0").is_err());
         assert!(parse_interface("..").is_err());
@@ -365,11 +377,21 @@ mod tests {
 
     #[test]
     fn interception_mode_is_strict() {
-        assert_eq!(parse_interception_mode(""), Ok(Some(InterceptionMode::Redirect)));
-        assert_eq!(parse_interception_mode("TPROXY"), Ok(Some(InterceptionMode::Tproxy)));
+        assert_eq!(
+            parse_interception_mode(""),
+            Ok(Some(InterceptionMode::Redirect))
+        );
+        assert_eq!(
+            parse_interception_mode("TPROXY"),
+            Ok(Some(InterceptionMode::Tproxy))
+        );
         assert_eq!(parse_interception_mode("NONE"), Ok(None));
-        assert!(parse_interception_mode("tproxy").unwrap_err().contains("did you mean TPROXY"));
-        assert!(parse_interception_mode("FOO").unwrap_err().contains("REDIRECT or TPROXY"));
+        assert!(parse_interception_mode("tproxy")
+            .unwrap_err()
+            .contains("did you mean TPROXY"));
+        assert!(parse_interception_mode("FOO")
+            .unwrap_err()
+            .contains("REDIRECT or TPROXY"));
     }
 
     #[test]
@@ -397,8 +419,12 @@ mod tests {
     #[test]
     fn loopback_cidr_follows_istio() {
         assert!(parse_loopback_cidr("127.0.0.1/8").is_ok());
-        assert!(parse_loopback_cidr("10.0.0.1/32").unwrap_err().contains("loopback"));
-        assert!(parse_loopback_cidr("127.0.0.1/4").unwrap_err().contains("/8 to /32"));
+        assert!(parse_loopback_cidr("10.0.0.1/32")
+            .unwrap_err()
+            .contains("loopback"));
+        assert!(parse_loopback_cidr("127.0.0.1/4")
+            .unwrap_err()
+            .contains("/8 to /32"));
         assert!(parse_loopback_cidr("::1/128").is_err());
     }
 

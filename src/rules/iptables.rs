@@ -8,8 +8,8 @@
 use std::fmt::Write as _;
 
 use super::model::{
-    BuiltinChain, Chain, CtState, FamilyRuleset, IstioChain, Match, OwnerKind, Rule, Table,
-    Target, OWNER_COMMENT,
+    BuiltinChain, Chain, CtState, FamilyRuleset, IstioChain, Match, OwnerKind, Rule, Table, Target,
+    OWNER_COMMENT,
 };
 
 /// The argument text of one rule (everything after `-A CHAIN`), as iptables reads it.
@@ -42,7 +42,12 @@ fn push_match(out: &mut String, m: &Match) {
         Match::SourcePort(port) => write!(out, " --sport {port}"),
         Match::DestinationPorts { ports, negated } => {
             let list: Vec<String> = ports.iter().map(ToString::to_string).collect();
-            write!(out, " -m multiport{} --dports {}", neg(*negated), list.join(","))
+            write!(
+                out,
+                " -m multiport{} --dports {}",
+                neg(*negated),
+                list.join(",")
+            )
         }
         Match::Owner {
             kind,
@@ -104,7 +109,10 @@ pub struct ExistingState {
 
 impl ExistingState {
     pub fn table(&self, table: Table) -> Option<&ExistingTable> {
-        self.tables.iter().find(|(t, _)| *t == table).map(|(_, e)| e)
+        self.tables
+            .iter()
+            .find(|(t, _)| *t == table)
+            .map(|(_, e)| e)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -191,7 +199,10 @@ impl ExistingState {
                     .chains
                     .iter()
                     .filter(|c| matches!(c.chain, Chain::Builtin(_)))
-                    .flat_map(|c| c.all_rules().map(move |r| (c.chain.name().to_owned(), rule_spec(r))))
+                    .flat_map(|c| {
+                        c.all_rules()
+                            .map(move |r| (c.chain.name().to_owned(), rule_spec(r)))
+                    })
                     .collect();
                 (
                     t.table,
@@ -230,7 +241,9 @@ pub fn parse_existing(save: &str) -> ExistingState {
             let (chain, spec) = rest.split_once(' ').unwrap_or((rest, ""));
             let builtin = BuiltinChain::ALL.iter().any(|b| b.name() == chain);
             if builtin && is_ours(spec) {
-                entry.builtin_rules.push((chain.to_owned(), spec.to_owned()));
+                entry
+                    .builtin_rules
+                    .push((chain.to_owned(), spec.to_owned()));
             }
         }
     }
@@ -266,7 +279,8 @@ pub fn tables_holding_only_ours(save: &str) -> Vec<Table> {
                 let name = decl.split_whitespace().next().unwrap_or("");
                 let policy = decl.split_whitespace().nth(1).unwrap_or("");
                 let builtin = BuiltinChain::ALL.iter().any(|b| b.name() == name);
-                (builtin && policy != "ACCEPT") || (!builtin && IstioChain::from_name(name).is_none())
+                (builtin && policy != "ACCEPT")
+                    || (!builtin && IstioChain::from_name(name).is_none())
             } else if let Some(rest) = line.strip_prefix("-A ") {
                 let (chain, spec) = rest.split_once(' ').unwrap_or((rest, ""));
                 IstioChain::from_name(chain).is_none() && !is_ours(spec)
@@ -317,7 +331,10 @@ mod tests {
         assert_eq!(
             nat.builtin_rules,
             [
-                ("PREROUTING".to_owned(), "-i eth9 -m comment --comment meshinit -j RETURN".to_owned()),
+                (
+                    "PREROUTING".to_owned(),
+                    "-i eth9 -m comment --comment meshinit -j RETURN".to_owned()
+                ),
                 ("OUTPUT".to_owned(), "-j ISTIO_OUTPUT".to_owned()),
             ]
         );
@@ -338,13 +355,19 @@ mod tests {
 
     #[test]
     fn only_our_tables_are_found() {
-        assert!(tables_holding_only_ours(SAVE).is_empty(), "nat has OTHER, filter a rule");
+        assert!(
+            tables_holding_only_ours(SAVE).is_empty(),
+            "nat has OTHER, filter a rule"
+        );
         let ours = "*mangle\n:PREROUTING ACCEPT [0:0]\n:ISTIO_DIVERT - [0:0]\n-A PREROUTING -p tcp -j ISTIO_DIVERT\nCOMMIT\n*raw\n:OUTPUT DROP [0:0]\nCOMMIT\n";
         assert_eq!(tables_holding_only_ours(ours), [Table::Mangle]);
     }
 
     #[test]
     fn saved_tables_selects_blocks() {
-        assert_eq!(saved_tables(SAVE, &[Table::Filter]), "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j ACCEPT\nCOMMIT\n");
+        assert_eq!(
+            saved_tables(SAVE, &[Table::Filter]),
+            "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j ACCEPT\nCOMMIT\n"
+        );
     }
 }

@@ -243,15 +243,31 @@ pub enum Match {
     InInterface(Interface),
     OutInterface(Interface),
     Source(IpNet),
-    Destination { net: IpNet, negated: bool },
+    Destination {
+        net: IpNet,
+        negated: bool,
+    },
     Protocol(Protocol),
-    DestinationPort { port: Port, negated: bool },
+    DestinationPort {
+        port: Port,
+        negated: bool,
+    },
     SourcePort(Port),
     /// `-m multiport [!] --dports a,b`: Istio uses it for "not DNS and not the tunnel port".
-    DestinationPorts { ports: Vec<Port>, negated: bool },
-    Owner { kind: OwnerKind, owner: Owner, negated: bool },
+    DestinationPorts {
+        ports: Vec<Port>,
+        negated: bool,
+    },
+    Owner {
+        kind: OwnerKind,
+        owner: Owner,
+        negated: bool,
+    },
     ConntrackState(CtState),
-    Mark { mark: u32, negated: bool },
+    Mark {
+        mark: u32,
+        negated: bool,
+    },
     ConnMark(u32),
     /// `-m comment --comment meshinit`: marks rules meshinit puts into chains it does not
     /// own, where the target alone cannot say whose rule it is (see `OWNER_COMMENT`).

@@ -13,8 +13,8 @@ use super::model::{
     BuiltinChain, Chain, CtState, Family, Interface, IstioChain, Match, Owner, OwnerKind, Port,
     Protocol, Rule, Ruleset, Table, Target, TproxyRouting,
 };
-use crate::config::{CaptureConfig, DnsCapture, InboundCapture, InterceptionMode, OutboundInclude};
 use crate::config::OwnerGroups;
+use crate::config::{CaptureConfig, DnsCapture, InboundCapture, InterceptionMode, OutboundInclude};
 
 /// Envoy marks its connections back to the app with this in TPROXY mode (Istio's
 /// `OutboundMark`); the inbound rules let them through.
@@ -171,8 +171,12 @@ impl Planner<'_> {
                     jump(IstioChain::Drop),
                 ),
             );
-            self.b
-                .append(Families::Both, Table::Mangle, DROP, rule(vec![], Target::Drop));
+            self.b.append(
+                Families::Both,
+                Table::Mangle,
+                DROP,
+                rule(vec![], Target::Drop),
+            );
         }
         let cfg = self.cfg;
         self.b.append(
@@ -311,8 +315,12 @@ impl Planner<'_> {
                 DIVERT,
                 rule(vec![], Target::SetMark(cfg.tproxy_mark)),
             );
-            self.b
-                .append(Families::Both, Table::Mangle, DIVERT, rule(vec![], Target::Accept));
+            self.b.append(
+                Families::Both,
+                Table::Mangle,
+                DIVERT,
+                rule(vec![], Target::Accept),
+            );
             let loopback_v4 = self.loopback(Family::V4);
             self.b.append_versioned(Table::Mangle, TPROXY, |family| {
                 let net = match family {
@@ -685,7 +693,10 @@ impl Planner<'_> {
                         Table::Nat,
                         PREROUTING,
                         1,
-                        rule(vec![Match::InInterface(iface.clone())], jump(IstioChain::Redirect)),
+                        rule(
+                            vec![Match::InInterface(iface.clone())],
+                            jump(IstioChain::Redirect),
+                        ),
                     );
                 }
             }
@@ -724,7 +735,13 @@ impl Planner<'_> {
             Table::Mangle,
             PREROUTING,
             rule(
-                vec![proto(Protocol::Tcp), Match::Mark { mark, negated: false }],
+                vec![
+                    proto(Protocol::Tcp),
+                    Match::Mark {
+                        mark,
+                        negated: false,
+                    },
+                ],
                 Target::ConnMarkSave,
             ),
         );
@@ -736,7 +753,10 @@ impl Planner<'_> {
                 vec![
                     proto(Protocol::Tcp),
                     Match::OutInterface(lo()),
-                    Match::Mark { mark, negated: false },
+                    Match::Mark {
+                        mark,
+                        negated: false,
+                    },
                 ],
                 Target::Return,
             ),
@@ -776,7 +796,13 @@ impl Planner<'_> {
             INBOUND,
             1,
             rule(
-                vec![proto(Protocol::Tcp), Match::Mark { mark, negated: false }],
+                vec![
+                    proto(Protocol::Tcp),
+                    Match::Mark {
+                        mark,
+                        negated: false,
+                    },
+                ],
                 Target::Return,
             ),
         );

@@ -16,7 +16,14 @@ use std::process::Command;
 /// (case, extra environment, meshinit args). The base of every Istio case is proxy uid and
 /// gid 1337, IPv6 off, no inbound or outbound capture; IPv6 and DNS servers are explicit so
 /// nothing depends on the machine running the test.
-pub const CASES: &[(&str, &[(&str, &str)], &[&str])] = &[
+pub type Case = (
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    &'static [&'static str],
+);
+
+#[rustfmt::skip]
+pub const CASES: &[Case] = &[
     ("ipv6-empty-inbound-ports", &[], &["-b", "", "--ipv6"]),
     ("ip-range", &[], &["-x", "1.1.0.0/16", "-i", "9.9.0.0/16", "--redirect-dns", "--no-ipv6", "-g", "1,2", "-u", "3,4", "--dns-servers", "127.0.0.53"]),
     ("tproxy", &[], &["-m", "TPROXY", "-b", "*", "-x", "1.1.0.0/16", "-i", "9.9.0.0/16", "--redirect-dns", "--dns-servers", "127.0.0.53", "-g", "1337", "-u", "1337", "-c", "not-istio-nic", "--ipv6"]),
@@ -150,12 +157,18 @@ pub fn replay(text: &str) -> ChainState {
                 state.insert(key(chain), Vec::new());
             }
             ["-A", chain, rest @ ..] => {
-                state.entry(key(chain)).or_default().push(normalise_spec(&rest.join(" ")));
+                state
+                    .entry(key(chain))
+                    .or_default()
+                    .push(normalise_spec(&rest.join(" ")));
             }
             ["-I", chain, position, rest @ ..] => {
                 let position: usize = position.parse().expect("insert position");
                 let rules = state.entry(key(chain)).or_default();
-                rules.insert((position - 1).min(rules.len()), normalise_spec(&rest.join(" ")));
+                rules.insert(
+                    (position - 1).min(rules.len()),
+                    normalise_spec(&rest.join(" ")),
+                );
             }
             _ => {}
         }
@@ -164,7 +177,9 @@ pub fn replay(text: &str) -> ChainState {
 }
 
 fn expected_path(case: &str) -> PathBuf {
-    project_dir().join("tests/golden/iptables").join(format!("{case}.rules"))
+    project_dir()
+        .join("tests/golden/iptables")
+        .join(format!("{case}.rules"))
 }
 
 /// Prints expected vs got per chain, so a failure shows what differs rather than two walls.
@@ -196,8 +211,12 @@ fn check_case(case: &str) {
         std::fs::create_dir_all(path.parent().expect("dir")).expect("mkdir");
         std::fs::write(&path, &ours).expect("write golden");
     }
-    let expected = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (MESHINIT_UPDATE_GOLDEN=1 creates it)", path.display()));
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (MESHINIT_UPDATE_GOLDEN=1 creates it)",
+            path.display()
+        )
+    });
     assert_eq!(
         replay(&expected),
         replay(&ours),
@@ -210,8 +229,8 @@ fn check_case(case: &str) {
     // 2. Parity with Istio's own golden file.
     match istio_golden_dir() {
         Some(dir) => {
-            let istio = std::fs::read_to_string(dir.join(format!("{case}.golden")))
-                .expect("istio golden");
+            let istio =
+                std::fs::read_to_string(dir.join(format!("{case}.golden"))).expect("istio golden");
             let (want, got) = (replay(&istio), replay(&ours));
             assert!(
                 want == got,
