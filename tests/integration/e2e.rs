@@ -54,50 +54,56 @@ fn run(test: &str, cases: &[(Setup<'_>, &[Check])]) {
     if !require_root(test) {
         return;
     }
+    // A case that fails panics in its thread (printing its report); the scope then panics.
     std::thread::scope(|scope| {
-        let labs: Vec<_> = cases
-            .iter()
-            .map(|(setup, checks)| scope.spawn(move || Lab::start(setup).check(checks)))
-            .collect();
-        let failures: Vec<String> = labs
-            .into_iter()
-            .filter_map(|lab| lab.join().err())
-            .map(|panic| {
-                panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .unwrap_or_else(|| "(non-string panic)".to_owned())
-            })
-            .collect();
-        assert!(failures.is_empty(), "{test}:\n{}", failures.join("\n\n"));
+        for (setup, checks) in cases {
+            scope.spawn(move || Lab::start(setup).check(checks));
+        }
     });
 }
 
-/// Scenario 1, on the backend `backend` picks: the injector's defaults.
-fn default_redirect(test: &str, backend: &[&str]) {
-    let checks = [
+/// The injector's defaults, on the iptables backend `backend` forces (None: detected).
+/// A forced backend must hold the rules, and the other one none.
+fn default_redirect(test: &str, backend: Option<&str>) {
+    if !require_root(test) {
+        return;
+    }
+    let forced: Vec<&str> = backend
+        .map(|backend| vec!["--force-iptables-binary", backend])
+        .unwrap_or_default();
+    let lab = Lab::start(&Setup::new(istio_args(&forced)));
+    lab.check(&[
         tcp(App, VAULT, outbound(VAULT)),
         tcp(Proxy, VAULT, peer(VAULT)),
         tcp(Peer, POD_8080, inbound(POD_8080)),
         tcp(Peer, "192.0.2.2:15021", app("192.0.2.2:15021")),
         tcp(App, "127.0.0.1:9090", app("127.0.0.1:9090")),
-    ];
-    run(test, &[(Setup::new(istio_args(backend)), &checks)]);
+    ]);
+    if let Some(backend) = backend {
+        for candidate in ["legacy", "nft"] {
+            let saved = lab.pod().run(&[&format!("iptables-{candidate}-save")]);
+            assert_eq!(
+                saved.contains("-j ISTIO_OUTPUT"),
+                candidate == backend,
+                "{test}: rules in iptables-{candidate}:\n{saved}"
+            );
+        }
+    }
 }
 
 #[test]
 fn default_redirect_detected_backend() {
-    default_redirect("default_redirect_detected_backend", &[]);
+    default_redirect("default_redirect_detected_backend", None);
 }
 
 #[test]
 fn default_redirect_legacy() {
-    default_redirect("default_redirect_legacy", &["--force-iptables-binary", "legacy"]);
+    default_redirect("default_redirect_legacy", Some("legacy"));
 }
 
 #[test]
 fn default_redirect_nft() {
-    default_redirect("default_redirect_nft", &["--force-iptables-binary", "nft"]);
+    default_redirect("default_redirect_nft", Some("nft"));
 }
 
 #[test]

@@ -203,6 +203,11 @@ impl Lab {
         }
     }
 
+    /// The pod's namespace, to look at its state.
+    pub fn pod(&self) -> &NetNs {
+        &self.topo.pod
+    }
+
     fn client(&self, from: From) -> (&NetNs, Option<Creds>) {
         match from {
             From::App => (&self.topo.pod, Some(APP)),
