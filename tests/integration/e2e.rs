@@ -19,14 +19,31 @@ const POD_8080: &str = "192.0.2.2:8080";
 const DNS_SERVER: &str = "192.0.2.1:53";
 const OTHER_DNS_SERVER: &str = "203.0.113.53:53";
 
-/// Istio's injector arguments, IPv4 only and no DNS servers from the host's resolv.conf,
+/// Istio's injector arguments, as (flag, value).
+const INJECTOR_ARGS: [(&str, &str); 8] = [
+    ("-p", "15001"),
+    ("-z", "15006"),
+    ("-u", "1337"),
+    ("-m", "REDIRECT"),
+    ("-i", "*"),
+    ("-x", ""),
+    ("-b", "*"),
+    ("-d", "15090,15021,15020"),
+];
+
+/// The injector's arguments, IPv4 only and no DNS servers from the host's resolv.conf,
 /// then `overrides` (a repeated flag takes the last value, as with Istio's pflag).
 fn istio_args(overrides: &[&str]) -> Vec<String> {
-    let defaults = [
-        "--no-ipv6", "--dns-servers", "", "-p", "15001", "-z", "15006", "-u", "1337", "-m",
-        "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020",
-    ];
-    defaults.iter().chain(overrides).map(|arg| arg.to_string()).collect()
+    let host_independent = ["--no-ipv6", "--dns-servers", ""];
+    let injector = INJECTOR_ARGS
+        .iter()
+        .flat_map(|(flag, value)| [*flag, *value]);
+    host_independent
+        .into_iter()
+        .chain(injector)
+        .chain(overrides.iter().copied())
+        .map(String::from)
+        .collect()
 }
 
 /// Captured by the sidecar's outbound listener, original destination kept.
@@ -41,7 +58,10 @@ fn inbound(orig: &'static str) -> Expect {
 
 /// Answered by the peer itself on `local`: not captured.
 fn peer(local: &'static str) -> Expect {
-    Expect::Direct { name: "peer", local }
+    Expect::Direct {
+        name: "peer",
+        local,
+    }
 }
 
 /// Answered by the pod's app itself on `local`: not captured.
@@ -60,6 +80,11 @@ fn run(test: &str, cases: &[(Setup<'_>, &[Check])]) {
             scope.spawn(move || Lab::start(setup).check(checks));
         }
     });
+}
+
+/// A test of a single configuration.
+fn run_one(test: &str, setup: Setup<'_>, checks: &[Check]) {
+    run(test, &[(setup, checks)]);
 }
 
 /// The injector's defaults, on the iptables backend `backend` forces (None: detected).
@@ -106,75 +131,88 @@ fn default_redirect_nft() {
     default_redirect("default_redirect_nft", Some("nft"));
 }
 
-#[test]
-fn outbound_cidrs_include_and_exclude() {
+/// The `include` flags capture `chosen` and leave `other` alone; `exclude` does the reverse.
+fn include_then_exclude(
+    test: &str,
+    include: &[&str],
+    exclude: &[&str],
+    chosen: &'static str,
+    other: &'static str,
+) {
     run(
-        "outbound_cidrs_include_and_exclude",
+        test,
         &[
             (
-                Setup::new(istio_args(&["-i", "198.51.100.0/24"])),
-                &[tcp(App, VAULT, outbound(VAULT)), tcp(App, OTHER, peer(OTHER))],
+                Setup::new(istio_args(include)),
+                &[
+                    tcp(App, chosen, outbound(chosen)),
+                    tcp(App, other, peer(other)),
+                ],
             ),
             (
-                Setup::new(istio_args(&["-x", "198.51.100.30/32"])),
-                &[tcp(App, VAULT, peer(VAULT)), tcp(App, OTHER, outbound(OTHER))],
+                Setup::new(istio_args(exclude)),
+                &[
+                    tcp(App, chosen, peer(chosen)),
+                    tcp(App, other, outbound(other)),
+                ],
             ),
         ],
+    );
+}
+
+#[test]
+fn outbound_cidrs_include_and_exclude() {
+    include_then_exclude(
+        "outbound_cidrs_include_and_exclude",
+        &["-i", "198.51.100.0/24"],
+        &["-x", "198.51.100.30/32"],
+        VAULT,
+        OTHER,
     );
 }
 
 #[test]
 fn outbound_ports_include_and_exclude() {
-    run(
+    include_then_exclude(
         "outbound_ports_include_and_exclude",
-        &[
-            (
-                Setup::new(istio_args(&["-i", "", "-q", "8200"])),
-                &[tcp(App, VAULT, outbound(VAULT)), tcp(App, VAULT_8300, peer(VAULT_8300))],
-            ),
-            (
-                Setup::new(istio_args(&["-o", "8200"])),
-                &[tcp(App, VAULT, peer(VAULT)), tcp(App, VAULT_8300, outbound(VAULT_8300))],
-            ),
-        ],
+        &["-i", "", "-q", "8200"],
+        &["-o", "8200"],
+        VAULT,
+        VAULT_8300,
     );
 }
 
 #[test]
 fn inbound_ports_include() {
-    run(
+    run_one(
         "inbound_ports_include",
-        &[(
-            Setup::new(istio_args(&["-b", "8080"])),
-            &[
-                tcp(Peer, POD_8080, inbound(POD_8080)),
-                tcp(Peer, "192.0.2.2:8081", app("192.0.2.2:8081")),
-            ],
-        )],
+        Setup::new(istio_args(&["-b", "8080"])),
+        &[
+            tcp(Peer, POD_8080, inbound(POD_8080)),
+            tcp(Peer, "192.0.2.2:8081", app("192.0.2.2:8081")),
+        ],
     );
 }
 
 #[test]
 fn tproxy_inbound_keeps_client_address() {
-    run(
+    run_one(
         "tproxy_inbound_keeps_client_address",
-        &[(
-            Setup::new(istio_args(&["-m", "TPROXY"])).sidecar(Sidecar::Tproxy),
-            &[
-                tcp(
-                    Peer,
-                    POD_8080,
-                    Expect::Transparent {
-                        port: 15006,
-                        local: POD_8080,
-                        client_ip: "192.0.2.1",
-                    },
-                ),
-                tcp(Peer, "192.0.2.2:15021", app("192.0.2.2:15021")),
-                tcp(App, VAULT, outbound(VAULT)),
-                tcp(Proxy, VAULT, peer(VAULT)),
-            ],
-        )],
+        Setup::new(istio_args(&["-m", "TPROXY"])).sidecar(Sidecar::Tproxy),
+        &[
+            tcp(
+                Peer,
+                POD_8080,
+                Expect::Transparent {
+                    port: 15006,
+                    local: POD_8080,
+                    client_ip: "192.0.2.1",
+                },
+            ),
+            tcp(Peer, "192.0.2.2:15021", app("192.0.2.2:15021")),
+            tcp(App, VAULT, outbound(VAULT)),
+            tcp(Proxy, VAULT, peer(VAULT)),
+        ],
     );
 }
 
@@ -182,17 +220,15 @@ fn tproxy_inbound_keeps_client_address() {
 fn ipv6_dual_stack() {
     const PEER6: &str = "[2001:db8::1]:8200";
     const POD6_8080: &str = "[2001:db8::2]:8080";
-    run(
+    run_one(
         "ipv6_dual_stack",
-        &[(
-            Setup::new(istio_args(&["--dual-stack", "--ipv6"])),
-            &[
-                tcp(App, PEER6, outbound(PEER6)),
-                tcp(Proxy, PEER6, peer(PEER6)),
-                tcp(Peer, POD6_8080, inbound(POD6_8080)),
-                tcp(App, VAULT, outbound(VAULT)),
-            ],
-        )],
+        Setup::new(istio_args(&["--dual-stack", "--ipv6"])),
+        &[
+            tcp(App, PEER6, outbound(PEER6)),
+            tcp(Proxy, PEER6, peer(PEER6)),
+            tcp(Peer, POD6_8080, inbound(POD6_8080)),
+            tcp(App, VAULT, outbound(VAULT)),
+        ],
     );
 }
 
@@ -202,10 +238,21 @@ fn dns_capture() {
         "dns_capture",
         &[
             (
-                Setup::new(istio_args(&["--redirect-dns", "--dns-servers", "192.0.2.1"])),
+                Setup::new(istio_args(&[
+                    "--redirect-dns",
+                    "--dns-servers",
+                    "192.0.2.1",
+                ])),
                 &[
                     udp(App, DNS_SERVER, Expect::DnsProxy),
-                    tcp(App, DNS_SERVER, Expect::Captured { port: 15053, orig: DNS_SERVER }),
+                    tcp(
+                        App,
+                        DNS_SERVER,
+                        Expect::Captured {
+                            port: 15053,
+                            orig: DNS_SERVER,
+                        },
+                    ),
                     udp(Proxy, DNS_SERVER, peer(DNS_SERVER)),
                     // Not a configured server: left alone.
                     udp(App, OTHER_DNS_SERVER, peer(OTHER_DNS_SERVER)),
@@ -229,15 +276,13 @@ fn dns_capture() {
 
 #[test]
 fn exclude_interface() {
-    run(
+    run_one(
         "exclude_interface",
-        &[(
-            Setup::new(istio_args(&["-c", crate::support::topology::POD_IFACE])),
-            &[
-                tcp(App, VAULT, peer(VAULT)),
-                tcp(Peer, POD_8080, app(POD_8080)),
-            ],
-        )],
+        Setup::new(istio_args(&["-c", crate::support::topology::POD_IFACE])),
+        &[
+            tcp(App, VAULT, peer(VAULT)),
+            tcp(Peer, POD_8080, app(POD_8080)),
+        ],
     );
 }
 
@@ -251,7 +296,10 @@ fn kube_virt_interface_traffic_is_outbound() {
                 &[tcp(Vm, VAULT, outbound(VAULT))],
             ),
             // Without -k, the VM's traffic is just inbound TCP to the pod.
-            (Setup::new(istio_args(&[])).with_vm(), &[tcp(Vm, VAULT, inbound(VAULT))]),
+            (
+                Setup::new(istio_args(&[])).with_vm(),
+                &[tcp(Vm, VAULT, inbound(VAULT))],
+            ),
         ],
     );
 }
@@ -263,12 +311,17 @@ fn outbound_owner_groups() {
         &[
             (
                 Setup::new(istio_args(&[])).env(&[("ISTIO_OUTBOUND_OWNER_GROUPS", "2000")]),
-                &[tcp(AppGid(2000), VAULT, outbound(VAULT)), tcp(AppGid(3000), VAULT, peer(VAULT))],
+                &[
+                    tcp(AppGid(2000), VAULT, outbound(VAULT)),
+                    tcp(AppGid(3000), VAULT, peer(VAULT)),
+                ],
             ),
             (
-                Setup::new(istio_args(&[]))
-                    .env(&[("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "3000")]),
-                &[tcp(AppGid(3000), VAULT, peer(VAULT)), tcp(AppGid(2000), VAULT, outbound(VAULT))],
+                Setup::new(istio_args(&[])).env(&[("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "3000")]),
+                &[
+                    tcp(AppGid(3000), VAULT, peer(VAULT)),
+                    tcp(AppGid(2000), VAULT, outbound(VAULT)),
+                ],
             ),
         ],
     );
@@ -278,16 +331,23 @@ fn outbound_owner_groups() {
 /// Vault goes nowhere, unless Vault is excluded by port or address, or it runs as the proxy.
 #[test]
 fn app_init_container_without_sidecar() {
-    let no_sidecar = |overrides: &[&str]| Setup::new(istio_args(overrides)).sidecar(Sidecar::Absent);
+    let no_sidecar =
+        |overrides: &[&str]| Setup::new(istio_args(overrides)).sidecar(Sidecar::Absent);
     run(
         "app_init_container_without_sidecar",
         &[
             (
                 no_sidecar(&[]),
-                &[tcp(App, VAULT, Expect::Fails), tcp(Proxy, VAULT, peer(VAULT))],
+                &[
+                    tcp(App, VAULT, Expect::Fails),
+                    tcp(Proxy, VAULT, peer(VAULT)),
+                ],
             ),
             (no_sidecar(&["-o", "8200"]), &[tcp(App, VAULT, peer(VAULT))]),
-            (no_sidecar(&["-x", "198.51.100.30/32"]), &[tcp(App, VAULT, peer(VAULT))]),
+            (
+                no_sidecar(&["-x", "198.51.100.30/32"]),
+                &[tcp(App, VAULT, peer(VAULT))],
+            ),
         ],
     );
 }

@@ -97,7 +97,10 @@ pub enum Expect {
     /// The sidecar's DNS listener, over UDP (no original destination to check).
     DnsProxy,
     /// Not the sidecar: the named server, reached on this address.
-    Direct { name: &'static str, local: &'static str },
+    Direct {
+        name: &'static str,
+        local: &'static str,
+    },
     /// Nobody: the connection is refused or times out.
     Fails,
 }
@@ -123,9 +126,7 @@ impl Expect {
                     && reply.client.ip().to_string() == client_ip
             }
             Expect::DnsProxy => by("sidecar", 15053),
-            Expect::Direct { name, local } => {
-                reply.by == name && is(Some(reply.local), local)
-            }
+            Expect::Direct { name, local } => reply.by == name && is(Some(reply.local), local),
             Expect::Fails => false,
         }
     }
@@ -180,7 +181,12 @@ impl Lab {
         peer.extend(PEER_UDP_DNS.map(|addr| format!("udp:{addr}")));
         let mut servers = vec![
             Background::serve(&topo.peer, None, "peer", &peer),
-            Background::serve(&topo.pod, Some(APP), "app", &on_any_address("tcp", &APP_PORTS)),
+            Background::serve(
+                &topo.pod,
+                Some(APP),
+                "app",
+                &on_any_address("tcp", &APP_PORTS),
+            ),
         ];
         let sidecar = match setup.sidecar {
             Sidecar::Absent => None,
@@ -192,14 +198,22 @@ impl Lab {
             // Like Istio's agent, on loopback: REDIRECT sends the app's queries to
             // 127.0.0.1, and the answer must come from there for conntrack to undo the NAT.
             listeners.extend(["udp:127.0.0.1:15053", "udp:[::1]:15053"].map(String::from));
-            servers.push(Background::serve(&topo.pod, Some(creds), "sidecar", &listeners));
+            servers.push(Background::serve(
+                &topo.pod,
+                Some(creds),
+                "sidecar",
+                &listeners,
+            ));
         }
         let args: Vec<&str> = setup.args.iter().map(String::as_str).collect();
         apply(&topo.pod, &args, setup.env);
         Lab {
             _servers: servers,
             topo,
-            what: format!("meshinit {:?} with env {:?}, sidecar {:?}", setup.args, setup.env, setup.sidecar),
+            what: format!(
+                "meshinit {:?} with env {:?}, sidecar {:?}",
+                setup.args, setup.env, setup.sidecar
+            ),
         }
     }
 
@@ -239,7 +253,10 @@ impl Lab {
             .zip(&outcomes)
             .filter(|(check, outcome)| !check.expect.matches(outcome))
             .map(|(check, outcome)| {
-                format!("  {check}\n    expected {:?}\n    got      {outcome:?}", check.expect)
+                format!(
+                    "  {check}\n    expected {:?}\n    got      {outcome:?}",
+                    check.expect
+                )
             })
             .collect();
         assert!(

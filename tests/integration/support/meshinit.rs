@@ -24,11 +24,16 @@ pub fn apply(ns: &NetNs, args: &[&str], env: &[(&str, &str)]) {
 
 /// Every iptables rule in `ns`, both backends, for failure messages.
 pub fn dump_rules(ns: &NetNs) -> String {
-    ["iptables-legacy-save", "iptables-nft-save", "ip6tables-legacy-save", "ip6tables-nft-save"]
-        .iter()
-        .map(|program| {
-            let output = ns.exec(&[program]);
-            format!("## {program}\n{}", String::from_utf8_lossy(&output.stdout))
-        })
-        .collect()
+    [
+        "iptables-legacy-save",
+        "iptables-nft-save",
+        "ip6tables-legacy-save",
+        "ip6tables-nft-save",
+    ]
+    .iter()
+    .map(|program| {
+        let output = ns.exec(&[program]);
+        format!("## {program}\n{}", String::from_utf8_lossy(&output.stdout))
+    })
+    .collect()
 }

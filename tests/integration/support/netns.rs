@@ -27,7 +27,10 @@ impl NetNs {
         let name = format!("mi-{}-{n}-{role}", std::process::id());
         expect_success(
             &format!("creating netns {name}"),
-            run_bounded(Command::new("ip").args(["netns", "add", &name]), COMMAND_TIMEOUT),
+            run_bounded(
+                Command::new("ip").args(["netns", "add", &name]),
+                COMMAND_TIMEOUT,
+            ),
         );
         NetNs { name }
     }
@@ -59,7 +62,9 @@ impl NetNs {
         std::fs::write(&script, commands).expect("writing an ip batch file");
         let what = format!("ip batch in {}:\n{commands}", self.name);
         let output = run_bounded(
-            Command::new("ip").args(["-n", &self.name, "-batch"]).arg(&script),
+            Command::new("ip")
+                .args(["-n", &self.name, "-batch"])
+                .arg(&script),
             COMMAND_TIMEOUT,
         );
         let _ = std::fs::remove_file(&script);

@@ -58,9 +58,7 @@ fn helper_command(ns: &NetNs, creds: Option<Creds>, role: &str) -> Command {
         }
     }
     argv.push(exe.to_string_lossy().into_owned());
-    argv.extend(
-        [ENTRYPOINT, "--exact", "--nocapture", "--test-threads=1"].map(String::from),
-    );
+    argv.extend([ENTRYPOINT, "--exact", "--nocapture", "--test-threads=1"].map(String::from));
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let mut cmd = ns.command(&argv);
     cmd.env(ROLE_ENV, role);
@@ -86,8 +84,8 @@ impl Background {
             .unwrap_or_else(|err| panic!("cannot start {what}: {err}"));
         let lines = line_channel(child.stdout.take().expect("piped stdout"));
         // Until READY, stdout carries only libtest's banner; after it, nothing we read.
-        let ready = std::iter::from_fn(|| lines.recv_timeout(READY_TIMEOUT).ok())
-            .any(|line| line == READY);
+        let ready =
+            std::iter::from_fn(|| lines.recv_timeout(READY_TIMEOUT).ok()).any(|line| line == READY);
         let mut background = Background { what, child };
         if !ready {
             let _ = background.child.kill();

@@ -113,7 +113,10 @@ fn open(addr: SocketAddr, ty: SockType, transparent: bool) -> nix::Result<OwnedF
     if transparent {
         setsockopt(&fd, sockopt::IpTransparent, &true)?;
     }
-    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrStorage::from(addr))?;
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(addr),
+    )?;
     if ty == SockType::Stream {
         listen(&fd, Backlog::MAXCONN)?;
     }
