@@ -5,7 +5,7 @@
 //!
 //! Needs root: skips with a reason otherwise, fails under `CI=true`.
 
-use crate::support::lab::From::{App, AppGid, Peer, Proxy, Vm};
+use crate::support::lab::Client::{App, AppGid, Peer, Proxy, Vm};
 use crate::support::lab::{tcp, udp, Check, Expect, Lab, Setup, Sidecar};
 use crate::support::require_root;
 use crate::support::topology::VM_IFACE;

@@ -69,7 +69,7 @@ impl<'a> Setup<'a> {
 
 /// Who opens a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum From {
+pub enum Client {
     /// The app in the pod (uid/gid 1000).
     App,
     /// The app in the pod, running with this gid.
@@ -135,13 +135,13 @@ impl Expect {
 /// One connection to make and its expected outcome.
 #[derive(Debug, Clone, Copy)]
 pub struct Check {
-    pub from: From,
+    pub from: Client,
     pub proto: Proto,
     pub to: &'static str,
     pub expect: Expect,
 }
 
-pub fn tcp(from: From, to: &'static str, expect: Expect) -> Check {
+pub fn tcp(from: Client, to: &'static str, expect: Expect) -> Check {
     Check {
         from,
         proto: Proto::Tcp,
@@ -150,7 +150,7 @@ pub fn tcp(from: From, to: &'static str, expect: Expect) -> Check {
     }
 }
 
-pub fn udp(from: From, to: &'static str, expect: Expect) -> Check {
+pub fn udp(from: Client, to: &'static str, expect: Expect) -> Check {
     Check {
         from,
         proto: Proto::Udp,
@@ -222,13 +222,13 @@ impl Lab {
         &self.topo.pod
     }
 
-    fn client(&self, from: From) -> (&NetNs, Option<Creds>) {
+    fn client(&self, from: Client) -> (&NetNs, Option<Creds>) {
         match from {
-            From::App => (&self.topo.pod, Some(APP)),
-            From::AppGid(gid) => (&self.topo.pod, Some(Creds::user(APP.uid, gid))),
-            From::Proxy => (&self.topo.pod, Some(PROXY)),
-            From::Peer => (&self.topo.peer, None),
-            From::Vm => (self.topo.vm.as_ref().expect("a lab started with_vm"), None),
+            Client::App => (&self.topo.pod, Some(APP)),
+            Client::AppGid(gid) => (&self.topo.pod, Some(Creds::user(APP.uid, gid))),
+            Client::Proxy => (&self.topo.pod, Some(PROXY)),
+            Client::Peer => (&self.topo.peer, None),
+            Client::Vm => (self.topo.vm.as_ref().expect("a lab started with_vm"), None),
         }
     }
 
