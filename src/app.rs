@@ -112,7 +112,7 @@ pub fn render_plan(ruleset: &Ruleset) -> String {
                 text.push_str(&render_fresh(rules));
             }
             None => text.push_str(&format!(
-                "# {family}: off (IPv6 not detected; --ipv6 forces it)\n"
+                "# {family}: off (no IPv6 rules; --ipv6 plans them)\n"
             )),
         }
     }
