@@ -293,3 +293,162 @@ golden_tests! {
     drop_invalid => "drop-invalid",
     host_ipv4_loopback_cidr => "host-ipv4-loopback-cidr",
 }
+
+/// Istio's restore input from one of its golden files, per family. Its tables come sorted
+/// per family, so a table name that does not sort after the previous one starts IPv6.
+fn istio_restore_inputs(golden: &str) -> (String, String) {
+    let (mut v4, mut v6) = (String::new(), String::new());
+    let mut in_v6 = false;
+    let mut last_table = String::new();
+    let mut in_block = false;
+    for line in golden.lines() {
+        if let Some(table) = line.strip_prefix('*') {
+            let table = table.trim().to_owned();
+            if !last_table.is_empty() && table <= last_table {
+                in_v6 = true;
+            }
+            last_table.clone_from(&table);
+            in_block = true;
+        }
+        if in_block {
+            let out = if in_v6 { &mut v6 } else { &mut v4 };
+            out.push_str(line.trim_start());
+            out.push('\n');
+        }
+        if line == "COMMIT" {
+            in_block = false;
+        }
+    }
+    (v4, v6)
+}
+
+/// `iptables-save` output without comments, counters and meshinit's owner comment.
+fn normalise_save(save: &str) -> String {
+    save.lines()
+        .filter(|line| !line.starts_with('#'))
+        .map(|line| {
+            let line = line.replace(&format!(" {OWNER_COMMENT}"), "");
+            match line.rsplit_once(" [") {
+                Some((head, counters)) if line.starts_with(':') && counters.ends_with(']') => {
+                    head.to_owned()
+                }
+                _ => line,
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Gives `ip netns exec` in one namespace an /etc/group that knows the group names Istio's
+/// cases use (`java`, `ftp`), so iptables can resolve them without touching the host's.
+struct GroupOverlay {
+    dir: PathBuf,
+}
+
+impl GroupOverlay {
+    fn new(netns: &str) -> GroupOverlay {
+        let dir = PathBuf::from("/etc/netns").join(netns);
+        std::fs::create_dir_all(&dir).expect("create /etc/netns overlay");
+        let mut groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+        for (name, gid) in [("java", 20001), ("ftp", 20002)] {
+            if !groups.lines().any(|l| l.starts_with(&format!("{name}:"))) {
+                groups.push_str(&format!("{name}:x:{gid}:\n"));
+            }
+        }
+        std::fs::write(dir.join("group"), groups).expect("write overlay group file");
+        GroupOverlay { dir }
+    }
+}
+
+impl Drop for GroupOverlay {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Loads `input` into a fresh namespace with `backend`'s tools and returns what the
+/// kernel reports back, per family.
+fn load_and_save(role: &str, backend: &str, inputs: [&str; 2]) -> [String; 2] {
+    let ns = crate::support::netns::NetNs::new(role);
+    let _groups = GroupOverlay::new(ns.name());
+    let mut saves = [String::new(), String::new()];
+    for (index, (tool, input)) in [("iptables", inputs[0]), ("ip6tables", inputs[1])]
+        .into_iter()
+        .enumerate()
+    {
+        if input.trim().is_empty() {
+            continue;
+        }
+        let mut cmd = ns.command(&[&format!("{tool}-{backend}-restore"), "--noflush"]);
+        let output = pipe_into(&mut cmd, input);
+        assert!(
+            output.status.success(),
+            "{tool}-{backend}-restore ({role}) failed: {}\ninput:\n{input}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        saves[index] = normalise_save(&ns.run(&[&format!("{tool}-{backend}-save")]));
+    }
+    saves
+}
+
+fn pipe_into(cmd: &mut Command, input: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn restore");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write restore input");
+    child.wait_with_output().expect("wait for restore")
+}
+
+/// The kernel as judge: for every case, Istio's input and meshinit's, loaded into fresh
+/// namespaces, must read back identically from `iptables-save` (which canonicalises
+/// syntax), on `backend`.
+fn kernel_parity(backend: &str) {
+    if !crate::support::require_root(&format!("kernel_parity_{backend}")) {
+        return;
+    }
+    let Some(dir) = istio_golden_dir() else {
+        assert!(!in_ci(), "CI=true but ../shared/istio-golden is missing");
+        eprintln!("kernel_parity_{backend}: ../shared/istio-golden not found; skipped");
+        return;
+    };
+    let mut failures = Vec::new();
+    for (case, env, args) in CASES {
+        let golden = std::fs::read_to_string(dir.join(format!("{case}.golden"))).expect("golden");
+        let (istio_v4, istio_v6) = istio_restore_inputs(&golden);
+        let ours_v4 = print_case(env, args, Some("ipv4"));
+        let ours_v6 = if istio_v6.is_empty() {
+            String::new()
+        } else {
+            print_case(env, args, Some("ipv6"))
+        };
+        let istio = load_and_save("gi", backend, [&istio_v4, &istio_v6]);
+        let ours = load_and_save("gm", backend, [&ours_v4, &ours_v6]);
+        for (family, (want, got)) in ["ipv4", "ipv6"].iter().zip(istio.iter().zip(ours.iter())) {
+            if want != got {
+                failures.push(format!(
+                    "{case} ({family}, {backend}):\n--- istio\n{want}\n--- meshinit\n{got}"
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn kernel_parity_legacy() {
+    kernel_parity("legacy");
+}
+
+#[test]
+fn kernel_parity_nft() {
+    kernel_parity("nft");
+}
