@@ -174,9 +174,18 @@ fn apply(args: &CaptureArgs, env: Env<'_>, out: &mut dyn Write) -> Result<(), Er
         routing_changes = summary.routing_added,
         processes = tools.processes_launched(),
         elapsed_ms = started.elapsed().as_millis() as u64,
+        peak_rss_kib = peak_rss_kib(),
         "applied"
     );
     Ok(())
+}
+
+/// This process's own peak resident memory (children excluded), for the summary line:
+/// the init container's memory limit is sized from it.
+fn peak_rss_kib() -> i64 {
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        .map(|usage| usage.max_rss())
+        .unwrap_or(-1)
 }
 
 /// Checks capabilities first, so a pod without them fails before anything is touched.

@@ -319,6 +319,28 @@ mod tests {
         );
     }
 
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn parsing_and_deriving_never_panic(text in any::<String>()) {
+                let _ = go_unquote(&text);
+                if let Ok(annotations) = Annotations::parse(Path::new("f"), &text) {
+                    let _ = annotations.derive(&mut RawSettings::default());
+                }
+            }
+
+            #[test]
+            fn quoted_values_round_trip(value in "[ -~\u{e9}\u{1F600}\n\t]{0,30}") {
+                let quoted = format!("{value:?}");
+                prop_assume!(!quoted.contains("\\u{"));
+                prop_assert_eq!(go_unquote(&quoted).unwrap(), value);
+            }
+        }
+    }
+
     #[test]
     fn bad_status_port_names_the_annotation() {
         let err = parse("status.sidecar.istio.io/port=\"http\"")

@@ -872,3 +872,159 @@ fn dns_servers(dns: &DnsCapture) -> (bool, Vec<IpNet>, Vec<IpNet>) {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{OutboundInclude, OwnerGroups};
+    use crate::rules::iptables::rule_spec;
+    use crate::rules::model::{ChainRules, FamilyRuleset};
+
+    fn port(p: u16) -> Port {
+        Port::new(p).unwrap()
+    }
+
+    fn base() -> CaptureConfig {
+        CaptureConfig {
+            proxy_port: port(15001),
+            inbound_capture_port: port(15006),
+            inbound_tunnel_port: port(15008),
+            proxy_uids: vec![Owner::Id(1337)],
+            proxy_gids: vec![Owner::Id(1337)],
+            interception: InterceptionMode::Redirect,
+            tproxy_mark: 1337,
+            tproxy_route_table: 133,
+            inbound: InboundCapture::Off,
+            outbound_include: OutboundInclude::Off,
+            outbound_exclude: vec![],
+            outbound_ports_include: vec![],
+            outbound_ports_exclude: vec![],
+            kube_virt_interfaces: vec![],
+            exclude_interfaces: vec![],
+            dns: DnsCapture::Off,
+            drop_invalid: false,
+            ipv6: false,
+            owner_groups: OwnerGroups::AllExcept(vec![]),
+            host_ipv4_loopback: "127.0.0.1/32".parse().unwrap(),
+        }
+    }
+
+    fn chain<'a>(rules: &'a FamilyRuleset, table: Table, chain: Chain) -> &'a ChainRules {
+        rules
+            .table(table)
+            .and_then(|t| t.chain(chain))
+            .expect("chain planned")
+    }
+
+    fn specs(chain: &ChainRules) -> Vec<String> {
+        chain.all_rules().map(rule_spec).collect()
+    }
+
+    #[test]
+    fn ipv6_off_plans_no_ipv6_at_all() {
+        let plan = plan(&base());
+        assert!(plan.v6.is_none());
+        assert!(!plan.ipv6_passthrough_address);
+        assert!(plan.tproxy_routing.is_none());
+    }
+
+    #[test]
+    fn tproxy_routing_only_with_inbound_capture() {
+        let mut cfg = base();
+        cfg.interception = InterceptionMode::Tproxy;
+        assert!(
+            plan(&cfg).tproxy_routing.is_none(),
+            "no inbound ports, no routing"
+        );
+        cfg.inbound = InboundCapture::AllExcept(vec![]);
+        assert_eq!(
+            plan(&cfg).tproxy_routing,
+            Some(TproxyRouting {
+                mark: 1337,
+                table: 133
+            })
+        );
+    }
+
+    #[test]
+    fn excluded_outbound_ports_come_first_for_tcp_and_udp() {
+        let mut cfg = base();
+        cfg.outbound_ports_exclude = vec![port(8200)];
+        cfg.outbound_include = OutboundInclude::All;
+        let plan = plan(&cfg);
+        let output = specs(chain(&plan.v4, Table::Nat, ISTIO_OUTPUT));
+        assert_eq!(
+            output[..2],
+            [
+                "-p tcp --dport 8200 -j RETURN",
+                "-p udp --dport 8200 -j RETURN"
+            ]
+        );
+        assert_eq!(output.last().map(String::as_str), Some("-j ISTIO_REDIRECT"));
+    }
+
+    #[test]
+    fn cidrs_go_to_their_own_family() {
+        let mut cfg = base();
+        cfg.ipv6 = true;
+        cfg.outbound_include = OutboundInclude::Only(vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "2001:db8::/32".parse().unwrap(),
+        ]);
+        let plan = plan(&cfg);
+        let v4 = specs(chain(&plan.v4, Table::Nat, ISTIO_OUTPUT));
+        let v6 = specs(chain(plan.v6.as_ref().unwrap(), Table::Nat, ISTIO_OUTPUT));
+        assert!(v4.contains(&"-d 10.0.0.0/8 -j ISTIO_REDIRECT".to_owned()));
+        assert!(!v4.iter().any(|r| r.contains("2001:db8")));
+        assert!(v6.contains(&"-d 2001:db8::/32 -j ISTIO_REDIRECT".to_owned()));
+    }
+
+    #[test]
+    fn kube_virt_rules_go_in_front_of_other_tools_rules() {
+        let mut cfg = base();
+        cfg.kube_virt_interfaces = vec![Interface::new_unchecked("eth1".into())];
+        cfg.outbound_include = OutboundInclude::All;
+        let plan = plan(&cfg);
+        let prerouting = chain(&plan.v4, Table::Nat, PREROUTING);
+        assert_eq!(prerouting.head.len(), 2);
+        assert!(prerouting.rules.is_empty());
+        assert_eq!(rule_spec(&prerouting.head[0]), "-i eth1 -j ISTIO_REDIRECT");
+        assert_eq!(
+            rule_spec(&prerouting.head[1]),
+            "-i eth1 -m comment --comment meshinit -j RETURN"
+        );
+    }
+
+    #[test]
+    fn only_unowned_targets_in_builtin_chains_are_tagged() {
+        let mut cfg = base();
+        cfg.interception = InterceptionMode::Tproxy;
+        cfg.inbound = InboundCapture::AllExcept(vec![]);
+        let plan = plan(&cfg);
+        for table in &plan.v4.tables {
+            for c in &table.chains {
+                for rule in c.all_rules() {
+                    let tagged = rule.matches.contains(&Match::OwnerComment);
+                    let builtin = matches!(c.chain, Chain::Builtin(_));
+                    assert_eq!(
+                        tagged,
+                        builtin && !rule.jumps_to_own_chain(),
+                        "{}",
+                        rule_spec(rule)
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn owner_group_include_list_is_one_rule() {
+        let mut cfg = base();
+        cfg.owner_groups = OwnerGroups::Only(vec![Owner::Name("java".into()), Owner::Id(202)]);
+        let plan = plan(&cfg);
+        let output = specs(chain(&plan.v4, Table::Nat, ISTIO_OUTPUT));
+        assert!(output.contains(
+            &"-m owner ! --gid-owner java -m owner ! --gid-owner 202 -j RETURN".to_owned()
+        ));
+    }
+}

@@ -1,0 +1,227 @@
+//! `cargo bench --bench apply`: how long `meshinit apply` takes against a bare
+//! `iptables-restore` of the very state meshinit produces, each into a fresh network
+//! namespace, runs alternating, for the injector's default ruleset and for 10,000 excluded
+//! CIDRs, on both iptables backends. Also reports what meshinit launched and its own peak
+//! memory, from its summary log line. Needs root; prints why and exits otherwise.
+//!
+//! Options (after `--`): `--runs N` (default 21), `--cidrs N` (default 10000).
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sched::{setns, CloneFlags};
+
+const MESHINIT: &str = env!("CARGO_BIN_EXE_meshinit");
+
+/// The args Istio's injector gives istio-init by default.
+const INJECTOR_DEFAULT: &[&str] = &[
+    "-p",
+    "15001",
+    "-z",
+    "15006",
+    "-u",
+    "1337",
+    "-m",
+    "REDIRECT",
+    "-i",
+    "*",
+    "-x",
+    "",
+    "-b",
+    "*",
+    "-d",
+    "15090,15021,15020",
+];
+
+struct Scenario {
+    name: String,
+    args: Vec<String>,
+    ipv6: bool,
+}
+
+/// A throwaway namespace the benchmark switches into to launch a command directly, so
+/// neither side pays for an `ip netns exec` wrapper.
+struct Namespace {
+    name: String,
+}
+
+impl Namespace {
+    fn new(index: usize) -> Namespace {
+        let name = format!("mi-bench-{}-{index}", std::process::id());
+        let status = Command::new("ip").args(["netns", "add", &name]).status();
+        assert!(status.is_ok_and(|s| s.success()), "ip netns add {name}");
+        Namespace { name }
+    }
+
+    /// Runs `cmd` inside the namespace, feeding it `input`; returns wall time and stderr.
+    fn time(&self, cmd: &mut Command, input: Option<&str>) -> (Duration, String) {
+        let home = File::open("/proc/self/ns/net").expect("own netns");
+        let target = File::open(format!("/var/run/netns/{}", self.name)).expect("bench netns");
+        setns(target.as_fd(), CloneFlags::CLONE_NEWNET).expect("enter bench netns");
+        let started = Instant::now();
+        let mut child = cmd
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+            stdin.write_all(input.as_bytes()).expect("write input");
+        }
+        let output = child.wait_with_output().expect("wait");
+        let elapsed = started.elapsed();
+        setns(home.as_fd(), CloneFlags::CLONE_NEWNET).expect("return to own netns");
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(output.status.success(), "{cmd:?} failed: {stderr}");
+        (elapsed, stderr)
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn print_family(args: &[String], family: &str) -> String {
+    let output = Command::new(MESHINIT)
+        .env_clear()
+        .args(["print", "--family", family])
+        .args(args)
+        .output()
+        .expect("meshinit print");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf-8")
+}
+
+fn median(values: &mut [Duration]) -> Duration {
+    values.sort();
+    values[values.len() / 2]
+}
+
+fn field(log: &str, name: &str) -> String {
+    log.split_whitespace()
+        .find_map(|word| word.strip_prefix(&format!("{name}=")))
+        .unwrap_or("?")
+        .to_owned()
+}
+
+fn option(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("bench apply: skipped, needs root (it creates network namespaces)");
+        return;
+    }
+    let runs = option("--runs", 21).max(1);
+    let cidrs = option("--cidrs", 10_000);
+    // Rules only: no packet is sent anywhere in this benchmark.
+    let excluded: Vec<String> = (0..cidrs)
+        .map(|i| format!("10.{}.{}.0/24", i / 256 % 256, i % 256))
+        .collect();
+    let with = |extra: &[&str]| -> Vec<String> {
+        INJECTOR_DEFAULT
+            .iter()
+            .chain(extra)
+            .map(|s| (*s).to_owned())
+            .collect()
+    };
+    let mut many = with(&["--no-ipv6"]);
+    let x = many.iter().position(|a| a == "-x").expect("-x") + 1;
+    many[x] = excluded.join(",");
+    let scenarios = [
+        Scenario {
+            name: "injector default, IPv4".into(),
+            args: with(&["--no-ipv6"]),
+            ipv6: false,
+        },
+        Scenario {
+            name: "injector default, dual-stack".into(),
+            args: with(&["--ipv6"]),
+            ipv6: true,
+        },
+        Scenario {
+            name: format!("{cidrs} excluded CIDRs, IPv4"),
+            args: many,
+            ipv6: false,
+        },
+    ];
+
+    println!("meshinit apply vs bare restore of the same rules, fresh namespace each run, {runs} runs each, alternating");
+    println!();
+    println!("| scenario | backend | meshinit apply (median) | bare restore (median) | ratio | processes | meshinit peak RSS |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    let mut index = 0;
+    for scenario in &scenarios {
+        let v4 = print_family(&scenario.args, "ipv4");
+        let v6 = scenario.ipv6.then(|| print_family(&scenario.args, "ipv6"));
+        for backend in ["nft", "legacy"] {
+            let (mut ours, mut bare) = (Vec::new(), Vec::new());
+            let (mut processes, mut rss) = (String::new(), String::new());
+            for run in 0..runs {
+                let mut measure_ours = || {
+                    index += 1;
+                    let ns = Namespace::new(index);
+                    let mut cmd = Command::new(MESHINIT);
+                    cmd.env_clear()
+                        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+                        .arg("apply")
+                        .args(&scenario.args)
+                        .args(["--force-iptables-binary", backend]);
+                    let (elapsed, log) = ns.time(&mut cmd, None);
+                    processes = field(&log, "processes");
+                    rss = field(&log, "peak_rss_kib");
+                    ours.push(elapsed);
+                };
+                let mut measure_bare = || {
+                    index += 1;
+                    let ns = Namespace::new(index);
+                    let mut total = Duration::ZERO;
+                    for (tool, input) in [("iptables", Some(&v4)), ("ip6tables", v6.as_ref())] {
+                        let Some(input) = input else { continue };
+                        let mut cmd = Command::new(format!("{tool}-{backend}-restore"));
+                        cmd.arg("--noflush");
+                        total += ns.time(&mut cmd, Some(input)).0;
+                    }
+                    bare.push(total);
+                };
+                if run % 2 == 0 {
+                    measure_ours();
+                    measure_bare();
+                } else {
+                    measure_bare();
+                    measure_ours();
+                }
+            }
+            let (ours, bare) = (median(&mut ours), median(&mut bare));
+            println!(
+                "| {} | {backend} | {:.2} ms | {:.2} ms | {:.2}x | {processes} | {} KiB |",
+                scenario.name,
+                ours.as_secs_f64() * 1e3,
+                bare.as_secs_f64() * 1e3,
+                ours.as_secs_f64() / bare.as_secs_f64(),
+                rss
+            );
+        }
+    }
+}
