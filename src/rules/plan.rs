@@ -909,7 +909,7 @@ mod tests {
         }
     }
 
-    fn chain<'a>(rules: &'a FamilyRuleset, table: Table, chain: Chain) -> &'a ChainRules {
+    fn chain(rules: &FamilyRuleset, table: Table, chain: Chain) -> &ChainRules {
         rules
             .table(table)
             .and_then(|t| t.chain(chain))
