@@ -171,7 +171,8 @@ fn main() {
     println!();
     println!("| scenario | backend | meshinit apply (median) | bare restore (median) | ratio | processes | meshinit peak RSS |");
     println!("| --- | --- | --- | --- | --- | --- | --- |");
-    let mut index = 0;
+    // Each run gets a namespace of its own name.
+    let index = std::cell::Cell::new(0);
     for scenario in &scenarios {
         let v4 = print_family(&scenario.args, "ipv4");
         let v6 = scenario.ipv6.then(|| print_family(&scenario.args, "ipv6"));
@@ -180,8 +181,8 @@ fn main() {
             let (mut processes, mut rss) = (String::new(), String::new());
             for run in 0..runs {
                 let mut measure_ours = || {
-                    index += 1;
-                    let ns = Namespace::new(index);
+                    index.set(index.get() + 1);
+                    let ns = Namespace::new(index.get());
                     let mut cmd = Command::new(MESHINIT);
                     cmd.env_clear()
                         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -194,8 +195,8 @@ fn main() {
                     ours.push(elapsed);
                 };
                 let mut measure_bare = || {
-                    index += 1;
-                    let ns = Namespace::new(index);
+                    index.set(index.get() + 1);
+                    let ns = Namespace::new(index.get());
                     let mut total = Duration::ZERO;
                     for (tool, input) in [("iptables", Some(&v4)), ("ip6tables", v6.as_ref())] {
                         let Some(input) = input else { continue };
