@@ -8,6 +8,8 @@ pub mod meshinit;
 pub mod netns;
 pub mod procs;
 pub mod roles;
+pub mod scratch;
+pub mod state;
 pub mod topology;
 
 use std::io::Read;

@@ -14,6 +14,11 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+fn fresh_name(role: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("mi-{}-{n}-{role}", std::process::id())
+}
+
 /// A throwaway namespace, `mi-<pid>-<n>-<role>`, deleted on drop (also when a test panics),
 /// after killing whatever still runs in it.
 #[derive(Debug)]
@@ -23,8 +28,7 @@ pub struct NetNs {
 
 impl NetNs {
     pub fn new(role: &str) -> NetNs {
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let name = format!("mi-{}-{n}-{role}", std::process::id());
+        let name = fresh_name(role);
         expect_success(
             &format!("creating netns {name}"),
             run_bounded(
@@ -99,5 +103,64 @@ impl Drop for NetNs {
                 String::from_utf8_lossy(&output.stderr)
             );
         }
+    }
+}
+
+/// Many namespaces at once: created by one `ip -batch`, deleted in parallel on drop (also
+/// when a test panics, and also those of a batch that failed half-way).
+#[derive(Debug)]
+pub struct NetNsGroup {
+    members: Vec<NetNs>,
+}
+
+impl NetNsGroup {
+    /// Threads that delete the members on drop.
+    const DELETERS: usize = 8;
+
+    pub fn new(role: &str, count: usize) -> NetNsGroup {
+        // Guards first, so that whatever the batch creates is deleted whatever happens.
+        let group = NetNsGroup {
+            members: (0..count)
+                .map(|_| NetNs {
+                    name: fresh_name(role),
+                })
+                .collect(),
+        };
+        let commands: String = group
+            .members
+            .iter()
+            .map(|ns| format!("netns add {}\n", ns.name))
+            .collect();
+        let script = std::env::temp_dir().join(format!("mi-{}-{role}-add.ip", std::process::id()));
+        std::fs::write(&script, &commands).expect("writing an ip batch file");
+        let output = run_bounded(
+            Command::new("ip").arg("-batch").arg(&script),
+            COMMAND_TIMEOUT,
+        );
+        let _ = std::fs::remove_file(&script);
+        expect_success(&format!("creating {count} namespaces {role}"), output);
+        group
+    }
+
+    pub fn members(&self) -> &[NetNs] {
+        &self.members
+    }
+}
+
+impl Drop for NetNsGroup {
+    fn drop(&mut self) {
+        let mut members = std::mem::take(&mut self.members);
+        let per_thread = members.len().div_ceil(Self::DELETERS).max(1);
+        let mut chunks = Vec::new();
+        while !members.is_empty() {
+            let rest = members.split_off(per_thread.min(members.len()));
+            chunks.push(std::mem::replace(&mut members, rest));
+        }
+        // Each member's own drop kills what still runs in it and deletes it.
+        std::thread::scope(|scope| {
+            for chunk in chunks {
+                scope.spawn(move || drop(chunk));
+            }
+        });
     }
 }
