@@ -5,4 +5,5 @@
 
 mod e2e;
 mod golden;
+mod lifecycle;
 mod support;

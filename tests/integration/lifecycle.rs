@@ -1,0 +1,835 @@
+//! The life of meshinit's rules in a pod: re-runs, a changed configuration, cleanup, and
+//! failures (bad input, a restore that fails, missing capabilities), each judged by the
+//! namespace's whole state before and after (both iptables backends and families, the
+//! TPROXY routing and the `::6` address; see `support::state`). Also `--network-namespace`,
+//! annotations, and many pods applying at the same moment.
+//!
+//! Needs root: skips with a reason otherwise, fails under `CI=true`.
+
+use std::fs::File;
+use std::path::Path;
+use std::process::{Child, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::lab::Client::{App, Peer};
+use crate::support::lab::{tcp, Expect, Lab, Setup};
+use crate::support::meshinit::{self, Ran};
+use crate::support::netns::{NetNs, NetNsGroup};
+use crate::support::require_root;
+use crate::support::scratch::ScratchDir;
+use crate::support::state::{assert_same_state, normalise_save, Backend, State, ROUTING_TAG};
+
+/// Config A: rich and dual-stack. TPROXY inbound on every port but Istio's own, outbound
+/// everywhere but 198.51.100.0/24, an excluded and a KubeVirt interface, DNS capture of one
+/// server, invalid packets dropped.
+const CONFIG_A: &[&str] = &[
+    "-m",
+    "TPROXY",
+    "-u",
+    "1337",
+    "-b",
+    "*",
+    "-d",
+    "15090,15021,15020",
+    "-i",
+    "*",
+    "-x",
+    "198.51.100.0/24",
+    "-c",
+    "eth9",
+    "-k",
+    "vmtap0",
+    "--redirect-dns",
+    "--dns-servers",
+    "192.0.2.53",
+    "--drop-invalid",
+    "--ipv6",
+];
+
+/// Config B: another pod spec, also dual-stack. REDIRECT, inbound 8080 only, outbound to
+/// two ranges only, no DNS capture.
+const CONFIG_B: &[&str] = &[
+    "-m",
+    "REDIRECT",
+    "-u",
+    "1337",
+    "-b",
+    "8080",
+    "-i",
+    "203.0.113.0/24,2001:db8::/32",
+    "--dns-servers",
+    "",
+    "--ipv6",
+];
+
+/// Istio's injector arguments, IPv4 only, no DNS servers from the host.
+const INJECTOR: &[&str] = &[
+    "-p",
+    "15001",
+    "-z",
+    "15006",
+    "-u",
+    "1337",
+    "-m",
+    "REDIRECT",
+    "-i",
+    "*",
+    "-x",
+    "",
+    "-b",
+    "*",
+    "-d",
+    "15090,15021,15020",
+    "--no-ipv6",
+    "--dns-servers",
+    "",
+];
+
+/// `subcommand CONFIG… --force-iptables-binary BACKEND EXTRA…`
+fn args<'a>(
+    subcommand: &'a str,
+    config: &[&'a str],
+    backend: Backend,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![subcommand];
+    args.extend_from_slice(config);
+    args.extend(["--force-iptables-binary", backend.name()]);
+    args.extend_from_slice(extra);
+    args
+}
+
+/// `meshinit ARGS` in `ns`, without a wrapper or a changed PATH.
+fn run(ns: &NetNs, args: &[&str]) -> Ran {
+    meshinit::run(meshinit::command(ns, &[], args))
+}
+
+/// Applies `config` on `backend`; panics with meshinit's output unless that succeeds.
+fn apply(ns: &NetNs, config: &[&str], backend: Backend) {
+    run(ns, &args("apply", config, backend, &[])).assert_exit(0);
+}
+
+/// A fresh pod namespace with loopback up (as a pod's is); nothing else.
+fn pod(role: &str) -> NetNs {
+    let ns = NetNs::new(role);
+    ns.ip_batch("link set lo up\n");
+    ns
+}
+
+/// Runs `check` for each backend, concurrently (each in namespaces of its own).
+fn on_each_backend(check: impl Fn(Backend) + Sync) {
+    std::thread::scope(|scope| {
+        for backend in Backend::ALL {
+            let check = &check;
+            scope.spawn(move || check(backend));
+        }
+    });
+}
+
+/// Config A landed: in `backend` (the other holds nothing of ours), both families, one
+/// tagged rule and one tagged route per family, and `::6` on lo.
+fn assert_config_a_applied(what: &str, state: &State, backend: Backend) {
+    for ipv6 in [false, true] {
+        let save = state.section(&backend.save(ipv6));
+        for needle in ["-j ISTIO_TPROXY", "-j ISTIO_OUTPUT", "--comment meshinit"] {
+            assert!(
+                save.contains(needle),
+                "{what}: expected {needle:?} in {}, got:\n{save}",
+                backend.save(ipv6)
+            );
+        }
+    }
+    for other in Backend::ALL.into_iter().filter(|b| *b != backend) {
+        for ipv6 in [false, true] {
+            let save = state.section(&other.save(ipv6));
+            assert!(
+                !save.contains("ISTIO"),
+                "{what}: expected nothing of ours in {}, got:\n{save}",
+                other.save(ipv6)
+            );
+        }
+    }
+    let tagged = state.lines_with(ROUTING_TAG);
+    assert_eq!(
+        tagged.len(),
+        4,
+        "{what}: expected one tagged rule and one tagged route per family, got:\n{tagged:#?}"
+    );
+    assert!(
+        state.section("ip -6 addr show dev lo").contains("::6/128"),
+        "{what}: expected ::6 on lo, got:\n{}",
+        state.section("ip -6 addr show dev lo")
+    );
+}
+
+/// Cleanup is complete: no tagged routing, table 133 empty, no `::6`, no ISTIO chain.
+fn assert_nothing_of_ours(what: &str, state: &State) {
+    let leftovers: Vec<String> = [ROUTING_TAG, "::6/128", "ISTIO", "--comment meshinit"]
+        .iter()
+        .flat_map(|needle| state.lines_with(needle))
+        .chain(
+            ["ip -4 route show table 133", "ip -6 route show table 133"]
+                .iter()
+                .flat_map(|table| state.section(table).lines())
+                .map(|line| format!("table 133: {line}")),
+        )
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "{what}: expected nothing of meshinit's, got:\n{}",
+        leftovers.join("\n")
+    );
+}
+
+/// "Another tool's" rules in the tables meshinit uses, including look-alikes of meshinit's
+/// own (the exclude-interface RETURN without the owner comment, the TPROXY `ip rule`
+/// without the routing tag), which meshinit must never remove.
+fn add_foreign_rules(ns: &NetNs, backend: Backend) {
+    let (v4, v6) = (backend.tool(false), backend.tool(true));
+    let commands: [&[&str]; 8] = [
+        &[
+            &v4,
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-d",
+            "203.0.113.9/32",
+            "-j",
+            "RETURN",
+        ],
+        &[
+            &v4,
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-i",
+            "eth9",
+            "-j",
+            "RETURN",
+        ],
+        &[&v4, "-t", "mangle", "-N", "OTHER"],
+        &[&v4, "-t", "mangle", "-A", "OTHER", "-j", "RETURN"],
+        &[&v4, "-t", "mangle", "-A", "PREROUTING", "-j", "OTHER"],
+        &[
+            &v6,
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-d",
+            "2001:db8::9/128",
+            "-j",
+            "RETURN",
+        ],
+        &[
+            "ip", "-4", "rule", "add", "fwmark", "0x539", "lookup", "133", "pref", "100",
+        ],
+        &[
+            "ip", "-6", "rule", "add", "fwmark", "0x539", "lookup", "133", "pref", "100",
+        ],
+    ];
+    for argv in commands {
+        ns.run(argv);
+    }
+}
+
+#[test]
+fn rerun_is_idempotent() {
+    if !require_root("rerun_is_idempotent") {
+        return;
+    }
+    on_each_backend(|backend| {
+        let ns = pod("rerun");
+        apply(&ns, CONFIG_A, backend);
+        let first = State::capture(&ns);
+        assert_config_a_applied(&format!("{backend:?}, run 1"), &first, backend);
+        apply(&ns, CONFIG_A, backend);
+        assert_same_state(
+            &format!(
+                "{backend:?}: the same config twice (expected: after run 1; got: after run 2)"
+            ),
+            &first,
+            &State::capture(&ns),
+        );
+    });
+}
+
+#[test]
+fn rerun_with_new_config_converges() {
+    if !require_root("rerun_with_new_config_converges") {
+        return;
+    }
+    on_each_backend(|backend| {
+        let (ns, fresh) = (pod("converge"), pod("fresh"));
+        apply(&ns, CONFIG_A, backend);
+        let after_a = State::capture(&ns);
+        apply(&ns, CONFIG_B, backend);
+        apply(&fresh, CONFIG_B, backend);
+        let (got, want) = (State::capture(&ns), State::capture(&fresh));
+
+        // The rules are exactly B's. Tables that A used and B does not (raw, mangle) stay
+        // behind, empty: apply never removes a table (on nft only cleanup does; legacy
+        // cannot), so empty tables are set aside here.
+        assert_same_state(
+            &format!("{backend:?}: A then B (got) vs B in a fresh namespace (expected)"),
+            &want.netfilter().without_empty_tables(backend),
+            &got.netfilter().without_empty_tables(backend),
+        );
+        // Routing only grows on apply: A's TPROXY rule and table-133 routes stay until
+        // `meshinit cleanup` (README, "Routing tag"), while B alone has none.
+        assert_same_state(
+            &format!("{backend:?}: routing after A (expected) vs after A then B (got)"),
+            &after_a.routing(),
+            &got.routing(),
+        );
+        assert!(
+            want.lines_with(ROUTING_TAG).is_empty(),
+            "{backend:?}: B alone added tagged routing:\n{:#?}",
+            want.lines_with(ROUTING_TAG)
+        );
+
+        // B again without IPv6: apply plans and touches IPv4 only, so B's IPv6 rules stay.
+        let mut b_v4_only = CONFIG_B.to_vec();
+        b_v4_only.push("--no-ipv6");
+        apply(&ns, &b_v4_only, backend);
+        let again = State::capture(&ns).without_empty_tables(backend);
+        for (ipv6, expected) in [(false, &want), (true, &got)] {
+            let save = backend.save(ipv6);
+            let expected = expected.without_empty_tables(backend);
+            assert_eq!(
+                expected.section(&save),
+                again.section(&save),
+                "{backend:?}: {save} after B with --no-ipv6 (left: expected, right: got)"
+            );
+        }
+    });
+}
+
+#[test]
+fn cleanup_restores_prior_state() {
+    if !require_root("cleanup_restores_prior_state") {
+        return;
+    }
+    let commands: [&[&str]; 2] = [&["cleanup"], &["apply", "--cleanup-only"]];
+    on_each_backend(|backend| {
+        for command in commands {
+            let what = format!("{backend:?}, meshinit {}", command.join(" "));
+            let ns = pod("cleanup");
+            add_foreign_rules(&ns, backend);
+            let before = State::capture(&ns);
+            apply(&ns, CONFIG_A, backend);
+            assert_config_a_applied(
+                &format!("{what}, before cleanup"),
+                &State::capture(&ns),
+                backend,
+            );
+
+            let (subcommand, extra) = command.split_first().expect("a subcommand");
+            run(&ns, &args(subcommand, CONFIG_A, backend, extra)).assert_exit(0);
+            let after = State::capture(&ns);
+
+            assert_nothing_of_ours(&what, &after);
+            // Legacy iptables cannot unregister a table once used, so the tables meshinit's
+            // rules instantiated (here raw, and IPv6 mangle) remain, empty: the README says
+            // so. Only on legacy are such empty tables set aside; nft must match exactly.
+            let (before, after) = match backend {
+                Backend::Legacy => (
+                    before.without_empty_tables(backend),
+                    after.without_empty_tables(backend),
+                ),
+                Backend::Nft => (before, after),
+            };
+            assert_same_state(
+                &format!("{what}: expected: before apply; got: after cleanup"),
+                &before,
+                &after,
+            );
+        }
+    });
+}
+
+#[test]
+fn bad_input_changes_nothing() {
+    if !require_root("bad_input_changes_nothing") {
+        return;
+    }
+    let backend = Backend::Nft;
+    let ns = pod("badinput");
+    apply(&ns, CONFIG_A, backend);
+    add_foreign_rules(&ns, backend);
+    let before = State::capture(&ns);
+
+    let dir = ScratchDir::new("annotations");
+    let malformed = dir.write(
+        "malformed",
+        "sidecar.istio.io/status=\"{}\"\ntraffic.sidecar.istio.io/excludeOutboundPorts=8200\n",
+    );
+    let bogus = dir.write(
+        "bogus",
+        "traffic.sidecar.istio.io/includeOutboundIPRanges=\"198.51.100.0/24,bogus\"\n",
+    );
+    let (malformed, bogus) = (path_str(&malformed), path_str(&bogus));
+    // (flags after config B, which they override; what stderr must name)
+    let flag_cases: [(&[&str], &[&str]); 4] = [
+        (
+            &["-i", "192.0.2.0/33"],
+            &["--istio-service-cidr", "192.0.2.0/33"],
+        ),
+        (&["-b", "99999"], &["--istio-inbound-ports", "99999"]),
+        (
+            &["-m", "tproxy"],
+            &["--istio-inbound-interception-mode", "tproxy"],
+        ),
+        (&["-u", "bad user"], &["--proxy-uid", "bad user"]),
+    ];
+    // Annotations alone (an explicit flag would take precedence over the annotation).
+    let annotation_base = ["--ipv6", "--dns-servers", ""];
+    let annotation_cases: [(&[&str], &[&str]); 2] = [
+        (
+            &["--annotations", malformed],
+            &[
+                malformed,
+                "line 2",
+                "traffic.sidecar.istio.io/excludeOutboundPorts",
+            ],
+        ),
+        (
+            &["--annotations", bogus],
+            &["traffic.sidecar.istio.io/includeOutboundIPRanges", "bogus"],
+        ),
+    ];
+    let cases =
+        flag_cases
+            .iter()
+            .map(|(flags, needles)| (args("apply", CONFIG_B, backend, flags), *needles))
+            .chain(annotation_cases.iter().map(|(flags, needles)| {
+                (args("apply", &annotation_base, backend, flags), *needles)
+            }));
+    for (args, needles) in cases {
+        let ran = run(&ns, &args);
+        ran.assert_exit(1).assert_stderr_mentions(needles);
+        assert_same_state(
+            &format!("{args:?}: expected: before; got: after"),
+            &before,
+            &State::capture(&ns),
+        );
+    }
+}
+
+/// README, exit code 1: "the message names the flag, variable or annotation and the value".
+/// For an unquoted annotation value it names the file, line and key, but not the value.
+#[test]
+#[ignore = "bug: a malformed annotations line's error does not quote the offending value"]
+fn malformed_annotation_error_names_the_value() {
+    if !require_root("malformed_annotation_error_names_the_value") {
+        return;
+    }
+    let ns = pod("malformed");
+    let dir = ScratchDir::new("annotations");
+    let file = dir.write(
+        "malformed",
+        "traffic.sidecar.istio.io/excludeOutboundPorts=8200\n",
+    );
+    let annotations = [
+        "--annotations",
+        path_str(&file),
+        "--no-ipv6",
+        "--dns-servers",
+        "",
+    ];
+    run(&ns, &args("apply", &[], Backend::Nft, &annotations))
+        .assert_exit(1)
+        .assert_stderr_mentions(&["traffic.sidecar.istio.io/excludeOutboundPorts", "8200"]);
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("a UTF-8 temporary path")
+}
+
+/// TPROXY everywhere, dual-stack: what the failing runs try to apply.
+const FAILING_CONFIG: &[&str] = &[
+    "-m",
+    "TPROXY",
+    "-u",
+    "1337",
+    "-i",
+    "*",
+    "-b",
+    "*",
+    "--ipv6",
+    "--dns-servers",
+    "",
+];
+
+/// A directory holding a fake `ip6tables-<backend>-restore` that reads its input and
+/// fails; with it first on PATH, the IPv6 restore fails after the IPv4 one succeeded.
+struct FailingV6Restore {
+    dir: ScratchDir,
+    backend: Backend,
+}
+
+impl FailingV6Restore {
+    const MESSAGE: &'static str = "injected failure for a test";
+
+    fn new(backend: Backend) -> FailingV6Restore {
+        let dir = ScratchDir::new("fakebin");
+        let program = format!("{}-restore", backend.tool(true));
+        dir.write_script(
+            &program,
+            &format!(
+                "#!/bin/sh\ncat >/dev/null\necho \"{program}: {}\" >&2\nexit 1\n",
+                Self::MESSAGE
+            ),
+        );
+        FailingV6Restore { dir, backend }
+    }
+
+    /// Runs FAILING_CONFIG in `ns`; checks it fails with exit 3, naming ip6tables, IPv6
+    /// and the restore's own message.
+    fn apply(&self, ns: &NetNs) {
+        let mut cmd = meshinit::command(ns, &[], &args("apply", FAILING_CONFIG, self.backend, &[]));
+        let path = std::env::var("PATH").unwrap_or_default();
+        cmd.env("PATH", format!("{}:{path}", self.dir.path().display()));
+        meshinit::run(cmd).assert_exit(3).assert_stderr_mentions(&[
+            "ip6tables",
+            "ipv6",
+            Self::MESSAGE,
+        ]);
+    }
+}
+
+/// A failing run in a fresh pod; `exact`: compare everything, empty tables included.
+fn rejected_on_fresh_pod(backend: Backend, exact: bool) {
+    let fake = FailingV6Restore::new(backend);
+    let ns = pod("reject-fresh");
+    let before = State::capture(&ns);
+    fake.apply(&ns);
+    let after = State::capture(&ns);
+    let what =
+        format!("{backend:?}, failed IPv6 restore in a fresh pod: expected: before; got: after");
+    if exact {
+        assert_same_state(&what, &before, &after);
+    } else {
+        assert_nothing_of_ours(&what, &after);
+        assert_same_state(
+            &what,
+            &before.without_empty_tables(backend),
+            &after.without_empty_tables(backend),
+        );
+    }
+}
+
+#[test]
+fn kernel_rejection_rolls_back_v6_failure() {
+    if !require_root("kernel_rejection_rolls_back_v6_failure") {
+        return;
+    }
+    on_each_backend(|backend| {
+        // A fresh pod: the IPv4 rules are taken out again. The tables the IPv4 restore
+        // instantiated stay, empty: legacy cannot unregister them (README); on nft that is
+        // a bug, see kernel_rejection_on_fresh_nft_pod_leaves_no_tables.
+        rejected_on_fresh_pod(backend, false);
+
+        // A pod running config A: exactly A's state comes back.
+        let fake = FailingV6Restore::new(backend);
+        let ns = pod("reject-applied");
+        apply(&ns, CONFIG_A, backend);
+        let before = State::capture(&ns);
+        fake.apply(&ns);
+        assert_same_state(
+            &format!("{backend:?}, failed IPv6 restore over config A: expected: A; got: after"),
+            &before,
+            &State::capture(&ns),
+        );
+    });
+}
+
+/// README: "If IPv6 fails after IPv4 succeeded, IPv4 is put back as it was", and cleanup on
+/// nft removes the tables that held only meshinit's rules. After a rolled-back first apply
+/// on nft, though, the `ip mangle` and `ip nat` tables the IPv4 restore created remain.
+#[test]
+#[ignore = "bug: rollback of a first apply on nft leaves the empty tables it created"]
+fn kernel_rejection_on_fresh_nft_pod_leaves_no_tables() {
+    if !require_root("kernel_rejection_on_fresh_nft_pod_leaves_no_tables") {
+        return;
+    }
+    rejected_on_fresh_pod(Backend::Nft, true);
+}
+
+#[test]
+fn missing_capability_changes_nothing() {
+    if !require_root("missing_capability_changes_nothing") {
+        return;
+    }
+    let backend = Backend::Nft;
+    let ns = pod("caps");
+    apply(&ns, CONFIG_A, backend);
+    let before = State::capture(&ns);
+    for (dropped, named, other) in [
+        ("net_admin", "CAP_NET_ADMIN", "CAP_NET_RAW"),
+        ("net_raw", "CAP_NET_RAW", "CAP_NET_ADMIN"),
+    ] {
+        let bounding = format!("--bounding-set=-{dropped}");
+        let inheritable = format!("--inh-caps=-{dropped}");
+        let wrapper = ["setpriv", bounding.as_str(), inheritable.as_str()];
+        let cmd = meshinit::command(&ns, &wrapper, &args("apply", CONFIG_B, backend, &[]));
+        meshinit::run(cmd)
+            .assert_exit(2)
+            .assert_stderr_mentions(&[named, "securityContext"])
+            .assert_stderr_lacks(other);
+        assert_same_state(
+            &format!("without {named}: expected: before; got: after"),
+            &before,
+            &State::capture(&ns),
+        );
+    }
+}
+
+#[test]
+fn network_namespace_flag() {
+    if !require_root("network_namespace_flag") {
+        return;
+    }
+    let backend = Backend::Nft;
+    let (runner, target, reference) = (pod("runner"), pod("target"), pod("reference"));
+    let runner_before = State::capture(&runner);
+    let path = format!("/var/run/netns/{}", target.name());
+    run(
+        &runner,
+        &args("apply", CONFIG_A, backend, &["--network-namespace", &path]),
+    )
+    .assert_exit(0);
+    apply(&reference, CONFIG_A, backend);
+    assert_same_state(
+        "the namespace meshinit ran in: expected: untouched; got: after",
+        &runner_before,
+        &State::capture(&runner),
+    );
+    assert_same_state(
+        "--network-namespace target (got) vs applying inside a namespace (expected)",
+        &State::capture(&reference),
+        &State::capture(&target),
+    );
+}
+
+#[test]
+fn annotations_drive_capture() {
+    if !require_root("annotations_drive_capture") {
+        return;
+    }
+    let dir = ScratchDir::new("annotations");
+    let file = dir.write(
+        "annotations",
+        "kubectl.kubernetes.io/default-container=\"app\"\n\
+         traffic.sidecar.istio.io/excludeOutboundPorts=\"8200\"\n\
+         traffic.sidecar.istio.io/includeInboundPorts=\"8080\"\n",
+    );
+    let only = |annotations: &Path| {
+        [
+            "-p",
+            "15001",
+            "-z",
+            "15006",
+            "--annotations",
+            path_str(annotations),
+        ]
+        .into_iter()
+        .chain(["--no-ipv6", "--dns-servers", ""])
+        .map(String::from)
+        .collect::<Vec<String>>()
+    };
+    let lab = Lab::start(&Setup::new(only(&file)));
+    lab.check(&[
+        tcp(
+            App,
+            "198.51.100.30:8200",
+            Expect::Direct {
+                name: "peer",
+                local: "198.51.100.30:8200",
+            },
+        ),
+        tcp(
+            App,
+            "198.51.100.30:8300",
+            Expect::Captured {
+                port: 15001,
+                orig: "198.51.100.30:8300",
+            },
+        ),
+        tcp(
+            Peer,
+            "192.0.2.2:8080",
+            Expect::Captured {
+                port: 15006,
+                orig: "192.0.2.2:8080",
+            },
+        ),
+        tcp(
+            Peer,
+            "192.0.2.2:8081",
+            Expect::Direct {
+                name: "app",
+                local: "192.0.2.2:8081",
+            },
+        ),
+    ]);
+
+    // A pod that is not meshed: nothing to do.
+    let not_meshed = dir.write("not-meshed", "sidecar.istio.io/inject=\"false\"\n");
+    let ns = pod("notmeshed");
+    let before = State::capture(&ns);
+    let args: Vec<String> = ["apply".to_owned()]
+        .into_iter()
+        .chain(only(&not_meshed))
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run(&ns, &args)
+        .assert_exit(0)
+        .assert_stderr_mentions(&["sidecar.istio.io/inject", "nothing to do"]);
+    assert_same_state(
+        "inject=\"false\": expected: before; got: after",
+        &before,
+        &State::capture(&ns),
+    );
+}
+
+/// How many pods apply at the same moment.
+const PODS: usize = 110;
+/// Bound on all of them together.
+const MANY_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[test]
+fn many_pods_at_once() {
+    if !require_root("many_pods_at_once") {
+        return;
+    }
+    let started = Instant::now();
+    for backend in Backend::ALL {
+        apply_in_many_pods(backend);
+    }
+    eprintln!(
+        "many_pods_at_once: {PODS} pods on each backend, {:.1?} in all",
+        started.elapsed()
+    );
+}
+
+/// Kills and reaps whatever is still running when dropped (on a timeout or a panic).
+struct Reaper(Vec<Child>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+}
+
+fn saved_v4(ns: &NetNs, backend: Backend) -> String {
+    normalise_save(&ns.run(&[&backend.save(false)]))
+}
+
+/// Applies the injector's arguments in PODS namespaces at once (all started, then all
+/// waited for); each must succeed and hold the same rules as one pod that applied alone.
+/// On legacy they all share the node's xtables lock (meshinit passes --wait).
+fn apply_in_many_pods(backend: Backend) {
+    let started = Instant::now();
+    let group = NetNsGroup::new("many", PODS + 1);
+    let (reference, pods) = group.members().split_first().expect("namespaces");
+    let created = started.elapsed();
+    let args = args("apply", INJECTOR, backend, &[]);
+    run(reference, &args).assert_exit(0);
+    let expected = saved_v4(reference, backend);
+    assert!(
+        expected.contains("-j ISTIO_REDIRECT") && expected.contains("--to-ports 15001"),
+        "{backend:?}: the reference pod lacks the outbound capture:\n{expected}"
+    );
+
+    let logs = ScratchDir::new("many-logs");
+    let log = |index: usize, stream: &str| logs.path().join(format!("{index}.{stream}"));
+    let spawned = Instant::now();
+    let mut running = Reaper(Vec::with_capacity(PODS));
+    for (index, ns) in pods.iter().enumerate() {
+        let mut cmd = meshinit::command(ns, &[], &args);
+        let open = |stream| File::create(log(index, stream)).expect("creating a log file");
+        cmd.stdin(Stdio::null())
+            .stdout(open("out"))
+            .stderr(open("err"));
+        running.0.push(
+            cmd.spawn()
+                .unwrap_or_else(|err| panic!("starting meshinit in {}: {err}", ns.name())),
+        );
+    }
+    let mut statuses: Vec<Option<ExitStatus>> = vec![None; PODS];
+    while statuses.iter().any(Option::is_none) && spawned.elapsed() < MANY_TIMEOUT {
+        for (status, child) in statuses.iter_mut().zip(&mut running.0) {
+            if status.is_none() {
+                *status = child.try_wait().expect("polling meshinit");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let applied = spawned.elapsed();
+    drop(running);
+
+    let failed: Vec<String> = statuses
+        .iter()
+        .enumerate()
+        .filter(|(_, status)| !status.is_some_and(|s| s.success()))
+        .map(|(index, status)| {
+            let stderr = std::fs::read_to_string(log(index, "err")).unwrap_or_default();
+            let status = status.map_or_else(
+                || format!("still running after {MANY_TIMEOUT:?}, killed"),
+                |s| s.to_string(),
+            );
+            format!("  {}: {status}: {}", pods[index].name(), stderr.trim())
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{backend:?}: {} of {PODS} concurrent applies failed (expected all to exit 0):\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+
+    let saves: Vec<String> = std::thread::scope(|scope| {
+        let chunks: Vec<_> = pods
+            .chunks(PODS.div_ceil(4))
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|ns| saved_v4(ns, backend))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        chunks
+            .into_iter()
+            .flat_map(|chunk| chunk.join().expect("a save thread"))
+            .collect()
+    });
+    let wrong: Vec<(&NetNs, &String)> = pods
+        .iter()
+        .zip(&saves)
+        .filter(|(_, save)| **save != expected)
+        .collect();
+    if let Some((first, got)) = wrong.first() {
+        panic!(
+            "{backend:?}: {} of {PODS} pods hold other rules than a pod that applied alone \
+             (e.g. {}):\nexpected:\n{expected}\ngot:\n{got}",
+            wrong.len(),
+            first.name()
+        );
+    }
+    eprintln!(
+        "many_pods_at_once, {backend:?}: {} namespaces created in {created:.1?}; {PODS} \
+         concurrent applies done in {applied:.1?}; {:.1?} before cleanup",
+        PODS + 1,
+        started.elapsed()
+    );
+}
