@@ -152,6 +152,18 @@ pub fn rule_matches(payload: &[u8], mark: u32, table: u32) -> bool {
         && u32_attr(FRA_TABLE).unwrap_or(u32::from(payload[4])) == table
 }
 
+/// Whether a dumped route is meshinit's local default route in `table`.
+pub fn route_matches(payload: &[u8], table: u32) -> bool {
+    if !route_is_ours(payload) {
+        return false;
+    }
+    let attr_table = attrs(&payload[12..]).find_map(|(kind, value)| {
+        (kind == RTA_TABLE && value.len() == 4)
+            .then(|| u32::from_ne_bytes([value[0], value[1], value[2], value[3]]))
+    });
+    attr_table.unwrap_or(u32::from(payload[4])) == table && payload[7] == RTN_LOCAL
+}
+
 /// Whether a dumped route (`rtmsg` + attributes) carries meshinit's protocol tag.
 pub fn route_is_ours(payload: &[u8]) -> bool {
     payload.len() >= 12 && payload[5] == ROUTE_PROTOCOL
@@ -403,31 +415,43 @@ impl Socket {
         )
     }
 
-    /// Deletes every rule and route tagged with `ROUTE_PROTOCOL`, in both families.
+    /// Deletes the rules and routes tagged with `ROUTE_PROTOCOL`, in both families, except
+    /// those `keep` accepts (given the family, whether it is a rule, and the payload).
     /// Returns how many were removed.
-    pub fn remove_all_tagged(&mut self) -> Result<usize, NetlinkError> {
+    pub fn remove_tagged(
+        &mut self,
+        keep: &dyn Fn(NlFamily, bool, &[u8]) -> bool,
+    ) -> Result<usize, NetlinkError> {
         let mut removed = 0;
         for family in [NlFamily::Inet, NlFamily::Inet6] {
             let header = [family as u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-            let rules = self
-                .dump(RTM_GETRULE, &header)
-                .map_err(|errno| NetlinkError {
-                    what: "listing ip rules",
+            for (is_rule, dump, delete, what) in [
+                (true, RTM_GETRULE, RTM_DELRULE, "ip rules"),
+                (false, RTM_GETROUTE, RTM_DELROUTE, "routes"),
+            ] {
+                let listed = self.dump(dump, &header).map_err(|errno| NetlinkError {
+                    what: if is_rule {
+                        "listing ip rules"
+                    } else {
+                        "listing routes"
+                    },
                     errno,
                 })?;
-            for (_, payload) in rules.iter().filter(|(_, p)| rule_is_ours(p)) {
-                self.remove(RTM_DELRULE, payload, "deleting ip rule")?;
-                removed += 1;
-            }
-            let routes = self
-                .dump(RTM_GETROUTE, &header)
-                .map_err(|errno| NetlinkError {
-                    what: "listing routes",
-                    errno,
-                })?;
-            for (_, payload) in routes.iter().filter(|(_, p)| route_is_ours(p)) {
-                self.remove(RTM_DELROUTE, payload, "deleting route")?;
-                removed += 1;
+                let ours = |p: &[u8]| {
+                    if is_rule {
+                        rule_is_ours(p)
+                    } else {
+                        route_is_ours(p)
+                    }
+                };
+                for (_, payload) in listed
+                    .iter()
+                    .filter(|(_, p)| ours(p) && !keep(family, is_rule, p))
+                {
+                    tracing::debug!(what, "removing meshinit's earlier routing");
+                    self.remove(delete, payload, "deleting tagged routing")?;
+                    removed += 1;
+                }
             }
         }
         Ok(removed)
@@ -534,6 +558,8 @@ mod tests {
             &[2, 0, 0, 0, 133, ROUTE_PROTOCOL, RT_SCOPE_HOST, RTN_LOCAL]
         );
         assert!(route_is_ours(&p));
+        assert!(route_matches(&p, 133));
+        assert!(!route_matches(&p, 134));
         let mut other = p.clone();
         other[5] = 4;
         assert!(!route_is_ours(&other));

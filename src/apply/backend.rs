@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use super::{ApplyError, Netfilter, RestoreMode};
+use super::{ApplyError, Netfilter};
 use crate::config::ForcedBackend;
 use crate::netlink::{NlFamily, Socket};
 use crate::rules::model::{Family, IstioChain, Table};
@@ -127,13 +127,15 @@ impl IptablesTools {
         self.backend
     }
 
-    fn nft_may_hold(&mut self, family: Family) -> bool {
+    /// This family's nf_tables chains as (table, chain), from one dump per run; `None`
+    /// when netlink cannot say (then the save is read instead).
+    fn nft_chains(&mut self, family: Family) -> Option<Vec<(&str, &str)>> {
         if self.nft_chains.is_none() {
             match Socket::netfilter().and_then(|mut s| s.nftables_chains()) {
                 Ok(chains) => self.nft_chains = Some(chains),
                 Err(err) => {
                     tracing::debug!(%err, "cannot list nf_tables chains; reading the tables instead");
-                    return true;
+                    return None;
                 }
             }
         }
@@ -141,11 +143,27 @@ impl IptablesTools {
             Family::V4 => NlFamily::Inet as u8,
             Family::V6 => NlFamily::Inet6 as u8,
         };
-        self.nft_chains.as_ref().is_none_or(|chains| {
+        self.nft_chains.as_ref().map(|chains| {
             chains
                 .iter()
-                .any(|(f, _, chain)| *f == nf_family && IstioChain::from_name(chain).is_some())
+                .filter(|(f, _, _)| *f == nf_family)
+                .map(|(_, table, chain)| (table.as_str(), chain.as_str()))
+                .collect()
         })
+    }
+
+    fn nft_may_hold(&mut self, family: Family) -> bool {
+        self.nft_chains(family).is_none_or(|chains| {
+            chains
+                .iter()
+                .any(|(_, chain)| IstioChain::from_name(chain).is_some())
+        })
+    }
+
+    fn has_tools(&self, family: Family) -> bool {
+        ["restore", "save"]
+            .iter()
+            .all(|kind| find(&tool_name(family, self.backend, kind)).is_some())
     }
 
     fn run(
@@ -209,11 +227,29 @@ impl Netfilter for IptablesTools {
     }
 
     fn may_hold_rules(&mut self, family: Family) -> bool {
+        if !self.has_tools(family) {
+            return false;
+        }
         match self.backend {
             Backend::Legacy => legacy_tables_in_use(family),
             Backend::Nft => self.nft_may_hold(family),
-            Backend::Plain => true,
+            // Plain `iptables` may be either; it can hold rules if either can.
+            Backend::Plain => legacy_tables_in_use(family) || self.nft_may_hold(family),
         }
+    }
+
+    fn existing_tables(&mut self, family: Family) -> Option<Vec<Table>> {
+        if self.backend != Backend::Nft {
+            return None;
+        }
+        let chains = self.nft_chains(family)?;
+        let mut tables: Vec<Table> = chains
+            .iter()
+            .filter_map(|(table, _)| Table::from_name(table))
+            .collect();
+        tables.sort();
+        tables.dedup();
+        Some(tables)
     }
 
     fn save(&mut self, family: Family) -> Result<String, ApplyError> {
@@ -226,17 +262,12 @@ impl Netfilter for IptablesTools {
         }
     }
 
-    fn restore(
-        &mut self,
-        family: Family,
-        input: &str,
-        mode: RestoreMode,
-    ) -> Result<(), ApplyError> {
+    fn restore(&mut self, family: Family, input: &str) -> Result<(), ApplyError> {
         let program = tool_name(family, self.backend, "restore");
-        let mut args = vec![format!("--wait={}", self.wait.as_secs().max(1))];
-        if mode == RestoreMode::NoFlush {
-            args.push("--noflush".into());
-        }
+        let args = [
+            format!("--wait={}", self.wait.as_secs().max(1)),
+            "--noflush".to_owned(),
+        ];
         let (_, stderr, ok) = self.run(&program, &args, Some(input))?;
         if ok {
             return Ok(());

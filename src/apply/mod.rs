@@ -7,37 +7,33 @@
 mod backend;
 mod routing;
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 pub use backend::{Backend, IptablesTools};
 pub use routing::NetlinkRouting;
 
 use crate::rules::iptables::{
-    parse_existing, render_restore, saved_tables, tables_holding_only_ours, ExistingState,
+    parse_existing, render_restore, render_rollback, tables_holding_only_ours, tables_in_save,
+    ExistingState,
 };
 use crate::rules::model::{Family, FamilyRuleset, Ruleset, Table};
 
-/// How a restore treats the tables it names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RestoreMode {
-    /// `--noflush`: change only what the input says (normal apply and cleanup).
-    NoFlush,
-    /// Replace the named tables wholesale (rollback to a saved state).
-    ReplaceTables,
-}
-
-/// One family's netfilter tables, as `iptables-save`/`iptables-restore` see them.
+/// One family's netfilter tables, as `iptables-save`/`iptables-restore` see them. Every
+/// restore is `--noflush`: meshinit changes only what its input names.
 pub trait Netfilter {
     /// Which implementation this is, for logs.
     fn describe(&self) -> String;
     /// A cheap probe, without launching anything where possible: could this family's
-    /// tables hold rules of ours? `false` lets apply skip the save.
+    /// tables hold rules of ours? `false` lets apply skip the save (and always when the
+    /// family's tools are missing).
     fn may_hold_rules(&mut self, family: Family) -> bool;
+    /// The tables that exist now, where that is known without launching anything.
+    fn existing_tables(&mut self, family: Family) -> Option<Vec<Table>>;
     fn save(&mut self, family: Family) -> Result<String, ApplyError>;
-    fn restore(&mut self, family: Family, input: &str, mode: RestoreMode)
-        -> Result<(), ApplyError>;
-    /// Removes tables that cleanup left empty, where the backend can (nft can; legacy
-    /// tables stay registered once used, as with any iptables command).
+    fn restore(&mut self, family: Family, input: &str) -> Result<(), ApplyError>;
+    /// Removes tables left empty, where the backend can (nft can; legacy tables stay
+    /// registered once used, as with any iptables command).
     fn remove_tables(&mut self, family: Family, tables: &[Table]) -> Result<(), ApplyError>;
     /// Processes launched so far (the benchmark reports it).
     fn processes_launched(&self) -> usize;
@@ -75,10 +71,12 @@ pub enum RoutingItem {
 pub trait Routing {
     fn ensure(&mut self, plan: &RoutingPlan) -> Result<RoutingChanges, ApplyError>;
     fn undo(&mut self, changes: &RoutingChanges) -> Result<(), ApplyError>;
+    /// Removes meshinit's rules and routes that `plan` does not have (an earlier
+    /// configuration's). Returns how many.
+    fn remove_stale(&mut self, plan: &RoutingPlan) -> Result<usize, ApplyError>;
     /// Removes every rule and route meshinit tagged, and the `::6` address.
     fn remove_all(&mut self) -> Result<usize, ApplyError>;
 }
-
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error("{program} not found in PATH or /usr/sbin, /sbin: install the {package} package")]
@@ -139,39 +137,90 @@ pub struct ApplySummary {
     /// Families whose earlier rules of ours were replaced (a re-run or a new config).
     pub converged: Vec<Family>,
     pub routing_added: usize,
+    pub routing_removed: usize,
 }
 
 struct Staged<'a> {
-    rules: &'a FamilyRuleset,
+    desired: Cow<'a, FamilyRuleset>,
     input: String,
+    /// The family's save before this apply, when it could hold rules of ours.
     previous: Option<String>,
     existing: ExistingState,
+    /// Tables present before this apply, where known.
+    tables_before: Option<Vec<Table>>,
 }
 
-/// Applies `ruleset`: one restore per family, each a single transaction. If a later family
-/// fails, earlier families and routing are put back as they were, so the namespace never
-/// keeps half a ruleset.
+impl Staged<'_> {
+    fn family(&self) -> Family {
+        self.desired.family
+    }
+
+    /// Tables this apply brought into existence: empty again after a rollback.
+    fn new_tables(&self) -> Vec<Table> {
+        let Some(before) = &self.tables_before else {
+            return Vec::new();
+        };
+        self.desired
+            .tables
+            .iter()
+            .map(|t| t.table)
+            .filter(|t| !before.contains(t))
+            .collect()
+    }
+}
+
+fn stage<'a>(
+    nf: &mut dyn Netfilter,
+    family: Family,
+    planned: Option<&'a FamilyRuleset>,
+) -> Result<Option<Staged<'a>>, ApplyError> {
+    let may_hold = nf.may_hold_rules(family);
+    let desired = match planned {
+        Some(rules) => Cow::Borrowed(rules),
+        // Not planned (IPv6 off), but an earlier configuration may have left rules.
+        None if may_hold => Cow::Owned(FamilyRuleset {
+            family,
+            tables: Vec::new(),
+        }),
+        None => return Ok(None),
+    };
+    let previous = if may_hold {
+        Some(nf.save(family)?)
+    } else {
+        None
+    };
+    let existing = previous.as_deref().map(parse_existing).unwrap_or_default();
+    if desired.tables.is_empty() && existing.is_empty() {
+        return Ok(None);
+    }
+    let tables_before = match &previous {
+        Some(save) => Some(tables_in_save(save)),
+        None => nf.existing_tables(family),
+    };
+    let input = render_restore(&desired, &existing);
+    tracing::debug!(%family, input = %input, "restore input");
+    Ok(Some(Staged {
+        desired,
+        input,
+        previous,
+        existing,
+        tables_before,
+    }))
+}
+
+/// Applies `ruleset`: one restore per family, each a single transaction, converging from
+/// whatever an earlier run left. If a later family fails, earlier families and routing are
+/// put back as they were, so the namespace never keeps half a ruleset.
 pub fn apply(
     nf: &mut dyn Netfilter,
     routing: &mut dyn Routing,
     ruleset: &Ruleset,
 ) -> Result<ApplySummary, ApplyError> {
     let mut staged = Vec::new();
-    for rules in ruleset.families() {
-        let previous = if nf.may_hold_rules(rules.family) {
-            Some(nf.save(rules.family)?)
-        } else {
-            None
-        };
-        let existing = previous.as_deref().map(parse_existing).unwrap_or_default();
-        let input = render_restore(rules, &existing);
-        tracing::debug!(family = %rules.family, input = %input, "restore input");
-        staged.push(Staged {
-            rules,
-            input,
-            previous,
-            existing,
-        });
+    for family in Family::ALL {
+        if let Some(stage) = stage(nf, family, ruleset.family(family))? {
+            staged.push(stage);
+        }
     }
 
     let plan = RoutingPlan {
@@ -182,13 +231,20 @@ pub fn apply(
     let changes = routing.ensure(&plan)?;
 
     for (index, stage) in staged.iter().enumerate() {
-        if let Err(failure) = nf.restore(stage.rules.family, &stage.input, RestoreMode::NoFlush) {
+        if let Err(failure) = nf.restore(stage.family(), &stage.input) {
             let mut failure = failure;
-            for done in staged[..index].iter().rev() {
-                if let Err(rollback) = roll_back(nf, done) {
+            // iptables-legacy commits table by table, so even the failed family may hold
+            // part of the new rules: it is read back and rolled back like the others.
+            let failed = nf.save(stage.family()).map(|save| parse_existing(&save));
+            let rollbacks = staged[..index]
+                .iter()
+                .map(|done| (done, Ok(ExistingState::from_planned(&done.desired))))
+                .chain(std::iter::once((stage, failed)));
+            for (done, ours_now) in rollbacks.rev() {
+                if let Err(rollback) = ours_now.and_then(|ours| roll_back(nf, done, &ours)) {
                     failure = ApplyError::RollbackFailed {
                         failure: Box::new(failure),
-                        family: done.rules.family,
+                        family: done.family(),
                         rollback: Box::new(rollback),
                     };
                 }
@@ -200,53 +256,58 @@ pub fn apply(
         }
     }
 
+    // Everything is in. What an earlier configuration used and this one does not is
+    // tidied up now; failing at that leaves only empty tables or unused routes behind.
+    for stage in &staged {
+        if let Some(previous) = &stage.previous {
+            let unused: Vec<Table> = tables_holding_only_ours(previous)
+                .into_iter()
+                .filter(|t| stage.desired.table(*t).is_none())
+                .collect();
+            if let Err(err) = nf.remove_tables(stage.family(), &unused) {
+                tracing::warn!(%err, "removing tables no longer used");
+            }
+        }
+    }
+    let routing_removed = routing.remove_stale(&plan).unwrap_or_else(|err| {
+        tracing::warn!(%err, "removing an earlier configuration's routing");
+        0
+    });
+
     Ok(ApplySummary {
         rules: staged
             .iter()
             .flat_map(|s| {
-                s.rules
+                s.desired
                     .tables
                     .iter()
-                    .map(|t| (s.rules.family, t.table, t.rule_count()))
+                    .map(|t| (s.family(), t.table, t.rule_count()))
             })
             .collect(),
         converged: staged
             .iter()
             .filter(|s| !s.existing.is_empty())
-            .map(|s| s.rules.family)
+            .map(Staged::family)
             .collect(),
         routing_added: changes.added.len(),
+        routing_removed,
     })
 }
 
-/// Puts one already-applied family back the way it was.
-fn roll_back(nf: &mut dyn Netfilter, done: &Staged<'_>) -> Result<(), ApplyError> {
-    let family = done.rules.family;
-    tracing::warn!(%family, "rolling back");
-    match &done.previous {
-        Some(previous) => {
-            let tables: Vec<Table> = done
-                .rules
-                .tables
-                .iter()
-                .map(|t| t.table)
-                .chain(done.existing.tables.iter().map(|(t, _)| *t))
-                .collect();
-            nf.restore(
-                family,
-                &saved_tables(previous, &tables),
-                RestoreMode::ReplaceTables,
-            )
-        }
-        None => {
-            let empty = FamilyRuleset {
-                family,
-                tables: Vec::new(),
-            };
-            let input = render_restore(&empty, &ExistingState::from_planned(done.rules));
-            nf.restore(family, &input, RestoreMode::NoFlush)
-        }
+/// Puts one family back the way it was before this apply, in one transaction, given the
+/// rules of meshinit's that are in it now.
+fn roll_back(
+    nf: &mut dyn Netfilter,
+    done: &Staged<'_>,
+    ours_now: &ExistingState,
+) -> Result<(), ApplyError> {
+    let family = done.family();
+    let input = render_rollback(family, ours_now, done.previous.as_deref());
+    if !input.is_empty() {
+        tracing::warn!(%family, "rolling back");
+        nf.restore(family, &input)?;
     }
+    nf.remove_tables(family, &done.new_tables())
 }
 
 /// Removes everything of meshinit's (or istio-init's) from the given families and routing.
@@ -277,11 +338,7 @@ pub fn cleanup(
                 .iter()
                 .map(|(_, t)| t.builtin_rules.len() + t.own_chains.len())
                 .sum::<usize>();
-            nf.restore(
-                family,
-                &render_restore(&empty, &existing),
-                RestoreMode::NoFlush,
-            )?;
+            nf.restore(family, &render_restore(&empty, &existing))?;
             nf.remove_tables(family, &tables_holding_only_ours(&save))?;
             Ok(count)
         });

@@ -1,7 +1,7 @@
 //! The production `Routing`: rtnetlink, tagged with meshinit's route protocol.
 
 use super::{ApplyError, Routing, RoutingChanges, RoutingItem, RoutingPlan};
-use crate::netlink::{interface_index, NlFamily, Socket};
+use crate::netlink::{interface_index, route_matches, rule_matches, NlFamily, Socket};
 use crate::rules::model::{Family, IPV6_PASSTHROUGH};
 
 #[derive(Default)]
@@ -100,10 +100,34 @@ impl Routing for NetlinkRouting {
         Ok(())
     }
 
+    fn remove_stale(&mut self, plan: &RoutingPlan) -> Result<usize, ApplyError> {
+        let plan = *plan;
+        let keep = move |family: NlFamily, is_rule: bool, payload: &[u8]| {
+            let planned = family == NlFamily::Inet || plan.ipv6;
+            match plan.tproxy {
+                Some((mark, table)) if planned => {
+                    if is_rule {
+                        rule_matches(payload, mark, table)
+                    } else {
+                        route_matches(payload, table)
+                    }
+                }
+                _ => false,
+            }
+        };
+        let removed = self.socket()?.remove_tagged(&keep)?;
+        if !plan.ipv6_passthrough_address {
+            // IPv6 is off now: an earlier configuration's ::6 goes too, as on cleanup.
+            let lo = interface_index("lo")?;
+            self.socket()?.remove_ipv6_address(passthrough(), lo)?;
+        }
+        Ok(removed)
+    }
+
     fn remove_all(&mut self) -> Result<usize, ApplyError> {
         let lo = interface_index("lo")?;
         let socket = self.socket()?;
-        let removed = socket.remove_all_tagged()?;
+        let removed = socket.remove_tagged(&|_, _, _| false)?;
         socket.remove_ipv6_address(passthrough(), lo)?;
         Ok(removed)
     }

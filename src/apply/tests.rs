@@ -9,7 +9,7 @@ use crate::rules::plan;
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Call {
     Save(Family),
-    Restore(Family, RestoreMode, String),
+    Restore(Family, String),
     RemoveTables(Family, Vec<Table>),
 }
 
@@ -28,18 +28,15 @@ impl Netfilter for FakeNetfilter {
     fn may_hold_rules(&mut self, family: Family) -> bool {
         self.saves.contains_key(&family)
     }
+    fn existing_tables(&mut self, _: Family) -> Option<Vec<Table>> {
+        Some(vec![])
+    }
     fn save(&mut self, family: Family) -> Result<String, ApplyError> {
         self.calls.push(Call::Save(family));
         Ok(self.saves.get(&family).cloned().unwrap_or_default())
     }
-    fn restore(
-        &mut self,
-        family: Family,
-        input: &str,
-        mode: RestoreMode,
-    ) -> Result<(), ApplyError> {
-        self.calls
-            .push(Call::Restore(family, mode, input.to_owned()));
+    fn restore(&mut self, family: Family, input: &str) -> Result<(), ApplyError> {
+        self.calls.push(Call::Restore(family, input.to_owned()));
         if self.fail_family == Some(family) {
             self.fail_family = None;
             return Err(ApplyError::Restore {
@@ -86,6 +83,9 @@ impl Routing for FakeRouting {
         self.undone.push(changes.clone());
         Ok(())
     }
+    fn remove_stale(&mut self, _: &RoutingPlan) -> Result<usize, ApplyError> {
+        Ok(0)
+    }
     fn remove_all(&mut self) -> Result<usize, ApplyError> {
         Ok(0)
     }
@@ -117,6 +117,16 @@ fn ruleset(flags: &[(crate::config::build::Setting, &str)]) -> Ruleset {
 
 use crate::config::build::Setting as S;
 
+fn restores(nf: &FakeNetfilter) -> Vec<(Family, &str)> {
+    nf.calls
+        .iter()
+        .filter_map(|c| match c {
+            Call::Restore(family, input) => Some((*family, input.as_str())),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
 fn fresh_namespace_costs_one_restore_per_family_and_no_save() {
     let rules = ruleset(&[(S::Ipv6, "true"), (S::OutboundCidrs, "*")]);
@@ -125,10 +135,7 @@ fn fresh_namespace_costs_one_restore_per_family_and_no_save() {
     assert!(
         matches!(
             nf.calls.as_slice(),
-            [
-                Call::Restore(Family::V4, RestoreMode::NoFlush, _),
-                Call::Restore(Family::V6, RestoreMode::NoFlush, _),
-            ]
+            [Call::Restore(Family::V4, _), Call::Restore(Family::V6, _)]
         ),
         "{:?}",
         nf.calls
@@ -150,18 +157,22 @@ fn v6_failure_rolls_back_v4_and_routing() {
     let mut routing = FakeRouting::default();
     let err = apply(&mut nf, &mut routing, &rules).unwrap_err();
     assert!(err.to_string().contains("ipv6"), "{err}");
-    let Call::Restore(Family::V4, RestoreMode::NoFlush, undo) = nf.calls.last().unwrap() else {
-        panic!("expected a v4 rollback last: {:?}", nf.calls)
-    };
+    let restores = restores(&nf);
+    let (family, undo) = restores.last().expect("a rollback");
+    assert_eq!(*family, Family::V4, "{:?}", nf.calls);
     assert!(
         undo.contains("-X ISTIO_OUTPUT") && undo.contains("-D PREROUTING"),
         "{undo}"
+    );
+    assert!(
+        nf.calls.contains(&Call::Save(Family::V6)),
+        "the failed family is read back"
     );
     assert_eq!(routing.undone.len(), 1, "routing changes are undone");
 }
 
 #[test]
-fn v6_failure_restores_a_saved_v4_exactly() {
+fn v6_failure_puts_a_saved_v4_back_exactly() {
     let rules = ruleset(&[(S::Ipv6, "true")]);
     let previous =
         "*nat\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT\n";
@@ -171,12 +182,12 @@ fn v6_failure_restores_a_saved_v4_exactly() {
         ..Default::default()
     };
     apply(&mut nf, &mut FakeRouting::default(), &rules).unwrap_err();
+    let restores = restores(&nf);
     assert_eq!(
-        nf.calls.last(),
-        Some(&Call::Restore(
+        restores.last(),
+        Some(&(
             Family::V4,
-            RestoreMode::ReplaceTables,
-            previous.to_owned()
+            "*nat\n-F\n-X\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT\n"
         ))
     );
 }
@@ -191,9 +202,7 @@ fn rerun_converges_in_one_restore() {
     };
     let summary = apply(&mut nf, &mut FakeRouting::default(), &rules).unwrap();
     assert_eq!(summary.converged, [Family::V4]);
-    let [Call::Save(Family::V4), Call::Restore(Family::V4, RestoreMode::NoFlush, input)] =
-        nf.calls.as_slice()
-    else {
+    let [Call::Save(Family::V4), Call::Restore(Family::V4, input), ..] = nf.calls.as_slice() else {
         panic!("{:?}", nf.calls)
     };
     for expected in [
@@ -204,6 +213,31 @@ fn rerun_converges_in_one_restore() {
     ] {
         assert!(input.contains(expected), "missing {expected:?} in\n{input}");
     }
+    assert_eq!(restores(&nf).len(), 1);
+}
+
+#[test]
+fn ipv6_rules_of_an_earlier_config_go_when_ipv6_is_off() {
+    let rules = ruleset(&[(S::Ipv6, "false")]);
+    let old_v6 =
+        "*nat\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT\n";
+    let mut nf = FakeNetfilter {
+        saves: HashMap::from([(Family::V6, old_v6.to_owned())]),
+        ..Default::default()
+    };
+    let summary = apply(&mut nf, &mut FakeRouting::default(), &rules).unwrap();
+    assert_eq!(summary.converged, [Family::V6]);
+    let restores = restores(&nf);
+    assert_eq!(restores.len(), 2);
+    assert_eq!(restores[1].0, Family::V6);
+    assert!(
+        restores[1].1.contains("-X ISTIO_OUTPUT"),
+        "{}",
+        restores[1].1
+    );
+    assert!(nf
+        .calls
+        .contains(&Call::RemoveTables(Family::V6, vec![Table::Nat])));
 }
 
 #[test]

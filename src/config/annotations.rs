@@ -63,7 +63,7 @@ impl Annotations {
             let value = go_unquote(quoted).map_err(|reason| ConfigError::AnnotationsMalformed {
                 path: path.to_owned(),
                 line: index + 1,
-                reason: format!("value of {key:?} is not a quoted string ({reason})"),
+                reason: format!("value {quoted:?} of {key:?} is not a quoted string ({reason})"),
             })?;
             values.insert(key.to_owned(), value);
         }
@@ -281,7 +281,10 @@ mod tests {
     fn malformed_line_is_named() {
         let err = Annotations::parse(Path::new("f"), "a=\"1\"\nb=oops").unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("line 2") && msg.contains("\"b\""), "{msg}");
+        assert!(
+            msg.contains("line 2") && msg.contains("\"b\"") && msg.contains("oops"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -874,7 +874,7 @@ fn dns_servers(dns: &DnsCapture) -> (bool, Vec<IpNet>, Vec<IpNet>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::{OutboundInclude, OwnerGroups};
     use crate::rules::iptables::rule_spec;
@@ -907,6 +907,14 @@ mod tests {
             owner_groups: OwnerGroups::AllExcept(vec![]),
             host_ipv4_loopback: "127.0.0.1/32".parse().unwrap(),
         }
+    }
+
+    /// TPROXY with every inbound port captured: touches mangle as well as nat.
+    pub(crate) fn tproxy_config() -> CaptureConfig {
+        let mut cfg = base();
+        cfg.interception = InterceptionMode::Tproxy;
+        cfg.inbound = InboundCapture::AllExcept(vec![]);
+        cfg
     }
 
     fn chain(rules: &FamilyRuleset, table: Table, chain: Chain) -> &ChainRules {
