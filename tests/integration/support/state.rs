@@ -97,27 +97,6 @@ impl State {
             .unwrap_or_else(|| panic!("no section {name:?} in a state snapshot"))
     }
 
-    /// Only the iptables sections.
-    pub fn netfilter(&self) -> State {
-        self.filtered(|name| name.ends_with("-save"))
-    }
-
-    /// Only the routing sections (rules, table 133, lo's IPv6 addresses).
-    pub fn routing(&self) -> State {
-        self.filtered(|name| !name.ends_with("-save"))
-    }
-
-    fn filtered(&self, keep: impl Fn(&str) -> bool) -> State {
-        State {
-            sections: self
-                .sections
-                .iter()
-                .filter(|(name, _)| keep(name))
-                .cloned()
-                .collect(),
-        }
-    }
-
     /// The same state with `backend`'s tables that hold nothing (built-in chains with
     /// ACCEPT policies, no rules, no other chain) left out, for both families.
     pub fn without_empty_tables(&self, backend: Backend) -> State {
