@@ -59,6 +59,10 @@ pub fn run(cli: &Cli, env: Env<'_>) -> Result<(), Error> {
         Command::Print(args) => print(args, env, &mut out),
         Command::Apply(args) | Command::IstioIptables(args) => apply(args, env, &mut out),
         Command::Cleanup(args) => cleanup(args, env),
+        Command::Validate(args) => match configured(args, env)? {
+            Some(config) => validate_capture(&config),
+            None => Ok(()),
+        },
     }
 }
 
@@ -146,6 +150,11 @@ fn apply(args: &CaptureArgs, env: Env<'_>, out: &mut dyn Write) -> Result<(), Er
     }
     if run.skip_rule_apply {
         tracing::info!("--skip-rule-apply: not applying rules");
+        if run.run_validation {
+            if let Some(config) = resolve(*validated)? {
+                validate_capture(&config)?;
+            }
+        }
         return Ok(());
     }
     enter_pod_namespace(&run)?;
@@ -178,6 +187,29 @@ fn apply(args: &CaptureArgs, env: Env<'_>, out: &mut dyn Write) -> Result<(), Er
         peak_rss_kib = peak_rss_kib(),
         "applied"
     );
+    if run.run_validation {
+        validate_capture(&config)?;
+    }
+    Ok(())
+}
+
+/// Istio's validation probe, for this config's ports and family.
+fn validate_capture(config: &Config) -> Result<(), Error> {
+    let capture = &config.capture;
+    let probe = crate::validate::Probe {
+        // Istio probes over IPv6 only for an IPv6 pod; dual-stack pods are probed over IPv4.
+        ipv6: capture.ipv6 && !config.run.dual_stack,
+        listen_ports: vec![capture.proxy_port, capture.inbound_capture_port],
+        probe_port: config.run.probe_port,
+        timeout: config.run.probe_timeout,
+        proxy_uid: capture
+            .proxy_uids
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+    };
+    crate::validate::run(&probe)?;
     Ok(())
 }
 

@@ -42,6 +42,13 @@ pub enum Command {
     Print(PrintArgs),
     /// Remove everything meshinit (or istio-init) added, whatever configuration added it.
     Cleanup(CaptureArgs),
+    /// Check that traffic is captured here, as Istio's istio-validation container does.
+    ///
+    /// Run it as the proxy's uid (1337), with no capabilities. It listens on loopback at
+    /// the envoy and inbound capture ports and connects to 127.0.0.6 at
+    /// --iptables-probe-port once a second; exits 0 when the capture rules redirect that
+    /// connection, 126 after --probe-timeout otherwise.
+    Validate(CaptureArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -19,6 +19,9 @@ pub enum Error {
     #[error(transparent)]
     Apply(#[from] ApplyError),
 
+    #[error(transparent)]
+    Validation(#[from] crate::validate::ValidationError),
+
     #[error("--native-nftables is not supported by this meshinit version yet; leave it out to use iptables")]
     NativeNftablesUnsupported,
 
@@ -54,6 +57,7 @@ impl Error {
             }
             Error::Apply(_) => exit::APPLY_FAILED,
             Error::NativeNftablesUnsupported => exit::UNSUPPORTED,
+            Error::Validation(err) => err.exit_code(),
             Error::Output(_) => exit::IO,
         }
     }

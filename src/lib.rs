@@ -14,5 +14,6 @@ pub mod logging;
 pub mod netlink;
 pub mod netns;
 pub mod rules;
+pub mod validate;
 
 pub use error::Error;

@@ -154,7 +154,9 @@ fn attempt(local: IpAddr, target: SocketAddr) -> Result<(), String> {
         .set_read_timeout(Some(IO_TIMEOUT))
         .map_err(|e| e.to_string())?;
     let token = random_token();
-    stream.write_all(&token).map_err(|e| format!("sending: {e}"))?;
+    stream
+        .write_all(&token)
+        .map_err(|e| format!("sending: {e}"))?;
     let mut reply = String::new();
     stream
         .read_to_string(&mut reply)
@@ -163,9 +165,14 @@ fn attempt(local: IpAddr, target: SocketAddr) -> Result<(), String> {
     if reply == expected {
         Ok(())
     } else if reply.starts_with(&hex(&token)) {
-        Err(format!("captured, but with original port {:?}", reply.split(' ').nth(1)))
+        Err(format!(
+            "captured, but with original port {:?}",
+            reply.split(' ').nth(1)
+        ))
     } else {
-        Err(format!("{target} answered, but not through capture (reply {reply:?})"))
+        Err(format!(
+            "{target} answered, but not through capture (reply {reply:?})"
+        ))
     }
 }
 
@@ -204,37 +211,32 @@ pub fn run(probe: &Probe) -> Result<(), ValidationError> {
         });
     }
     let deadline = Instant::now() + probe.timeout;
-    let mut last = String::new();
-    loop {
-        match attempt(listen_ip, target) {
+    let passed = || tracing::info!(%target, "validation passed: traffic is captured");
+    let last = loop {
+        let reason = match attempt(listen_ip, target) {
             Ok(()) => {
-                tracing::info!(%target, "validation passed: traffic is captured");
+                passed();
                 return Ok(());
             }
-            Err(reason) => {
-                tracing::debug!(%reason, "probe not captured yet");
-                last = reason;
-            }
-        }
+            Err(reason) => reason,
+        };
+        // The listener may have seen the probe even if its reply got lost.
         if found_rx.try_recv().is_ok() {
-            tracing::info!(%target, "validation passed: traffic is captured");
+            passed();
             return Ok(());
         }
+        tracing::debug!(%reason, "probe not captured yet");
         let now = Instant::now();
         if now >= deadline {
-            break;
+            break reason;
         }
         thread::sleep(ATTEMPT_INTERVAL.min(deadline - now));
-    }
+    };
     Err(ValidationError::NotCaptured {
         target,
         timeout: probe.timeout,
         uid: probe.proxy_uid.clone(),
         current: nix::unistd::geteuid().as_raw(),
-        last: if last.is_empty() {
-            String::new()
-        } else {
-            format!(" Last attempt: {last}.")
-        },
+        last: format!(" Last attempt: {last}."),
     })
 }
