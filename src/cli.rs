@@ -5,7 +5,9 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::ffi::OsString;
+
+use clap::{Args, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::config::build::{RawSettings, Setting};
 
@@ -27,6 +29,39 @@ pub struct Cli {
 
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+impl Cli {
+    /// Parses the command line. Building clap's definition of every subcommand (each with
+    /// all of Istio's flags) costs more CPU than planning the ruleset, and every pod start
+    /// pays it, so only the subcommand named first is built. Help, version and any error
+    /// go through the full definition, so their output is the same either way.
+    pub fn parse_args(args: Vec<OsString>) -> Result<Cli, clap::Error> {
+        let fast = single_subcommand(&args)
+            .and_then(|cmd| cmd.try_get_matches_from(&args).ok())
+            .and_then(|matches| Cli::from_arg_matches(&matches).ok());
+        match fast {
+            Some(cli) => Ok(cli),
+            None => Cli::try_parse_from(args),
+        }
+    }
+}
+
+/// The top-level command with just the subcommand `args[1]` names, if it names one.
+fn single_subcommand(args: &[OsString]) -> Option<clap::Command> {
+    let name = ["istio-iptables", "apply", "cleanup", "validate", "print"]
+        .into_iter()
+        .find(|known| args.get(1).and_then(|a| a.to_str()) == Some(*known))?;
+    let sub = clap::Command::new(name).args_override_self(true);
+    let sub = if name == "print" {
+        PrintArgs::augment_args(sub)
+    } else {
+        CaptureArgs::augment_args(sub)
+    };
+    let top = clap::Command::new("meshinit")
+        .args_override_self(true)
+        .subcommand_required(true);
+    Some(LogArgs::augment_args(top).subcommand(sub))
 }
 
 #[derive(Debug, Subcommand)]
@@ -406,6 +441,74 @@ mod tests {
 
     fn parse(args: &[&str]) -> Cli {
         Cli::try_parse_from(args).unwrap()
+    }
+
+    /// The fast path must parse exactly as the full definition does.
+    #[test]
+    fn single_subcommand_parsing_matches_the_full_definition() {
+        let cases: &[&[&str]] = &[
+            &[
+                "meshinit",
+                "istio-iptables",
+                "-p",
+                "15001",
+                "-i",
+                "*",
+                "-x",
+                "",
+                "-b",
+                "*",
+                "--log_output_level=default:info",
+                "--redirect-dns",
+                "-n",
+            ],
+            &[
+                "meshinit",
+                "apply",
+                "-p",
+                "1",
+                "-p",
+                "2",
+                "--log-level",
+                "debug",
+                "--no-ipv6",
+            ],
+            &[
+                "meshinit",
+                "print",
+                "--family",
+                "ipv6",
+                "--ipv6=true",
+                "-k",
+                "eth1",
+            ],
+            &["meshinit", "cleanup", "--network-namespace", "/run/netns/x"],
+            &["meshinit", "validate", "--probe-timeout", "1s"],
+            &["meshinit", "--log-format", "json", "apply"],
+        ];
+        for argv in cases {
+            let args: Vec<OsString> = argv.iter().map(OsString::from).collect();
+            let fast = Cli::parse_args(args.clone()).unwrap();
+            let full = Cli::try_parse_from(args).unwrap();
+            assert_eq!(format!("{fast:?}"), format!("{full:?}"), "{argv:?}");
+        }
+    }
+
+    #[test]
+    fn errors_and_help_come_from_the_full_definition() {
+        let err = Cli::parse_args(
+            ["meshinit", "apply", "--bogus"]
+                .map(OsString::from)
+                .to_vec(),
+        )
+        .unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument);
+        let help = Cli::parse_args(["meshinit", "apply", "--help"].map(OsString::from).to_vec())
+            .unwrap_err();
+        assert!(
+            help.to_string().contains("Apply the capture rules"),
+            "{help}"
+        );
     }
 
     #[test]

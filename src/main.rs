@@ -3,13 +3,11 @@
 use std::error::Error as _;
 use std::process::ExitCode;
 
-use clap::Parser;
-
 use meshinit::cli::Cli;
 use meshinit::error::exit;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::parse_args(std::env::args_os().collect()) {
         Ok(cli) => cli,
         Err(err) => {
             let _ = err.print();

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use super::{ApplyError, Netfilter};
+use super::{ApplyError, Netfilter, RestoreInput};
 use crate::config::ForcedBackend;
 use crate::netlink::{NlFamily, Socket};
 use crate::rules::model::{Family, IstioChain, Table};
@@ -166,11 +166,13 @@ impl IptablesTools {
             .all(|kind| find(&tool_name(family, self.backend, kind)).is_some())
     }
 
+    /// Runs `program`, streaming `input` into it as it is rendered: the process starts
+    /// first, so its start-up and parsing overlap meshinit's rendering.
     fn run(
         &mut self,
         program: &str,
         args: &[String],
-        input: Option<&str>,
+        input: Option<&dyn RestoreInput>,
     ) -> Result<(String, String, bool), ApplyError> {
         let path = find(program).ok_or_else(|| ApplyError::MissingBinary {
             program: program.to_owned(),
@@ -195,7 +197,7 @@ impl IptablesTools {
         if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
             // A restore that dies early closes stdin; its stderr says why, so the write
             // error itself is not the interesting one.
-            let _ = stdin.write_all(input.as_bytes());
+            let _ = input.write_to(&mut |chunk| stdin.write_all(chunk.as_bytes()));
         }
         let output = child.wait_with_output().map_err(spawn_error)?;
         Ok((
@@ -262,7 +264,7 @@ impl Netfilter for IptablesTools {
         }
     }
 
-    fn restore(&mut self, family: Family, input: &str) -> Result<(), ApplyError> {
+    fn restore(&mut self, family: Family, input: &dyn RestoreInput) -> Result<(), ApplyError> {
         let program = tool_name(family, self.backend, "restore");
         let args = [
             format!("--wait={}", self.wait.as_secs().max(1)),
@@ -279,9 +281,13 @@ impl Netfilter for IptablesTools {
             });
         }
         let line = failed_line(&stderr);
-        let line_text = line
-            .and_then(|n| input.lines().nth(n.checked_sub(1)?))
-            .map(str::to_owned);
+        let line_text = line.and_then(|n| {
+            input
+                .text()
+                .lines()
+                .nth(n.checked_sub(1)?)
+                .map(str::to_owned)
+        });
         Err(ApplyError::Restore {
             program,
             family,

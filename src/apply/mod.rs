@@ -14,10 +14,44 @@ pub use backend::{Backend, IptablesTools};
 pub use routing::NetlinkRouting;
 
 use crate::rules::iptables::{
-    parse_existing, render_restore, render_rollback, tables_holding_only_ours, tables_in_save,
-    ExistingState,
+    parse_existing, render_restore, render_restore_chunks, render_rollback,
+    tables_holding_only_ours, tables_in_save, ExistingState,
 };
 use crate::rules::model::{Family, FamilyRuleset, Ruleset, Table};
+
+/// Restore input, produced in pieces so a restore process can start on it while the rest
+/// is still being rendered.
+pub trait RestoreInput {
+    fn write_to(&self, emit: &mut dyn FnMut(&str) -> std::io::Result<()>) -> std::io::Result<()>;
+
+    /// The whole input as text, for error messages and tests.
+    fn text(&self) -> String {
+        let mut text = String::new();
+        let _ = self.write_to(&mut |chunk| {
+            text.push_str(chunk);
+            Ok(())
+        });
+        text
+    }
+}
+
+impl RestoreInput for String {
+    fn write_to(&self, emit: &mut dyn FnMut(&str) -> std::io::Result<()>) -> std::io::Result<()> {
+        emit(self)
+    }
+}
+
+/// A planned ruleset against what is there now, rendered as it is written.
+struct Planned<'a> {
+    desired: &'a FamilyRuleset,
+    existing: &'a ExistingState,
+}
+
+impl RestoreInput for Planned<'_> {
+    fn write_to(&self, emit: &mut dyn FnMut(&str) -> std::io::Result<()>) -> std::io::Result<()> {
+        render_restore_chunks(self.desired, self.existing, emit)
+    }
+}
 
 /// One family's netfilter tables, as `iptables-save`/`iptables-restore` see them. Every
 /// restore is `--noflush`: meshinit changes only what its input names.
@@ -31,7 +65,7 @@ pub trait Netfilter {
     /// The tables that exist now, where that is known without launching anything.
     fn existing_tables(&mut self, family: Family) -> Option<Vec<Table>>;
     fn save(&mut self, family: Family) -> Result<String, ApplyError>;
-    fn restore(&mut self, family: Family, input: &str) -> Result<(), ApplyError>;
+    fn restore(&mut self, family: Family, input: &dyn RestoreInput) -> Result<(), ApplyError>;
     /// Removes tables left empty, where the backend can (nft can; legacy tables stay
     /// registered once used, as with any iptables command).
     fn remove_tables(&mut self, family: Family, tables: &[Table]) -> Result<(), ApplyError>;
@@ -142,7 +176,6 @@ pub struct ApplySummary {
 
 struct Staged<'a> {
     desired: Cow<'a, FamilyRuleset>,
-    input: String,
     /// The family's save before this apply, when it could hold rules of ours.
     previous: Option<String>,
     existing: ExistingState,
@@ -197,11 +230,12 @@ fn stage<'a>(
         Some(save) => Some(tables_in_save(save)),
         None => nf.existing_tables(family),
     };
-    let input = render_restore(&desired, &existing);
-    tracing::debug!(%family, input = %input, "restore input");
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let input = render_restore(&desired, &existing);
+        tracing::debug!(%family, input = %input, "restore input");
+    }
     Ok(Some(Staged {
         desired,
-        input,
         previous,
         existing,
         tables_before,
@@ -231,7 +265,11 @@ pub fn apply(
     let changes = routing.ensure(&plan)?;
 
     for (index, stage) in staged.iter().enumerate() {
-        if let Err(failure) = nf.restore(stage.family(), &stage.input) {
+        let input = Planned {
+            desired: &stage.desired,
+            existing: &stage.existing,
+        };
+        if let Err(failure) = nf.restore(stage.family(), &input) {
             let mut failure = failure;
             // iptables-legacy commits table by table, so even the failed family may hold
             // part of the new rules: it is read back and rolled back like the others.

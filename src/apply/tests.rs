@@ -35,8 +35,8 @@ impl Netfilter for FakeNetfilter {
         self.calls.push(Call::Save(family));
         Ok(self.saves.get(&family).cloned().unwrap_or_default())
     }
-    fn restore(&mut self, family: Family, input: &str) -> Result<(), ApplyError> {
-        self.calls.push(Call::Restore(family, input.to_owned()));
+    fn restore(&mut self, family: Family, input: &dyn RestoreInput) -> Result<(), ApplyError> {
+        self.calls.push(Call::Restore(family, input.text()));
         if self.fail_family == Some(family) {
             self.fail_family = None;
             return Err(ApplyError::Restore {

@@ -60,15 +60,26 @@ pub fn parse_ports_or_all(value: &str) -> Result<PortsOrAll, Reason> {
 }
 
 pub fn parse_cidr(value: &str) -> Result<IpNet, Reason> {
-    if let Ok(addr) = value.parse::<IpAddr>() {
-        let bits = if addr.is_ipv4() { 32 } else { 128 };
-        return Err(format!(
-            "{value:?} is an address, not a CIDR range; write {value}/{bits} for just that address"
-        ));
+    let bad = || format!("{value:?} is not a CIDR range such as 10.0.0.0/8 or 2001:db8::/32");
+    let Some((addr, prefix)) = value.split_once('/') else {
+        return Err(match value.parse::<IpAddr>() {
+            Ok(addr) => {
+                let bits = if addr.is_ipv4() { 32 } else { 128 };
+                format!(
+                    "{value:?} is an address, not a CIDR range; write {value}/{bits} for just that address"
+                )
+            }
+            Err(_) => bad(),
+        });
+    };
+    // Lists of thousands of CIDRs are parsed on every pod start: std's address parser
+    // and a digit check are all it takes.
+    let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+    if prefix.is_empty() || prefix.len() > 3 || !prefix.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
     }
-    value
-        .parse::<IpNet>()
-        .map_err(|_| format!("{value:?} is not a CIDR range such as 10.0.0.0/8 or 2001:db8::/32"))
+    let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+    IpNet::new(addr, prefix).map_err(|_| bad())
 }
 
 fn parse_cidrs(value: &str) -> Result<Vec<IpNet>, Reason> {
@@ -336,6 +347,10 @@ mod tests {
         assert!(parse_cidr("1.2.3.4").unwrap_err().contains("1.2.3.4/32"));
         assert!(parse_cidr("10.0.0/8").is_err());
         assert!(parse_cidr("10.0.0.0/33").is_err());
+        assert!(parse_cidr("10.0.0.0/+8").is_err());
+        assert!(parse_cidr("10.0.0.0/").is_err());
+        assert!(parse_cidr("2001:db8::/129").is_err());
+        assert_eq!(parse_cidr("10.1.2.3/8").unwrap().to_string(), "10.1.2.3/8");
     }
 
     #[test]

@@ -63,6 +63,7 @@ impl FamilyBuilder {
     }
 
     fn append(&mut self, table: Table, chain: Chain, rule: Rule) {
+        // The chain is declared before its jump target, as Istio orders its `-N` lines.
         self.chain_mut(table, chain);
         self.declare_jump_target(table, &rule);
         self.chain_mut(table, chain).rules.push(rule);
@@ -84,18 +85,17 @@ impl FamilyBuilder {
     }
 
     fn finish(self) -> FamilyRuleset {
-        let tables = Table::ALL
-            .into_iter()
-            .filter_map(|table| {
-                let chains: Vec<ChainRules> = self
-                    .chains
-                    .iter()
-                    .filter(|(t, _)| *t == table)
-                    .map(|(_, c)| c.clone())
-                    .collect();
-                (!chains.is_empty()).then_some(TableRules { table, chains })
-            })
-            .collect();
+        let mut tables: Vec<TableRules> = Vec::new();
+        for (table, chain) in self.chains {
+            match tables.iter_mut().find(|t| t.table == table) {
+                Some(existing) => existing.chains.push(chain),
+                None => tables.push(TableRules {
+                    table,
+                    chains: vec![chain],
+                }),
+            }
+        }
+        tables.sort_by_key(|t| t.table);
         FamilyRuleset {
             family: self.family,
             tables,
@@ -124,20 +124,23 @@ impl RulesetBuilder {
         }
     }
 
-    fn each(&mut self, families: Families, mut op: impl FnMut(&mut FamilyBuilder)) {
-        if families.includes(Family::V4) {
-            op(&mut self.v4);
-        }
-        if let Some(v6) = self.v6.as_mut() {
-            if families.includes(Family::V6) {
-                op(v6);
+    /// Hands `rule` to each family's builder it applies to, cloning only when both do.
+    fn each(&mut self, families: Families, rule: Rule, op: impl Fn(&mut FamilyBuilder, Rule)) {
+        let v6 = self.v6.as_mut().filter(|_| families.includes(Family::V6));
+        match (families.includes(Family::V4), v6) {
+            (true, Some(v6)) => {
+                op(v6, rule.clone());
+                op(&mut self.v4, rule);
             }
+            (true, None) => op(&mut self.v4, rule),
+            (false, Some(v6)) => op(v6, rule),
+            (false, None) => {}
         }
     }
 
     pub fn append(&mut self, families: Families, table: Table, chain: Chain, rule: Rule) {
         let rule = tag_if_unowned(chain, rule);
-        self.each(families, |b| b.append(table, chain, rule.clone()));
+        self.each(families, rule, |b, rule| b.append(table, chain, rule));
     }
 
     pub fn insert(
@@ -149,7 +152,9 @@ impl RulesetBuilder {
         rule: Rule,
     ) {
         let rule = tag_if_unowned(chain, rule);
-        self.each(families, |b| b.insert(table, chain, position, rule.clone()));
+        self.each(families, rule, |b, rule| {
+            b.insert(table, chain, position, rule)
+        });
     }
 
     /// Adds a rule whose matches differ per family only by one address (Istio's

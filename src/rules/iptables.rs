@@ -7,88 +7,182 @@
 
 use std::fmt::Write as _;
 
+use ipnet::IpNet;
+
 use super::model::{
-    BuiltinChain, Chain, CtState, Family, FamilyRuleset, IstioChain, Match, OwnerKind, Rule, Table,
-    Target, OWNER_COMMENT,
+    BuiltinChain, Chain, CtState, Family, FamilyRuleset, IstioChain, Match, Owner, OwnerKind, Rule,
+    Table, Target, OWNER_COMMENT,
 };
 
 /// The argument text of one rule (everything after `-A CHAIN`), as iptables reads it.
 pub fn rule_spec(rule: &Rule) -> String {
-    let mut out = String::new();
-    for m in &rule.matches {
-        push_match(&mut out, m);
-    }
-    push_target(&mut out, &rule.target);
-    out.trim_start().to_owned()
+    let mut out = String::with_capacity(64);
+    write_rule(&mut out, rule);
+    out
 }
 
-fn neg(negated: bool) -> &'static str {
-    if negated {
-        " !"
-    } else {
-        ""
+/// Appends a rule's argument text to `out`. Rendering runs once per rule, 10,000 times for
+/// a large exclude list, so it writes pieces directly rather than through `format!`.
+fn write_rule(out: &mut String, rule: &Rule) {
+    let start = out.len();
+    for m in &rule.matches {
+        push_match(out, m);
     }
+    push_target(out, &rule.target);
+    // Every piece starts with a blank; the rule itself does not.
+    if out[start..].starts_with(' ') {
+        out.remove(start);
+    }
+}
+
+fn push_num(out: &mut String, mut n: u32) {
+    let mut digits = [0u8; 10];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or("?"));
+}
+
+fn push_net(out: &mut String, net: &IpNet) {
+    match net {
+        IpNet::V4(v4) => {
+            for (i, octet) in v4.addr().octets().iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                push_num(out, u32::from(*octet));
+            }
+            out.push('/');
+            push_num(out, u32::from(v4.prefix_len()));
+        }
+        IpNet::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
+fn push_flag(out: &mut String, negated: bool, flag: &str) {
+    if negated {
+        out.push_str(" !");
+    }
+    out.push(' ');
+    out.push_str(flag);
+    out.push(' ');
 }
 
 fn push_match(out: &mut String, m: &Match) {
-    // `write!` to a String cannot fail.
-    let _ = match m {
-        Match::InInterface(i) => write!(out, " -i {i}"),
-        Match::OutInterface(i) => write!(out, " -o {i}"),
-        Match::Source(net) => write!(out, " -s {net}"),
-        Match::Destination { net, negated } => write!(out, "{} -d {net}", neg(*negated)),
-        Match::Protocol(p) => write!(out, " -p {}", p.name()),
-        Match::DestinationPort { port, negated } => write!(out, "{} --dport {port}", neg(*negated)),
-        Match::SourcePort(port) => write!(out, " --sport {port}"),
+    match m {
+        Match::InInterface(i) => {
+            push_flag(out, false, "-i");
+            out.push_str(i.as_str());
+        }
+        Match::OutInterface(i) => {
+            push_flag(out, false, "-o");
+            out.push_str(i.as_str());
+        }
+        Match::Source(net) => {
+            push_flag(out, false, "-s");
+            push_net(out, net);
+        }
+        Match::Destination { net, negated } => {
+            push_flag(out, *negated, "-d");
+            push_net(out, net);
+        }
+        Match::Protocol(p) => {
+            push_flag(out, false, "-p");
+            out.push_str(p.name());
+        }
+        Match::DestinationPort { port, negated } => {
+            push_flag(out, *negated, "--dport");
+            push_num(out, u32::from(port.get()));
+        }
+        Match::SourcePort(port) => {
+            push_flag(out, false, "--sport");
+            push_num(out, u32::from(port.get()));
+        }
         Match::DestinationPorts { ports, negated } => {
-            let list: Vec<String> = ports.iter().map(ToString::to_string).collect();
-            write!(
-                out,
-                " -m multiport{} --dports {}",
-                neg(*negated),
-                list.join(",")
-            )
+            out.push_str(" -m multiport");
+            push_flag(out, *negated, "--dports");
+            for (i, port) in ports.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                push_num(out, u32::from(port.get()));
+            }
         }
         Match::Owner {
             kind,
             owner,
             negated,
         } => {
+            out.push_str(" -m owner");
             let flag = match kind {
                 OwnerKind::Uid => "--uid-owner",
                 OwnerKind::Gid => "--gid-owner",
             };
-            write!(out, " -m owner{} {flag} {owner}", neg(*negated))
+            push_flag(out, *negated, flag);
+            match owner {
+                Owner::Id(id) => push_num(out, *id),
+                Owner::Name(name) => out.push_str(name),
+            }
         }
         Match::ConntrackState(state) => {
-            let state = match state {
+            out.push_str(" -m conntrack --ctstate ");
+            out.push_str(match state {
                 CtState::Invalid => "INVALID",
                 CtState::RelatedEstablished => "RELATED,ESTABLISHED",
-            };
-            write!(out, " -m conntrack --ctstate {state}")
+            });
         }
-        Match::Mark { mark, negated } => write!(out, " -m mark{} --mark {mark}", neg(*negated)),
-        Match::ConnMark(mark) => write!(out, " -m connmark --mark {mark}"),
-        Match::OwnerComment => write!(out, " -m comment --comment {OWNER_COMMENT}"),
-    };
+        Match::Mark { mark, negated } => {
+            out.push_str(" -m mark");
+            push_flag(out, *negated, "--mark");
+            push_num(out, *mark);
+        }
+        Match::ConnMark(mark) => {
+            out.push_str(" -m connmark --mark ");
+            push_num(out, *mark);
+        }
+        Match::OwnerComment => {
+            out.push_str(" -m comment --comment ");
+            out.push_str(OWNER_COMMENT);
+        }
+    }
 }
 
 fn push_target(out: &mut String, target: &Target) {
-    let _ = match target {
-        Target::Jump(chain) => write!(out, " -j {}", chain.name()),
-        Target::Return => write!(out, " -j RETURN"),
-        Target::Accept => write!(out, " -j ACCEPT"),
-        Target::Drop => write!(out, " -j DROP"),
-        Target::Redirect { to_port } => write!(out, " -j REDIRECT --to-ports {to_port}"),
-        Target::Tproxy { mark, on_port } => write!(
-            out,
-            " -j TPROXY --tproxy-mark {mark}/0xffffffff --on-port {on_port}"
-        ),
-        Target::SetMark(mark) => write!(out, " -j MARK --set-mark {mark}"),
-        Target::ConnMarkSave => write!(out, " -j CONNMARK --save-mark"),
-        Target::ConnMarkRestore => write!(out, " -j CONNMARK --restore-mark"),
-        Target::CtZone(zone) => write!(out, " -j CT --zone {zone}"),
-    };
+    out.push_str(" -j ");
+    match target {
+        Target::Jump(chain) => out.push_str(chain.name()),
+        Target::Return => out.push_str("RETURN"),
+        Target::Accept => out.push_str("ACCEPT"),
+        Target::Drop => out.push_str("DROP"),
+        Target::Redirect { to_port } => {
+            out.push_str("REDIRECT --to-ports ");
+            push_num(out, u32::from(to_port.get()));
+        }
+        Target::Tproxy { mark, on_port } => {
+            out.push_str("TPROXY --tproxy-mark ");
+            push_num(out, *mark);
+            out.push_str("/0xffffffff --on-port ");
+            push_num(out, u32::from(on_port.get()));
+        }
+        Target::SetMark(mark) => {
+            out.push_str("MARK --set-mark ");
+            push_num(out, *mark);
+        }
+        Target::ConnMarkSave => out.push_str("CONNMARK --save-mark"),
+        Target::ConnMarkRestore => out.push_str("CONNMARK --restore-mark"),
+        Target::CtZone(zone) => {
+            out.push_str("CT --zone ");
+            push_num(out, u32::from(*zone));
+        }
+    }
 }
 
 /// What is already in a table that the restore must take into account: meshinit's chains
@@ -122,12 +216,38 @@ impl ExistingState {
     }
 }
 
+/// How much rendered text is handed on at a time: enough to keep a pipe busy, small
+/// enough that `iptables-restore` starts parsing while the rest is still being rendered.
+const CHUNK: usize = 16 * 1024;
+
 /// `iptables-restore --noflush` input that takes a family from `existing` to `desired` in
 /// one transaction: stale rules of ours in built-in chains are deleted, our chains are
 /// flushed and refilled, chains no longer planned are removed. With an empty `existing`
 /// this is exactly what `print` shows; with an empty `desired` it is the cleanup.
 pub fn render_restore(desired: &FamilyRuleset, existing: &ExistingState) -> String {
-    let mut out = String::new();
+    let mut text = String::new();
+    let _ = render_restore_chunks(desired, existing, &mut |chunk| {
+        text.push_str(chunk);
+        Ok(())
+    });
+    text
+}
+
+/// `render_restore`, handed to `emit` in pieces of about `CHUNK` bytes as it is made, so
+/// a restore process can consume it while the rest is rendered.
+pub fn render_restore_chunks(
+    desired: &FamilyRuleset,
+    existing: &ExistingState,
+    emit: &mut dyn FnMut(&str) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let mut out = String::with_capacity(CHUNK + 4096);
+    let mut flush = |out: &mut String, force: bool| -> std::io::Result<()> {
+        if force || out.len() >= CHUNK {
+            emit(out)?;
+            out.clear();
+        }
+        Ok(())
+    };
     for table in Table::ALL {
         let planned = desired.table(table);
         let present = existing.table(table);
@@ -163,21 +283,40 @@ pub fn render_restore(desired: &FamilyRuleset, existing: &ExistingState) -> Stri
         }
         if let Some(planned) = planned {
             for chain in &planned.chains {
-                render_chain_rules(&mut out, chain.chain, &chain.head, &chain.rules);
+                render_chain_rules(&mut out, chain.chain, &chain.head, &chain.rules, &mut flush)?;
             }
         }
         let _ = writeln!(out, "COMMIT");
     }
-    out
+    flush(&mut out, true)
 }
 
-fn render_chain_rules(out: &mut String, chain: Chain, head: &[Rule], rules: &[Rule]) {
+fn render_chain_rules(
+    out: &mut String,
+    chain: Chain,
+    head: &[Rule],
+    rules: &[Rule],
+    flush: &mut dyn FnMut(&mut String, bool) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     for (index, rule) in head.iter().enumerate() {
-        let _ = writeln!(out, "-I {} {} {}", chain.name(), index + 1, rule_spec(rule));
+        out.push_str("-I ");
+        out.push_str(chain.name());
+        out.push(' ');
+        push_num(out, u32::try_from(index + 1).unwrap_or(u32::MAX));
+        out.push(' ');
+        write_rule(out, rule);
+        out.push('\n');
+        flush(out, false)?;
     }
     for rule in rules {
-        let _ = writeln!(out, "-A {} {}", chain.name(), rule_spec(rule));
+        out.push_str("-A ");
+        out.push_str(chain.name());
+        out.push(' ');
+        write_rule(out, rule);
+        out.push('\n');
+        flush(out, false)?;
     }
+    Ok(())
 }
 
 /// The restore input for a fresh namespace: what `print` shows and a bare
@@ -347,6 +486,27 @@ mod tests {
     use super::*;
 
     const SAVE: &str = "# Generated by iptables-save\n*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n:OTHER - [0:0]\n-A PREROUTING -i eth9 -m comment --comment meshinit -j RETURN\n-A PREROUTING -i eth9 -j RETURN\n-A OUTPUT -j ISTIO_OUTPUT\n-A OUTPUT -j OTHER\n-A ISTIO_OUTPUT -j RETURN\nCOMMIT\n*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j ACCEPT\nCOMMIT\n";
+
+    #[test]
+    fn numbers_and_addresses_render_like_display() {
+        for n in [0u32, 7, 10, 15001, 4294967295] {
+            let mut out = String::new();
+            push_num(&mut out, n);
+            assert_eq!(out, n.to_string());
+        }
+        for net in [
+            "0.0.0.0/0",
+            "10.0.0.0/8",
+            "255.255.255.255/32",
+            "2001:db8::/32",
+            "::7f00:35/128",
+        ] {
+            let net: IpNet = net.parse().unwrap();
+            let mut out = String::new();
+            push_net(&mut out, &net);
+            assert_eq!(out, net.to_string());
+        }
+    }
 
     #[test]
     fn existing_state_keeps_only_ours() {
