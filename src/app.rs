@@ -164,10 +164,15 @@ fn apply(args: &CaptureArgs, env: Env<'_>, out: &mut dyn Write) -> Result<(), Er
     let Some(config) = resolve(*validated)? else {
         return Ok(());
     };
-    let ruleset = plan(&config.capture);
-    let families: Vec<Family> = ruleset.families().map(|f| f.family).collect();
+    let families: Vec<Family> = if config.capture.ipv6 {
+        Family::ALL.to_vec()
+    } else {
+        vec![Family::V4]
+    };
     let started = Instant::now();
     let mut tools = IptablesTools::detect(run.force_backend, &families, run.xtables_wait)?;
+    tools.prepare(&families)?;
+    let ruleset = plan(&config.capture);
     let mut routing = NetlinkRouting::default();
     let summary = crate::apply::apply(&mut tools, &mut routing, &ruleset)?;
     crate::caps::drop_all()?;

@@ -8,7 +8,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use super::{ApplyError, Netfilter, RestoreInput};
@@ -76,6 +76,19 @@ pub struct IptablesTools {
     launched: usize,
     /// nf_tables chains seen by one dump, fetched on first use.
     nft_chains: Option<Vec<(u8, String, String)>>,
+    /// Restores started ahead of need (`prepare`), waiting for their input.
+    ready: Vec<(Family, Child)>,
+}
+
+impl Drop for IptablesTools {
+    /// A prepared restore that never got input sees end of file at once and changes
+    /// nothing; it is reaped here so no zombie outlives the run.
+    fn drop(&mut self) {
+        for (_, mut child) in self.ready.drain(..) {
+            drop(child.stdin.take());
+            let _ = child.wait();
+        }
+    }
 }
 
 impl IptablesTools {
@@ -120,7 +133,55 @@ impl IptablesTools {
             wait,
             launched: 0,
             nft_chains: None,
+            ready: Vec::new(),
         })
+    }
+
+    fn restore_args(&self) -> [String; 2] {
+        [
+            format!("--wait={}", self.wait.as_secs().max(1)),
+            "--noflush".to_owned(),
+        ]
+    }
+
+    /// Starts each family's `iptables-restore` now, before the ruleset is planned, so its
+    /// start-up (exec, libraries, extensions: most of its run time for a small ruleset)
+    /// overlaps meshinit's own work. Until it gets input, it has changed nothing.
+    pub fn prepare(&mut self, families: &[Family]) -> Result<(), ApplyError> {
+        for &family in families {
+            let program = tool_name(family, self.backend, "restore");
+            let child = self.spawn(&program, &self.restore_args(), true)?;
+            self.ready.push((family, child));
+        }
+        Ok(())
+    }
+
+    fn spawn(
+        &mut self,
+        program: &str,
+        args: &[String],
+        piped_input: bool,
+    ) -> Result<Child, ApplyError> {
+        let path = find(program).ok_or_else(|| ApplyError::MissingBinary {
+            program: program.to_owned(),
+            package: "iptables",
+        })?;
+        let child = Command::new(&path)
+            .args(args)
+            .stdin(if piped_input {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| ApplyError::Spawn {
+                program: program.to_owned(),
+                source,
+            })?;
+        self.launched += 1;
+        Ok(child)
     }
 
     pub fn backend(&self) -> Backend {
@@ -166,40 +227,32 @@ impl IptablesTools {
             .all(|kind| find(&tool_name(family, self.backend, kind)).is_some())
     }
 
-    /// Runs `program`, streaming `input` into it as it is rendered: the process starts
-    /// first, so its start-up and parsing overlap meshinit's rendering.
+    /// Runs `program` (or takes the restore `prepare` started for `family`), streaming
+    /// `input` into it as it is rendered, so the process parses while meshinit renders.
     fn run(
         &mut self,
         program: &str,
         args: &[String],
-        input: Option<&dyn RestoreInput>,
+        input: Option<(Family, &dyn RestoreInput)>,
     ) -> Result<(String, String, bool), ApplyError> {
-        let path = find(program).ok_or_else(|| ApplyError::MissingBinary {
-            program: program.to_owned(),
-            package: "iptables",
-        })?;
-        let spawn_error = |source| ApplyError::Spawn {
-            program: program.to_owned(),
-            source,
+        let prepared = input
+            .and_then(|(family, _)| self.ready.iter().position(|(f, _)| *f == family))
+            .map(|index| self.ready.remove(index).1);
+        let mut child = match prepared {
+            Some(child) => child,
+            None => self.spawn(program, args, input.is_some())?,
         };
-        let mut child = Command::new(&path)
-            .args(args)
-            .stdin(if input.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(spawn_error)?;
-        self.launched += 1;
-        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        if let (Some((_, input)), Some(mut stdin)) = (input, child.stdin.take()) {
             // A restore that dies early closes stdin; its stderr says why, so the write
             // error itself is not the interesting one.
             let _ = input.write_to(&mut |chunk| stdin.write_all(chunk.as_bytes()));
         }
-        let output = child.wait_with_output().map_err(spawn_error)?;
+        let output = child
+            .wait_with_output()
+            .map_err(|source| ApplyError::Spawn {
+                program: program.to_owned(),
+                source,
+            })?;
         Ok((
             String::from_utf8_lossy(&output.stdout).into_owned(),
             String::from_utf8_lossy(&output.stderr).trim().to_owned(),
@@ -266,11 +319,8 @@ impl Netfilter for IptablesTools {
 
     fn restore(&mut self, family: Family, input: &dyn RestoreInput) -> Result<(), ApplyError> {
         let program = tool_name(family, self.backend, "restore");
-        let args = [
-            format!("--wait={}", self.wait.as_secs().max(1)),
-            "--noflush".to_owned(),
-        ];
-        let (_, stderr, ok) = self.run(&program, &args, Some(input))?;
+        let args = self.restore_args();
+        let (_, stderr, ok) = self.run(&program, &args, Some((family, input)))?;
         if ok {
             return Ok(());
         }
