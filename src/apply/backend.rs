@@ -43,7 +43,27 @@ impl Backend {
 }
 
 /// Sbin directories are searched even when PATH lacks them, as in minimal images.
+/// Lookups are remembered for the run: detection asks about the same few programs often.
 fn find(program: &str) -> Option<PathBuf> {
+    thread_local! {
+        static FOUND: std::cell::RefCell<Vec<(String, Option<PathBuf>)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+    if let Some(hit) = FOUND.with(|found| {
+        found
+            .borrow()
+            .iter()
+            .find(|(name, _)| name == program)
+            .map(|(_, path)| path.clone())
+    }) {
+        return hit;
+    }
+    let path = search(program);
+    FOUND.with(|found| found.borrow_mut().push((program.to_owned(), path.clone())));
+    path
+}
+
+fn search(program: &str) -> Option<PathBuf> {
     which::which(program).ok().or_else(|| {
         ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
             .iter()

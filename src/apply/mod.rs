@@ -307,10 +307,17 @@ pub fn apply(
             }
         }
     }
-    let routing_removed = routing.remove_stale(&plan).unwrap_or_else(|err| {
-        tracing::warn!(%err, "removing an earlier configuration's routing");
+    // Routing of an earlier configuration can only be there if its rules were: a fresh pod
+    // skips the netlink dumps.
+    let converged = staged.iter().any(|s| !s.existing.is_empty());
+    let routing_removed = if converged {
+        routing.remove_stale(&plan).unwrap_or_else(|err| {
+            tracing::warn!(%err, "removing an earlier configuration's routing");
+            0
+        })
+    } else {
         0
-    });
+    };
 
     Ok(ApplySummary {
         rules: staged
