@@ -49,14 +49,21 @@ impl Cli {
 
 /// The top-level command with just the subcommand `args[1]` names, if it names one.
 fn single_subcommand(args: &[OsString]) -> Option<clap::Command> {
-    let name = ["istio-iptables", "apply", "cleanup", "validate", "print"]
-        .into_iter()
-        .find(|known| args.get(1).and_then(|a| a.to_str()) == Some(*known))?;
+    let name = [
+        "istio-iptables",
+        "apply",
+        "cleanup",
+        "validate",
+        "print",
+        "explain",
+    ]
+    .into_iter()
+    .find(|known| args.get(1).and_then(|a| a.to_str()) == Some(*known))?;
     let sub = clap::Command::new(name).args_override_self(true);
-    let sub = if name == "print" {
-        PrintArgs::augment_args(sub)
-    } else {
-        CaptureArgs::augment_args(sub)
+    let sub = match name {
+        "print" => PrintArgs::augment_args(sub),
+        "explain" => ExplainArgs::augment_args(sub),
+        _ => CaptureArgs::augment_args(sub),
     };
     let top = clap::Command::new("meshinit")
         .args_override_self(true)
@@ -84,6 +91,65 @@ pub enum Command {
     /// --iptables-probe-port once a second; exits 0 when the capture rules redirect that
     /// connection, 126 after --probe-timeout otherwise.
     Validate(CaptureArgs),
+    /// Say whether a connection would be captured, and by which rules, before deploying.
+    ///
+    /// Walks the planned ruleset (the same one `apply` installs) for the first packet of
+    /// the connection. Outbound: `--dst 198.51.100.30:8200 [--uid 1000]`. Inbound:
+    /// `--inbound --port 8080`.
+    Explain(ExplainArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProtoArg {
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// Destination address and port (outbound; with --inbound, the pod's address).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub dst: Option<String>,
+
+    /// The connection arrives at the pod instead of leaving it.
+    #[arg(long)]
+    pub inbound: bool,
+
+    /// With --inbound: the pod's port, when the pod's address does not matter.
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<String>,
+
+    /// Source address (inbound: the client's).
+    #[arg(long, value_name = "ADDR")]
+    pub src: Option<String>,
+
+    /// The uid of the process opening an outbound connection. [default: 1000, an app]
+    #[arg(long, value_name = "UID")]
+    pub uid: Option<String>,
+
+    /// Its gid. [default: the uid]
+    #[arg(long, value_name = "GID")]
+    pub gid: Option<String>,
+
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub proto: ProtoArg,
+
+    /// The interface it leaves by (or arrives on). [default: lo for loopback
+    /// destinations, else eth0]
+    #[arg(long, value_name = "IFACE")]
+    pub iface: Option<String>,
+
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: OutputFormat,
+
+    #[command(flatten)]
+    pub capture: CaptureArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

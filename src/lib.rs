@@ -10,6 +10,7 @@ pub mod caps;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod explain;
 pub mod logging;
 pub mod netlink;
 pub mod netns;

@@ -6,7 +6,10 @@ use std::fmt;
 use super::meshinit::{apply, dump_rules};
 use super::netns::NetNs;
 use super::procs::{connect, Background, Creds, Outcome, Proto};
-use super::topology::Topology;
+use super::topology::{Topology, PEER_IP, PEER_IP6, POD_IFACE, VM_IFACE};
+
+/// The VM's address behind the pod's kube-virt interface.
+const VM_IP: &str = "203.0.113.130";
 
 /// The app's user (any uid but the proxy's).
 pub const APP: Creds = Creds::user(1000, 1000);
@@ -170,6 +173,9 @@ pub struct Lab {
     _servers: Vec<Background>,
     topo: Topology,
     what: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    sidecar: Sidecar,
 }
 
 impl Lab {
@@ -214,6 +220,89 @@ impl Lab {
                 "meshinit {:?} with env {:?}, sidecar {:?}",
                 setup.args, setup.env, setup.sidecar
             ),
+            args: setup.args.clone(),
+            env: setup
+                .env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            sidecar: setup.sidecar,
+        }
+    }
+
+    /// What `meshinit explain` says about `check`, as (verdict, port), from the same
+    /// arguments and environment the pod's rules were applied with.
+    fn explained(&self, check: &Check) -> (String, Option<u16>) {
+        let to_v6 = check.to.starts_with('[');
+        let mut args: Vec<String> = vec!["explain".into(), "--format".into(), "json".into()];
+        args.extend(self.args.iter().cloned());
+        args.extend(["--dst".into(), check.to.into()]);
+        args.extend(["--proto".into(), check.proto.as_str().into()]);
+        let mut flag = |name: &str, value: String| args.extend([name.to_owned(), value]);
+        match check.from {
+            Client::App => flag("--uid", APP.uid.to_string()),
+            Client::AppGid(gid) => {
+                flag("--uid", APP.uid.to_string());
+                flag("--gid", gid.to_string());
+            }
+            Client::Proxy => flag("--uid", PROXY.uid.to_string()),
+            Client::Peer => {
+                args.push("--inbound".into());
+                let src = if to_v6 { PEER_IP6 } else { PEER_IP };
+                args.extend([
+                    "--src".into(),
+                    src.into(),
+                    "--iface".into(),
+                    POD_IFACE.into(),
+                ]);
+            }
+            Client::Vm => {
+                args.push("--inbound".into());
+                args.extend([
+                    "--src".into(),
+                    VM_IP.into(),
+                    "--iface".into(),
+                    VM_IFACE.into(),
+                ]);
+            }
+        }
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_meshinit"))
+            .args(&args)
+            .env_clear()
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .expect("run meshinit explain");
+        let json = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "meshinit {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let field = |name: &str| {
+            json.split(&format!("\"{name}\":"))
+                .nth(1)
+                .map(|rest| {
+                    rest.split([',', '}'])
+                        .next()
+                        .unwrap_or("")
+                        .trim_matches('"')
+                        .to_owned()
+                })
+                .unwrap_or_default()
+        };
+        (field("verdict"), field("port").parse().ok())
+    }
+
+    /// Whether explain's verdict describes what the real connection did.
+    fn agrees(&self, outcome: &Outcome, (verdict, port): &(String, Option<u16>)) -> bool {
+        let captured = matches!(verdict.as_str(), "redirected" | "tproxied");
+        match outcome {
+            Outcome::Answered(reply) if reply.by == "sidecar" => {
+                captured && *port == Some(reply.port)
+            }
+            Outcome::Answered(_) => verdict == "direct",
+            // Nothing answered: captured to a sidecar that is not running, or dropped.
+            _ => (captured && self.sidecar == Sidecar::Absent) || verdict == "dropped",
         }
     }
 
@@ -248,7 +337,7 @@ impl Lab {
                 .map(|thread| thread.join().expect("client thread"))
                 .collect()
         });
-        let wrong: Vec<String> = checks
+        let mut wrong: Vec<String> = checks
             .iter()
             .zip(&outcomes)
             .filter(|(check, outcome)| !check.expect.matches(outcome))
@@ -259,6 +348,15 @@ impl Lab {
                 )
             })
             .collect();
+        // `meshinit explain` must agree with the kernel on every connection made.
+        for (check, outcome) in checks.iter().zip(&outcomes) {
+            let explained = self.explained(check);
+            if !self.agrees(outcome, &explained) {
+                wrong.push(format!(
+                    "  {check}\n    meshinit explain says {explained:?}\n    the kernel did    {outcome:?}"
+                ));
+            }
+        }
         assert!(
             wrong.is_empty(),
             "{}:\n{}\nrules in the pod:\n{}",
