@@ -64,6 +64,15 @@ pub fn run(cli: &Cli, env: Env<'_>) -> Result<(), Error> {
         Command::Apply(args) | Command::IstioIptables(args) => apply(args, env, &mut out),
         Command::Cleanup(args) => cleanup(args, env),
         Command::Explain(args) => explain_connection(args, env, &mut out),
+        Command::Cni => {
+            let mut stdin = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut stdin)
+                .map_err(Error::Output)?;
+            match crate::cni::run(env, &stdin, &mut out) {
+                0 => Ok(()),
+                code => Err(Error::CniFailed(code)),
+            }
+        }
         Command::Validate(args) => match configured(args, env)? {
             Some(config) => validate_capture(&config),
             None => Ok(()),
@@ -169,34 +178,8 @@ fn apply(args: &CaptureArgs, env: Env<'_>, out: &mut dyn Write) -> Result<(), Er
     let Some(config) = resolve(*validated)? else {
         return Ok(());
     };
-    let families: Vec<Family> = if config.capture.ipv6 {
-        Family::ALL.to_vec()
-    } else {
-        vec![Family::V4]
-    };
-    let started = Instant::now();
-    let mut tools = IptablesTools::detect(run.force_backend, &families, run.xtables_wait)?;
-    tools.prepare(&families)?;
-    let ruleset = plan(&config.capture);
-    let mut routing = NetlinkRouting::default();
-    let summary = crate::apply::apply(&mut tools, &mut routing, &ruleset)?;
+    install(&config)?;
     crate::caps::drop_all()?;
-    let rules: Vec<String> = summary
-        .rules
-        .iter()
-        .map(|(family, table, count)| format!("{family}/{}={count}", table.name()))
-        .collect();
-    tracing::info!(
-        backend = tools.backend().name(),
-        rules = %rules.join(","),
-        converged = ?summary.converged,
-        routing_added = summary.routing_added,
-        routing_removed = summary.routing_removed,
-        processes = tools.processes_launched(),
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        peak_rss_kib = peak_rss_kib(),
-        "applied"
-    );
     if run.run_validation {
         validate_capture(&config)?;
     }
@@ -220,6 +203,40 @@ fn validate_capture(config: &Config) -> Result<(), Error> {
             .join(","),
     };
     crate::validate::run(&probe)?;
+    Ok(())
+}
+
+/// Plans `config` and applies it in the current network namespace: what the init
+/// container and the CNI plugin both do once the settings are known.
+pub fn install(config: &Config) -> Result<(), Error> {
+    let run = &config.run;
+    let families: Vec<Family> = if config.capture.ipv6 {
+        Family::ALL.to_vec()
+    } else {
+        vec![Family::V4]
+    };
+    let started = Instant::now();
+    let mut tools = IptablesTools::detect(run.force_backend, &families, run.xtables_wait)?;
+    tools.prepare(&families)?;
+    let ruleset = plan(&config.capture);
+    let mut routing = NetlinkRouting::default();
+    let summary = crate::apply::apply(&mut tools, &mut routing, &ruleset)?;
+    let rules: Vec<String> = summary
+        .rules
+        .iter()
+        .map(|(family, table, count)| format!("{family}/{}={count}", table.name()))
+        .collect();
+    tracing::info!(
+        backend = tools.backend().name(),
+        rules = %rules.join(","),
+        converged = ?summary.converged,
+        routing_added = summary.routing_added,
+        routing_removed = summary.routing_removed,
+        processes = tools.processes_launched(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        peak_rss_kib = peak_rss_kib(),
+        "applied"
+    );
     Ok(())
 }
 
@@ -256,7 +273,7 @@ fn cleanup(args: &CaptureArgs, env: Env<'_>) -> Result<(), Error> {
 }
 
 /// Removes meshinit's rules from both families (IPv6 when ip6tables exists) and routing.
-fn remove_everything(run: &RunOptions) -> Result<(), Error> {
+pub fn remove_everything(run: &RunOptions) -> Result<(), Error> {
     let started = Instant::now();
     let (mut tools, families) =
         match IptablesTools::detect(run.force_backend, &Family::ALL, run.xtables_wait) {

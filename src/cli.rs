@@ -97,6 +97,13 @@ pub enum Command {
     /// the connection. Outbound: `--dst 198.51.100.30:8200 [--uid 1000]`. Inbound:
     /// `--inbound --port 8080`.
     Explain(ExplainArgs),
+    /// Run as a chained CNI plugin (spec 1.0): the runtime sets CNI_COMMAND, CNI_NETNS,
+    /// CNI_ARGS and passes the network configuration on stdin.
+    ///
+    /// Install the binary in the CNI plugin directory as `meshinit-cni` (a symlink is
+    /// enough: invoked under that name, meshinit acts as this subcommand) and chain it
+    /// after the pod network's plugins.
+    Cni,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

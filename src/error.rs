@@ -28,6 +28,10 @@ pub enum Error {
     #[error("IPv6 is off for this pod, so there is no IPv6 ruleset; pass --ipv6 to plan one")]
     Ipv6Disabled,
 
+    /// Already reported to the runtime as CNI error JSON on stdout.
+    #[error("CNI command failed (details in the JSON result on stdout)")]
+    CniFailed(u8),
+
     #[error("writing the output failed")]
     Output(#[source] std::io::Error),
 }
@@ -59,6 +63,7 @@ impl Error {
             Error::NativeNftablesUnsupported => exit::UNSUPPORTED,
             Error::Validation(err) => err.exit_code(),
             Error::Output(_) => exit::IO,
+            Error::CniFailed(code) => *code,
         }
     }
 }

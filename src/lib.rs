@@ -8,6 +8,7 @@ pub mod app;
 pub mod apply;
 pub mod caps;
 pub mod cli;
+pub mod cni;
 pub mod config;
 pub mod error;
 pub mod explain;

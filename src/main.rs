@@ -7,7 +7,15 @@ use meshinit::cli::Cli;
 use meshinit::error::exit;
 
 fn main() -> ExitCode {
-    let cli = match Cli::parse_args(std::env::args_os().collect()) {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // A CNI runtime executes the plugin by its configured type name, with no arguments.
+    let invoked_as = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name());
+    if invoked_as.is_some_and(|name| name == "meshinit-cni") {
+        args.insert(1, "cni".into());
+    }
+    let cli = match Cli::parse_args(args) {
         Ok(cli) => cli,
         Err(err) => {
             let _ = err.print();

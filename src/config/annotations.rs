@@ -168,6 +168,89 @@ impl Annotations {
     }
 }
 
+/// Istio's CNI plugin always keeps these out of inbound capture (envoy's status, health and
+/// Prometheus ports), whatever the pod says.
+const CNI_ALWAYS_EXCLUDED_INBOUND: [&str; 3] = ["15020", "15021", "15090"];
+/// The CNI plugin's default outbound exclusion: the agent's status port.
+const CNI_DEFAULT_EXCLUDED_OUTBOUND: &str = "15020";
+
+impl Annotations {
+    /// Wraps annotations that came from somewhere other than a file (the CNI runtime).
+    pub fn from_map(source: &str, values: BTreeMap<String, String>) -> Annotations {
+        Annotations {
+            path: PathBuf::from(source),
+            values,
+        }
+    }
+
+    /// Adds to `raw` what Istio's CNI plugin derives for a pod (`NewRedirect`): its own
+    /// defaults, which differ from the injector's (15020 excluded outbound, 15020, 15021
+    /// and 15090 always excluded inbound), and DNS, dual-stack and invalid-drop from the
+    /// proxy's environment.
+    pub fn derive_cni(&self, raw: &mut RawSettings, proxy_env: &BTreeMap<String, String>) {
+        let mut set = |setting, key: &str, default: &str| {
+            raw.set_annotation(setting, key, self.get(key).unwrap_or(default));
+        };
+        set(Setting::InterceptionMode, INTERCEPTION_MODE, "REDIRECT");
+        set(Setting::OutboundCidrs, INCLUDE_OUTBOUND_IP_RANGES, "*");
+        set(
+            Setting::OutboundCidrsExclude,
+            EXCLUDE_OUTBOUND_IP_RANGES,
+            "",
+        );
+        set(Setting::InboundPorts, INCLUDE_INBOUND_PORTS, "*");
+        set(
+            Setting::OutboundPortsExclude,
+            EXCLUDE_OUTBOUND_PORTS,
+            CNI_DEFAULT_EXCLUDED_OUTBOUND,
+        );
+        set(Setting::OutboundPorts, INCLUDE_OUTBOUND_PORTS, "");
+        set(Setting::ExcludeInterfaces, EXCLUDE_INTERFACES, "");
+        let excluded = self
+            .get(EXCLUDE_INBOUND_PORTS)
+            .unwrap_or(CNI_DEFAULT_EXCLUDED_OUTBOUND);
+        let mut ports: Vec<&str> = Vec::new();
+        for port in excluded
+            .split(',')
+            .map(str::trim)
+            .chain(CNI_ALWAYS_EXCLUDED_INBOUND)
+            .filter(|p| !p.is_empty())
+        {
+            if !ports.contains(&port) {
+                ports.push(port);
+            }
+        }
+        raw.set_annotation(
+            Setting::InboundPortsExclude,
+            EXCLUDE_INBOUND_PORTS,
+            ports.join(","),
+        );
+        for key in [REROUTE_VIRTUAL_INTERFACES, KUBEVIRT_INTERFACES] {
+            if let Some(value) = self.get(key) {
+                raw.set_annotation(Setting::KubeVirtInterfaces, key, value);
+                break;
+            }
+        }
+        raw.set_annotation(Setting::ProxyUid, "(CNI default)", "1337");
+        raw.set_annotation(Setting::ProxyGid, "(CNI default)", "1337");
+        for (variable, settings) in [
+            (
+                "ISTIO_META_DNS_CAPTURE",
+                &[Setting::RedirectDns, Setting::CaptureAllDns][..],
+            ),
+            ("ISTIO_DUAL_STACK", &[Setting::DualStack][..]),
+            ("INVALID_DROP", &[Setting::DropInvalid][..]),
+        ] {
+            if let Some(value) = proxy_env.get(variable) {
+                for setting in settings {
+                    raw.set_annotation(*setting, variable, value.as_str());
+                }
+            }
+        }
+        raw.set_flag(Setting::CniMode, "true");
+    }
+}
+
 /// Go's `strconv.Unquote` for double-quoted and back-quoted strings.
 pub fn go_unquote(quoted: &str) -> Result<String, String> {
     if let Some(raw) = quoted.strip_prefix('`').and_then(|s| s.strip_suffix('`')) {
@@ -342,6 +425,28 @@ mod tests {
                 prop_assert_eq!(go_unquote(&quoted).unwrap(), value);
             }
         }
+    }
+
+    #[test]
+    fn cni_defaults_follow_istios_plugin() {
+        use crate::config::build::validate;
+        let mut raw = RawSettings::default();
+        let a = parse("traffic.sidecar.istio.io/excludeInboundPorts=\"8081,15021\"");
+        a.derive_cni(
+            &mut raw,
+            &BTreeMap::from([("ISTIO_META_DNS_CAPTURE".into(), "true".into())]),
+        );
+        let v = validate(&raw, &|_| None).unwrap();
+        let text = format!("{v:?}");
+        assert!(
+            text.contains("AllExcept([Port(8081), Port(15021), Port(15020), Port(15090)])"),
+            "{text}"
+        );
+        assert!(
+            text.contains("outbound_ports_exclude: [Port(15020)]"),
+            "{text}"
+        );
+        assert!(v.run_options().cni_mode);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! Tests that need root and real network namespaces skip with a printed reason when run
 //! unprivileged on a laptop, and fail under CI (`CI=true`), where they must run.
 
+mod cni;
 mod e2e;
 mod golden;
 mod lifecycle;

@@ -42,6 +42,9 @@ pub struct Setup<'a> {
     pub env: &'a [(&'a str, &'a str)],
     pub sidecar: Sidecar,
     pub vm: bool,
+    /// Install the rules as a CNI runtime would (this network configuration, ADD), not with
+    /// `meshinit apply`; `args` then describe the same settings, for `meshinit explain`.
+    pub cni_config: Option<String>,
 }
 
 impl<'a> Setup<'a> {
@@ -51,7 +54,13 @@ impl<'a> Setup<'a> {
             env: &[],
             sidecar: Sidecar::Redirect,
             vm: false,
+            cni_config: None,
         }
+    }
+
+    pub fn via_cni(mut self, config: String) -> Self {
+        self.cni_config = Some(config);
+        self
     }
 
     pub fn env(mut self, env: &'a [(&'a str, &'a str)]) -> Self {
@@ -212,7 +221,19 @@ impl Lab {
             ));
         }
         let args: Vec<&str> = setup.args.iter().map(String::as_str).collect();
-        apply(&topo.pod, &args, setup.env);
+        match &setup.cni_config {
+            Some(config) => {
+                let result = super::cni::invoke(&topo.pod, "ADD", config);
+                assert_eq!(
+                    result.code,
+                    Some(0),
+                    "CNI ADD failed: {}\n{}",
+                    result.stdout,
+                    result.stderr
+                );
+            }
+            None => apply(&topo.pod, &args, setup.env),
+        }
         Lab {
             _servers: servers,
             topo,

@@ -3,6 +3,7 @@
 //! Everything that touches the kernel happens inside namespaces created here and deleted by
 //! guards, never in the namespace the tests run in.
 
+pub mod cni;
 pub mod lab;
 pub mod meshinit;
 pub mod netns;
