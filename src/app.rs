@@ -420,20 +420,6 @@ fn explain_connection(args: &ExplainArgs, env: Env<'_>, out: &mut dyn Write) -> 
     out.write_all(text.as_bytes()).map_err(Error::Output)
 }
 
-fn json_string(text: &str) -> String {
-    let mut out = String::from("\"");
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
 fn explanation_json(explanation: &crate::explain::Explanation, family: Family) -> String {
     let (verdict, port) = match explanation.verdict {
         Verdict::Redirected { port } => ("redirected", Some(port)),
@@ -441,16 +427,14 @@ fn explanation_json(explanation: &crate::explain::Explanation, family: Family) -
         Verdict::Direct => ("direct", None),
         Verdict::Dropped => ("dropped", None),
     };
-    let rules: Vec<String> = explanation
-        .steps
-        .iter()
-        .map(|step| json_string(&step.to_string()))
-        .collect();
-    format!(
-        "{{\"verdict\":\"{verdict}\",\"port\":{},\"family\":\"{family}\",\"rules\":[{}]}}\n",
-        port.map_or("null".to_owned(), |p| p.to_string()),
-        rules.join(",")
-    )
+    let rules: Vec<String> = explanation.steps.iter().map(ToString::to_string).collect();
+    let json = serde_json::json!({
+        "verdict": verdict,
+        "port": port,
+        "family": family.name(),
+        "rules": rules,
+    });
+    format!("{json}\n")
 }
 
 fn explanation_text(

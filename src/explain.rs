@@ -250,36 +250,17 @@ fn iface_matches(pattern: &str, name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{
-        CaptureConfig, DnsCapture, InboundCapture, InterceptionMode, OutboundInclude, OwnerGroups,
-    };
+    use crate::config::{CaptureConfig, InboundCapture, InterceptionMode, OutboundInclude};
     use crate::rules::model::Port;
     use crate::rules::plan::plan;
 
+    /// The injector's default: everything captured but Istio's own inbound ports.
     fn injector_default() -> CaptureConfig {
         let port = |p| Port::new(p).unwrap();
-        CaptureConfig {
-            proxy_port: port(15001),
-            inbound_capture_port: port(15006),
-            inbound_tunnel_port: port(15008),
-            proxy_uids: vec![Owner::Id(1337)],
-            proxy_gids: vec![Owner::Id(1337)],
-            interception: InterceptionMode::Redirect,
-            tproxy_mark: 1337,
-            tproxy_route_table: 133,
-            inbound: InboundCapture::AllExcept(vec![port(15090), port(15021), port(15020)]),
-            outbound_include: OutboundInclude::All,
-            outbound_exclude: vec![],
-            outbound_ports_include: vec![],
-            outbound_ports_exclude: vec![],
-            kube_virt_interfaces: vec![],
-            exclude_interfaces: vec![],
-            dns: DnsCapture::Off,
-            drop_invalid: false,
-            ipv6: false,
-            owner_groups: OwnerGroups::AllExcept(vec![]),
-            host_ipv4_loopback: "127.0.0.1/32".parse().unwrap(),
-        }
+        let mut cfg = crate::rules::plan::tests::base();
+        cfg.inbound = InboundCapture::AllExcept(vec![port(15090), port(15021), port(15020)]);
+        cfg.outbound_include = OutboundInclude::All;
+        cfg
     }
 
     fn outbound(dst: &str, port: u16, uid: u32) -> Packet {

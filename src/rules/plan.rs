@@ -543,21 +543,16 @@ impl Planner<'_> {
             OUTPUT,
             rule(vec![], jump(IstioChain::OutputDns)),
         );
-        if all || !v4.is_empty() {
-            self.b.append(
-                Families::V4,
-                Table::Nat,
-                ISTIO_OUTPUT,
-                rule(vec![], jump(IstioChain::OutputDns)),
-            );
-        }
-        if all || !v6.is_empty() {
-            self.b.append(
-                Families::V6,
-                Table::Nat,
-                ISTIO_OUTPUT,
-                rule(vec![], jump(IstioChain::OutputDns)),
-            );
+        // Only a family with servers to capture (or capture-all) jumps to the DNS chain.
+        for (servers, families) in [(&v4, Families::V4), (&v6, Families::V6)] {
+            if all || !servers.is_empty() {
+                self.b.append(
+                    families,
+                    Table::Nat,
+                    ISTIO_OUTPUT,
+                    rule(vec![], jump(IstioChain::OutputDns)),
+                );
+            }
         }
         for p in [Protocol::Tcp, Protocol::Udp] {
             if all {
@@ -884,7 +879,8 @@ pub(crate) mod tests {
         Port::new(p).unwrap()
     }
 
-    fn base() -> CaptureConfig {
+    /// Istio's base test configuration: proxy 1337, nothing captured.
+    pub(crate) fn base() -> CaptureConfig {
         CaptureConfig {
             proxy_port: port(15001),
             inbound_capture_port: port(15006),

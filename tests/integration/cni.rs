@@ -7,7 +7,7 @@ use crate::support::cni::{config_for, invoke};
 use crate::support::lab::{tcp, Client::*, Expect, Lab, Setup, Sidecar};
 use crate::support::meshinit::{command, run};
 use crate::support::netns::NetNs;
-use crate::support::require_root;
+use crate::support::{injector_args, require_root};
 
 /// What Istio's CNI plugin derives for a pod annotated only to exclude Vault's port:
 /// 15020 joins 15021 and 15090 inbound, and the annotation replaces the default 15020
@@ -176,29 +176,13 @@ fn validation_container_passes_after_cni_add() {
         "--inh-caps=-all",
         "--bounding-set=-all",
     ];
-    let validation = [
-        "istio-iptables",
-        "-p",
-        "15001",
-        "-z",
-        "15006",
-        "-u",
-        "1337",
-        "-m",
-        "REDIRECT",
-        "-i",
-        "*",
-        "-x",
-        "",
-        "-b",
-        "*",
-        "-d",
-        "15090,15021,15020",
+    let mut validation = vec!["istio-iptables"];
+    validation.extend(injector_args(&[
         "--no-ipv6",
         "--run-validation",
         "--skip-rule-apply",
         "--probe-timeout=1s",
-    ];
+    ]));
     run(command(&ns, &as_proxy, &validation)).assert_exit(126);
     assert_eq!(invoke(&ns, "ADD", &vault_excluded()).code, Some(0));
     run(command(&ns, &as_proxy, &validation)).assert_exit(0);

@@ -15,9 +15,9 @@ use crate::support::lab::Client::{App, Peer};
 use crate::support::lab::{tcp, Expect, Lab, Setup};
 use crate::support::meshinit::{self, Ran};
 use crate::support::netns::{NetNs, NetNsGroup};
-use crate::support::require_root;
 use crate::support::scratch::ScratchDir;
 use crate::support::state::{assert_same_state, normalise_save, Backend, State, ROUTING_TAG};
+use crate::support::{injector_args, require_root};
 
 /// Config A: rich and dual-stack. TPROXY inbound on every port but Istio's own, outbound
 /// everywhere but 198.51.100.0/24, an excluded and a KubeVirt interface, DNS capture of one
@@ -60,29 +60,6 @@ const CONFIG_B: &[&str] = &[
     "--dns-servers",
     "",
     "--ipv6",
-];
-
-/// Istio's injector arguments, IPv4 only, no DNS servers from the host.
-const INJECTOR: &[&str] = &[
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15021,15020",
-    "--no-ipv6",
-    "--dns-servers",
-    "",
 ];
 
 /// `subcommand CONFIG… --force-iptables-binary BACKEND EXTRA…`
@@ -725,7 +702,8 @@ fn apply_in_many_pods(backend: Backend) {
     let group = NetNsGroup::new("many", PODS + 1);
     let (reference, pods) = group.members().split_first().expect("namespaces");
     let created = started.elapsed();
-    let args = args("apply", INJECTOR, backend, &[]);
+    let injector = injector_args(&["--no-ipv6", "--dns-servers", ""]);
+    let args = args("apply", &injector, backend, &[]);
     run(reference, &args).assert_exit(0);
     let expected = saved_v4(reference, backend);
     assert!(

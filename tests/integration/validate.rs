@@ -4,7 +4,7 @@
 
 use crate::support::meshinit::{apply, command, run};
 use crate::support::netns::NetNs;
-use crate::support::require_root;
+use crate::support::{injector_args, require_root};
 
 /// Runs as the proxy would in Istio's validation container: uid and gid 1337, no
 /// capabilities at all.
@@ -77,25 +77,7 @@ fn run_validation_with_skip_rule_apply_only_validates() {
     }
     // Istio's CNI-mode validation container: the same args, plus these two flags.
     let ns = pod("cnival");
-    let injector = [
-        "-p",
-        "15001",
-        "-z",
-        "15006",
-        "-u",
-        "1337",
-        "-m",
-        "REDIRECT",
-        "-i",
-        "*",
-        "-x",
-        "",
-        "-b",
-        "*",
-        "-d",
-        "15090,15021,15020",
-        "--no-ipv6",
-    ];
+    let injector = injector_args(&["--no-ipv6"]);
     let mut args = vec!["istio-iptables"];
     args.extend_from_slice(&injector);
     args.extend_from_slice(&[

@@ -18,6 +18,22 @@ use std::process::{Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+/// The `istio-iptables` arguments Istio's injector gives istio-init by default.
+#[rustfmt::skip]
+pub const INJECTOR_DEFAULT: &[&str] = &[
+    "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b",
+    "*", "-d", "15090,15021,15020",
+];
+
+/// `INJECTOR_DEFAULT` followed by `extra`.
+pub fn injector_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    INJECTOR_DEFAULT
+        .iter()
+        .copied()
+        .chain(extra.iter().copied())
+        .collect()
+}
+
 /// Programs a real-kernel test needs besides root.
 const REQUIRED_PROGRAMS: [&str; 3] = ["ip", "iptables", "setpriv"];
 
