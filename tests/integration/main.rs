@@ -7,5 +7,6 @@ mod cni;
 mod e2e;
 mod golden;
 mod lifecycle;
+mod lock;
 mod support;
 mod validate;
