@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::time::Instant;
 
-use crate::apply::{IptablesTools, Netfilter as _, NetlinkRouting};
+use crate::apply::{IptablesTools, Netfilter as _, NetlinkRouting, NftTool, Nftables as _};
 use crate::cli::{
     CaptureArgs, Cli, Command, ExplainArgs, FamilyArg, OutputFormat, PrintArgs, ProtoArg,
 };
@@ -84,6 +84,22 @@ fn print(args: &PrintArgs, env: Env<'_>, out: &mut dyn Write) -> Result<(), Erro
     let Some(config) = configured(&args.capture, env)? else {
         return Ok(());
     };
+    if config.run.native_nftables {
+        if let Some(family) = args.family {
+            let value = match family {
+                FamilyArg::Ipv4 => "ipv4",
+                FamilyArg::Ipv6 => "ipv6",
+            };
+            return Err(flag_error(
+                "family",
+                value,
+                "--native-nftables plans one inet ruleset for both families; leave --family out",
+            ));
+        }
+        let text =
+            crate::rules::nft::render::render_plan(&crate::rules::nft::plan(&config.capture));
+        return out.write_all(text.as_bytes()).map_err(Error::Output);
+    }
     let ruleset = plan(&config.capture);
     let text = match args.family {
         None => render_plan(&ruleset),
@@ -106,13 +122,7 @@ fn configured(args: &CaptureArgs, env: Env<'_>) -> Result<Option<Config>, Error>
             tracing::info!("{reason}; nothing to do");
             Ok(None)
         }
-        Prepared::Ready(validated) => {
-            let config = resolve(*validated)?;
-            if config.as_ref().is_some_and(|c| c.run.native_nftables) {
-                return Err(Error::NativeNftablesUnsupported);
-            }
-            Ok(config)
-        }
+        Prepared::Ready(validated) => resolve(*validated),
     }
 }
 
@@ -151,15 +161,16 @@ fn apply(args: &CaptureArgs, env: Env<'_>, out: &mut dyn Write) -> Result<(), Er
         Prepared::Ready(validated) => validated,
     };
     let run = validated.run_options().clone();
-    if run.native_nftables {
-        return Err(Error::NativeNftablesUnsupported);
-    }
     if run.dry_run {
         let Some(config) = resolve(*validated)? else {
             return Ok(());
         };
         tracing::info!("dry run: printing the plan, changing nothing");
-        let text = render_plan(&plan(&config.capture));
+        let text = if run.native_nftables {
+            crate::rules::nft::render::render_plan(&crate::rules::nft::plan(&config.capture))
+        } else {
+            render_plan(&plan(&config.capture))
+        };
         return out.write_all(text.as_bytes()).map_err(Error::Output);
     }
     if run.skip_rule_apply {
@@ -209,6 +220,9 @@ fn validate_capture(config: &Config) -> Result<(), Error> {
 /// Plans `config` and applies it in the current network namespace: what the init
 /// container and the CNI plugin both do once the settings are known.
 pub fn install(config: &Config) -> Result<(), Error> {
+    if config.run.native_nftables {
+        return install_nftables(config);
+    }
     let run = &config.run;
     let families: Vec<Family> = if config.capture.ipv6 {
         Family::ALL.to_vec()
@@ -233,6 +247,32 @@ pub fn install(config: &Config) -> Result<(), Error> {
         routing_added = summary.routing_added,
         routing_removed = summary.routing_removed,
         processes = tools.processes_launched(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        peak_rss_kib = peak_rss_kib(),
+        "applied"
+    );
+    Ok(())
+}
+
+/// `install` for `--native-nftables`: one `nft -f -` transaction for both families.
+fn install_nftables(config: &Config) -> Result<(), Error> {
+    let started = Instant::now();
+    let mut nft = NftTool::new();
+    nft.require()?;
+    let ruleset = crate::rules::nft::plan(&config.capture);
+    let summary = crate::apply::apply_nftables(&mut nft, &mut NetlinkRouting::default(), &ruleset)?;
+    let rules: Vec<String> = summary
+        .rules
+        .iter()
+        .map(|(table, count)| format!("inet/{}={count}", table.name()))
+        .collect();
+    tracing::info!(
+        backend = "nftables",
+        rules = %rules.join(","),
+        converged = summary.converged,
+        routing_added = summary.routing_added,
+        routing_removed = summary.routing_removed,
+        processes = nft.processes_launched(),
         elapsed_ms = started.elapsed().as_millis() as u64,
         peak_rss_kib = peak_rss_kib(),
         "applied"
@@ -272,9 +312,23 @@ fn cleanup(args: &CaptureArgs, env: Env<'_>) -> Result<(), Error> {
     remove_everything(&run)
 }
 
-/// Removes meshinit's rules from both families (IPv6 when ip6tables exists) and routing.
+/// Removes meshinit's rules from both families (IPv6 when ip6tables exists), its nftables
+/// tables (`--native-nftables`: only those), and routing.
 pub fn remove_everything(run: &RunOptions) -> Result<(), Error> {
     let started = Instant::now();
+    let mut nft = NftTool::new();
+    if run.native_nftables {
+        let removed = crate::apply::cleanup_native(&mut nft, &mut NetlinkRouting::default())?;
+        crate::caps::drop_all()?;
+        tracing::info!(
+            backend = "nftables",
+            removed,
+            processes = nft.processes_launched(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "cleaned up"
+        );
+        return Ok(());
+    }
     let (mut tools, families) =
         match IptablesTools::detect(run.force_backend, &Family::ALL, run.xtables_wait) {
             Ok(tools) => (tools, Family::ALL.to_vec()),
@@ -285,12 +339,14 @@ pub fn remove_everything(run: &RunOptions) -> Result<(), Error> {
                 (tools, vec![Family::V4])
             }
         };
-    let removed = crate::apply::cleanup(&mut tools, &mut NetlinkRouting::default(), &families)?;
+    let removed = crate::apply::cleanup(&mut tools, &mut NetlinkRouting::default(), &families);
+    // Tables an earlier --native-nftables run left: one netlink dump, nft only if there are.
+    let removed = removed? + crate::apply::cleanup_nftables(&mut nft)?;
     crate::caps::drop_all()?;
     tracing::info!(
         backend = tools.backend().name(),
         removed,
-        processes = tools.processes_launched(),
+        processes = tools.processes_launched() + nft.processes_launched(),
         elapsed_ms = started.elapsed().as_millis() as u64,
         "cleaned up"
     );

@@ -22,9 +22,6 @@ pub enum Error {
     #[error(transparent)]
     Validation(#[from] crate::validate::ValidationError),
 
-    #[error("--native-nftables is not supported by this meshinit version yet; leave it out to use iptables")]
-    NativeNftablesUnsupported,
-
     #[error("IPv6 is off for this pod, so there is no IPv6 ruleset; pass --ipv6 to plan one")]
     Ipv6Disabled,
 
@@ -60,7 +57,6 @@ impl Error {
                 exit::ENVIRONMENT
             }
             Error::Apply(_) => exit::APPLY_FAILED,
-            Error::NativeNftablesUnsupported => exit::UNSUPPORTED,
             Error::Validation(err) => err.exit_code(),
             Error::Output(_) => exit::IO,
             Error::CniFailed(code) => *code,

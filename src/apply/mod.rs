@@ -5,12 +5,14 @@
 //! and the `::6` address, over netlink). Tests drive it with recording fakes.
 
 mod backend;
+mod nft;
 mod routing;
 
 use std::borrow::Cow;
 use std::time::Duration;
 
 pub use backend::{Backend, IptablesTools};
+pub use nft::{apply_nftables, cleanup_native, cleanup_nftables, NftSummary, NftTool, Nftables};
 pub use routing::NetlinkRouting;
 
 use crate::rules::iptables::{

@@ -13,6 +13,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 
+use crate::support::groups::GroupOverlay;
+
 /// (case, extra environment, meshinit args). The base of every Istio case is proxy uid and
 /// gid 1337, IPv6 off, no inbound or outbound capture; IPv6 and DNS servers are explicit so
 /// nothing depends on the machine running the test.
@@ -337,33 +339,6 @@ fn normalise_save(save: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-/// Gives `ip netns exec` in one namespace an /etc/group that knows the group names Istio's
-/// cases use (`java`, `ftp`), so iptables can resolve them without touching the host's.
-struct GroupOverlay {
-    dir: PathBuf,
-}
-
-impl GroupOverlay {
-    fn new(netns: &str) -> GroupOverlay {
-        let dir = PathBuf::from("/etc/netns").join(netns);
-        std::fs::create_dir_all(&dir).expect("create /etc/netns overlay");
-        let mut groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
-        for (name, gid) in [("java", 20001), ("ftp", 20002)] {
-            if !groups.lines().any(|l| l.starts_with(&format!("{name}:"))) {
-                groups.push_str(&format!("{name}:x:{gid}:\n"));
-            }
-        }
-        std::fs::write(dir.join("group"), groups).expect("write overlay group file");
-        GroupOverlay { dir }
-    }
-}
-
-impl Drop for GroupOverlay {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 /// Loads `input` into a fresh namespace with `backend`'s tools and returns what the

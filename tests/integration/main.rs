@@ -8,5 +8,6 @@ mod e2e;
 mod golden;
 mod lifecycle;
 mod lock;
+mod nft_golden;
 mod support;
 mod validate;

@@ -4,6 +4,7 @@
 //! guards, never in the namespace the tests run in.
 
 pub mod cni;
+pub mod groups;
 pub mod lab;
 pub mod meshinit;
 pub mod netns;
