@@ -3,6 +3,10 @@
 //! and checks which listener answered and what it saw as the original destination, the
 //! way Istio's own rules behave.
 //!
+//! Every scenario runs on both backends (`Backend`): iptables, and Istio's native nftables
+//! tables (`--native-nftables`); `meshinit explain`, which walks the iptables plan, must
+//! agree with the kernel on both.
+//!
 //! Needs root: skips with a reason otherwise, fails under `CI=true`.
 
 use crate::support::lab::Client::{App, AppGid, Peer, Proxy, Vm};
@@ -46,6 +50,54 @@ fn istio_args(overrides: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// Where a scenario's rules go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    /// iptables, on the backend detected (or forced) as Istio does.
+    Iptables,
+    /// Istio's native nftables tables, `--native-nftables`.
+    Nftables,
+}
+
+impl Backend {
+    /// `istio_args(overrides)`, on this backend.
+    fn args(self, overrides: &[&str]) -> Vec<String> {
+        let mut args = istio_args(overrides);
+        if self == Backend::Nftables {
+            args.push("--native-nftables".to_owned());
+        }
+        args
+    }
+}
+
+/// For each scenario, a module of two tests, `iptables` and `native_nftables`, each running
+/// `scenario(test name, backend)` (e.g. `e2e::dns_capture::native_nftables`).
+macro_rules! on_both_backends {
+    ($($scenario:ident,)*) => {
+        $(
+            mod $scenario {
+                use super::Backend;
+
+                #[test]
+                fn iptables() {
+                    super::$scenario(
+                        concat!(stringify!($scenario), "::iptables"),
+                        Backend::Iptables,
+                    );
+                }
+
+                #[test]
+                fn native_nftables() {
+                    super::$scenario(
+                        concat!(stringify!($scenario), "::native_nftables"),
+                        Backend::Nftables,
+                    );
+                }
+            }
+        )*
+    };
+}
+
 /// Captured by the sidecar's outbound listener, original destination kept.
 fn outbound(orig: &'static str) -> Expect {
     Expect::Captured { port: 15001, orig }
@@ -87,16 +139,16 @@ fn run_one(test: &str, setup: Setup<'_>, checks: &[Check]) {
     run(test, &[(setup, checks)]);
 }
 
-/// The injector's defaults, on the iptables backend `backend` forces (None: detected).
-/// A forced backend must hold the rules, and the other one none.
-fn default_redirect(test: &str, backend: Option<&str>) {
+/// The injector's defaults, on `backend` (for iptables, the binary `forced`; None:
+/// detected). The backend used must hold the rules, and the others none.
+fn default_redirect(test: &str, backend: Backend, forced: Option<&str>) {
     if !require_root(test) {
         return;
     }
-    let forced: Vec<&str> = backend
-        .map(|backend| vec!["--force-iptables-binary", backend])
+    let forced_args: Vec<&str> = forced
+        .map(|binary| vec!["--force-iptables-binary", binary])
         .unwrap_or_default();
-    let lab = Lab::start(&Setup::new(istio_args(&forced)));
+    let lab = Lab::start(&Setup::new(backend.args(&forced_args)));
     lab.check(&[
         tcp(App, VAULT, outbound(VAULT)),
         tcp(Proxy, VAULT, peer(VAULT)),
@@ -104,36 +156,49 @@ fn default_redirect(test: &str, backend: Option<&str>) {
         tcp(Peer, "192.0.2.2:15021", app("192.0.2.2:15021")),
         tcp(App, "127.0.0.1:9090", app("127.0.0.1:9090")),
     ]);
-    if let Some(backend) = backend {
-        for candidate in ["legacy", "nft"] {
-            let saved = lab.pod().run(&[&format!("iptables-{candidate}-save")]);
-            assert_eq!(
-                saved.contains("-j ISTIO_OUTPUT"),
-                candidate == backend,
-                "{test}: rules in iptables-{candidate}:\n{saved}"
-            );
-        }
+    if backend == Backend::Iptables && forced.is_none() {
+        return;
     }
+    for candidate in ["legacy", "nft"] {
+        let saved = lab.pod().run(&[&format!("iptables-{candidate}-save")]);
+        assert_eq!(
+            saved.contains("-j ISTIO_OUTPUT"),
+            forced == Some(candidate),
+            "{test}: rules in iptables-{candidate}:\n{saved}"
+        );
+    }
+    let tables = lab.pod().run(&["nft", "list", "tables"]);
+    assert_eq!(
+        tables.contains("table inet istio-proxy-nat"),
+        backend == Backend::Nftables,
+        "{test}: nftables tables:\n{tables}"
+    );
 }
 
 #[test]
 fn default_redirect_detected_backend() {
-    default_redirect("default_redirect_detected_backend", None);
+    default_redirect("default_redirect_detected_backend", Backend::Iptables, None);
 }
 
 #[test]
 fn default_redirect_legacy() {
-    default_redirect("default_redirect_legacy", Some("legacy"));
+    default_redirect("default_redirect_legacy", Backend::Iptables, Some("legacy"));
 }
 
 #[test]
 fn default_redirect_nft() {
-    default_redirect("default_redirect_nft", Some("nft"));
+    default_redirect("default_redirect_nft", Backend::Iptables, Some("nft"));
+}
+
+#[test]
+fn default_redirect_native_nftables() {
+    default_redirect("default_redirect_native_nftables", Backend::Nftables, None);
 }
 
 /// The `include` flags capture `chosen` and leave `other` alone; `exclude` does the reverse.
 fn include_then_exclude(
     test: &str,
+    backend: Backend,
     include: &[&str],
     exclude: &[&str],
     chosen: &'static str,
@@ -143,14 +208,14 @@ fn include_then_exclude(
         test,
         &[
             (
-                Setup::new(istio_args(include)),
+                Setup::new(backend.args(include)),
                 &[
                     tcp(App, chosen, outbound(chosen)),
                     tcp(App, other, peer(other)),
                 ],
             ),
             (
-                Setup::new(istio_args(exclude)),
+                Setup::new(backend.args(exclude)),
                 &[
                     tcp(App, chosen, peer(chosen)),
                     tcp(App, other, outbound(other)),
@@ -160,10 +225,10 @@ fn include_then_exclude(
     );
 }
 
-#[test]
-fn outbound_cidrs_include_and_exclude() {
+fn outbound_cidrs_include_and_exclude(test: &str, backend: Backend) {
     include_then_exclude(
-        "outbound_cidrs_include_and_exclude",
+        test,
+        backend,
         &["-i", "198.51.100.0/24"],
         &["-x", "198.51.100.30/32"],
         VAULT,
@@ -171,10 +236,10 @@ fn outbound_cidrs_include_and_exclude() {
     );
 }
 
-#[test]
-fn outbound_ports_include_and_exclude() {
+fn outbound_ports_include_and_exclude(test: &str, backend: Backend) {
     include_then_exclude(
-        "outbound_ports_include_and_exclude",
+        test,
+        backend,
         &["-i", "", "-q", "8200"],
         &["-o", "8200"],
         VAULT,
@@ -182,11 +247,10 @@ fn outbound_ports_include_and_exclude() {
     );
 }
 
-#[test]
-fn inbound_ports_include() {
+fn inbound_ports_include(test: &str, backend: Backend) {
     run_one(
-        "inbound_ports_include",
-        Setup::new(istio_args(&["-b", "8080"])),
+        test,
+        Setup::new(backend.args(&["-b", "8080"])),
         &[
             tcp(Peer, POD_8080, inbound(POD_8080)),
             tcp(Peer, "192.0.2.2:8081", app("192.0.2.2:8081")),
@@ -194,11 +258,10 @@ fn inbound_ports_include() {
     );
 }
 
-#[test]
-fn tproxy_inbound_keeps_client_address() {
+fn tproxy_inbound_keeps_client_address(test: &str, backend: Backend) {
     run_one(
-        "tproxy_inbound_keeps_client_address",
-        Setup::new(istio_args(&["-m", "TPROXY"])).sidecar(Sidecar::Tproxy),
+        test,
+        Setup::new(backend.args(&["-m", "TPROXY"])).sidecar(Sidecar::Tproxy),
         &[
             tcp(
                 Peer,
@@ -216,13 +279,12 @@ fn tproxy_inbound_keeps_client_address() {
     );
 }
 
-#[test]
-fn ipv6_dual_stack() {
+fn ipv6_dual_stack(test: &str, backend: Backend) {
     const PEER6: &str = "[2001:db8::1]:8200";
     const POD6_8080: &str = "[2001:db8::2]:8080";
     run_one(
-        "ipv6_dual_stack",
-        Setup::new(istio_args(&["--dual-stack", "--ipv6"])),
+        test,
+        Setup::new(backend.args(&["--dual-stack", "--ipv6"])),
         &[
             tcp(App, PEER6, outbound(PEER6)),
             tcp(Proxy, PEER6, peer(PEER6)),
@@ -232,17 +294,12 @@ fn ipv6_dual_stack() {
     );
 }
 
-#[test]
-fn dns_capture() {
+fn dns_capture(test: &str, backend: Backend) {
     run(
-        "dns_capture",
+        test,
         &[
             (
-                Setup::new(istio_args(&[
-                    "--redirect-dns",
-                    "--dns-servers",
-                    "192.0.2.1",
-                ])),
+                Setup::new(backend.args(&["--redirect-dns", "--dns-servers", "192.0.2.1"])),
                 &[
                     udp(App, DNS_SERVER, Expect::DnsProxy),
                     tcp(
@@ -259,7 +316,7 @@ fn dns_capture() {
                 ],
             ),
             (
-                Setup::new(istio_args(&[
+                Setup::new(backend.args(&[
                     "--redirect-dns",
                     "--capture-all-dns",
                     "--dns-servers",
@@ -274,11 +331,10 @@ fn dns_capture() {
     );
 }
 
-#[test]
-fn exclude_interface() {
+fn exclude_interface(test: &str, backend: Backend) {
     run_one(
-        "exclude_interface",
-        Setup::new(istio_args(&["-c", crate::support::topology::POD_IFACE])),
+        test,
+        Setup::new(backend.args(&["-c", crate::support::topology::POD_IFACE])),
         &[
             tcp(App, VAULT, peer(VAULT)),
             tcp(Peer, POD_8080, app(POD_8080)),
@@ -286,38 +342,37 @@ fn exclude_interface() {
     );
 }
 
-#[test]
-fn kube_virt_interface_traffic_is_outbound() {
+fn kube_virt_interface_traffic_is_outbound(test: &str, backend: Backend) {
     run(
-        "kube_virt_interface_traffic_is_outbound",
+        test,
         &[
             (
-                Setup::new(istio_args(&["-k", VM_IFACE])).with_vm(),
+                Setup::new(backend.args(&["-k", VM_IFACE])).with_vm(),
                 &[tcp(Vm, VAULT, outbound(VAULT))],
             ),
             // Without -k, the VM's traffic is just inbound TCP to the pod.
             (
-                Setup::new(istio_args(&[])).with_vm(),
+                Setup::new(backend.args(&[])).with_vm(),
                 &[tcp(Vm, VAULT, inbound(VAULT))],
             ),
         ],
     );
 }
 
-#[test]
-fn outbound_owner_groups() {
+fn outbound_owner_groups(test: &str, backend: Backend) {
     run(
-        "outbound_owner_groups",
+        test,
         &[
             (
-                Setup::new(istio_args(&[])).env(&[("ISTIO_OUTBOUND_OWNER_GROUPS", "2000")]),
+                Setup::new(backend.args(&[])).env(&[("ISTIO_OUTBOUND_OWNER_GROUPS", "2000")]),
                 &[
                     tcp(AppGid(2000), VAULT, outbound(VAULT)),
                     tcp(AppGid(3000), VAULT, peer(VAULT)),
                 ],
             ),
             (
-                Setup::new(istio_args(&[])).env(&[("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "3000")]),
+                Setup::new(backend.args(&[]))
+                    .env(&[("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "3000")]),
                 &[
                     tcp(AppGid(3000), VAULT, peer(VAULT)),
                     tcp(AppGid(2000), VAULT, outbound(VAULT)),
@@ -329,12 +384,11 @@ fn outbound_owner_groups() {
 
 /// An app init container runs before the sidecar: with the rules in place its connection to
 /// Vault goes nowhere, unless Vault is excluded by port or address, or it runs as the proxy.
-#[test]
-fn app_init_container_without_sidecar() {
+fn app_init_container_without_sidecar(test: &str, backend: Backend) {
     let no_sidecar =
-        |overrides: &[&str]| Setup::new(istio_args(overrides)).sidecar(Sidecar::Absent);
+        |overrides: &[&str]| Setup::new(backend.args(overrides)).sidecar(Sidecar::Absent);
     run(
-        "app_init_container_without_sidecar",
+        test,
         &[
             (
                 no_sidecar(&[]),
@@ -350,4 +404,17 @@ fn app_init_container_without_sidecar() {
             ),
         ],
     );
+}
+
+on_both_backends! {
+    outbound_cidrs_include_and_exclude,
+    outbound_ports_include_and_exclude,
+    inbound_ports_include,
+    tproxy_inbound_keeps_client_address,
+    ipv6_dual_stack,
+    dns_capture,
+    exclude_interface,
+    kube_virt_interface_traffic_is_outbound,
+    outbound_owner_groups,
+    app_init_container_without_sidecar,
 }

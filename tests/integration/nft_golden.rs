@@ -405,7 +405,9 @@ fn nft_cleanup_removes_exactly_meshinits_tables() {
     if !require_root("nft_cleanup_removes_exactly_meshinits_tables") {
         return;
     }
-    let foreign = "add table inet other\nadd chain inet other output { type filter hook output priority 0 ; }\nadd rule inet other output counter\n";
+    let foreign = "add table inet other\n\
+                   add chain inet other output { type filter hook output priority 0 ; }\n\
+                   add rule inet other output counter\n";
     for cleanup_args in [&[NATIVE][..], &[]] {
         let ns = pod_like("nc");
         nft_load(&ns, foreign, "another tool's table");

@@ -23,18 +23,24 @@ pub fn apply(ns: &NetNs, args: &[&str], env: &[(&str, &str)]) {
     expect_success(&what, run_bounded(&mut cmd, TIMEOUT));
 }
 
-/// Every iptables rule in `ns`, both backends, for failure messages.
+/// Every iptables rule in `ns`, both backends, and the nftables ruleset, for failure
+/// messages.
 pub fn dump_rules(ns: &NetNs) -> String {
     [
-        "iptables-legacy-save",
-        "iptables-nft-save",
-        "ip6tables-legacy-save",
-        "ip6tables-nft-save",
+        &["iptables-legacy-save"][..],
+        &["iptables-nft-save"],
+        &["ip6tables-legacy-save"],
+        &["ip6tables-nft-save"],
+        &["nft", "list", "ruleset"],
     ]
     .iter()
-    .map(|program| {
-        let output = ns.exec(&[program]);
-        format!("## {program}\n{}", String::from_utf8_lossy(&output.stdout))
+    .map(|argv| {
+        let output = ns.exec(argv);
+        format!(
+            "## {}\n{}",
+            argv.join(" "),
+            String::from_utf8_lossy(&output.stdout)
+        )
     })
     .collect()
 }
