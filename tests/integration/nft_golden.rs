@@ -359,7 +359,8 @@ fn nft_rerun_converges_to_a_fresh_apply() {
     }
     let fresh = applied(&[], &["-b", "*", "-i", "*"]);
     let ns = pod_like("nr");
-    // All three tables, TPROXY routing and IPv6, then the injector's REDIRECT default.
+    // All three tables, TPROXY routing and IPv6, then the injector's REDIRECT default: the
+    // listing (chains in the kernel's order, rules, hooks) must be a fresh apply's.
     run_ok(&ns, "apply", EVERY_TABLE);
     assert!(!tagged_routing(&ns).is_empty(), "TPROXY routing applied");
     run_ok(&ns, "apply", &["-b", "*", "-i", "*"]);
@@ -374,7 +375,10 @@ fn nft_rerun_converges_to_a_fresh_apply() {
         listing(&ns),
         fresh,
         "the same configuration again changes nothing"
-    );
+    ); // From a configuration with fewer chains (no nat prerouting without inbound capture).
+    run_ok(&ns, "apply", &["-b", "", "-i", "*"]);
+    run_ok(&ns, "apply", &["-b", "*", "-i", "*"]);
+    assert_eq!(listing(&ns), fresh, "chains new to the configuration");
 }
 
 #[test]

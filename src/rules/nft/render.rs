@@ -5,8 +5,8 @@
 //! chain` for each chain in use (base chains with their type, hook and priority), then the
 //! `add rule` / `insert rule ... index N` operations in Istio's order. `flush table` makes a
 //! re-run with the same configuration converge inside the transaction. When the table now
-//! holds chains the plan does not (an earlier configuration's), the table is deleted first,
-//! in the same transaction, so it ends up exactly as a fresh one; tables the plan no longer
+//! holds other chains than the plan's (an earlier configuration's), it is deleted first, in
+//! the same transaction, so it ends up exactly as a fresh one; tables the plan no longer
 //! uses are deleted. `add table` before each `delete table` makes a missing table no error.
 
 use std::fmt::Write as _;
@@ -28,12 +28,16 @@ const FAMILY: &str = "inet";
 pub fn render_transaction(ruleset: &NftRuleset, existing: Option<&ExistingTables>) -> String {
     let mut out = String::with_capacity(256 + ruleset.rule_count() * 96);
     for table in &ruleset.tables {
+        // Flushed, a table holding exactly the planned chains is as a fresh one would be;
+        // any other (an earlier configuration's) is rebuilt, so that stale chains go and
+        // new ones are not listed after the old.
         let rebuild = match existing {
             None => true,
             Some(existing) => existing.table(table.table).is_some_and(|chains| {
-                chains
+                !chains
                     .iter()
-                    .any(|name| !table.chains.iter().any(|c| c.name() == name))
+                    .map(String::as_str)
+                    .eq(table.chains.iter().map(|c| c.name()))
             }),
         };
         if rebuild {
@@ -384,6 +388,20 @@ add rule inet istio-proxy-nat istio-output ip daddr 127.0.0.1/32 counter return
         };
         let text = render_transaction(&plan(&base()), Some(&existing));
         assert_eq!(text, ISTIO_EMPTY);
+    }
+
+    #[test]
+    fn a_table_missing_planned_chains_is_rebuilt() {
+        let existing = ExistingTables {
+            tables: vec![(Table::Nat, vec!["output".to_owned()])],
+        };
+        let text = render_transaction(&plan(&base()), Some(&existing));
+        assert_eq!(
+            text,
+            format!(
+                "add table inet istio-proxy-nat\ndelete table inet istio-proxy-nat\n{ISTIO_EMPTY}"
+            )
+        );
     }
 
     #[test]
