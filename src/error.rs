@@ -44,8 +44,6 @@ pub mod exit {
     pub const APPLY_FAILED: u8 = 3;
     /// Writing output failed.
     pub const IO: u8 = 4;
-    /// A feature this build does not have.
-    pub const UNSUPPORTED: u8 = 5;
 }
 
 impl Error {

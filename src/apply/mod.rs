@@ -140,6 +140,10 @@ pub enum ApplyError {
     #[error("{program} failed: {stderr}")]
     Save { program: String, stderr: String },
 
+    /// A transaction covering both families (nftables' inet tables) was refused whole.
+    #[error("{program} rejected the ruleset, changing nothing: {stderr}")]
+    Rejected { program: String, stderr: String },
+
     #[error(
         "gave up after {}s waiting for the xtables lock (/run/xtables.lock) held by another \
          process; retry, or raise --xtables-wait", wait.as_secs()

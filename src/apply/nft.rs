@@ -130,13 +130,9 @@ impl Nftables for NftTool {
             return Ok(());
         }
         // nft's message names the input line (`/dev/stdin:LINE:COLUMNS`) and quotes it.
-        // `Save` is ApplyError's plain "PROGRAM failed: STDERR".
-        Err(ApplyError::Save {
+        Err(ApplyError::Rejected {
             program: "nft -f -".to_owned(),
-            stderr: format!(
-                "{}\n(one transaction: nothing was changed)",
-                String::from_utf8_lossy(&output.stderr).trim()
-            ),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
         })
     }
 
@@ -265,7 +261,7 @@ mod tests {
                 return Err(missing_nft());
             }
             if self.fail {
-                return Err(ApplyError::Save {
+                return Err(ApplyError::Rejected {
                     program: "nft".into(),
                     stderr: "refused".into(),
                 });

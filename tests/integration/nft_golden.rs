@@ -397,9 +397,8 @@ fn nft_refused_transaction_changes_nothing() {
         &[("ISTIO_OUTBOUND_OWNER_GROUPS", "no-such-group-meshinit")],
     ));
     ran.assert_exit(3).assert_stderr_mentions(&[
-        "nft -f - failed",
+        "nft -f - rejected the ruleset, changing nothing",
         "no-such-group-meshinit",
-        "nothing was changed",
     ]);
     assert_eq!((listing(&ns), tagged_routing(&ns)), before);
 }
