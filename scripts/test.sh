@@ -6,20 +6,35 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-needed=(iptables-legacy-restore iptables-nft-restore ip6tables-legacy-restore ip setpriv nft)
+# Each program the tests need, and the Debian package that has it. podman, runc and
+# mmdebstrap build meshinit's image offline and run it in pods (tests/integration/image.rs).
+declare -A package_of=(
+  [iptables-legacy-restore]=iptables [iptables-nft-restore]=iptables
+  [ip6tables-legacy-restore]=iptables [ip]=iproute2 [setpriv]=util-linux [nft]=nftables
+  [podman]=podman [runc]=runc [mmdebstrap]=mmdebstrap
+)
 missing=()
-for tool in "${needed[@]}"; do
+for tool in "${!package_of[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || missing+=("$tool")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
+  packages=$(for tool in "${missing[@]}"; do echo "${package_of[$tool]}"; done | sort -u | tr '\n' ' ')
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "test.sh: installing iptables, iproute2, nftables, util-linux (missing: ${missing[*]})"
+    echo "test.sh: installing $packages(missing: ${missing[*]})"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq iptables iproute2 nftables util-linux >/dev/null
+    # shellcheck disable=SC2086 # one word per package
+    apt-get install -y -qq $packages >/dev/null
   else
-    echo "test.sh: missing ${missing[*]}; kernel tests will skip (install iptables iproute2 nftables util-linux)"
+    echo "test.sh: missing ${missing[*]}; kernel and image tests will skip (install $packages)"
   fi
+fi
+# The Kubernetes manifests and the injection template are checked against the API schemas
+# (tests/integration/manifests.rs), offline, by kubernetes-validate.
+if ! python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
+  echo "test.sh: installing kubernetes-validate"
+  python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate==1.37.0 \
+    || echo "test.sh: could not install kubernetes-validate; the manifest tests will skip"
 fi
 
 cargo fmt --check

@@ -6,6 +6,7 @@
 mod cni;
 mod e2e;
 mod golden;
+mod image;
 mod lifecycle;
 mod lock;
 mod nft_golden;

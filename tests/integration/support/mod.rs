@@ -5,9 +5,11 @@
 
 pub mod cni;
 pub mod groups;
+pub mod k8s;
 pub mod lab;
 pub mod meshinit;
 pub mod netns;
+pub mod podman;
 pub mod procs;
 pub mod roles;
 pub mod scratch;

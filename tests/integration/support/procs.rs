@@ -178,6 +178,11 @@ pub fn connect(ns: &NetNs, creds: Option<Creds>, proto: Proto, target: &str) -> 
     let role = format!("client {} {target}", proto.as_str());
     // The client bounds connect and read itself; this only guards against a hang.
     let output = run_bounded(&mut helper_command(ns, creds, &role), CLIENT_TIMEOUT * 3);
+    client_outcome(&output)
+}
+
+/// What a `client` role's run reported, wherever it ran (a namespace, a container).
+pub fn client_outcome(output: &std::process::Output) -> Outcome {
     let stdout = String::from_utf8_lossy(&output.stdout);
     for line in stdout.lines() {
         if let Some(reply) = line.strip_prefix("REPLY ") {

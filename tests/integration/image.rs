@@ -1,0 +1,506 @@
+//! meshinit's real image, in a real pod lifecycle: the repository's Dockerfile is built
+//! offline (once per run, see `support::podman`), and podman runs pods the way a kubelet
+//! does: the meshinit image as the init container, with the securityContext Istio's
+//! injector gives istio-init, then a fake sidecar and an app, all sharing one network
+//! namespace built by the test (documentation addresses only, see `support::topology`).
+//!
+//! The sidecar and the app are this test binary's helper roles (`support::roles`), bind-
+//! mounted into containers of the Debian base image the build used.
+//!
+//! Needs root and podman: skips with a reason otherwise, fails under `CI=true`.
+
+use std::collections::HashMap;
+
+use crate::support::k8s::{INIT_CPU_LIMIT, INIT_MEMORY_BYTES};
+use crate::support::podman::{self, images, require_podman, CgroupParent, Container, Pod};
+use crate::support::procs::{connect, Background, Outcome, Proto, Reply};
+use crate::support::scratch::ScratchDir;
+use crate::support::topology::{Topology, PEER_IP};
+
+/// "Vault": a service outside the mesh, on the peer.
+const VAULT: &str = "198.51.100.30:8200";
+/// The app's port, reached from the peer.
+const POD_8080: &str = "192.0.2.2:8080";
+/// The image must stay under this (Istio's proxyv2, which istio-init uses, is ~160 MB).
+const MAX_IMAGE_BYTES: u64 = 10_000_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Redirect,
+    Tproxy,
+}
+
+impl Mode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Mode::Redirect => "REDIRECT",
+            Mode::Tproxy => "TPROXY",
+        }
+    }
+}
+
+/// The init container's args, exactly as Istio's injector renders them for a pod without
+/// annotations (pkg/kube/inject/testdata/inject/hello.yaml.injected), in `mode`.
+fn injector_args(mode: Mode) -> Vec<&'static str> {
+    vec![
+        "istio-iptables",
+        "-p",
+        "15001",
+        "-z",
+        "15006",
+        "-u",
+        "1337",
+        "-m",
+        mode.as_str(),
+        "-i",
+        "*",
+        "-x",
+        "",
+        "-b",
+        "*",
+        "-d",
+        "15090,15021,15020",
+        "--log_output_level=default:info",
+    ]
+}
+
+/// podman's spelling of the init container's securityContext and resources, as in
+/// manifests/: run as root, no privilege escalation, read-only root filesystem (and no
+/// tmpfs podman would add), every capability dropped and, when `granted`, NET_ADMIN and
+/// NET_RAW added; the manifests' CPU and memory limits.
+fn init_options(granted: bool, cgroup: &CgroupParent) -> Vec<String> {
+    let mut options: Vec<String> = [
+        "--init-ctr=always",
+        "--user=0:0",
+        "--security-opt=no-new-privileges",
+        "--read-only",
+        "--read-only-tmpfs=false",
+        "--cap-drop=all",
+        // Only the container in the cgroup, not podman's monitor, for the memory peak.
+        "--cgroups=no-conmon",
+    ]
+    .map(String::from)
+    .into();
+    if granted {
+        options.push("--cap-add=NET_ADMIN,NET_RAW".to_owned());
+    }
+    options.extend([
+        format!("--cgroup-parent={}", cgroup.path()),
+        format!("--memory={INIT_MEMORY_BYTES}"),
+        format!("--cpus={INIT_CPU_LIMIT}"),
+    ]);
+    options
+}
+
+/// The sidecar: Envoy's outbound and inbound listeners. Under REDIRECT it runs as
+/// 1337:1337 with no capability; under TPROXY as Istio runs it, uid 0, gid 1337, with
+/// NET_ADMIN only, for the transparent inbound listener.
+fn sidecar(mode: Mode) -> (Vec<&'static str>, String) {
+    let (options, inbound) = match mode {
+        Mode::Redirect => (vec!["--user=1337:1337", "--cap-drop=all"], "tcp"),
+        Mode::Tproxy => (
+            vec!["--user=0:1337", "--cap-drop=all", "--cap-add=NET_ADMIN"],
+            "tproxy",
+        ),
+    };
+    let spec = format!("serve sidecar tcp:0.0.0.0:15001 {inbound}:0.0.0.0:15006");
+    (options, spec)
+}
+
+/// The app: uid 1000, no capability, serving 8080 (which the capture sends to the
+/// sidecar instead).
+const APP_OPTIONS: [&str; 2] = ["--user=1000:1000", "--cap-drop=all"];
+const APP_SPEC: &str = "serve app tcp:0.0.0.0:8080";
+
+/// A pod in `topo.pod`'s namespace with meshinit's image as its init container (args for
+/// `mode`, plus `extra`), a sidecar and an app; not started.
+fn meshed_pod(
+    topo: &Topology,
+    mode: Mode,
+    granted: bool,
+    extra: &[&str],
+    cgroup: &CgroupParent,
+) -> Pod {
+    let images = images();
+    let pod = Pod::new("pod", &topo.pod);
+    let options = init_options(granted, cgroup);
+    let options: Vec<&str> = options.iter().map(String::as_str).collect();
+    let mut args = injector_args(mode);
+    args.extend_from_slice(extra);
+    pod.create("init", &options, &images.meshinit, &args);
+    let (sidecar_options, sidecar_spec) = sidecar(mode);
+    pod.create_helper("sidecar", &sidecar_options, &images.base, &sidecar_spec);
+    pod.create_helper("app", &APP_OPTIONS, &images.base, APP_SPEC);
+    pod
+}
+
+fn answered(outcome: &Outcome) -> Option<&Reply> {
+    match outcome {
+        Outcome::Answered(reply) => Some(reply),
+        Outcome::Failed(_) => None,
+    }
+}
+
+/// Starts a pod that must come up, and checks its traffic: the app's connection to Vault
+/// reaches the sidecar's outbound listener with Vault as original destination; the peer's
+/// connection to the app's 8080 reaches the inbound listener (REDIRECT: original
+/// destination kept; TPROXY: the listener's own address is 8080's, the client's address
+/// is kept); the sidecar's own connection to Vault is not captured. Returns the init
+/// container's logs.
+fn check_meshed_pod(test: &str, topo: &Topology, pod: &Pod, mode: Mode) -> String {
+    let started = pod.start();
+    let init_logs = pod.logs("init");
+    assert!(
+        started.status.success(),
+        "{test}: pod start failed ({}): {}\ninit container:\n{init_logs}",
+        started.status,
+        String::from_utf8_lossy(&started.stderr)
+    );
+    assert_eq!(pod.state("init").exit_code, 0, "{test}: {init_logs}");
+    pod.wait_ready("sidecar");
+    pod.wait_ready("app");
+
+    let outbound = pod.connect("app", "1000:1000", Proto::Tcp, VAULT);
+    let inbound = connect(&topo.peer, None, Proto::Tcp, POD_8080);
+    let proxy_own = pod.connect("sidecar", "1337:1337", Proto::Tcp, VAULT);
+
+    let mut wrong = Vec::new();
+    let outbound_ok = answered(&outbound).is_some_and(|r| {
+        r.by == "sidecar" && r.port == 15001 && r.orig.is_some_and(|o| o.to_string() == VAULT)
+    });
+    if !outbound_ok {
+        wrong.push(format!(
+            "app → {VAULT}: expected the sidecar's 15001 with original destination {VAULT}, got {outbound:?}"
+        ));
+    }
+    let inbound_ok = answered(&inbound).is_some_and(|r| {
+        r.by == "sidecar"
+            && r.port == 15006
+            && match mode {
+                Mode::Redirect => r.orig.is_some_and(|o| o.to_string() == POD_8080),
+                Mode::Tproxy => {
+                    r.local.to_string() == POD_8080 && r.client.ip().to_string() == PEER_IP
+                }
+            }
+    });
+    if !inbound_ok {
+        wrong.push(format!(
+            "peer → {POD_8080}: expected the sidecar's 15006 ({mode:?}), got {inbound:?}"
+        ));
+    }
+    let proxy_ok =
+        answered(&proxy_own).is_some_and(|r| r.by == "peer" && r.local.to_string() == VAULT);
+    if !proxy_ok {
+        wrong.push(format!(
+            "sidecar (1337) → {VAULT}: expected the peer itself, got {proxy_own:?}"
+        ));
+    }
+    assert!(
+        wrong.is_empty(),
+        "{test}:\n{}\ninit container:\n{init_logs}\nrules in the pod:\n{}",
+        wrong.join("\n"),
+        crate::support::meshinit::dump_rules(&topo.pod)
+    );
+    init_logs
+}
+
+/// Reports the init container's memory peak, and fails if it comes near the manifests'
+/// limit (it ran under that limit too, so an overrun would have been killed).
+fn check_memory(test: &str, cgroup: &CgroupParent) {
+    let peak = cgroup.peak_memory();
+    eprintln!(
+        "{test}: init container memory peak {:.1} MiB (limit {} MiB)",
+        peak as f64 / f64::from(1 << 20),
+        INIT_MEMORY_BYTES >> 20
+    );
+    assert!(
+        peak < INIT_MEMORY_BYTES / 2,
+        "{test}: the init container's memory peak, {peak} bytes, leaves less than half of \
+         the manifests' limit ({INIT_MEMORY_BYTES}) spare"
+    );
+}
+
+/// A fresh pod in `mode`, init container args `extra` added: traffic is captured, and the
+/// init container's memory stays well inside the manifests' limit. Returns the init
+/// container's logs and the namespace's nftables ruleset.
+fn pod_lifecycle(test: &str, mode: Mode, extra: &[&str]) -> Option<(String, String)> {
+    if !require_podman(test) {
+        return None;
+    }
+    let topo = Topology::builder().build();
+    let _vault = Background::serve(&topo.peer, None, "peer", &[format!("tcp:{VAULT}")]);
+    let cgroup = CgroupParent::new("init");
+    let pod = meshed_pod(&topo, mode, true, extra, &cgroup);
+    let logs = check_meshed_pod(test, &topo, &pod, mode);
+    check_memory(test, &cgroup);
+    Some((logs, topo.pod.run(&["nft", "list", "ruleset"])))
+}
+
+#[test]
+fn pod_redirect() {
+    let test = "pod_redirect";
+    if let Some((logs, _)) = pod_lifecycle(test, Mode::Redirect, &[]) {
+        assert!(
+            logs.contains("backend=\"iptables-nft\""),
+            "{test}: expected the nft backend in a fresh namespace:\n{logs}"
+        );
+    }
+}
+
+#[test]
+fn pod_tproxy() {
+    let test = "pod_tproxy";
+    if let Some((_, ruleset)) = pod_lifecycle(test, Mode::Tproxy, &[]) {
+        assert!(
+            ruleset.contains("table ip mangle") && ruleset.contains("TPROXY"),
+            "{test}: expected TPROXY rules in the mangle table:\n{ruleset}"
+        );
+    }
+}
+
+/// Istio's `global.nativeNftables: true` adds `--native-nftables`: the image's `nft` runs.
+#[test]
+fn pod_native_nftables() {
+    let test = "pod_native_nftables";
+    if let Some((_, ruleset)) = pod_lifecycle(test, Mode::Redirect, &["--native-nftables"]) {
+        assert!(
+            ruleset.contains("table inet istio-proxy-nat") && !ruleset.contains("ISTIO_OUTPUT"),
+            "{test}: expected Istio's inet tables and no iptables chains:\n{ruleset}"
+        );
+    }
+}
+
+/// A namespace where something (a CNI plugin, say) already used iptables-legacy: meshinit
+/// follows it, as Istio does, and iptables-legacy's lock must work on the read-only root.
+#[test]
+fn pod_legacy_backend_on_read_only_root() {
+    let test = "pod_legacy_backend_on_read_only_root";
+    if !require_podman(test) {
+        return;
+    }
+    let topo = Topology::builder().build();
+    topo.pod.run(&[
+        "iptables-legacy",
+        "-t",
+        "filter",
+        "-A",
+        "INPUT",
+        "-p",
+        "icmp",
+        "-j",
+        "ACCEPT",
+    ]);
+    let _vault = Background::serve(&topo.peer, None, "peer", &[format!("tcp:{VAULT}")]);
+    let cgroup = CgroupParent::new("init");
+    let pod = meshed_pod(&topo, Mode::Redirect, true, &[], &cgroup);
+    let logs = check_meshed_pod(test, &topo, &pod, Mode::Redirect);
+    assert!(
+        logs.contains("backend=\"iptables-legacy\""),
+        "{test}: expected the legacy backend:\n{logs}"
+    );
+    let saved = topo.pod.run(&["iptables-legacy-save"]);
+    assert!(
+        saved.contains("-j ISTIO_OUTPUT") && saved.contains("-p icmp -j ACCEPT"),
+        "{test}: expected meshinit's rules beside the earlier one:\n{saved}"
+    );
+}
+
+/// The same pod without NET_ADMIN and NET_RAW: the init container fails with meshinit's
+/// message naming both, changes nothing, and neither the sidecar nor the app ever starts.
+#[test]
+fn pod_without_capabilities_never_starts() {
+    let test = "pod_without_capabilities_never_starts";
+    if !require_podman(test) {
+        return;
+    }
+    for mode in [Mode::Redirect, Mode::Tproxy] {
+        let topo = Topology::builder().build();
+        let cgroup = CgroupParent::new("init");
+        let pod = meshed_pod(&topo, mode, false, &[], &cgroup);
+        let started = pod.start();
+        let logs = pod.logs("init");
+        assert!(
+            !started.status.success(),
+            "{test} ({mode:?}): the pod started without the capabilities:\n{logs}"
+        );
+        let init = pod.state("init");
+        assert_eq!(init.exit_code, 2, "{test} ({mode:?}): {init:?}\n{logs}");
+        for needle in ["CAP_NET_ADMIN", "CAP_NET_RAW", "securityContext"] {
+            assert!(
+                logs.contains(needle),
+                "{test} ({mode:?}): expected the init container's message to mention {needle}:\n{logs}"
+            );
+        }
+        for role in ["sidecar", "app"] {
+            let state = pod.state(role);
+            assert!(
+                !state.ever_started,
+                "{test} ({mode:?}): {role} started after the init container failed: {state:?}"
+            );
+        }
+        let rules = crate::support::meshinit::dump_rules(&topo.pod);
+        assert!(
+            !rules.contains("ISTIO"),
+            "{test} ({mode:?}): the failed init container left rules:\n{rules}"
+        );
+    }
+}
+
+/// The image: runs `meshinit --version` as its entrypoint, carries the OCI labels, stays
+/// small, and holds meshinit, iptables' tools, nft and their libraries, and nothing else:
+/// no shell, no package manager.
+#[test]
+fn image_is_minimal() {
+    let test = "image_is_minimal";
+    if !require_podman(test) {
+        return;
+    }
+    let image = &images().meshinit;
+    let version = env!("CARGO_PKG_VERSION");
+
+    let run = Container::create("version", &["--network=none"], image, &["--version"]).run();
+    let stdout = podman_stdout(test, &run);
+    assert_eq!(stdout.trim(), format!("meshinit {version}"), "{test}");
+
+    let inspect = podman::expect(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{.Size}}|{{json .Config.Entrypoint}}|{{json .Labels}}",
+        image,
+    ]);
+    let mut fields = inspect.trim().splitn(3, '|');
+    let size: u64 = fields.next().and_then(|s| s.parse().ok()).expect("size");
+    let entrypoint = fields.next().expect("entrypoint");
+    let labels = fields.next().expect("labels");
+    eprintln!("{test}: {image} is {:.2} MB", size as f64 / 1e6);
+    assert!(size < MAX_IMAGE_BYTES, "{test}: the image is {size} bytes");
+    assert_eq!(entrypoint, r#"["/usr/local/bin/meshinit"]"#, "{test}");
+    for label in [
+        r#""org.opencontainers.image.licenses":"Apache-2.0""#.to_owned(),
+        format!(r#""org.opencontainers.image.version":"{version}""#),
+        r#""org.opencontainers.image.source":""#.to_owned(),
+    ] {
+        assert!(labels.contains(&label), "{test}: no {label} in {labels}");
+    }
+
+    let shell = Container::create(
+        "shell",
+        &["--network=none", "--entrypoint=/bin/sh"],
+        image,
+        &["-c", "true"],
+    )
+    .run();
+    assert!(!shell.status.success(), "{test}: /bin/sh ran in the image");
+
+    let files = image_files(image);
+    let unexpected: Vec<&String> = files
+        .iter()
+        .filter(|(path, kind)| **kind != 'd' && !expected_file(path))
+        .map(|(path, _)| path)
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "{test}: unexpected files in the image: {unexpected:?}"
+    );
+    for (program, wanted) in [
+        ("usr/local/bin/meshinit", 'f'),
+        ("usr/sbin/xtables-legacy-multi", 'f'),
+        ("usr/sbin/xtables-nft-multi", 'f'),
+        ("usr/sbin/nft", 'f'),
+        ("usr/sbin/iptables-legacy-restore", 'l'),
+        ("usr/sbin/iptables-legacy-save", 'l'),
+        ("usr/sbin/ip6tables-legacy-restore", 'l'),
+        ("usr/sbin/ip6tables-legacy-save", 'l'),
+        ("usr/sbin/iptables-nft-restore", 'l'),
+        ("usr/sbin/iptables-nft-save", 'l'),
+        ("usr/sbin/ip6tables-nft-restore", 'l'),
+        ("usr/sbin/ip6tables-nft-save", 'l'),
+    ] {
+        assert_eq!(files.get(program), Some(&wanted), "{test}: {program}");
+    }
+    // The extensions meshinit's rules use, whatever the flags.
+    for extension in [
+        "standard",
+        "tcp",
+        "udp",
+        "multiport",
+        "owner",
+        "conntrack",
+        "mark",
+        "connmark",
+        "comment",
+        "REDIRECT",
+        "TPROXY",
+        "MARK",
+        "CONNMARK",
+        "CT",
+    ] {
+        let path = format!("usr/lib/x86_64-linux-gnu/xtables/libxt_{extension}.so");
+        // Some are links, as in Debian: REDIRECT is NAT's.
+        assert!(
+            matches!(files.get(&path), Some('f' | 'l')),
+            "{test}: no {path}"
+        );
+    }
+}
+
+fn podman_stdout(test: &str, output: &std::process::Output) -> String {
+    assert!(
+        output.status.success(),
+        "{test}: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Every entry of the image's filesystem: path (no leading `/`) → kind (`f` file, `l`
+/// link, `d` directory), from `podman export` of a container made from it.
+fn image_files(image: &str) -> HashMap<String, char> {
+    let container = Container::create("files", &["--network=none"], image, &[]);
+    let dir = ScratchDir::new("export");
+    let tar = dir.path().join("rootfs.tar");
+    let tar = tar.to_str().expect("utf-8 path");
+    podman::expect(&["export", "--output", tar, container.name()]);
+    let listing = crate::support::expect_success(
+        "tar -tvf",
+        crate::support::run_bounded(
+            std::process::Command::new("tar").args(["-tvf", tar]),
+            std::time::Duration::from_secs(30),
+        ),
+    );
+    listing
+        .lines()
+        .filter_map(|line| {
+            let kind = match line.chars().next()? {
+                '-' => 'f',
+                other => other,
+            };
+            // `tar -tv`: mode owner size date time path [-> target]
+            let path = line.split_whitespace().nth(5)?;
+            Some((path.trim_end_matches('/').to_owned(), kind))
+        })
+        .collect()
+}
+
+/// Whether a non-directory may be in the image: meshinit, iptables' tools and their
+/// names, nft, shared libraries and xtables extensions, the /lib and /lib64 links.
+fn expected_file(path: &str) -> bool {
+    let lib = "usr/lib/x86_64-linux-gnu/";
+    match path {
+        "usr/local/bin/meshinit" | "lib" | "lib64" | "usr/lib64/ld-linux-x86-64.so.2" => true,
+        _ if path.starts_with("usr/sbin/") => {
+            let name = &path["usr/sbin/".len()..];
+            name == "nft"
+                || name.starts_with("xtables-")
+                || name.starts_with("iptables-")
+                || name.starts_with("ip6tables-")
+        }
+        _ if path.starts_with(lib) => {
+            let name = &path[lib.len()..];
+            name.contains(".so") && (!name.contains('/') || name.starts_with("xtables/lib"))
+        }
+        _ => false,
+    }
+}
