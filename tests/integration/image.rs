@@ -11,7 +11,10 @@
 
 use std::collections::HashMap;
 
-use crate::support::k8s::{INIT_CPU_LIMIT, INIT_MEMORY_BYTES};
+use crate::injector_template::{rendered_init_args, MOUNTED_ANNOTATIONS};
+use crate::support::k8s::{
+    downward_api_annotations, require_kubernetes_validate, INIT_CPU_LIMIT, INIT_MEMORY_BYTES,
+};
 use crate::support::podman::{self, images, require_podman, CgroupParent, Container, Pod};
 use crate::support::procs::{connect, Background, Outcome, Proto, Reply};
 use crate::support::scratch::ScratchDir;
@@ -19,6 +22,13 @@ use crate::support::topology::{Topology, PEER_IP};
 
 /// "Vault": a service outside the mesh, on the peer.
 const VAULT: &str = "198.51.100.30:8200";
+/// Another service on the same address.
+const VAULT_8300: &str = "198.51.100.30:8300";
+
+/// The peer's servers: Vault and its neighbour.
+fn peer_listeners() -> Vec<String> {
+    [VAULT, VAULT_8300].map(|addr| format!("tcp:{addr}")).into()
+}
 /// The app's port, reached from the peer.
 const POD_8080: &str = "192.0.2.2:8080";
 /// The image must stay under this (Istio's proxyv2, which istio-init uses, is ~160 MB).
@@ -121,13 +131,26 @@ fn meshed_pod(
     extra: &[&str],
     cgroup: &CgroupParent,
 ) -> Pod {
-    let images = images();
-    let pod = Pod::new("pod", &topo.pod);
-    let options = init_options(granted, cgroup);
-    let options: Vec<&str> = options.iter().map(String::as_str).collect();
     let mut args = injector_args(mode);
     args.extend_from_slice(extra);
-    pod.create("init", &options, &images.meshinit, &args);
+    meshed_pod_with(topo, mode, granted, &args, &[], cgroup)
+}
+
+/// [`meshed_pod`] with the init container's args (`istio-iptables …`) and more options.
+fn meshed_pod_with(
+    topo: &Topology,
+    mode: Mode,
+    granted: bool,
+    args: &[&str],
+    more_options: &[String],
+    cgroup: &CgroupParent,
+) -> Pod {
+    let images = images();
+    let pod = Pod::new("pod", &topo.pod);
+    let mut options = init_options(granted, cgroup);
+    options.extend_from_slice(more_options);
+    let options: Vec<&str> = options.iter().map(String::as_str).collect();
+    pod.create("init", &options, &images.meshinit, args);
     let (sidecar_options, sidecar_spec) = sidecar(mode);
     pod.create_helper("sidecar", &sidecar_options, &images.base, &sidecar_spec);
     pod.create_helper("app", &APP_OPTIONS, &images.base, APP_SPEC);
@@ -148,6 +171,18 @@ fn answered(outcome: &Outcome) -> Option<&Reply> {
 /// is kept); the sidecar's own connection to Vault is not captured. Returns the init
 /// container's logs.
 fn check_meshed_pod(test: &str, topo: &Topology, pod: &Pod, mode: Mode) -> String {
+    check_pod_traffic(test, topo, pod, mode, &[(VAULT, true)])
+}
+
+/// [`check_meshed_pod`], with the app's outbound connections to make: (target, whether the
+/// sidecar takes it; if not, the peer itself must answer).
+fn check_pod_traffic(
+    test: &str,
+    topo: &Topology,
+    pod: &Pod,
+    mode: Mode,
+    outbound: &[(&str, bool)],
+) -> String {
     let started = pod.start();
     let init_logs = pod.logs("init");
     assert!(
@@ -160,18 +195,29 @@ fn check_meshed_pod(test: &str, topo: &Topology, pod: &Pod, mode: Mode) -> Strin
     pod.wait_ready("sidecar");
     pod.wait_ready("app");
 
-    let outbound = pod.connect("app", "1000:1000", Proto::Tcp, VAULT);
     let inbound = connect(&topo.peer, None, Proto::Tcp, POD_8080);
     let proxy_own = pod.connect("sidecar", "1337:1337", Proto::Tcp, VAULT);
 
     let mut wrong = Vec::new();
-    let outbound_ok = answered(&outbound).is_some_and(|r| {
-        r.by == "sidecar" && r.port == 15001 && r.orig.is_some_and(|o| o.to_string() == VAULT)
-    });
-    if !outbound_ok {
-        wrong.push(format!(
-            "app → {VAULT}: expected the sidecar's 15001 with original destination {VAULT}, got {outbound:?}"
-        ));
+    for &(target, captured) in outbound {
+        let got = pod.connect("app", "1000:1000", Proto::Tcp, target);
+        let ok = answered(&got).is_some_and(|r| {
+            if captured {
+                r.by == "sidecar"
+                    && r.port == 15001
+                    && r.orig.is_some_and(|o| o.to_string() == target)
+            } else {
+                r.by == "peer" && r.local.to_string() == target
+            }
+        });
+        if !ok {
+            let expected = if captured {
+                format!("the sidecar's 15001 with original destination {target}")
+            } else {
+                "the peer itself".to_owned()
+            };
+            wrong.push(format!("app → {target}: expected {expected}, got {got:?}"));
+        }
     }
     let inbound_ok = answered(&inbound).is_some_and(|r| {
         r.by == "sidecar"
@@ -228,7 +274,7 @@ fn pod_lifecycle(test: &str, mode: Mode, extra: &[&str]) -> Option<(String, Stri
         return None;
     }
     let topo = Topology::builder().build();
-    let _vault = Background::serve(&topo.peer, None, "peer", &[format!("tcp:{VAULT}")]);
+    let _vault = Background::serve(&topo.peer, None, "peer", &peer_listeners());
     let cgroup = CgroupParent::new("init");
     let pod = meshed_pod(&topo, mode, true, extra, &cgroup);
     let logs = check_meshed_pod(test, &topo, &pod, mode);
@@ -290,7 +336,7 @@ fn pod_legacy_backend_on_read_only_root() {
         "-j",
         "ACCEPT",
     ]);
-    let _vault = Background::serve(&topo.peer, None, "peer", &[format!("tcp:{VAULT}")]);
+    let _vault = Background::serve(&topo.peer, None, "peer", &peer_listeners());
     let cgroup = CgroupParent::new("init");
     let pod = meshed_pod(&topo, Mode::Redirect, true, &[], &cgroup);
     let logs = check_meshed_pod(test, &topo, &pod, Mode::Redirect);
@@ -302,6 +348,39 @@ fn pod_legacy_backend_on_read_only_root() {
     assert!(
         saved.contains("-j ISTIO_OUTPUT") && saved.contains("-p icmp -j ACCEPT"),
         "{test}: expected meshinit's rules beside the earlier one:\n{saved}"
+    );
+}
+
+/// The init container exactly as the injection template (injector-template/) renders it for
+/// a pod whose annotations exclude Vault's port and capture inbound 8080 only: meshinit
+/// reads them from the Downward API file, mounted where the template mounts it.
+#[test]
+fn pod_with_injection_template() {
+    let test = "pod_with_injection_template";
+    if !require_podman(test) || !require_kubernetes_validate(test) {
+        return;
+    }
+    let annotations = [
+        ("kubectl.kubernetes.io/default-container", "app"),
+        ("traffic.sidecar.istio.io/excludeOutboundPorts", "8200"),
+        ("traffic.sidecar.istio.io/includeInboundPorts", "8080"),
+    ];
+    let args = rendered_init_args(&annotations, "REDIRECT");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let dir = ScratchDir::new("podinfo");
+    let file = dir.write("annotations", &downward_api_annotations(&annotations));
+    let mount = format!("--volume={}:{MOUNTED_ANNOTATIONS}:ro", file.display());
+
+    let topo = Topology::builder().build();
+    let _vault = Background::serve(&topo.peer, None, "peer", &peer_listeners());
+    let cgroup = CgroupParent::new("init");
+    let pod = meshed_pod_with(&topo, Mode::Redirect, true, &args, &[mount], &cgroup);
+    check_pod_traffic(
+        test,
+        &topo,
+        &pod,
+        Mode::Redirect,
+        &[(VAULT, false), (VAULT_8300, true)],
     );
 }
 

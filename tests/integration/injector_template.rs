@@ -23,7 +23,7 @@ use crate::support::k8s::{
 use crate::support::scratch::ScratchDir;
 
 /// Where the template mounts the pod's Downward API annotations file.
-const MOUNTED_ANNOTATIONS: &str = "/etc/meshinit/pod/annotations";
+pub const MOUNTED_ANNOTATIONS: &str = "/etc/meshinit/pod/annotations";
 
 fn template_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("injector-template")
@@ -224,6 +224,25 @@ const SAMPLES: &[Sample] = &[
         expect: &[],
     },
 ];
+
+/// The init container's args (`istio-iptables …`) as the template renders them for a pod
+/// with `annotations`, in a mesh whose default interception mode is `mesh_mode`.
+pub fn rendered_init_args(annotations: &[(&str, &str)], mesh_mode: &str) -> Vec<String> {
+    let template =
+        std::fs::read_to_string(template_dir().join("meshinit.yaml")).expect("the template");
+    let rendered = render(
+        &template,
+        &Context {
+            annotations,
+            mesh_interception_mode: mesh_mode,
+            log_level: "default:info",
+        },
+    );
+    let dir = ScratchDir::new("rendered");
+    let file = dir.write("rendered.yaml", &rendered);
+    let found = containers(&file);
+    list(&found["-/initContainers/istio-init"], "args")
+}
 
 #[test]
 fn injector_template_values_carry_the_template() {
