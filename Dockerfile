@@ -9,10 +9,10 @@
 
 # The Rust toolchain: anything with cargo, a C compiler and glibc's static libraries
 # (libc6-dev), laid out like the official image (cargo on PATH).
-ARG RUST_IMAGE=docker.io/library/rust:1.95-slim-bookworm
+ARG RUST_IMAGE=rust:1.95-slim-bookworm
 # Where the iptables and nft tools and their libraries come from: Debian bookworm
 # (iptables 1.8.9, nftables 1.0.6).
-ARG DEBIAN_IMAGE=docker.io/library/debian:bookworm-slim
+ARG DEBIAN_IMAGE=debian:bookworm-slim
 
 FROM ${RUST_IMAGE} AS build
 WORKDIR /src

@@ -344,6 +344,7 @@ fn pod_legacy_backend_on_read_only_root() {
         logs.contains("backend=\"iptables-legacy\""),
         "{test}: expected the legacy backend:\n{logs}"
     );
+    check_memory(test, &cgroup);
     let saved = topo.pod.run(&["iptables-legacy-save"]);
     assert!(
         saved.contains("-j ISTIO_OUTPUT") && saved.contains("-p icmp -j ACCEPT"),
@@ -382,6 +383,7 @@ fn pod_with_injection_template() {
         Mode::Redirect,
         &[(VAULT, false), (VAULT_8300, true)],
     );
+    check_memory(test, &cgroup);
 }
 
 /// The same pod without NET_ADMIN and NET_RAW: the init container fails with meshinit's
