@@ -24,15 +24,15 @@ use crate::support::topology::{Topology, PEER_IP};
 const VAULT: &str = "198.51.100.30:8200";
 /// Another service on the same address.
 const VAULT_8300: &str = "198.51.100.30:8300";
+/// The app's port, reached from the peer.
+const POD_8080: &str = "192.0.2.2:8080";
+/// The image must stay under this (Istio's proxyv2, which istio-init uses, is ~160 MB).
+const MAX_IMAGE_BYTES: u64 = 10_000_000;
 
 /// The peer's servers: Vault and its neighbour.
 fn peer_listeners() -> Vec<String> {
     [VAULT, VAULT_8300].map(|addr| format!("tcp:{addr}")).into()
 }
-/// The app's port, reached from the peer.
-const POD_8080: &str = "192.0.2.2:8080";
-/// The image must stay under this (Istio's proxyv2, which istio-init uses, is ~160 MB).
-const MAX_IMAGE_BYTES: u64 = 10_000_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
