@@ -280,11 +280,18 @@ fn install_nftables(config: &Config) -> Result<(), Error> {
     Ok(())
 }
 
-/// This process's own peak resident memory (children excluded), for the summary line:
-/// the init container's memory limit is sized from it.
+/// This process's own peak resident memory in KiB (children excluded), for the summary
+/// line: the init container's memory limit is sized from it. `VmHWM`, because the
+/// `getrusage` peak survives exec and would report the container runtime's own.
 fn peak_rss_kib() -> i64 {
-    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
-        .map(|usage| usage.max_rss())
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmHWM:"))
+                .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        })
         .unwrap_or(-1)
 }
 

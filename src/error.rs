@@ -51,9 +51,11 @@ impl Error {
         match self {
             Error::Config(_) | Error::Ipv6Disabled => exit::BAD_INPUT,
             Error::Caps(_) | Error::Netns(_) => exit::ENVIRONMENT,
-            Error::Apply(ApplyError::MissingBinary { .. } | ApplyError::Spawn { .. }) => {
-                exit::ENVIRONMENT
-            }
+            Error::Apply(
+                ApplyError::MissingBinary { .. }
+                | ApplyError::Spawn { .. }
+                | ApplyError::LockFile { .. },
+            ) => exit::ENVIRONMENT,
             Error::Apply(_) => exit::APPLY_FAILED,
             Error::Validation(err) => err.exit_code(),
             Error::Output(_) => exit::IO,

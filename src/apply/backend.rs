@@ -296,6 +296,10 @@ fn is_lock_timeout(stderr: &str) -> bool {
     stderr.contains("xtables lock")
 }
 
+fn is_lock_file_error(stderr: &str) -> bool {
+    stderr.contains("can't open lock file")
+}
+
 impl Netfilter for IptablesTools {
     fn describe(&self) -> String {
         self.backend.name().to_owned()
@@ -343,6 +347,9 @@ impl Netfilter for IptablesTools {
         let (_, stderr, ok) = self.run(&program, &args, Some((family, input)))?;
         if ok {
             return Ok(());
+        }
+        if is_lock_file_error(&stderr) {
+            return Err(ApplyError::LockFile { program, stderr });
         }
         if is_lock_timeout(&stderr) {
             return Err(ApplyError::LockTimeout {
@@ -399,6 +406,16 @@ mod tests {
             Some(3)
         );
         assert_eq!(failed_line("something else"), None);
+    }
+
+    #[test]
+    fn lock_problems_are_told_apart_from_rejected_rules() {
+        let read_only = "Fatal: can't open lock file /run/xtables.lock: Read-only file system";
+        assert!(is_lock_file_error(read_only));
+        assert!(!is_lock_timeout(read_only));
+        assert!(is_lock_timeout(
+            "Another app is currently holding the xtables lock."
+        ));
     }
 
     #[test]

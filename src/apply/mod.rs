@@ -145,6 +145,12 @@ pub enum ApplyError {
     Rejected { program: String, stderr: String },
 
     #[error(
+        "{program} cannot open its lock file: {stderr}; iptables-legacy needs a writable \
+         /run (or XTABLES_LOCKFILE pointing somewhere writable, such as /dev/shm/xtables.lock)"
+    )]
+    LockFile { program: String, stderr: String },
+
+    #[error(
         "gave up after {}s waiting for the xtables lock (/run/xtables.lock) held by another \
          process; retry, or raise --xtables-wait", wait.as_secs()
     )]
