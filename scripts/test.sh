@@ -8,10 +8,14 @@ cd "$(dirname "$0")/.."
 
 # Each program the tests need, and the Debian package that has it. podman, runc and
 # mmdebstrap build meshinit's image offline and run it in pods (tests/integration/image.rs).
+# The CNI plugins (bridge, host-local), nsenter and catatonit (podman's pause image) run
+# those pods on podman's CNI backend with meshinit-cni chained (tests/integration/cni_runtime.rs).
 declare -A package_of=(
   [iptables-legacy-restore]=iptables [iptables-nft-restore]=iptables
   [ip6tables-legacy-restore]=iptables [ip]=iproute2 [setpriv]=util-linux [nft]=nftables
   [podman]=podman [runc]=runc [mmdebstrap]=mmdebstrap
+  [/usr/lib/cni/bridge]=containernetworking-plugins [/usr/lib/cni/host-local]=containernetworking-plugins
+  [nsenter]=util-linux [/usr/libexec/podman/catatonit]=catatonit
 )
 missing=()
 for tool in "${!package_of[@]}"; do

@@ -4,6 +4,7 @@
 //! unprivileged on a laptop, and fail under CI (`CI=true`), where they must run.
 
 mod cni;
+mod cni_runtime;
 mod e2e;
 mod golden;
 mod image;

@@ -10,6 +10,7 @@ pub mod lab;
 pub mod meshinit;
 pub mod netns;
 pub mod podman;
+pub mod podman_cni;
 pub mod procs;
 pub mod roles;
 pub mod scratch;

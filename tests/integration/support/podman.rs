@@ -39,7 +39,7 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a helper container may take to report its listeners bound.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Where helper containers see the test binary.
-const HELPER_PATH: &str = "/mi-helper";
+pub const HELPER_PATH: &str = "/mi-helper";
 
 /// Programs the image tests need besides those of [`require_root`].
 const REQUIRED_PROGRAMS: [&str; 4] = ["podman", "runc", "mmdebstrap", "cargo"];
@@ -69,7 +69,7 @@ fn repo_root() -> &'static Path {
 }
 
 /// The global options that select the tests' storage, in the order podman wants them.
-fn global_options() -> Vec<String> {
+pub fn global_options() -> Vec<String> {
     vec![
         "--root".to_owned(),
         STORAGE.to_owned(),
@@ -313,7 +313,7 @@ pub struct ContainerState {
 }
 
 /// The helper's argv inside a container (the role comes from the environment).
-fn helper_argv() -> [&'static str; 5] {
+pub fn helper_argv() -> [&'static str; 5] {
     [
         HELPER_PATH,
         ENTRYPOINT,
