@@ -96,8 +96,7 @@ fn print(args: &PrintArgs, env: Env<'_>, out: &mut dyn Write) -> Result<(), Erro
                 "--native-nftables plans one inet ruleset for both families; leave --family out",
             ));
         }
-        let text =
-            crate::rules::nft::render::render_plan(&crate::rules::nft::plan(&config.capture));
+        let text = crate::rules::nft::render::render_plan(&nft_plan(&config));
         return out.write_all(text.as_bytes()).map_err(Error::Output);
     }
     let ruleset = plan(&config.capture);
@@ -167,7 +166,7 @@ fn apply(args: &CaptureArgs, env: Env<'_>, out: &mut dyn Write) -> Result<(), Er
         };
         tracing::info!("dry run: printing the plan, changing nothing");
         let text = if run.native_nftables {
-            crate::rules::nft::render::render_plan(&crate::rules::nft::plan(&config.capture))
+            crate::rules::nft::render::render_plan(&nft_plan(&config))
         } else {
             render_plan(&plan(&config.capture))
         };
@@ -224,6 +223,9 @@ pub fn install(config: &Config) -> Result<(), Error> {
         return install_nftables(config);
     }
     let run = &config.run;
+    if run.match_sets {
+        tracing::warn!("--match-sets has no effect on the iptables backend (no ipset support); one rule per list entry");
+    }
     let families: Vec<Family> = if config.capture.ipv6 {
         Family::ALL.to_vec()
     } else {
@@ -254,13 +256,26 @@ pub fn install(config: &Config) -> Result<(), Error> {
     Ok(())
 }
 
-/// `install` for `--native-nftables`: one `nft -f -` transaction for both families.
+/// The nftables plan for `config` (`--match-sets` shapes it).
+fn nft_plan(config: &Config) -> crate::rules::nft::NftRuleset {
+    let options = crate::rules::nft::PlanOptions {
+        match_sets: config.run.match_sets,
+    };
+    crate::rules::nft::plan_with(&config.capture, options)
+}
+
+/// `install` for `--native-nftables`: one transaction for both families, over netlink or
+/// through `nft -f -` (`--nftables-apply`).
 fn install_nftables(config: &Config) -> Result<(), Error> {
     let started = Instant::now();
     let mut nft = NftTool::new();
-    nft.require()?;
-    let ruleset = crate::rules::nft::plan(&config.capture);
-    let summary = crate::apply::apply_nftables(&mut nft, &mut NetlinkRouting::default(), &ruleset)?;
+    let mode = config.run.nftables_apply;
+    if mode == crate::config::NftablesApply::Nft {
+        nft.require()?;
+    }
+    let ruleset = nft_plan(config);
+    let summary =
+        crate::apply::apply_nftables(&mut nft, &mut NetlinkRouting::default(), &ruleset, mode)?;
     let rules: Vec<String> = summary
         .rules
         .iter()
@@ -268,6 +283,8 @@ fn install_nftables(config: &Config) -> Result<(), Error> {
         .collect();
     tracing::info!(
         backend = "nftables",
+        via = summary.programmed.via(),
+        match_sets = config.run.match_sets,
         rules = %rules.join(","),
         converged = summary.converged,
         routing_added = summary.routing_added,
@@ -325,7 +342,11 @@ pub fn remove_everything(run: &RunOptions) -> Result<(), Error> {
     let started = Instant::now();
     let mut nft = NftTool::new();
     if run.native_nftables {
-        let removed = crate::apply::cleanup_native(&mut nft, &mut NetlinkRouting::default())?;
+        let removed = crate::apply::cleanup_native(
+            &mut nft,
+            &mut NetlinkRouting::default(),
+            run.nftables_apply,
+        )?;
         crate::caps::drop_all()?;
         tracing::info!(
             backend = "nftables",
@@ -348,7 +369,7 @@ pub fn remove_everything(run: &RunOptions) -> Result<(), Error> {
         };
     let removed = crate::apply::cleanup(&mut tools, &mut NetlinkRouting::default(), &families);
     // Tables an earlier --native-nftables run left: one netlink dump, nft only if there are.
-    let removed = removed? + crate::apply::cleanup_nftables(&mut nft)?;
+    let removed = removed? + crate::apply::cleanup_nftables(&mut nft, run.nftables_apply)?;
     crate::caps::drop_all()?;
     tracing::info!(
         backend = tools.backend().name(),

@@ -427,13 +427,31 @@ pub struct CaptureArgs {
     /// every pod on the node. [default: 30] [env: MESHINIT_XTABLES_WAIT]
     #[arg(long = "xtables-wait", value_name = "SECONDS")]
     pub xtables_wait: Option<String>,
+
+    /// How --native-nftables programs the kernel: auto, netlink or nft. [default: auto]
+    /// [env: MESHINIT_NFTABLES_APPLY]
+    ///
+    /// auto sends the transaction over netlink, with no nft binary needed, and falls back to
+    /// `nft -f` (logging why) if that fails; netlink never launches nft; nft always does.
+    #[arg(long = "nftables-apply", value_name = "auto|netlink|nft")]
+    pub nftables_apply: Option<String>,
+
+    /// Match long CIDR and port lists with one set each instead of one rule per entry
+    /// (--native-nftables). [env: MESHINIT_MATCH_SETS]
+    ///
+    /// Each list of excluded or included CIDRs (an interval set) or ports becomes one rule,
+    /// so what a new connection costs does not grow with the lists; verdicts are the same.
+    /// No effect on the iptables backend (no ipset support), which logs a warning.
+    #[arg(long = "match-sets", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_name = "BOOL")]
+    pub match_sets: Option<String>,
 }
 
 impl CaptureArgs {
     /// The explicitly given flags, keyed by the setting they set.
     pub fn to_raw(&self) -> RawSettings {
         let mut raw = RawSettings::default();
-        let fields: [(Setting, &Option<String>); 35] = [
+        let fields: [(Setting, &Option<String>); 37] = [
             (Setting::EnvoyPort, &self.envoy_port),
             (Setting::InboundCapturePort, &self.inbound_capture_port),
             (Setting::InboundTunnelPort, &self.inbound_tunnel_port),
@@ -472,6 +490,8 @@ impl CaptureArgs {
             (Setting::DnsServers, &self.dns_servers),
             (Setting::Ipv6, &self.ipv6),
             (Setting::XtablesWait, &self.xtables_wait),
+            (Setting::NftablesApply, &self.nftables_apply),
+            (Setting::MatchSets, &self.match_sets),
         ];
         for (setting, value) in fields {
             if let Some(value) = value {

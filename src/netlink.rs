@@ -1,9 +1,11 @@
-//! Just enough netlink: TPROXY policy routing and the `::6` address (rtnetlink), and a
-//! listing of nf_tables chains (nfnetlink), without launching `ip` or `nft`.
+//! Just enough netlink: TPROXY policy routing and the `::6` address (rtnetlink), a listing
+//! of nf_tables chains, and sending one nf_tables batch (nfnetlink), without launching `ip`
+//! or `nft`.
 //!
 //! Every launched process costs an init container time and memory; these few messages are
 //! simple enough to build by hand. Message building and parsing are pure functions, tested
-//! without a kernel; only `Socket` does I/O.
+//! without a kernel; only `Socket` does I/O. The nf_tables batch itself is built by
+//! `rules::nft::encode` with the [`Writer`] below.
 
 use std::net::Ipv6Addr;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -16,9 +18,11 @@ use nix::sys::socket::{
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
+pub(crate) const NLM_F_ACK: u16 = 0x4;
+pub(crate) const NLM_F_APPEND: u16 = 0x800;
+const NLA_F_NESTED: u16 = 0x8000;
 const NLM_F_EXCL: u16 = 0x200;
-const NLM_F_CREATE: u16 = 0x400;
+pub(crate) const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_DUMP: u16 = 0x300;
 const HEADER_LEN: usize = 16;
 
@@ -42,9 +46,9 @@ const RTA_TABLE: u16 = 15;
 const RTN_LOCAL: u8 = 2;
 const RT_SCOPE_HOST: u8 = 254;
 
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
-const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
-const NFNL_MSG_BATCH_END: u16 = 0x11;
+pub(crate) const NFNL_SUBSYS_NFTABLES: u16 = 10;
+pub(crate) const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+pub(crate) const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_GETCHAIN: u16 = 4;
 const NFTA_TABLE_NAME: u16 = 1;
@@ -72,6 +76,90 @@ fn push_attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
     buf.extend_from_slice(&kind.to_ne_bytes());
     buf.extend_from_slice(payload);
     buf.resize(align4(buf.len()), 0);
+}
+
+/// Builds netlink messages into one buffer: headers, attributes, nested attributes. Used
+/// for an nf_tables batch, many messages sent as one datagram.
+#[derive(Debug, Default)]
+pub struct Writer {
+    buf: Vec<u8>,
+}
+
+impl Writer {
+    pub fn with_capacity(bytes: usize) -> Writer {
+        Writer {
+            buf: Vec::with_capacity(bytes),
+        }
+    }
+
+    /// Starts a message (a request, with `flags` added); `finish` closes it.
+    pub fn begin(&mut self, kind: u16, flags: u16, seq: u32) -> usize {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&0u32.to_ne_bytes());
+        self.buf.extend_from_slice(&kind.to_ne_bytes());
+        self.buf
+            .extend_from_slice(&(flags | NLM_F_REQUEST).to_ne_bytes());
+        self.buf.extend_from_slice(&seq.to_ne_bytes());
+        self.buf.extend_from_slice(&0u32.to_ne_bytes());
+        start
+    }
+
+    /// Sets the length of the message begun at `start`.
+    pub fn finish(&mut self, start: usize) {
+        let len = (self.buf.len() - start) as u32;
+        self.buf[start..start + 4].copy_from_slice(&len.to_ne_bytes());
+        self.buf.resize(align4(self.buf.len()), 0);
+    }
+
+    /// Raw bytes (a family header such as `nfgenmsg`).
+    pub fn raw(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    pub fn attr(&mut self, kind: u16, payload: &[u8]) {
+        push_attr(&mut self.buf, kind, payload);
+    }
+
+    /// A string attribute, NUL-terminated as the kernel expects.
+    pub fn attr_str(&mut self, kind: u16, value: &str) {
+        let len = 4 + value.len() + 1;
+        self.buf.extend_from_slice(&(len as u16).to_ne_bytes());
+        self.buf.extend_from_slice(&kind.to_ne_bytes());
+        self.buf.extend_from_slice(value.as_bytes());
+        self.buf.push(0);
+        self.buf.resize(align4(self.buf.len()), 0);
+    }
+
+    /// A 32-bit attribute in network byte order (nf_tables' integers).
+    pub fn attr_be32(&mut self, kind: u16, value: u32) {
+        self.attr(kind, &value.to_be_bytes());
+    }
+
+    /// Starts a nested attribute; `end_nest` closes it.
+    pub fn begin_nest(&mut self, kind: u16) -> usize {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&0u16.to_ne_bytes());
+        self.buf
+            .extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
+        start
+    }
+
+    pub fn end_nest(&mut self, start: usize) {
+        let len = (self.buf.len() - start) as u16;
+        self.buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+    }
+
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.buf
+    }
 }
 
 /// Iterates the (type, payload) attributes in `data`, stopping at the first malformed one.
@@ -193,6 +281,53 @@ pub fn parse_chain(payload: &[u8]) -> Option<(u8, String, String)> {
 pub struct Socket {
     fd: OwnedFd,
     seq: u32,
+}
+
+/// Why an nf_tables batch was not committed.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error(transparent)]
+    Io(#[from] NetlinkError),
+    /// The kernel refused the batch, changing nothing: the errno of each refused message,
+    /// by sequence number (the batch's own when the whole batch was refused).
+    #[error("the kernel refused the batch ({})", refusals(.0))]
+    Refused(Vec<(u32, Errno)>),
+    /// Neither an error nor the acknowledgement came back: whether the batch was committed
+    /// is unknown.
+    #[error("the kernel did not acknowledge the batch")]
+    NoAck,
+}
+
+fn refusals(errors: &[(u32, Errno)]) -> String {
+    errors
+        .iter()
+        .map(|(seq, errno)| format!("message {seq}: {errno}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The (sequence number, error code) of each netlink error or acknowledgement in `data`,
+/// which may end in a truncated message.
+pub fn acknowledgements(mut data: &[u8]) -> Vec<(u32, i32)> {
+    let mut out = Vec::new();
+    while data.len() >= HEADER_LEN {
+        let msg_len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
+        let kind = u16::from_ne_bytes([data[4], data[5]]);
+        let seq = u32::from_ne_bytes([data[8], data[9], data[10], data[11]]);
+        if msg_len < HEADER_LEN {
+            break;
+        }
+        if kind == NLMSG_ERROR {
+            if let Some(code) = data.get(HEADER_LEN..HEADER_LEN + 4) {
+                out.push((
+                    seq,
+                    i32::from_ne_bytes([code[0], code[1], code[2], code[3]]),
+                ));
+            }
+        }
+        data = &data[align4(msg_len).min(data.len())..];
+    }
+    out
 }
 
 /// A netlink request that failed, with the kernel's errno.
@@ -493,6 +628,67 @@ impl Socket {
         match self.receive(seq, |_, _| {}) {
             Ok(()) | Err(Errno::ENOENT) => Ok(()),
             Err(errno) => Err(error(errno)),
+        }
+    }
+
+    /// Sends an nf_tables batch (`BATCH_BEGIN` … `BATCH_END`, built with [`Writer`]) as one
+    /// datagram, which the kernel commits all or nothing. Only the message numbered
+    /// `ack_seq` (the last) asks for an acknowledgement; any refused message gets an error
+    /// of its own, and a batch refused whole gets one for `begin_seq`. The kernel handles
+    /// the batch while sending it, so the answers are waiting when `sendto` returns; the
+    /// receive timeout only guards against a kernel that never answers.
+    pub fn nftables_batch(
+        &mut self,
+        batch: &[u8],
+        begin_seq: u32,
+        ack_seq: u32,
+    ) -> Result<(), BatchError> {
+        use nix::sys::socket::{setsockopt, sockopt};
+        let error = |what, errno| BatchError::Io(NetlinkError { what, errno });
+        // A large ruleset does not fit the default send buffer (about 208 KiB) as one
+        // datagram; SO_SNDBUFFORCE (CAP_NET_ADMIN, which applying needs anyway) lifts it.
+        let needed = batch.len() + 4096;
+        if needed > 128 * 1024 {
+            setsockopt(&self.fd, sockopt::SndBufForce, &needed)
+                .or_else(|_| setsockopt(&self.fd, sockopt::SndBuf, &needed))
+                .map_err(|errno| error("sizing the send buffer", errno))?;
+        }
+        setsockopt(
+            &self.fd,
+            sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(5, 0),
+        )
+        .map_err(|errno| error("setting a receive timeout", errno))?;
+        sendto(
+            self.fd.as_raw_fd(),
+            batch,
+            &NetlinkAddr::new(0, 0),
+            MsgFlags::empty(),
+        )
+        .map_err(|errno| error("sending the nf_tables batch", errno))?;
+        let mut buf = vec![0u8; 65536];
+        let mut refused = Vec::new();
+        loop {
+            let len = match recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+                Ok(len) => len.min(buf.len()),
+                Err(Errno::EAGAIN) => return Err(BatchError::NoAck),
+                Err(errno) => return Err(error("reading the batch's acknowledgement", errno)),
+            };
+            let mut done = false;
+            for (seq, code) in acknowledgements(&buf[..len]) {
+                if code != 0 {
+                    refused.push((seq, Errno::from_raw(-code)));
+                }
+                done |= seq == ack_seq || (seq == begin_seq && code != 0);
+            }
+            if done {
+                break;
+            }
+        }
+        if refused.is_empty() {
+            Ok(())
+        } else {
+            Err(BatchError::Refused(refused))
         }
     }
 

@@ -12,7 +12,9 @@ use std::borrow::Cow;
 use std::time::Duration;
 
 pub use backend::{Backend, IptablesTools};
-pub use nft::{apply_nftables, cleanup_native, cleanup_nftables, NftSummary, NftTool, Nftables};
+pub use nft::{
+    apply_nftables, cleanup_native, cleanup_nftables, NftSummary, NftTool, Nftables, Programmed,
+};
 pub use routing::NetlinkRouting;
 
 use crate::rules::iptables::{
@@ -159,12 +161,29 @@ pub enum ApplyError {
     #[error(transparent)]
     Netlink(#[from] crate::netlink::NetlinkError),
 
+    /// Programming nftables over netlink failed and `nft -f` was not tried (not allowed, or
+    /// not installed). The batch is all or nothing: nothing changed.
+    #[error("programming nftables over netlink failed, changing nothing: {reason}{}", fallback_note(.fallback))]
+    NftablesNetlink {
+        reason: String,
+        /// Why `nft -f` was not tried instead.
+        fallback: &'static str,
+    },
+
     #[error("{failure}; rolling back {family} also failed: {rollback}")]
     RollbackFailed {
         failure: Box<ApplyError>,
         family: Family,
         rollback: Box<ApplyError>,
     },
+}
+
+fn fallback_note(fallback: &str) -> String {
+    if fallback.is_empty() {
+        String::new()
+    } else {
+        format!(" ({fallback})")
+    }
 }
 
 fn line_info(line: &Option<usize>, text: &Option<String>) -> String {

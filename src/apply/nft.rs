@@ -1,38 +1,53 @@
-//! The native nftables backend (`--native-nftables`): Istio's `inet` tables, written by one
-//! `nft -f -` process per apply, as one transaction that nft commits all or nothing.
+//! The native nftables backend (`--native-nftables`): Istio's `inet` tables, written as one
+//! transaction that the kernel commits all or nothing: over netlink (one nfnetlink batch,
+//! no process launched), or through one `nft -f -` process.
+//!
+//! By default (`--nftables-apply=auto`) the batch goes over netlink, and if that fails for
+//! any reason (a name only the C library can resolve, a kernel that refuses what nft would
+//! phrase differently, no netlink at all), the same transaction goes to `nft -f`, with the
+//! reason logged; a refused batch changed nothing, so the retry starts from the same state.
 //!
 //! What is there now is read over netlink (one dump of nf_tables chains), never by launching
 //! anything: it decides whether the transaction must delete an earlier configuration's
-//! tables or chains, and whether cleanup needs to launch `nft` at all. TPROXY routing and
-//! the `::6` address go through the same `Routing` as for iptables. The engine only talks to
-//! the small `Nftables` trait, so tests drive it with a recording fake.
+//! tables or chains, and whether cleanup has anything to do. TPROXY routing and the `::6`
+//! address go through the same `Routing` as for iptables. The engine only talks to the
+//! small `Nftables` trait, so tests drive it with a recording, fault-injecting fake.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use super::{ApplyError, Routing, RoutingPlan};
-use crate::netlink::Socket;
+use crate::config::NftablesApply;
+use crate::netlink::{BatchError, Socket};
+use crate::rules::model::OwnerKind;
+use crate::rules::nft::encode::{encode, Batch};
 use crate::rules::nft::model::{ExistingTables, NftRuleset, Table};
-use crate::rules::nft::render::{render_cleanup, render_transaction};
+use crate::rules::nft::render::{op_text, render_ops};
+use crate::rules::nft::txn::{self, Op};
 
 /// The nf_tables family number of `inet` tables (NFPROTO_INET).
 const NFPROTO_INET: u8 = 1;
 
-/// nftables as meshinit uses it: read which of its tables exist, run one transaction.
+/// nftables as meshinit uses it: read which of its tables exist, commit one transaction
+/// over netlink or through `nft -f`.
 pub trait Nftables {
     /// meshinit's tables and their chains as they are now; `None` when that cannot be
     /// known without launching anything.
     fn existing(&mut self) -> Option<ExistingTables>;
     /// Whether `run` can work at all (the `nft` binary is there).
     fn available(&self) -> bool;
-    /// Runs `script` as one transaction.
+    /// A user's (or group's) id, as nft would resolve the name; `None` if unknown.
+    fn owner_id(&self, kind: OwnerKind, name: &str) -> Option<u32>;
+    /// Sends `batch` over netlink; the kernel commits all of it or nothing.
+    fn commit(&mut self, batch: &Batch) -> Result<(), BatchError>;
+    /// Runs `script` through `nft -f -` as one transaction.
     fn run(&mut self, script: &str) -> Result<(), ApplyError>;
     /// Processes launched so far.
     fn processes_launched(&self) -> usize;
 }
 
-/// The production `Nftables`: the `nft` binary, and netlink for reading.
+/// The production `Nftables`: netlink, and the `nft` binary when asked for or as fallback.
 #[derive(Debug, Default)]
 pub struct NftTool {
     path: Option<PathBuf>,
@@ -57,7 +72,7 @@ fn missing_nft() -> ApplyError {
 
 impl NftTool {
     /// Looks for `nft` in PATH and the sbin directories; finding nothing is not an error
-    /// until something has to run (cleanup with nothing to remove needs no binary).
+    /// until something has to run it (netlink needs no binary).
     pub fn new() -> NftTool {
         NftTool {
             path: find_nft(),
@@ -66,7 +81,7 @@ impl NftTool {
     }
 
     /// Fails, naming the package, unless `nft` was found: apply checks this before it
-    /// changes anything.
+    /// changes anything when it is to use nft only.
     pub fn require(&self) -> Result<(), ApplyError> {
         match self.path {
             Some(_) => Ok(()),
@@ -92,6 +107,17 @@ fn our_tables(chains: &[(u8, String, String)]) -> ExistingTables {
     existing
 }
 
+/// The id of `name` in a passwd or group file's text (`name:x:ID:...`), as the C library's
+/// "files" source finds it.
+pub fn id_in(file: &str, name: &str) -> Option<u32> {
+    file.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        (fields.next() == Some(name))
+            .then(|| fields.nth(1)?.trim().parse().ok())
+            .flatten()
+    })
+}
+
 impl Nftables for NftTool {
     fn existing(&mut self) -> Option<ExistingTables> {
         match Socket::netfilter().and_then(|mut s| s.nftables_chains()) {
@@ -105,6 +131,18 @@ impl Nftables for NftTool {
 
     fn available(&self) -> bool {
         self.path.is_some()
+    }
+
+    fn owner_id(&self, kind: OwnerKind, name: &str) -> Option<u32> {
+        let file = match kind {
+            OwnerKind::Uid => "/etc/passwd",
+            OwnerKind::Gid => "/etc/group",
+        };
+        id_in(&std::fs::read_to_string(file).ok()?, name)
+    }
+
+    fn commit(&mut self, batch: &Batch) -> Result<(), BatchError> {
+        Socket::netfilter()?.nftables_batch(batch.bytes(), batch.begin_seq(), batch.last_seq())
     }
 
     fn run(&mut self, script: &str) -> Result<(), ApplyError> {
@@ -141,6 +179,89 @@ impl Nftables for NftTool {
     }
 }
 
+/// How a transaction got into the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Programmed {
+    /// One nfnetlink batch; no process launched.
+    Netlink,
+    /// `nft -f -`: asked for, or, with the reason, after netlink failed.
+    Nft { fallback_from: Option<String> },
+}
+
+impl Programmed {
+    /// For the summary log line.
+    pub fn via(&self) -> &'static str {
+        match self {
+            Programmed::Netlink => "netlink",
+            Programmed::Nft {
+                fallback_from: None,
+            } => "nft",
+            Programmed::Nft { .. } => "nft (netlink failed)",
+        }
+    }
+}
+
+/// Why a netlink batch failed, in words: the operation the kernel refused, quoted as nft
+/// text, when it says which.
+fn netlink_failure(err: &BatchError, batch: &Batch, ops: &[Op<'_>]) -> String {
+    match err {
+        BatchError::Refused(refusals) => refusals
+            .iter()
+            .map(
+                |(seq, errno)| match batch.op_index(*seq).and_then(|i| ops.get(i)) {
+                    Some(op) => format!("the kernel refused `{}`: {errno}", op_text(op)),
+                    None => format!("the kernel refused the batch: {errno}"),
+                },
+            )
+            .collect::<Vec<_>>()
+            .join("; "),
+        other => other.to_string(),
+    }
+}
+
+/// Gets `ops` into the kernel as one transaction, as `mode` says: over netlink, through
+/// `nft -f`, or over netlink falling back to `nft -f`.
+pub fn program(
+    nft: &mut dyn Nftables,
+    ops: &[Op<'_>],
+    mode: NftablesApply,
+) -> Result<Programmed, ApplyError> {
+    if mode == NftablesApply::Nft {
+        nft.run(&render_ops(ops, 0))?;
+        return Ok(Programmed::Nft {
+            fallback_from: None,
+        });
+    }
+    let encoded = {
+        let lookup = |kind: OwnerKind, name: &str| nft.owner_id(kind, name);
+        encode(ops, &lookup)
+    };
+    let reason = match encoded {
+        Ok(batch) => match nft.commit(&batch) {
+            Ok(()) => return Ok(Programmed::Netlink),
+            Err(err) => netlink_failure(&err, &batch, ops),
+        },
+        Err(err) => err.to_string(),
+    };
+    if mode == NftablesApply::Netlink {
+        return Err(ApplyError::NftablesNetlink {
+            reason,
+            fallback: "--nftables-apply=netlink: nft -f not tried",
+        });
+    }
+    if !nft.available() {
+        return Err(ApplyError::NftablesNetlink {
+            reason,
+            fallback: "nft, the fallback, is not installed",
+        });
+    }
+    tracing::warn!(%reason, "programming nftables over netlink failed; running nft -f instead");
+    nft.run(&render_ops(ops, 0))?;
+    Ok(Programmed::Nft {
+        fallback_from: Some(reason),
+    })
+}
+
 /// What an nftables apply did, for the summary log line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NftSummary {
@@ -150,19 +271,23 @@ pub struct NftSummary {
     pub converged: bool,
     pub routing_added: usize,
     pub routing_removed: usize,
+    pub programmed: Programmed,
 }
 
 /// Applies `ruleset` in one transaction, converging from whatever an earlier run left:
-/// routing first, then the tables; if nft refuses the transaction, the routing this apply
+/// routing first, then the tables; if the transaction is refused, the routing this apply
 /// added is taken back, so the namespace is as it was.
 pub fn apply_nftables(
     nft: &mut dyn Nftables,
     routing: &mut dyn Routing,
     ruleset: &NftRuleset,
+    mode: NftablesApply,
 ) -> Result<NftSummary, ApplyError> {
     let existing = nft.existing();
-    let script = render_transaction(ruleset, existing.as_ref());
-    tracing::debug!(input = %script, "nft input");
+    let ops = txn::transaction(ruleset, existing.as_ref());
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        tracing::debug!(input = %render_ops(&ops, ruleset.rule_count()), "nftables transaction");
+    }
 
     let plan = RoutingPlan {
         ipv6_passthrough_address: ruleset.ipv6_passthrough_address,
@@ -170,12 +295,15 @@ pub fn apply_nftables(
         ipv6: ruleset.ipv6,
     };
     let changes = routing.ensure(&plan)?;
-    if let Err(failure) = nft.run(&script) {
-        if let Err(err) = routing.undo(&changes) {
-            tracing::error!(%err, "undoing routing changes failed");
+    let programmed = match program(nft, &ops, mode) {
+        Ok(programmed) => programmed,
+        Err(failure) => {
+            if let Err(err) = routing.undo(&changes) {
+                tracing::error!(%err, "undoing routing changes failed");
+            }
+            return Err(failure);
         }
-        return Err(failure);
-    }
+    };
     // An earlier configuration's routing can only be there if its tables were: a fresh pod
     // skips the netlink dumps.
     let converged = existing.as_ref().is_none_or(|e| !e.is_empty());
@@ -196,22 +324,23 @@ pub fn apply_nftables(
         converged,
         routing_added: changes.added.len(),
         routing_removed,
+        programmed,
     })
 }
 
 /// Deletes meshinit's tables, in one transaction, if there are any: with none (as netlink
-/// reports), nothing is launched. Returns how many tables were deleted.
-pub fn cleanup_nftables(nft: &mut dyn Nftables) -> Result<usize, ApplyError> {
+/// reports), nothing is sent or launched. Returns how many tables were deleted.
+pub fn cleanup_nftables(nft: &mut dyn Nftables, mode: NftablesApply) -> Result<usize, ApplyError> {
     let tables: Vec<Table> = match nft.existing() {
         Some(existing) => existing.tables.iter().map(|(t, _)| *t).collect(),
-        // Not known, and nothing could be done about it anyway.
+        // Not known: netlink is not answering, so only nft could do anything.
         None if !nft.available() => return Ok(0),
         None => Table::ALL.to_vec(),
     };
     if tables.is_empty() {
         return Ok(0);
     }
-    nft.run(&render_cleanup(&tables))?;
+    program(nft, &txn::cleanup(&tables), mode)?;
     Ok(tables.len())
 }
 
@@ -220,8 +349,9 @@ pub fn cleanup_nftables(nft: &mut dyn Nftables) -> Result<usize, ApplyError> {
 pub fn cleanup_native(
     nft: &mut dyn Nftables,
     routing: &mut dyn Routing,
+    mode: NftablesApply,
 ) -> Result<usize, ApplyError> {
-    let tables = cleanup_nftables(nft).inspect_err(|err| {
+    let tables = cleanup_nftables(nft, mode).inspect_err(|err| {
         tracing::error!(%err, "deleting meshinit's nftables tables failed");
     });
     let routes = routing.remove_all().inspect_err(|err| {
@@ -234,17 +364,37 @@ pub fn cleanup_native(
 mod tests {
     use super::*;
     use crate::apply::{RoutingChanges, RoutingItem};
-    use crate::config::{InboundCapture, InterceptionMode};
-    use crate::rules::model::Family;
+    use crate::config::{InboundCapture, InterceptionMode, OwnerGroups};
+    use crate::rules::model::{Family, Owner};
     use crate::rules::nft::plan::plan;
     use crate::rules::nft::plan::tests::base;
+    use nix::errno::Errno;
 
-    /// Records every transaction; fails the run when asked.
+    /// How the fake's netlink commit fails, when it does.
+    #[derive(Debug, Clone, Copy)]
+    enum Fault {
+        /// The kernel refuses the message numbered `nth` of the batch (1 = the first after
+        /// BATCH_BEGIN).
+        Refuse {
+            nth: u32,
+            errno: Errno,
+        },
+        /// No netlink socket at all.
+        NoSocket,
+        NoAck,
+    }
+
+    /// Records every batch and transaction; fails on request.
     #[derive(Default)]
     struct FakeNft {
         existing: Option<ExistingTables>,
+        /// `nft` is not installed.
         missing: bool,
+        /// `nft -f` refuses what it gets.
         fail: bool,
+        fault: Option<Fault>,
+        groups: Vec<(String, u32)>,
+        batches: Vec<usize>,
         scripts: Vec<String>,
     }
 
@@ -254,6 +404,30 @@ mod tests {
         }
         fn available(&self) -> bool {
             !self.missing
+        }
+        fn owner_id(&self, kind: OwnerKind, name: &str) -> Option<u32> {
+            (kind == OwnerKind::Gid)
+                .then(|| {
+                    self.groups
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .map(|(_, id)| *id)
+                })
+                .flatten()
+        }
+        fn commit(&mut self, batch: &Batch) -> Result<(), BatchError> {
+            self.batches.push(batch.messages());
+            match self.fault {
+                None => Ok(()),
+                Some(Fault::Refuse { nth, errno }) => {
+                    Err(BatchError::Refused(vec![(batch.begin_seq() + nth, errno)]))
+                }
+                Some(Fault::NoSocket) => Err(BatchError::Io(crate::netlink::NetlinkError {
+                    what: "socket",
+                    errno: Errno::EPROTONOSUPPORT,
+                })),
+                Some(Fault::NoAck) => Err(BatchError::NoAck),
+            }
         }
         fn run(&mut self, script: &str) -> Result<(), ApplyError> {
             self.scripts.push(script.to_owned());
@@ -270,6 +444,13 @@ mod tests {
         }
         fn processes_launched(&self) -> usize {
             self.scripts.len()
+        }
+    }
+
+    fn fresh() -> FakeNft {
+        FakeNft {
+            existing: Some(ExistingTables::default()),
+            ..FakeNft::default()
         }
     }
 
@@ -313,21 +494,155 @@ mod tests {
     }
 
     #[test]
-    fn fresh_pod_is_one_transaction_and_no_stale_sweep() {
-        let mut nft = FakeNft {
-            existing: Some(ExistingTables::default()),
-            ..FakeNft::default()
-        };
+    fn fresh_pod_is_one_batch_and_nothing_launched() {
+        let mut nft = fresh();
         let mut routing = FakeRouting::default();
-        let summary = apply_nftables(&mut nft, &mut routing, &tproxy_plan()).unwrap();
-        assert_eq!(nft.scripts.len(), 1);
-        assert!(!nft.scripts[0].contains("delete"));
+        let summary =
+            apply_nftables(&mut nft, &mut routing, &tproxy_plan(), NftablesApply::Auto).unwrap();
+        assert_eq!(nft.batches.len(), 1);
+        assert!(nft.scripts.is_empty());
+        assert_eq!(summary.programmed, Programmed::Netlink);
         assert!(!summary.converged);
         assert_eq!(summary.routing_added, 1);
         assert_eq!(routing.calls.len(), 1, "{:?}", routing.calls);
         assert_eq!(
             summary.rules.iter().map(|(t, _)| *t).collect::<Vec<_>>(),
             [Table::Nat, Table::Mangle]
+        );
+    }
+
+    #[test]
+    fn nft_mode_is_one_transaction_through_nft() {
+        let mut nft = fresh();
+        let mut routing = FakeRouting::default();
+        let summary =
+            apply_nftables(&mut nft, &mut routing, &tproxy_plan(), NftablesApply::Nft).unwrap();
+        assert!(nft.batches.is_empty());
+        assert_eq!(nft.scripts.len(), 1);
+        assert!(!nft.scripts[0].contains("delete"));
+        assert_eq!(
+            summary.programmed,
+            Programmed::Nft {
+                fallback_from: None
+            }
+        );
+    }
+
+    #[test]
+    fn a_refused_batch_falls_back_to_nft_naming_the_refused_rule() {
+        // The third message of a fresh REDIRECT plan: flush, then the chains.
+        let mut nft = FakeNft {
+            fault: Some(Fault::Refuse {
+                nth: 3,
+                errno: Errno::EOPNOTSUPP,
+            }),
+            ..fresh()
+        };
+        let mut routing = FakeRouting::default();
+        let summary =
+            apply_nftables(&mut nft, &mut routing, &plan(&base()), NftablesApply::Auto).unwrap();
+        assert_eq!(nft.batches.len(), 1);
+        assert_eq!(nft.scripts.len(), 1, "the same transaction through nft -f");
+        let Programmed::Nft {
+            fallback_from: Some(reason),
+        } = summary.programmed
+        else {
+            panic!("expected a fallback, got {:?}", summary.programmed);
+        };
+        assert!(
+            reason.contains("add chain inet istio-proxy-nat output { type nat hook output")
+                && reason.contains("EOPNOTSUPP"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn every_netlink_failure_falls_back() {
+        for fault in [Fault::NoSocket, Fault::NoAck] {
+            let mut nft = FakeNft {
+                fault: Some(fault),
+                ..fresh()
+            };
+            let mut routing = FakeRouting::default();
+            let summary =
+                apply_nftables(&mut nft, &mut routing, &plan(&base()), NftablesApply::Auto)
+                    .unwrap();
+            assert_eq!(nft.scripts.len(), 1, "{fault:?}");
+            assert!(matches!(
+                summary.programmed,
+                Programmed::Nft {
+                    fallback_from: Some(_)
+                }
+            ));
+        }
+    }
+
+    #[test]
+    fn an_unknown_group_sends_nothing_and_leaves_it_to_nft() {
+        let mut cfg = base();
+        cfg.owner_groups = OwnerGroups::Only(vec![Owner::Name("java".into())]);
+        let mut nft = fresh();
+        let mut routing = FakeRouting::default();
+        let summary =
+            apply_nftables(&mut nft, &mut routing, &plan(&cfg), NftablesApply::Auto).unwrap();
+        assert!(nft.batches.is_empty(), "nothing half-encoded is sent");
+        assert_eq!(nft.scripts.len(), 1);
+        assert!(
+            matches!(&summary.programmed, Programmed::Nft { fallback_from: Some(r) } if r.contains("no group named \"java\" in /etc/group")),
+            "{:?}",
+            summary.programmed
+        );
+        // Known, it goes over netlink.
+        let mut nft = FakeNft {
+            groups: vec![("java".into(), 20001)],
+            ..fresh()
+        };
+        let summary =
+            apply_nftables(&mut nft, &mut routing, &plan(&cfg), NftablesApply::Auto).unwrap();
+        assert_eq!(summary.programmed, Programmed::Netlink);
+    }
+
+    #[test]
+    fn netlink_only_fails_without_launching_anything_and_takes_routing_back() {
+        let mut nft = FakeNft {
+            fault: Some(Fault::Refuse {
+                nth: 1,
+                errno: Errno::EPERM,
+            }),
+            ..fresh()
+        };
+        let mut routing = FakeRouting::default();
+        let err = apply_nftables(
+            &mut nft,
+            &mut routing,
+            &tproxy_plan(),
+            NftablesApply::Netlink,
+        )
+        .unwrap_err();
+        assert!(nft.scripts.is_empty());
+        let message = err.to_string();
+        assert!(
+            message.contains("add table inet istio-proxy-nat") && message.contains("not tried"),
+            "{message}"
+        );
+        assert_eq!(routing.calls.last().map(String::as_str), Some("undo 1"));
+    }
+
+    #[test]
+    fn without_nft_a_netlink_failure_says_so() {
+        let mut nft = FakeNft {
+            fault: Some(Fault::NoAck),
+            missing: true,
+            ..fresh()
+        };
+        let mut routing = FakeRouting::default();
+        let err = apply_nftables(&mut nft, &mut routing, &tproxy_plan(), NftablesApply::Auto)
+            .unwrap_err();
+        assert!(nft.scripts.is_empty());
+        assert!(
+            err.to_string()
+                .contains("nft, the fallback, is not installed"),
+            "{err}"
         );
     }
 
@@ -340,7 +655,8 @@ mod tests {
             ..FakeNft::default()
         };
         let mut routing = FakeRouting::default();
-        let summary = apply_nftables(&mut nft, &mut routing, &tproxy_plan()).unwrap();
+        let summary =
+            apply_nftables(&mut nft, &mut routing, &tproxy_plan(), NftablesApply::Nft).unwrap();
         assert!(summary.converged);
         assert!(nft.scripts[0].ends_with("delete table inet istio-proxy-raw\n"));
         assert_eq!(
@@ -352,23 +668,35 @@ mod tests {
     #[test]
     fn a_refused_transaction_takes_routing_back() {
         let mut nft = FakeNft {
-            existing: Some(ExistingTables::default()),
             fail: true,
-            ..FakeNft::default()
+            ..fresh()
         };
         let mut routing = FakeRouting::default();
-        assert!(apply_nftables(&mut nft, &mut routing, &tproxy_plan()).is_err());
+        assert!(
+            apply_nftables(&mut nft, &mut routing, &tproxy_plan(), NftablesApply::Nft).is_err()
+        );
         assert_eq!(routing.calls.last().map(String::as_str), Some("undo 1"));
     }
 
     #[test]
-    fn cleanup_launches_nothing_without_tables() {
+    fn a_refused_fallback_takes_routing_back() {
         let mut nft = FakeNft {
-            existing: Some(ExistingTables::default()),
-            ..FakeNft::default()
+            fault: Some(Fault::NoAck),
+            fail: true,
+            ..fresh()
         };
-        assert_eq!(cleanup_nftables(&mut nft).unwrap(), 0);
-        assert!(nft.scripts.is_empty());
+        let mut routing = FakeRouting::default();
+        let err = apply_nftables(&mut nft, &mut routing, &tproxy_plan(), NftablesApply::Auto)
+            .unwrap_err();
+        assert!(matches!(err, ApplyError::Rejected { .. }), "{err}");
+        assert_eq!(routing.calls.last().map(String::as_str), Some("undo 1"));
+    }
+
+    #[test]
+    fn cleanup_sends_nothing_without_tables() {
+        let mut nft = fresh();
+        assert_eq!(cleanup_nftables(&mut nft, NftablesApply::Auto).unwrap(), 0);
+        assert!(nft.scripts.is_empty() && nft.batches.is_empty());
     }
 
     #[test]
@@ -380,12 +708,25 @@ mod tests {
             ..FakeNft::default()
         };
         let mut routing = FakeRouting::default();
-        assert_eq!(cleanup_native(&mut nft, &mut routing).unwrap(), 1);
+        assert_eq!(
+            cleanup_native(&mut nft, &mut routing, NftablesApply::Auto).unwrap(),
+            1
+        );
+        assert_eq!(nft.batches, [2], "add table, delete table");
+        assert!(nft.scripts.is_empty());
+        assert_eq!(routing.calls, ["remove_all"]);
+        // The same through nft.
+        let mut nft = FakeNft {
+            existing: Some(ExistingTables {
+                tables: vec![(Table::Nat, vec!["output".into()])],
+            }),
+            ..FakeNft::default()
+        };
+        cleanup_nftables(&mut nft, NftablesApply::Nft).unwrap();
         assert_eq!(
             nft.scripts,
             ["add table inet istio-proxy-nat\ndelete table inet istio-proxy-nat\n"]
         );
-        assert_eq!(routing.calls, ["remove_all"]);
     }
 
     #[test]
@@ -395,14 +736,25 @@ mod tests {
             missing: true,
             ..FakeNft::default()
         };
-        assert_eq!(cleanup_nftables(&mut nft).unwrap(), 0);
-        assert!(nft.scripts.is_empty());
+        assert_eq!(cleanup_nftables(&mut nft, NftablesApply::Auto).unwrap(), 0);
+        assert!(nft.scripts.is_empty() && nft.batches.is_empty());
     }
 
     #[test]
     fn missing_nft_names_the_package() {
         let message = missing_nft().to_string();
         assert!(message.contains("nft") && message.contains("nftables package"));
+    }
+
+    #[test]
+    fn ids_from_passwd_and_group_files() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\nistio-proxy:x:1337:1337::/:/sbin/nologin\n";
+        assert_eq!(id_in(passwd, "istio-proxy"), Some(1337));
+        assert_eq!(id_in(passwd, "root"), Some(0));
+        assert_eq!(id_in(passwd, "istio"), None);
+        let group = "ftp:x:20002:\njava:x:20001:alice,bob\nbroken:x:\n";
+        assert_eq!(id_in(group, "java"), Some(20001));
+        assert_eq!(id_in(group, "broken"), None);
     }
 
     #[test]

@@ -56,6 +56,8 @@ pub enum Setting {
     Ipv6,
     DnsServers,
     XtablesWait,
+    NftablesApply,
+    MatchSets,
 }
 
 /// How a setting is spelled on the command line and in the environment.
@@ -135,6 +137,8 @@ pub const SETTINGS: &[SettingSpec] = &[
     spec(S::Ipv6, Some("ipv6"), None, &["MESHINIT_IPV6"], "", true),
     spec(S::DnsServers, Some("dns-servers"), None, &["MESHINIT_DNS_SERVERS"], "", false),
     spec(S::XtablesWait, Some("xtables-wait"), None, &["MESHINIT_XTABLES_WAIT"], "30", false),
+    spec(S::NftablesApply, Some("nftables-apply"), None, &["MESHINIT_NFTABLES_APPLY"], "auto", false),
+    spec(S::MatchSets, Some("match-sets"), None, &["MESHINIT_MATCH_SETS"], "false", true),
 ];
 
 /// Istio caps the owner-group include list: it becomes one rule with a match per group.
@@ -325,6 +329,8 @@ pub fn validate(
         force_backend,
         dual_stack,
         xtables_wait: r.parsed(S::XtablesWait, parse::parse_wait_seconds)?,
+        nftables_apply: r.parsed(S::NftablesApply, parse::parse_nftables_apply)?,
+        match_sets: r.flag(S::MatchSets)?,
     };
     let drop_invalid = r.flag(S::DropInvalid)?;
 

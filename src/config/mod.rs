@@ -104,6 +104,18 @@ pub enum ForcedBackend {
     Nft,
 }
 
+/// How `--native-nftables` gets its transaction into the kernel (`--nftables-apply`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum NftablesApply {
+    /// Over netlink; if that fails, the same transaction through `nft -f`, saying why.
+    #[default]
+    Auto,
+    /// Over netlink only: fail rather than launch `nft`.
+    Netlink,
+    /// Through `nft -f` only (as before meshinit spoke netlink).
+    Nft,
+}
+
 /// Options that shape a run rather than the ruleset.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunOptions {
@@ -122,6 +134,9 @@ pub struct RunOptions {
     pub dual_stack: bool,
     /// How long to wait for the xtables lock that iptables-legacy shares node-wide.
     pub xtables_wait: Duration,
+    pub nftables_apply: NftablesApply,
+    /// Match long CIDR and port lists with sets (`--match-sets`; nftables only).
+    pub match_sets: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ipnet::{IpNet, Ipv4Net};
 
-use super::{ForcedBackend, InterceptionMode, OutboundInclude};
+use super::{ForcedBackend, InterceptionMode, NftablesApply, OutboundInclude};
 use crate::rules::model::{Interface, Owner, Port};
 use crate::rules::plan::OUTBOUND_MARK;
 
@@ -300,9 +300,26 @@ pub fn parse_backend(value: &str) -> Result<Option<ForcedBackend>, Reason> {
     }
 }
 
+pub fn parse_nftables_apply(value: &str) -> Result<NftablesApply, Reason> {
+    match value.trim() {
+        "auto" => Ok(NftablesApply::Auto),
+        "netlink" => Ok(NftablesApply::Netlink),
+        "nft" => Ok(NftablesApply::Nft),
+        _ => Err("expected \"auto\", \"netlink\" or \"nft\"".into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nftables_apply_modes() {
+        assert_eq!(parse_nftables_apply("auto"), Ok(NftablesApply::Auto));
+        assert_eq!(parse_nftables_apply("netlink"), Ok(NftablesApply::Netlink));
+        assert_eq!(parse_nftables_apply(" nft "), Ok(NftablesApply::Nft));
+        assert!(parse_nftables_apply("libnftnl").is_err());
+    }
 
     #[test]
     fn bools_follow_go() {

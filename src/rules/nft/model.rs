@@ -180,6 +180,12 @@ pub enum Match {
         net: IpNet,
         negated: bool,
     },
+    /// `ip daddr { NET, NET, ... }`: an anonymous interval set (`--match-sets`) of at least
+    /// two networks, all of one family.
+    AddressSet {
+        direction: Direction,
+        nets: Vec<IpNet>,
+    },
     /// `tcp dport [!=] PORT`, or a set `{ 53, 15008 }` when there are several.
     Port {
         protocol: Protocol,

@@ -30,10 +30,27 @@ const DNS_PORT: u16 = 53;
 const CT_ZONE_UPSTREAM: u16 = 1;
 const CT_ZONE_CLIENT: u16 = 2;
 
-/// Plans the nftables ruleset for `cfg`.
+/// How the planner writes long lists.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlanOptions {
+    /// `--match-sets`: each list of CIDRs or ports (excluded or included, outbound or
+    /// inbound) becomes one rule matching an anonymous set (an interval set for CIDRs)
+    /// instead of one rule per entry, so what a new connection costs does not grow with the
+    /// lists. Same verdicts: the rules a list expands to all end alike, so one rule over
+    /// their union, in the same place, decides the same. A list of one stays a plain match.
+    pub match_sets: bool,
+}
+
+/// Plans the nftables ruleset for `cfg`: Istio's, one rule per list entry.
 pub fn plan(cfg: &CaptureConfig) -> NftRuleset {
+    plan_with(cfg, PlanOptions::default())
+}
+
+/// Plans the nftables ruleset for `cfg`, shaped by `options`.
+pub fn plan_with(cfg: &CaptureConfig, options: PlanOptions) -> NftRuleset {
     let mut planner = Planner {
         cfg,
+        options,
         b: Builder::default(),
     };
     planner.run();
@@ -116,6 +133,7 @@ impl Builder {
 
 struct Planner<'a> {
     cfg: &'a CaptureConfig,
+    options: PlanOptions,
     b: Builder,
 }
 
@@ -147,6 +165,11 @@ fn port_match(protocol: Protocol, direction: Direction, ports: Vec<Port>, negate
         ports,
         negated,
     }
+}
+
+/// `tcp dport PORT`, or `tcp dport { PORTS }` for several.
+fn tcp_dports(ports: Vec<Port>) -> Match {
+    port_match(Protocol::Tcp, Direction::Destination, ports, false)
 }
 
 fn dport(protocol: Protocol, port: Port) -> Match {
@@ -237,6 +260,37 @@ fn is_v4(net: &IpNet) -> bool {
 }
 
 impl Planner<'_> {
+    /// The port lists to write one rule for each: one list per port (Istio's), or with
+    /// `--match-sets` a single list of them all, duplicates dropped (a set once it has two).
+    fn port_groups(&self, ports: &[Port]) -> Vec<Vec<Port>> {
+        if !self.options.match_sets || ports.is_empty() {
+            return ports.iter().map(|p| vec![*p]).collect();
+        }
+        let mut seen = std::collections::HashSet::new();
+        vec![ports.iter().copied().filter(|p| seen.insert(*p)).collect()]
+    }
+
+    /// Destination matches for `nets` (one family), one rule each: one per network
+    /// (Istio's), or with `--match-sets` one interval set of them all once there are two.
+    fn destination_matches<'n>(&self, nets: impl Iterator<Item = &'n IpNet>) -> Vec<Match> {
+        let nets: Vec<IpNet> = nets.copied().collect();
+        if self.options.match_sets && nets.len() > 1 {
+            let mut seen = std::collections::HashSet::new();
+            let nets = nets
+                .into_iter()
+                .filter(|n| seen.insert(*n))
+                .collect::<Vec<_>>();
+            if nets.len() > 1 {
+                return vec![Match::AddressSet {
+                    direction: Direction::Destination,
+                    nets,
+                }];
+            }
+            return nets.into_iter().map(daddr).collect();
+        }
+        nets.into_iter().map(daddr).collect()
+    }
+
     /// Istio's `AppendV6RuleIfSupported`.
     fn append_v6(&mut self, table: Table, chain: Chain, rule: Rule) {
         if self.cfg.ipv6 {
@@ -316,12 +370,20 @@ impl Planner<'_> {
             Chain::Output,
             rule(vec![], jump(Chain::IstioOutput)),
         );
-        for port in &cfg.outbound_ports_exclude {
+        for ports in self.port_groups(&cfg.outbound_ports_exclude) {
             for protocol in [Protocol::Tcp, Protocol::Udp] {
                 self.b.append(
                     Table::Nat,
                     Chain::IstioOutput,
-                    rule(vec![dport(protocol, *port)], ret()),
+                    rule(
+                        vec![port_match(
+                            protocol,
+                            Direction::Destination,
+                            ports.clone(),
+                            false,
+                        )],
+                        ret(),
+                    ),
                 );
             }
         }
@@ -357,25 +419,26 @@ impl Planner<'_> {
         );
         // Exclusions before inclusions; all IPv4 ranges first, then IPv6 (Istio's
         // `SeparateV4V6`).
-        for net in cfg.outbound_exclude.iter().filter(|n| is_v4(n)) {
+        for m in self.destination_matches(cfg.outbound_exclude.iter().filter(|n| is_v4(n))) {
+            self.b
+                .append(Table::Nat, Chain::IstioOutput, rule(vec![m], ret()));
+        }
+        for m in self.destination_matches(cfg.outbound_exclude.iter().filter(|n| !is_v4(n))) {
+            self.append_v6(Table::Nat, Chain::IstioOutput, rule(vec![m], ret()));
+        }
+        for ports in self.port_groups(&cfg.outbound_ports_include) {
             self.b.append(
                 Table::Nat,
                 Chain::IstioOutput,
-                rule(vec![daddr(*net)], ret()),
-            );
-        }
-        for net in cfg.outbound_exclude.iter().filter(|n| !is_v4(n)) {
-            self.append_v6(
-                Table::Nat,
-                Chain::IstioOutput,
-                rule(vec![daddr(*net)], ret()),
-            );
-        }
-        for port in &cfg.outbound_ports_include {
-            self.b.append(
-                Table::Nat,
-                Chain::IstioOutput,
-                rule(vec![dport(Protocol::Tcp, *port)], jump(Chain::Redirect)),
+                rule(
+                    vec![port_match(
+                        Protocol::Tcp,
+                        Direction::Destination,
+                        ports,
+                        false,
+                    )],
+                    jump(Chain::Redirect),
+                ),
             );
         }
         self.outbound_include();
@@ -433,11 +496,11 @@ impl Planner<'_> {
         match &self.cfg.inbound {
             InboundCapture::Off => {}
             InboundCapture::AllExcept(excluded) => {
-                for port in excluded {
+                for ports in self.port_groups(excluded) {
                     self.b.append(
                         Table::Nat,
                         Chain::Inbound,
-                        rule(vec![tcp(), dport(Protocol::Tcp, *port)], ret()),
+                        rule(vec![tcp(), tcp_dports(ports)], ret()),
                     );
                 }
                 self.b.append(
@@ -447,14 +510,11 @@ impl Planner<'_> {
                 );
             }
             InboundCapture::Only(ports) => {
-                for port in ports {
+                for ports in self.port_groups(ports) {
                     self.b.append(
                         Table::Nat,
                         Chain::Inbound,
-                        rule(
-                            vec![tcp(), dport(Protocol::Tcp, *port)],
-                            jump(Chain::InRedirect),
-                        ),
+                        rule(vec![tcp(), tcp_dports(ports)], jump(Chain::InRedirect)),
                     );
                 }
             }
@@ -509,11 +569,11 @@ impl Planner<'_> {
         match &cfg.inbound {
             InboundCapture::Off => {}
             InboundCapture::AllExcept(excluded) => {
-                for port in excluded {
+                for ports in self.port_groups(excluded) {
                     self.b.append(
                         Table::Mangle,
                         Chain::Inbound,
-                        rule(vec![tcp(), dport(Protocol::Tcp, *port)], ret()),
+                        rule(vec![tcp(), tcp_dports(ports)], ret()),
                     );
                 }
                 self.b.append(
@@ -528,22 +588,19 @@ impl Planner<'_> {
                 );
             }
             InboundCapture::Only(ports) => {
-                for port in ports {
+                for ports in self.port_groups(ports) {
                     self.b.append(
                         Table::Mangle,
                         Chain::Inbound,
                         rule(
-                            vec![tcp(), established(), dport(Protocol::Tcp, *port)],
+                            vec![tcp(), established(), tcp_dports(ports.clone())],
                             jump(Chain::Divert),
                         ),
                     );
                     self.b.append(
                         Table::Mangle,
                         Chain::Inbound,
-                        rule(
-                            vec![tcp(), dport(Protocol::Tcp, *port)],
-                            jump(Chain::Tproxy),
-                        ),
+                        rule(vec![tcp(), tcp_dports(ports)], jump(Chain::Tproxy)),
                     );
                 }
             }
@@ -802,10 +859,10 @@ impl Planner<'_> {
             }
             OutboundInclude::Only(nets) => {
                 for v6 in [false, true] {
-                    for net in nets.iter().filter(|n| is_v4(n) != v6) {
+                    for to in self.destination_matches(nets.iter().filter(|n| is_v4(n) != v6)) {
                         for iface in &cfg.kube_virt_interfaces {
                             let from_vm = rule(
-                                vec![Match::InInterface(iface.clone()), daddr(*net)],
+                                vec![Match::InInterface(iface.clone()), to.clone()],
                                 jump(Chain::Redirect),
                             );
                             if v6 {
@@ -814,7 +871,7 @@ impl Planner<'_> {
                                 self.b.insert(Table::Nat, Chain::Prerouting, 0, from_vm);
                             }
                         }
-                        let to_proxy = rule(vec![daddr(*net)], jump(Chain::Redirect));
+                        let to_proxy = rule(vec![to], jump(Chain::Redirect));
                         if v6 {
                             self.append_v6(Table::Nat, Chain::IstioOutput, to_proxy);
                         } else {

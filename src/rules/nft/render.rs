@@ -1,13 +1,7 @@
 //! Renders the typed nftables ruleset as `nft -f` input: the only place nft text is made.
 //!
-//! The whole input is one transaction, which nft commits all or nothing. For a fresh
-//! namespace it is what Istio's backend sends: per table `add table`, `flush table`, `add
-//! chain` for each chain in use (base chains with their type, hook and priority), then the
-//! `add rule` / `insert rule ... index N` operations in Istio's order. `flush table` makes a
-//! re-run with the same configuration converge inside the transaction. When the table now
-//! holds other chains than the plan's (an earlier configuration's), it is deleted first, in
-//! the same transaction, so it ends up exactly as a fresh one; tables the plan no longer
-//! uses are deleted. `add table` before each `delete table` makes a missing table no error.
+//! The whole input is one transaction, which nft commits all or nothing: the operations of
+//! `txn::transaction` (see there for how a re-run converges), one line each.
 
 use std::fmt::Write as _;
 
@@ -15,8 +9,9 @@ use ipnet::IpNet;
 
 use super::model::{
     BaseChain, ChainType, Direction, ExistingTables, Hook, Match, NftRuleset, Position, Rule,
-    Statement, Table, TableRules,
+    Statement, Table,
 };
+use super::txn::{self, Op};
 use crate::rules::model::{CtState, Family, Interface, Owner, OwnerKind, Protocol};
 
 const FAMILY: &str = "inet";
@@ -26,45 +21,71 @@ const FAMILY: &str = "inet";
 /// with `None` (the current state is unknown) every planned table is rebuilt and every other
 /// table of meshinit's is deleted.
 pub fn render_transaction(ruleset: &NftRuleset, existing: Option<&ExistingTables>) -> String {
-    let mut out = String::with_capacity(256 + ruleset.rule_count() * 96);
-    for table in &ruleset.tables {
-        // Flushed, a table holding exactly the planned chains is as a fresh one would be;
-        // any other (an earlier configuration's) is rebuilt, so that stale chains go and
-        // new ones are not listed after the old.
-        let rebuild = match existing {
-            None => true,
-            Some(existing) => existing.table(table.table).is_some_and(|chains| {
-                !chains
-                    .iter()
-                    .map(String::as_str)
-                    .eq(table.chains.iter().map(|c| c.name()))
-            }),
-        };
-        if rebuild {
-            push_delete_table(&mut out, table.table);
-        }
-        push_table(&mut out, table);
-    }
-    for table in Table::ALL {
-        if ruleset.table(table).is_some() {
-            continue;
-        }
-        let present = existing.is_none_or(|existing| existing.table(table).is_some());
-        if present {
-            push_delete_table(&mut out, table);
-        }
-    }
-    out
+    render_ops(&txn::transaction(ruleset, existing), ruleset.rule_count())
 }
 
 /// The transaction that deletes `tables` (all of meshinit's, normally), whether or not they
 /// exist.
 pub fn render_cleanup(tables: &[Table]) -> String {
-    let mut out = String::new();
-    for table in tables {
-        push_delete_table(&mut out, *table);
+    render_ops(&txn::cleanup(tables), 0)
+}
+
+/// `ops` as `nft -f` input, one line each; `rules` sizes the buffer.
+pub fn render_ops(ops: &[Op<'_>], rules: usize) -> String {
+    let mut out = String::with_capacity(256 + rules * 96);
+    for op in ops {
+        push_op(&mut out, op);
+        out.push('\n');
     }
     out
+}
+
+/// One operation as one line of `nft -f` input (without the newline).
+pub fn op_text(op: &Op<'_>) -> String {
+    let mut out = String::new();
+    push_op(&mut out, op);
+    out
+}
+
+fn push_op(out: &mut String, op: &Op<'_>) {
+    match op {
+        Op::AddTable(table) => {
+            let _ = write!(out, "add table {FAMILY} {}", table.name());
+        }
+        Op::FlushTable(table) => {
+            let _ = write!(out, "flush table {FAMILY} {}", table.name());
+        }
+        Op::DeleteTable(table) => {
+            let _ = write!(out, "delete table {FAMILY} {}", table.name());
+        }
+        Op::AddChain { table, chain, base } => {
+            let _ = write!(out, "add chain {FAMILY} {} {}", table.name(), chain.name());
+            if let Some(base) = base {
+                push_base_chain(out, *base);
+            }
+        }
+        Op::Rule { table, op } => {
+            match op.position {
+                Position::Append => {
+                    let _ = write!(
+                        out,
+                        "add rule {FAMILY} {} {} ",
+                        table.name(),
+                        op.chain.name()
+                    );
+                }
+                Position::Insert { index } => {
+                    let _ = write!(
+                        out,
+                        "insert rule {FAMILY} {} {} index {index} ",
+                        table.name(),
+                        op.chain.name()
+                    );
+                }
+            }
+            push_rule(out, &op.rule);
+        }
+    }
 }
 
 /// The dry-run: the transaction for a fresh namespace (Istio's text), then the routing
@@ -96,40 +117,6 @@ pub fn render_plan(ruleset: &NftRuleset) -> String {
         }
     }
     out
-}
-
-fn push_delete_table(out: &mut String, table: Table) {
-    let _ = writeln!(out, "add table {FAMILY} {}", table.name());
-    let _ = writeln!(out, "delete table {FAMILY} {}", table.name());
-}
-
-fn push_table(out: &mut String, table: &TableRules) {
-    let name = table.table.name();
-    let _ = writeln!(out, "add table {FAMILY} {name}");
-    let _ = writeln!(out, "flush table {FAMILY} {name}");
-    for chain in &table.chains {
-        let _ = write!(out, "add chain {FAMILY} {name} {}", chain.name());
-        if let Some(base) = table.base_chain(*chain) {
-            push_base_chain(out, base);
-        }
-        out.push('\n');
-    }
-    for op in &table.ops {
-        match op.position {
-            Position::Append => {
-                let _ = write!(out, "add rule {FAMILY} {name} {} ", op.chain.name());
-            }
-            Position::Insert { index } => {
-                let _ = write!(
-                    out,
-                    "insert rule {FAMILY} {name} {} index {index} ",
-                    op.chain.name()
-                );
-            }
-        }
-        push_rule(out, &op.rule);
-        out.push('\n');
-    }
 }
 
 fn push_base_chain(out: &mut String, base: BaseChain) {
@@ -237,6 +224,21 @@ fn push_match(out: &mut String, m: &Match) {
             push_negation(out, *negated);
             out.push(' ');
             push_net(out, net);
+        }
+        Match::AddressSet { direction, nets } => {
+            out.push_str(match nets.first() {
+                Some(IpNet::V6(_)) => " ip6",
+                _ => " ip",
+            });
+            out.push_str(match direction {
+                Direction::Source => " saddr {",
+                Direction::Destination => " daddr {",
+            });
+            for (i, net) in nets.iter().enumerate() {
+                out.push_str(if i > 0 { ", " } else { " " });
+                push_net(out, net);
+            }
+            out.push_str(" }");
         }
         Match::Port {
             protocol: p,
