@@ -11,7 +11,12 @@
 //!   the same tables, chains with the same hooks, types and priorities, the same rules in
 //!   the same order. Istio's goldens are read from `../shared/istio-golden/nftables` when
 //!   present (required under CI).
-//! - as root: `meshinit apply --native-nftables` in a third namespace leaves the same.
+//! - as root: `meshinit apply --native-nftables` leaves the same, both over netlink
+//!   (`--nftables-apply=netlink`, no nft launched) and through `nft -f`
+//!   (`--nftables-apply=nft`), each in a namespace of its own; compared with rule handles
+//!   (`nft -a list ruleset`), so the kernel created the same objects in the same order.
+//! - as root, with `--match-sets`: the netlink batch and `nft -f` of the printed text (sets
+//!   inline) again leave the same, handles included.
 //!
 //! meshinit's text differs from Istio's in spelling only, never in what the kernel holds:
 //! `skuid` where Istio writes `meta skuid` (raw table), and an IPv6 address written as Rust
@@ -61,6 +66,10 @@ const CASES: &[Case] = &[
 ];
 
 const NATIVE: &str = "--native-nftables";
+/// How apply gets the transaction in: one nfnetlink batch, or `nft -f`.
+const NETLINK: &str = "--nftables-apply=netlink";
+const VIA_NFT: &str = "--nftables-apply=nft";
+const MATCH_SETS: &str = "--match-sets";
 
 /// `golden::print_case`'s base flags, which `apply` needs spelled out.
 const BASE: &[&str] = &["-u", "1337", "-g", "1337", "--no-ipv6"];
@@ -146,12 +155,19 @@ pub fn listing(ns: &NetNs) -> String {
     normalise_listing(&ns.run(&["nft", "list", "ruleset"]))
 }
 
-/// A fresh namespace (with the group names Istio's cases use) holding `input`.
-fn loaded(role: &str, input: &str, what: &str) -> String {
+/// What the kernel holds in `ns` with every object's handle (`nft -a`), counters aside:
+/// equal only if the same objects were created in the same order.
+fn listing_with_handles(ns: &NetNs) -> String {
+    normalise_listing(&ns.run(&["nft", "-a", "list", "ruleset"]))
+}
+
+/// A fresh namespace (with the group names Istio's cases use) holding `input`: its
+/// listing, without and with handles.
+fn loaded(role: &str, input: &str, what: &str) -> (String, String) {
     let ns = NetNs::new(role);
     let _groups = GroupOverlay::new(ns.name());
     nft_load(&ns, input, what);
-    listing(&ns)
+    (listing(&ns), listing_with_handles(&ns))
 }
 
 /// A fresh namespace with `lo` up, as in a pod (TPROXY's local route needs it).
@@ -161,13 +177,19 @@ fn pod_like(role: &str) -> NetNs {
     ns
 }
 
-/// `meshinit apply --native-nftables` for a case in a fresh namespace.
-fn applied(env: &[(&str, &str)], args: &[&str]) -> String {
+/// `meshinit apply --native-nftables ARGS EXTRA` for a case in a fresh namespace: its
+/// listing, without and with handles.
+fn applied(env: &[(&str, &str)], args: &[&str], extra: &[&str]) -> (String, String) {
     let ns = pod_like("na");
     let _groups = GroupOverlay::new(ns.name());
-    let all: Vec<&str> = BASE.iter().copied().chain(with_native(args)).collect();
+    let all: Vec<&str> = BASE
+        .iter()
+        .copied()
+        .chain(with_native(args))
+        .chain(extra.iter().copied())
+        .collect();
     crate::support::meshinit::apply(&ns, &all, env);
-    listing(&ns)
+    (listing(&ns), listing_with_handles(&ns))
 }
 
 /// Line-by-line difference, for failure messages.
@@ -224,19 +246,32 @@ fn check_case(name: &str) {
         return;
     };
     let istio = std::fs::read_to_string(dir.join(format!("{name}.golden"))).expect("golden");
-    let want = loaded("ni", &istio, &format!("Istio's {name}"));
-    let got = loaded("nm", &ours, &format!("meshinit's {name}"));
+    let (want, _) = loaded("ni", &istio, &format!("Istio's {name}"));
+    let (got, got_handles) = loaded("nm", &ours, &format!("meshinit's {name}"));
     assert!(
         want == got,
         "{name}: the kernel holds something else for meshinit than for Istio:\n{}\n\
          --- istio\n{want}\n--- meshinit\n{got}",
         diff(&want, &got)
     );
-    let by_apply = applied(env, args);
+    for mode in [NETLINK, VIA_NFT] {
+        let (_, by_apply) = applied(env, args, &[mode]);
+        assert!(
+            by_apply == got_handles,
+            "{name}: meshinit apply {mode} leaves something else than nft -f of its print:\n{}",
+            diff(&got_handles, &by_apply)
+        );
+    }
+
+    // 4. With --match-sets: the netlink batch leaves what nft -f of the printed sets does.
+    let with_sets: Vec<&str> = with_native(args).into_iter().chain([MATCH_SETS]).collect();
+    let text = print_case(env, &with_sets, None);
+    let (_, want) = loaded("ns", &text, &format!("meshinit's {name} with sets"));
+    let (_, by_netlink) = applied(env, args, &[NETLINK, MATCH_SETS]);
     assert!(
-        by_apply == got,
-        "{name}: meshinit apply leaves something else than its print:\n{}",
-        diff(&got, &by_apply)
+        by_netlink == want,
+        "{name}: with --match-sets, the netlink batch leaves something else than nft -f:\n{}",
+        diff(&want, &by_netlink)
     );
 }
 
@@ -306,6 +341,13 @@ fn meshinit_in(ns: &NetNs, subcommand: &str, args: &[&str], env: &[(&str, &str)]
 }
 
 fn run_ok(ns: &NetNs, subcommand: &str, args: &[&str]) {
+    run_ok_in(ns, subcommand, args, None);
+}
+
+/// `run_ok` with `--nftables-apply=MODE` (`mode` is the whole flag) when given.
+fn run_ok_in(ns: &NetNs, subcommand: &str, args: &[&str], mode: Option<&str>) {
+    let args: Vec<&str> = args.iter().copied().chain(mode).collect();
+    let args = args.as_slice();
     let cmd = &mut meshinit_in(ns, subcommand, args, &[]);
     expect_success(
         &format!("meshinit {subcommand} {args:?}"),
@@ -357,28 +399,63 @@ fn nft_rerun_converges_to_a_fresh_apply() {
     if !require_root("nft_rerun_converges_to_a_fresh_apply") {
         return;
     }
-    let fresh = applied(&[], &["-b", "*", "-i", "*"]);
-    let ns = pod_like("nr");
-    // All three tables, TPROXY routing and IPv6, then the injector's REDIRECT default: the
-    // listing (chains in the kernel's order, rules, hooks) must be a fresh apply's.
-    run_ok(&ns, "apply", EVERY_TABLE);
-    assert!(!tagged_routing(&ns).is_empty(), "TPROXY routing applied");
-    run_ok(&ns, "apply", &["-b", "*", "-i", "*"]);
-    assert_eq!(listing(&ns), fresh, "a changed configuration converges");
-    assert_eq!(
-        tagged_routing(&ns),
-        "",
-        "the earlier TPROXY routing is gone"
-    );
-    run_ok(&ns, "apply", &["-b", "*", "-i", "*"]);
-    assert_eq!(
-        listing(&ns),
-        fresh,
-        "the same configuration again changes nothing"
-    ); // From a configuration with fewer chains (no nat prerouting without inbound capture).
-    run_ok(&ns, "apply", &["-b", "", "-i", "*"]);
-    run_ok(&ns, "apply", &["-b", "*", "-i", "*"]);
-    assert_eq!(listing(&ns), fresh, "chains new to the configuration");
+    let (fresh, _) = applied(&[], &["-b", "*", "-i", "*"], &[]);
+    let (fresh_every, _) = applied(&[], EVERY_TABLE, &[]);
+    for mode in [NETLINK, VIA_NFT] {
+        let ns = pod_like("nr");
+        let apply = |args: &[&str]| run_ok_in(&ns, "apply", args, Some(mode));
+        // All three tables, TPROXY routing and IPv6 (inserts too), again; then the
+        // injector's REDIRECT default: the listing (chains in the kernel's order, rules,
+        // hooks) must be a fresh apply's.
+        apply(EVERY_TABLE);
+        assert!(
+            !tagged_routing(&ns).is_empty(),
+            "{mode}: TPROXY routing applied"
+        );
+        apply(EVERY_TABLE);
+        assert_eq!(
+            listing(&ns),
+            fresh_every,
+            "{mode}: the same again, inserts too"
+        );
+        apply(&["-b", "*", "-i", "*"]);
+        assert_eq!(
+            listing(&ns),
+            fresh,
+            "{mode}: a changed configuration converges"
+        );
+        assert_eq!(
+            tagged_routing(&ns),
+            "",
+            "{mode}: the earlier TPROXY routing is gone"
+        );
+        apply(&["-b", "*", "-i", "*"]);
+        assert_eq!(
+            listing(&ns),
+            fresh,
+            "{mode}: the same configuration again changes nothing"
+        );
+        // From a configuration with fewer chains (no nat prerouting without inbound capture).
+        apply(&["-b", "", "-i", "*"]);
+        apply(&["-b", "*", "-i", "*"]);
+        assert_eq!(
+            listing(&ns),
+            fresh,
+            "{mode}: chains new to the configuration"
+        );
+        // Into and out of sets.
+        apply(&[
+            "-b",
+            "*",
+            "-i",
+            "*",
+            "-x",
+            "192.0.2.0/25,198.51.100.0/24",
+            MATCH_SETS,
+        ]);
+        apply(&["-b", "*", "-i", "*"]);
+        assert_eq!(listing(&ns), fresh, "{mode}: out of sets");
+    }
 }
 
 #[test]
@@ -389,18 +466,62 @@ fn nft_refused_transaction_changes_nothing() {
     let ns = pod_like("nx");
     run_ok(&ns, "apply", EVERY_TABLE);
     let before = (listing(&ns), tagged_routing(&ns));
-    // A group nft cannot resolve: the planner accepts names, nft refuses the transaction.
-    let ran = crate::support::meshinit::run(meshinit_in(
-        &ns,
-        "apply",
-        &["-b", "8080"],
-        &[("ISTIO_OUTBOUND_OWNER_GROUPS", "no-such-group-meshinit")],
-    ));
+    // A group nobody can resolve: the planner accepts names; netlink cannot encode it, so
+    // (by default) nft -f gets the transaction, and refuses it.
+    let unknown_group = [("ISTIO_OUTBOUND_OWNER_GROUPS", "no-such-group-meshinit")];
+    let ran =
+        crate::support::meshinit::run(meshinit_in(&ns, "apply", &["-b", "8080"], &unknown_group));
     ran.assert_exit(3).assert_stderr_mentions(&[
+        "programming nftables over netlink failed; running nft -f instead",
+        r#"no group named "no-such-group-meshinit" in /etc/group"#,
         "nft -f - rejected the ruleset, changing nothing",
         "no-such-group-meshinit",
     ]);
     assert_eq!((listing(&ns), tagged_routing(&ns)), before);
+    // Netlink only: refused before anything is sent, nft never launched.
+    let ran = crate::support::meshinit::run(meshinit_in(
+        &ns,
+        "apply",
+        &["-b", "8080", NETLINK],
+        &unknown_group,
+    ));
+    ran.assert_exit(3)
+        .assert_stderr_mentions(&[
+            "programming nftables over netlink failed, changing nothing",
+            "no-such-group-meshinit",
+        ])
+        .assert_stderr_lacks("nft -f - rejected");
+    assert_eq!((listing(&ns), tagged_routing(&ns)), before);
+}
+
+/// A batch the kernel itself refuses (a chain name over nf_tables' 255 bytes cannot come
+/// from the planner, so: a base chain of another type already in its place) changes nothing
+/// and says which operation was refused.
+#[test]
+fn nft_batch_refused_by_the_kernel_changes_nothing() {
+    if !require_root("nft_batch_refused_by_the_kernel_changes_nothing") {
+        return;
+    }
+    let ns = pod_like("nk");
+    // meshinit's nat table, but its output chain a filter chain: `add chain ... { type nat
+    // ... }` cannot change a chain's type, so the kernel refuses the whole batch.
+    nft_load(
+        &ns,
+        "add table inet istio-proxy-nat\n\
+         add chain inet istio-proxy-nat output { type filter hook output priority 0 ; }\n\
+         add chain inet istio-proxy-nat istio-inbound\n\
+         add chain inet istio-proxy-nat istio-redirect\n\
+         add chain inet istio-proxy-nat istio-in-redirect\n\
+         add chain inet istio-proxy-nat istio-output\n",
+        "a look-alike table",
+    );
+    let before = listing(&ns);
+    let ran = crate::support::meshinit::run(meshinit_in(&ns, "apply", &[NETLINK], &[]));
+    ran.assert_exit(3).assert_stderr_mentions(&[
+        "programming nftables over netlink failed, changing nothing",
+        "the kernel refused `add chain inet istio-proxy-nat output { type nat hook output priority -100 ; }`",
+    ]);
+    assert_eq!(listing(&ns), before);
 }
 
 #[test]
@@ -411,7 +532,7 @@ fn nft_cleanup_removes_exactly_meshinits_tables() {
     let foreign = "add table inet other\n\
                    add chain inet other output { type filter hook output priority 0 ; }\n\
                    add rule inet other output counter\n";
-    for cleanup_args in [&[NATIVE][..], &[]] {
+    for cleanup_args in [&[NATIVE, NETLINK][..], &[NATIVE, VIA_NFT], &[]] {
         let ns = pod_like("nc");
         nft_load(&ns, foreign, "another tool's table");
         let untouched = listing(&ns);
