@@ -477,11 +477,6 @@ fn now_ns() -> i128 {
         .as_nanos() as i128
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
 /// One timed start of a fresh pod in `mode` on `node`, in ms: from `podman pod start` to
 /// the app's start; from `pod start` to the sandbox's start (podman starts the infra
 /// container once CNI ADD is done); from the sandbox's start to the app's (the init
@@ -532,33 +527,44 @@ fn bench_pod_start_by_mode() {
     timed_start(&cni_node, Mode::Cni);
     timed_start(&init_node, init_mode);
     let (mut ic, mut cni): (Vec<[f64; 3]>, Vec<[f64; 3]>) = (vec![], vec![]);
-    for _ in 0..runs {
-        ic.push(timed_start(&init_node, init_mode));
-        cni.push(timed_start(&cni_node, Mode::Cni));
+    for run in 0..runs {
+        // ABBA: neither mode always goes first.
+        if run % 2 == 0 {
+            ic.push(timed_start(&init_node, init_mode));
+            cni.push(timed_start(&cni_node, Mode::Cni));
+        } else {
+            cni.push(timed_start(&cni_node, Mode::Cni));
+            ic.push(timed_start(&init_node, init_mode));
+        }
     }
-    let column = |runs: &[[f64; 3]], i: usize| {
+    // (p25, median, p75) of column `i`.
+    let quartiles = |runs: &[[f64; 3]], i: usize| {
         let mut values: Vec<f64> = runs.iter().map(|r| r[i]).collect();
-        median(&mut values)
+        values.sort_by(f64::total_cmp);
+        let at = |q: usize| values[(values.len() - 1) * q / 4];
+        (at(1), at(2), at(3))
     };
-    println!("\nmedians of {runs} runs each, alternating (ms):");
+    println!("\nms, median (p25–p75) of {runs} runs each, alternating:");
     println!("| mode | pod start → app start | pod start → sandbox up | sandbox up → app start |");
     println!("| --- | --- | --- | --- |");
     for (name, runs) in [
         ("init container (istio-init)", &ic),
         ("CNI (meshinit-cni, istio-validation)", &cni),
     ] {
-        println!(
-            "| {name} | {:.0} | {:.0} | {:.0} |",
-            column(runs, 0),
-            column(runs, 1),
-            column(runs, 2)
-        );
+        let cells: Vec<String> = (0..3)
+            .map(|i| {
+                let (p25, p50, p75) = quartiles(runs, i);
+                format!("{p50:.0} ({p25:.0}–{p75:.0})")
+            })
+            .collect();
+        println!("| {name} | {} |", cells.join(" | "));
     }
+    let ratios: Vec<String> = (0..3)
+        .map(|i| format!("{:.2}x", quartiles(&cni, i).1 / quartiles(&ic, i).1))
+        .collect();
     println!(
-        "| ratio CNI / init container | {:.2}x | {:.2}x | {:.2}x |",
-        column(&cni, 0) / column(&ic, 0),
-        column(&cni, 1) / column(&ic, 1),
-        column(&cni, 2) / column(&ic, 2)
+        "| ratio of medians, CNI / init container | {} |",
+        ratios.join(" | ")
     );
 
     // Capabilities, as podman reports them for each container.
