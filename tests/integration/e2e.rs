@@ -3,9 +3,11 @@
 //! and checks which listener answered and what it saw as the original destination, the
 //! way Istio's own rules behave.
 //!
-//! Every scenario runs on both backends (`Backend`): iptables, and Istio's native nftables
-//! tables (`--native-nftables`); `meshinit explain`, which walks the iptables plan, must
-//! agree with the kernel on both.
+//! Every scenario runs on every backend (`Backend`): iptables, and Istio's native nftables
+//! tables (`--native-nftables`) programmed over netlink, through `nft -f`, and over netlink
+//! with `--match-sets` (lists as sets; the scenarios' lists have several entries so that
+//! sets are made). `meshinit explain`, which walks the iptables plan, must agree with the
+//! kernel on all of them.
 //!
 //! Needs root: skips with a reason otherwise, fails under `CI=true`.
 
@@ -55,24 +57,42 @@ fn istio_args(overrides: &[&str]) -> Vec<String> {
 enum Backend {
     /// iptables, on the backend detected (or forced) as Istio does.
     Iptables,
-    /// Istio's native nftables tables, `--native-nftables`.
+    /// Istio's native nftables tables, `--native-nftables`, in one netlink batch (netlink
+    /// only: a fallback to nft would fail the test).
     Nftables,
+    /// The same through `nft -f`.
+    NftablesViaNft,
+    /// Over netlink, with `--match-sets`.
+    NftablesSets,
 }
 
 impl Backend {
     /// `istio_args(overrides)`, on this backend.
     fn args(self, overrides: &[&str]) -> Vec<String> {
         let mut args = istio_args(overrides);
-        if self == Backend::Nftables {
-            args.push("--native-nftables".to_owned());
-        }
+        let extra: &[&str] = match self {
+            Backend::Iptables => &[],
+            Backend::Nftables => &["--native-nftables", "--nftables-apply=netlink"],
+            Backend::NftablesViaNft => &["--native-nftables", "--nftables-apply=nft"],
+            Backend::NftablesSets => &[
+                "--native-nftables",
+                "--nftables-apply=netlink",
+                "--match-sets",
+            ],
+        };
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
         args
+    }
+
+    fn is_nftables(self) -> bool {
+        self != Backend::Iptables
     }
 }
 
-/// For each scenario, a module of two tests, `iptables` and `native_nftables`, each running
-/// `scenario(test name, backend)` (e.g. `e2e::dns_capture::native_nftables`).
-macro_rules! on_both_backends {
+/// For each scenario, a module of a test per backend (`iptables`, `native_nftables`,
+/// `native_nftables_via_nft`, `native_nftables_match_sets`), each running `scenario(test
+/// name, backend)` (e.g. `e2e::dns_capture::native_nftables`).
+macro_rules! on_every_backend {
     ($($scenario:ident,)*) => {
         $(
             mod $scenario {
@@ -91,6 +111,22 @@ macro_rules! on_both_backends {
                     super::$scenario(
                         concat!(stringify!($scenario), "::native_nftables"),
                         Backend::Nftables,
+                    );
+                }
+
+                #[test]
+                fn native_nftables_via_nft() {
+                    super::$scenario(
+                        concat!(stringify!($scenario), "::native_nftables_via_nft"),
+                        Backend::NftablesViaNft,
+                    );
+                }
+
+                #[test]
+                fn native_nftables_match_sets() {
+                    super::$scenario(
+                        concat!(stringify!($scenario), "::native_nftables_match_sets"),
+                        Backend::NftablesSets,
                     );
                 }
             }
@@ -170,7 +206,7 @@ fn default_redirect(test: &str, backend: Backend, forced: Option<&str>) {
     let tables = lab.pod().run(&["nft", "list", "tables"]);
     assert_eq!(
         tables.contains("table inet istio-proxy-nat"),
-        backend == Backend::Nftables,
+        backend.is_nftables(),
         "{test}: nftables tables:\n{tables}"
     );
 }
@@ -193,6 +229,24 @@ fn default_redirect_nft() {
 #[test]
 fn default_redirect_native_nftables() {
     default_redirect("default_redirect_native_nftables", Backend::Nftables, None);
+}
+
+#[test]
+fn default_redirect_native_nftables_via_nft() {
+    default_redirect(
+        "default_redirect_native_nftables_via_nft",
+        Backend::NftablesViaNft,
+        None,
+    );
+}
+
+#[test]
+fn default_redirect_native_nftables_match_sets() {
+    default_redirect(
+        "default_redirect_native_nftables_match_sets",
+        Backend::NftablesSets,
+        None,
+    );
 }
 
 /// The `include` flags capture `chosen` and leave `other` alone; `exclude` does the reverse.
@@ -225,12 +279,14 @@ fn include_then_exclude(
     );
 }
 
+/// Lists of several entries, so that `--match-sets` makes sets of them (the others are
+/// documentation ranges no connection goes to).
 fn outbound_cidrs_include_and_exclude(test: &str, backend: Backend) {
     include_then_exclude(
         test,
         backend,
-        &["-i", "198.51.100.0/24"],
-        &["-x", "198.51.100.30/32"],
+        &["-i", "192.0.2.128/25,198.51.100.0/24,203.0.113.128/26"],
+        &["-x", "192.0.2.128/25,198.51.100.30/32,203.0.113.128/26"],
         VAULT,
         OTHER,
     );
@@ -240,8 +296,8 @@ fn outbound_ports_include_and_exclude(test: &str, backend: Backend) {
     include_then_exclude(
         test,
         backend,
-        &["-i", "", "-q", "8200"],
-        &["-o", "8200"],
+        &["-i", "", "-q", "8100,8200,8250"],
+        &["-o", "8100,8200,8250"],
         VAULT,
         VAULT_8300,
     );
@@ -250,7 +306,7 @@ fn outbound_ports_include_and_exclude(test: &str, backend: Backend) {
 fn inbound_ports_include(test: &str, backend: Backend) {
     run_one(
         test,
-        Setup::new(backend.args(&["-b", "8080"])),
+        Setup::new(backend.args(&["-b", "8080,8443,9443"])),
         &[
             tcp(Peer, POD_8080, inbound(POD_8080)),
             tcp(Peer, "192.0.2.2:8081", app("192.0.2.2:8081")),
@@ -397,16 +453,19 @@ fn app_init_container_without_sidecar(test: &str, backend: Backend) {
                     tcp(Proxy, VAULT, peer(VAULT)),
                 ],
             ),
-            (no_sidecar(&["-o", "8200"]), &[tcp(App, VAULT, peer(VAULT))]),
             (
-                no_sidecar(&["-x", "198.51.100.30/32"]),
+                no_sidecar(&["-o", "8100,8200"]),
+                &[tcp(App, VAULT, peer(VAULT))],
+            ),
+            (
+                no_sidecar(&["-x", "198.51.100.30/32,203.0.113.128/26"]),
                 &[tcp(App, VAULT, peer(VAULT))],
             ),
         ],
     );
 }
 
-on_both_backends! {
+on_every_backend! {
     outbound_cidrs_include_and_exclude,
     outbound_ports_include_and_exclude,
     inbound_ports_include,
