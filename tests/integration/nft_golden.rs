@@ -558,3 +558,37 @@ fn nft_cleanup_removes_exactly_meshinits_tables() {
         );
     }
 }
+
+/// By default nothing is launched: apply and cleanup go over netlink, even with an `nft`
+/// first in PATH that would fail (and leave a mark) if it ever ran.
+#[test]
+fn nft_default_apply_and_cleanup_launch_nothing() {
+    if !require_root("nft_default_apply_and_cleanup_launch_nothing") {
+        return;
+    }
+    let dir = crate::support::scratch::ScratchDir::new("no-nft");
+    let mark = dir.path().join("nft-ran");
+    dir.write_script(
+        "nft",
+        &format!("#!/bin/sh\ntouch {}\nexit 1\n", mark.display()),
+    );
+    let path = format!(
+        "{}:{}",
+        dir.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let (want, _) = applied(&[], EVERY_TABLE, &[VIA_NFT]);
+    let ns = pod_like("nn");
+    for subcommand in ["apply", "cleanup"] {
+        let mut cmd = meshinit_in(&ns, subcommand, EVERY_TABLE, &[]);
+        cmd.env("PATH", &path);
+        let ran = crate::support::meshinit::run(cmd);
+        ran.assert_exit(0).assert_stderr_mentions(&["processes=0"]);
+        if subcommand == "apply" {
+            ran.assert_stderr_mentions(&["via=\"netlink\""]);
+            assert_eq!(listing(&ns), want);
+        }
+    }
+    assert!(!mark.exists(), "nft was launched");
+    assert_eq!(tables(&ns), Vec::<String>::new());
+}

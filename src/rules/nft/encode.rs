@@ -1071,3 +1071,344 @@ impl Expressions {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{InboundCapture, InterceptionMode, OwnerGroups};
+    use crate::rules::nft::model::{ExistingTables, Rule, RuleOp, Table};
+    use crate::rules::nft::plan::tests::base;
+    use crate::rules::nft::plan::{plan, plan_with, PlanOptions};
+    use crate::rules::nft::txn::transaction;
+
+    fn no_names(_: OwnerKind, _: &str) -> Option<u32> {
+        None
+    }
+
+    /// (type, flags, seq, payload) of each message in a batch.
+    fn messages(bytes: &[u8]) -> Vec<(u16, u16, u32, &[u8])> {
+        let mut out = Vec::new();
+        let mut rest = bytes;
+        while rest.len() >= 16 {
+            let len = u32::from_ne_bytes(rest[..4].try_into().unwrap()) as usize;
+            let kind = u16::from_ne_bytes(rest[4..6].try_into().unwrap());
+            let flags = u16::from_ne_bytes(rest[6..8].try_into().unwrap());
+            let seq = u32::from_ne_bytes(rest[8..12].try_into().unwrap());
+            out.push((kind, flags, seq, &rest[16..len]));
+            rest = &rest[(len + 3) & !3..];
+        }
+        assert!(rest.is_empty(), "trailing bytes");
+        out
+    }
+
+    /// The attributes of `data` as (type without flags, payload).
+    fn attrs(mut data: &[u8]) -> Vec<(u16, &[u8])> {
+        let mut out = Vec::new();
+        while data.len() >= 4 {
+            let len = u16::from_ne_bytes(data[..2].try_into().unwrap()) as usize;
+            let kind = u16::from_ne_bytes(data[2..4].try_into().unwrap()) & 0x3fff;
+            out.push((kind, &data[4..len]));
+            data = &data[((len + 3) & !3).min(data.len())..];
+        }
+        out
+    }
+
+    fn attr(data: &[u8], kind: u16) -> Option<&[u8]> {
+        attrs(data)
+            .into_iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, v)| v)
+    }
+
+    /// The expression names of a NEWRULE message's payload (after `nfgenmsg`).
+    fn expression_names(payload: &[u8]) -> Vec<String> {
+        let list = attr(&payload[4..], sys::NFTA_RULE_EXPRESSIONS).expect("expressions");
+        attrs(list)
+            .into_iter()
+            .map(|(_, expr)| {
+                let name = attr(expr, sys::NFTA_EXPR_NAME).expect("name");
+                String::from_utf8_lossy(&name[..name.len() - 1]).into_owned()
+            })
+            .collect()
+    }
+
+    fn kind(msg: u16) -> u16 {
+        msg & 0xff
+    }
+
+    #[test]
+    fn batch_is_begin_messages_end_with_one_ack_on_the_last() {
+        let ruleset = plan(&base());
+        let ops = transaction(&ruleset, Some(&ExistingTables::default()));
+        let batch = encode(&ops, &no_names).unwrap();
+        let msgs = messages(batch.bytes());
+        assert_eq!(msgs.first().map(|m| m.0), Some(NFNL_MSG_BATCH_BEGIN));
+        assert_eq!(msgs.last().map(|m| m.0), Some(NFNL_MSG_BATCH_END));
+        assert_eq!(
+            msgs[0].3,
+            [0, 0, 0, 10],
+            "nfgenmsg with the nf_tables subsystem"
+        );
+        assert_eq!(batch.messages(), msgs.len() - 2);
+        assert_eq!(batch.messages(), ops.len(), "no sets in the base plan");
+        for (i, (_, flags, seq, _)) in msgs.iter().enumerate() {
+            assert_eq!(*seq, BEGIN_SEQ + i as u32);
+            let acked = flags & NLM_F_ACK != 0;
+            assert_eq!(acked, *seq == batch.last_seq(), "message {i}");
+        }
+        // add table, flush table, add chain output (a base chain), ...
+        let kinds: Vec<u16> = msgs[1..4].iter().map(|m| kind(m.0)).collect();
+        assert_eq!(
+            kinds,
+            [
+                sys::NFT_MSG_NEWTABLE,
+                sys::NFT_MSG_DELRULE,
+                sys::NFT_MSG_NEWCHAIN
+            ]
+        );
+        let hook = attr(&msgs[3].3[4..], sys::NFTA_CHAIN_HOOK).unwrap();
+        assert_eq!(
+            attr(hook, sys::NFTA_HOOK_PRIORITY),
+            Some(&(-100i32).to_be_bytes()[..])
+        );
+        assert_eq!(batch.op_index(batch.begin_seq() + 3), Some(2));
+        assert_eq!(batch.op_index(batch.begin_seq()), None);
+    }
+
+    #[test]
+    fn dependencies_are_added_as_nft_adds_them() {
+        // Istio's loopback rule: oifname lo meta l4proto tcp ip daddr != 127.0.0.1/32
+        // tcp dport != { 53, 15008 } skuid 1337 counter jump istio-in-redirect.
+        let mut cfg = base();
+        cfg.dns = crate::config::DnsCapture::All;
+        let ruleset = plan(&cfg);
+        let ops = transaction(&ruleset, Some(&ExistingTables::default()));
+        let batch = encode(&ops, &no_names).unwrap();
+        let msgs = messages(batch.bytes());
+        let set_at = msgs
+            .iter()
+            .position(|m| kind(m.0) == sys::NFT_MSG_NEWSET)
+            .expect("an anonymous set");
+        assert_eq!(kind(msgs[set_at + 1].0), sys::NFT_MSG_NEWSETELEM);
+        assert_eq!(kind(msgs[set_at + 2].0), sys::NFT_MSG_NEWRULE);
+        assert_eq!(
+            expression_names(msgs[set_at + 2].3),
+            [
+                "meta",
+                "cmp",
+                "meta",
+                "cmp",
+                "meta",
+                "cmp",
+                "payload",
+                "cmp",
+                "payload",
+                "lookup",
+                "meta",
+                "cmp",
+                "counter",
+                "immediate"
+            ]
+        );
+        // `udp dport 53 counter redirect to :15053`: the l4proto dependency first.
+        let udp_dns = msgs
+            .iter()
+            .filter(|m| kind(m.0) == sys::NFT_MSG_NEWRULE)
+            .map(|m| expression_names(m.3))
+            .find(|names| names.last().map(String::as_str) == Some("redir"))
+            .expect("a redirect");
+        assert_eq!(udp_dns[..2], ["meta", "cmp"]);
+    }
+
+    #[test]
+    fn prefixes_load_their_bytes_or_mask() {
+        let rule = |net: &str| {
+            let net: IpNet = net.parse().unwrap();
+            let op = RuleOp {
+                chain: Chain::IstioOutput,
+                position: Position::Append,
+                rule: Rule::new(
+                    vec![Match::Address {
+                        direction: Direction::Destination,
+                        net,
+                        negated: false,
+                    }],
+                    vec![Statement::Return],
+                ),
+            };
+            let ops = [Op::Rule {
+                table: Table::Nat,
+                op: &op,
+            }];
+            let batch = encode(&ops, &no_names).unwrap();
+            let msgs = messages(batch.bytes());
+            expression_names(msgs[1].3)
+        };
+        let byte_aligned = ["meta", "cmp", "payload", "cmp", "immediate"];
+        assert_eq!(rule("10.0.0.0/8"), byte_aligned);
+        assert_eq!(rule("192.0.2.1/32"), byte_aligned);
+        assert_eq!(rule("2001:db8::/32"), byte_aligned);
+        let masked = ["meta", "cmp", "payload", "bitwise", "cmp", "immediate"];
+        assert_eq!(rule("10.16.0.0/12"), masked);
+        assert_eq!(rule("0.0.0.0/0"), masked);
+    }
+
+    #[test]
+    fn inserts_reference_the_rule_they_go_before() {
+        // TPROXY: istio-inbound gets three inserts, at 0, 1 and 2, in front of the appended
+        // "established" rule (index 0 at the time) and of each other.
+        let mut cfg = base();
+        cfg.interception = InterceptionMode::Tproxy;
+        cfg.inbound = InboundCapture::AllExcept(vec![]);
+        cfg.ipv6 = true;
+        let ruleset = plan(&cfg);
+        let ops = transaction(&ruleset, Some(&ExistingTables::default()));
+        let (positions, referenced) = insert_positions(&ops).unwrap();
+        assert_eq!(positions.len(), 4, "four inserts with IPv6");
+        for before in positions.values() {
+            assert!(referenced.contains(before));
+            assert!(matches!(ops[*before], Op::Rule { .. }));
+        }
+        let batch = encode(&ops, &no_names).unwrap();
+        let with_position: Vec<u32> = messages(batch.bytes())
+            .iter()
+            .filter(|m| kind(m.0) == sys::NFT_MSG_NEWRULE)
+            .filter_map(|m| attr(&m.3[4..], sys::NFTA_RULE_POSITION_ID))
+            .map(|v| u32::from_be_bytes(v.try_into().unwrap()))
+            .collect();
+        assert_eq!(with_position.len(), 4);
+        // Inserts carry no NLM_F_APPEND.
+        for m in messages(batch.bytes()) {
+            if kind(m.0) == sys::NFT_MSG_NEWRULE {
+                let inserted = attr(&m.3[4..], sys::NFTA_RULE_POSITION_ID).is_some();
+                assert_eq!(m.1 & NLM_F_APPEND == 0, inserted);
+            }
+        }
+    }
+
+    #[test]
+    fn an_unknown_name_encodes_nothing() {
+        let mut cfg = base();
+        cfg.owner_groups = OwnerGroups::Only(vec![Owner::Name("java".into())]);
+        let ruleset = plan(&cfg);
+        let ops = transaction(&ruleset, None);
+        assert_eq!(
+            encode(&ops, &no_names),
+            Err(EncodeError::UnknownOwner {
+                kind: OwnerKind::Gid,
+                name: "java".into()
+            })
+        );
+        assert_eq!(
+            EncodeError::UnknownOwner {
+                kind: OwnerKind::Gid,
+                name: "java".into()
+            }
+            .to_string(),
+            "no group named \"java\" in /etc/group"
+        );
+        let java = |kind: OwnerKind, name: &str| {
+            (kind == OwnerKind::Gid && name == "java").then_some(20001)
+        };
+        assert!(encode(&ops, &java).is_ok());
+    }
+
+    #[test]
+    fn ranges_merge_overlapping_and_adjacent_networks() {
+        let nets: Vec<IpNet> = [
+            "192.0.3.0/24",
+            "10.0.0.0/8",
+            "192.0.2.0/24",
+            "10.1.0.0/16",
+            "203.0.113.7/32",
+        ]
+        .iter()
+        .map(|n| n.parse().unwrap())
+        .collect();
+        assert_eq!(
+            merged_ranges(&nets),
+            [
+                (0x0a00_0000, 0x0aff_ffff),
+                (0xc000_0200, 0xc000_03ff),
+                (0xcb00_7107, 0xcb00_7107)
+            ]
+        );
+    }
+
+    #[test]
+    fn interval_elements_as_nft_writes_them() {
+        let keys = |ranges: &[(u128, u128)]| {
+            interval_elements(ranges, 4)
+                .iter()
+                .map(|e| {
+                    (
+                        u32::from_be_bytes(e.key.clone().try_into().unwrap()),
+                        e.interval_end,
+                        e.open,
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        // An end at zero, then start and one-past-the-end for each range.
+        assert_eq!(
+            keys(&[(10, 19)]),
+            [(0, true, false), (10, false, false), (20, true, false)]
+        );
+        // Starting at zero: no end there. Running to the last address: marked open.
+        assert_eq!(
+            keys(&[(0, 9), (0xffff_fff0, 0xffff_ffff)]),
+            [
+                (0, false, false),
+                (10, true, false),
+                (0xffff_fff0, false, true)
+            ]
+        );
+    }
+
+    #[cfg(target_endian = "little")]
+    #[test]
+    fn set_metadata_is_nfts() {
+        // Captured from `nft --debug=mnl` (nftables 1.0.6) for `tcp dport { 53, 15008 }`
+        // and `ip daddr { 10.0.0.0/8, 192.0.2.0/24 }`.
+        assert_eq!(
+            set_userdata(false, sys::PROTO_DESC_TCP, sys::TH_DPORT),
+            [
+                0x00, 0x04, 0x02, 0x00, 0x00, 0x00, 0x03, 0x14, 0x00, 0x04, 0x07, 0x00, 0x00, 0x00,
+                0x01, 0x0c, 0x00, 0x04, 0x08, 0x00, 0x00, 0x00, 0x01, 0x04, 0x02, 0x00, 0x00, 0x00
+            ]
+        );
+        assert_eq!(
+            set_userdata(true, sys::PROTO_DESC_IP, sys::IPHDR_DADDR),
+            [
+                0x00, 0x04, 0x02, 0x00, 0x00, 0x00, 0x02, 0x04, 0x01, 0x00, 0x00, 0x00, 0x03, 0x14,
+                0x00, 0x04, 0x07, 0x00, 0x00, 0x00, 0x01, 0x0c, 0x00, 0x04, 0x0c, 0x00, 0x00, 0x00,
+                0x01, 0x04, 0x0c, 0x00, 0x00, 0x00
+            ]
+        );
+    }
+
+    #[test]
+    fn large_sets_are_split_across_messages() {
+        let mut cfg = base();
+        cfg.outbound_exclude = (0..4000u32)
+            .map(|i| IpNet::V4(ipnet::Ipv4Net::new((0x0a00_0000 + i * 4).into(), 31).unwrap()))
+            .collect();
+        let ruleset = plan_with(&cfg, PlanOptions { match_sets: true });
+        let ops = transaction(&ruleset, Some(&ExistingTables::default()));
+        let batch = encode(&ops, &no_names).unwrap();
+        let msgs = messages(batch.bytes());
+        let element_messages: Vec<_> = msgs
+            .iter()
+            .filter(|m| kind(m.0) == sys::NFT_MSG_NEWSETELEM)
+            .collect();
+        assert!(element_messages.len() > 1);
+        let elements: usize = element_messages
+            .iter()
+            .map(|m| attrs(attr(&m.3[4..], sys::NFTA_SET_ELEM_LIST_ELEMENTS).unwrap()).len())
+            .sum();
+        assert_eq!(elements, 1 + 2 * 4000);
+        for m in element_messages {
+            assert!(m.3.len() < ELEMENTS_BYTES_PER_MESSAGE + 512);
+        }
+    }
+}

@@ -1164,4 +1164,108 @@ pub(crate) mod tests {
             ["udp sport 53 counter ct zone set 1"]
         );
     }
+
+    fn sets() -> PlanOptions {
+        PlanOptions { match_sets: true }
+    }
+
+    #[test]
+    fn match_sets_make_one_rule_per_list() {
+        let mut cfg = base();
+        cfg.ipv6 = true;
+        cfg.inbound = InboundCapture::AllExcept(vec![port(15090), port(15021), port(15020)]);
+        cfg.outbound_include = OutboundInclude::All;
+        cfg.outbound_exclude = ["10.0.0.0/8", "2001:db8::/32", "192.0.2.0/24", "10.0.0.0/8"]
+            .iter()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        cfg.outbound_ports_exclude = vec![port(8200), port(8300), port(8200)];
+        cfg.outbound_ports_include = vec![port(443)];
+        let plan = plan_with(&cfg, sets());
+        let nat = plan.table(Table::Nat).unwrap();
+        let output = texts(nat, Chain::IstioOutput);
+        for line in [
+            "tcp dport { 8200, 8300 } counter return",
+            "udp dport { 8200, 8300 } counter return",
+            "ip daddr { 10.0.0.0/8, 192.0.2.0/24 } counter return",
+            // One IPv6 network: a plain match, as without sets.
+            "ip6 daddr 2001:db8::/32 counter return",
+            "tcp dport 443 counter jump istio-redirect",
+        ] {
+            assert!(
+                output.iter().any(|l| l == line),
+                "missing {line:?} in {output:#?}"
+            );
+        }
+        assert_eq!(
+            texts(nat, Chain::Inbound),
+            [
+                "meta l4proto tcp tcp dport 15008 counter return",
+                "meta l4proto tcp tcp dport { 15090, 15021, 15020 } counter return",
+                "meta l4proto tcp counter jump istio-in-redirect",
+            ]
+        );
+        // The same rules in the same places otherwise.
+        let chains = super::plan(&cfg);
+        assert_eq!(
+            chains.rule_count() - plan.rule_count(),
+            (2 * 3 - 2) + (3 - 1) + (3 - 1),
+            "ports x2 protocols, v4 networks, inbound ports"
+        );
+    }
+
+    #[test]
+    fn match_sets_change_nothing_without_lists() {
+        for cfg in [base(), {
+            let mut cfg = base();
+            cfg.interception = InterceptionMode::Tproxy;
+            cfg.inbound = InboundCapture::Only(vec![port(8080)]);
+            cfg.outbound_exclude = vec!["10.0.0.0/8".parse().unwrap()];
+            cfg
+        }] {
+            assert_eq!(plan_with(&cfg, sets()), super::plan(&cfg));
+        }
+    }
+
+    #[test]
+    fn match_sets_keep_tproxy_established_before_new() {
+        let mut cfg = base();
+        cfg.interception = InterceptionMode::Tproxy;
+        cfg.inbound = InboundCapture::Only(vec![port(8080), port(8443)]);
+        let plan = plan_with(&cfg, sets());
+        let mangle = plan.table(Table::Mangle).unwrap();
+        let inbound = texts(mangle, Chain::Inbound);
+        let established = inbound
+            .iter()
+            .position(|l| {
+                l == "meta l4proto tcp ct state related,established tcp dport { 8080, 8443 } counter jump istio-divert"
+            })
+            .expect("established to divert");
+        let new = inbound
+            .iter()
+            .position(|l| {
+                l == "meta l4proto tcp tcp dport { 8080, 8443 } counter jump istio-tproxy"
+            })
+            .expect("new to tproxy");
+        assert!(established < new);
+    }
+
+    #[test]
+    fn match_sets_with_kube_virt_interfaces() {
+        let mut cfg = base();
+        cfg.kube_virt_interfaces = vec![Interface::new_unchecked("eth1".into())];
+        cfg.outbound_include = OutboundInclude::Only(vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "192.0.2.0/24".parse().unwrap(),
+        ]);
+        let plan = plan_with(&cfg, sets());
+        let nat = plan.table(Table::Nat).unwrap();
+        assert_eq!(
+            texts(nat, Chain::Prerouting),
+            [
+                "iifname eth1 ip daddr { 10.0.0.0/8, 192.0.2.0/24 } counter jump istio-redirect",
+                "iifname eth1 counter return",
+            ]
+        );
+    }
 }
