@@ -340,6 +340,32 @@ fn cni_mode_without_the_plugin_never_starts_the_app() {
     }
 }
 
+/// podman's own `CNI_ARGS` name the pod (`K8S_POD_NAME`) but give no namespace: to
+/// meshinit-cni, as to Istio's plugin, that is no Kubernetes pod, and it is left alone. So
+/// istio-validation fails as on a node without the plugin, and the app never starts.
+#[test]
+fn cni_mode_skips_a_pod_without_a_kubernetes_namespace() {
+    let test = "cni_mode_skips_a_pod_without_a_kubernetes_namespace";
+    if !require(test) {
+        return;
+    }
+    let _one = serialised();
+    let node = Node::without_pod_namespace(&[meshinit_plugin(&[])]);
+    let pod = meshed_pod(&node, Mode::Cni);
+    let started = pod.start();
+    let logs = pod.logs("istio-validation");
+    assert!(
+        !started.status.success(),
+        "{test}: the pod started, so meshinit-cni captured a pod without a namespace:\n{logs}"
+    );
+    let validation = pod.state("istio-validation");
+    assert_eq!(validation.exit_code, 126, "{test}: {validation:?}\n{logs}");
+    assert!(
+        !pod.state("app").ever_started,
+        "{test}: app started after istio-validation failed"
+    );
+}
+
 /// The network configuration libcni hands the plugin at `index`, as it builds it: the
 /// list's name and version, the plugin's own keys and the previous plugin's result.
 fn plugin_stdin(node: &Node, index: usize, prev_result: &Value) -> String {

@@ -118,11 +118,23 @@ pub struct Node {
     netns: NetNs,
     dir: ScratchDir,
     network: String,
+    /// The `CNI_ARGS` podman runs with (and passes on to the plugins).
+    cni_args: Option<String>,
 }
 
 impl Node {
-    /// A node whose network chains `chained` (e.g. [`meshinit_plugin`]) after the bridge.
+    /// A node whose network chains `chained` (e.g. [`meshinit_plugin`]) after the bridge,
+    /// and whose podman passes `K8S_POD_NAMESPACE` as a kubelet does.
     pub fn new(chained: &[Value]) -> Node {
+        Node::with_cni_args(chained, Some(format!("K8S_POD_NAMESPACE={POD_NAMESPACE}")))
+    }
+
+    /// [`Node::new`], with plain podman's `CNI_ARGS` (only its own `K8S_POD_NAME`).
+    pub fn without_pod_namespace(chained: &[Value]) -> Node {
+        Node::with_cni_args(chained, None)
+    }
+
+    fn with_cni_args(chained: &[Value], cni_args: Option<String>) -> Node {
         let netns = NetNs::new("node");
         netns.ip_batch(
             "link set lo up\n\
@@ -192,6 +204,7 @@ impl Node {
             netns,
             dir,
             network,
+            cni_args,
         }
     }
 
@@ -216,16 +229,19 @@ impl Node {
         serde_json::from_str(&text).expect("conflist JSON")
     }
 
-    /// `podman ARGS` on this node: in its namespace, with its containers.conf and the
-    /// `CNI_ARGS` a kubelet would add.
+    /// `podman ARGS` on this node: in its namespace, with its containers.conf and (unless
+    /// made [`Node::without_pod_namespace`]) the `CNI_ARGS` a kubelet would add.
     pub fn podman(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/var/run/netns/{}", self.netns.name()))
             .arg("podman")
             .args(global_options())
             .args(args)
-            .env("CONTAINERS_CONF", self.dir.path().join("containers.conf"))
-            .env("CNI_ARGS", format!("K8S_POD_NAMESPACE={POD_NAMESPACE}"));
+            .env("CONTAINERS_CONF", self.dir.path().join("containers.conf"));
+        match &self.cni_args {
+            Some(args) => cmd.env("CNI_ARGS", args),
+            None => cmd.env_remove("CNI_ARGS"),
+        };
         cmd
     }
 
