@@ -2,7 +2,11 @@
 //! `iptables-restore` of the very state meshinit produces, each into a fresh network
 //! namespace, runs alternating, for the injector's default ruleset and for 10,000 excluded
 //! CIDRs, on both iptables backends. Also reports what meshinit launched and its own peak
-//! memory, from its summary log line. Needs root; prints why and exits otherwise.
+//! memory, from its summary log line. Then the same rulesets with `--native-nftables`:
+//! one `nft -f` transaction (bare, of meshinit's printed text, and through meshinit) and
+//! one netlink batch (meshinit's default), with and without `--match-sets`, against a bare
+//! `iptables-nft-restore` of the iptables form, runs rotating. Needs root; prints why and
+//! exits otherwise.
 //!
 //! Options (after `--`): `--runs N` (default 21), `--cidrs N` (default 10000).
 //! `MESHINIT_BIN` selects the binary to measure (`benches/run.sh` points it at the static
@@ -97,9 +101,16 @@ impl Drop for Namespace {
 }
 
 fn print_family(args: &[String], family: &str) -> String {
+    let mut all = vec!["--family".to_owned(), family.to_owned()];
+    all.extend(args.iter().cloned());
+    print(&all)
+}
+
+/// `meshinit print ARGS`'s output.
+fn print(args: &[String]) -> String {
     let output = Command::new(meshinit())
         .env_clear()
-        .args(["print", "--family", family])
+        .arg("print")
         .args(args)
         .output()
         .expect("meshinit print");
@@ -141,9 +152,10 @@ fn main() {
     let cidrs = option("--cidrs", 10_000);
     // Rules only: no packet is sent anywhere in this benchmark. The list is written as
     // compactly as possible: Linux caps one argument at 128 KiB (MAX_ARG_STRLEN), which is
-    // about 10,000 CIDRs in one -x value, for Istio's flag as for meshinit's.
+    // about 10,000 CIDRs in one -x value, for Istio's flag as for meshinit's. Every other
+    // /24, so that no two are adjacent and a set (`--match-sets`) keeps them all.
     let excluded: Vec<String> = (0..cidrs)
-        .map(|i| format!("{}.{}.{}.0/24", 1 + i / 2560, i / 256 % 10, i % 256))
+        .map(|i| format!("{}.{}.{}.0/24", 1 + i / 1280, i / 128 % 10, i % 128 * 2))
         .collect();
     let with = |extra: &[&str]| -> Vec<String> {
         INJECTOR_DEFAULT
@@ -228,6 +240,129 @@ fn main() {
                 bare.as_secs_f64() * 1e3,
                 ours.as_secs_f64() / bare.as_secs_f64(),
                 rss
+            );
+        }
+    }
+    nftables(&scenarios, runs, &index);
+}
+
+/// One way of getting a scenario's rules into a fresh namespace.
+struct Method {
+    name: &'static str,
+    /// A bare tool fed a text: (program and args, input) for each process, in order.
+    bare: Vec<(Vec<String>, String)>,
+    /// Or meshinit with these extra arguments.
+    meshinit: Option<Vec<String>>,
+}
+
+/// The nftables table: bare `iptables-nft-restore` (the baseline), bare `nft -f`,
+/// meshinit through nft and over netlink, with and without sets.
+fn nftables(scenarios: &[Scenario], runs: usize, index: &std::cell::Cell<usize>) {
+    println!();
+    println!(
+        "--native-nftables: one transaction, fresh namespace each run, {runs} runs each, rotating; \
+         ratios against a bare iptables-nft-restore of the iptables form of the same rules"
+    );
+    println!();
+    println!("| scenario | method | median | vs bare iptables-nft-restore | processes |");
+    println!("| --- | --- | --- | --- | --- |");
+    let native = |extra: &[&str], args: &[String]| -> Vec<String> {
+        let mut all = args.to_vec();
+        all.push("--native-nftables".to_owned());
+        all.extend(extra.iter().map(|s| (*s).to_owned()));
+        all
+    };
+    let nft_f = || vec!["nft".to_owned(), "-f".to_owned(), "-".to_owned()];
+    for scenario in scenarios {
+        let mut restore = vec![(
+            vec!["iptables-nft-restore".to_owned(), "--noflush".to_owned()],
+            print_family(&scenario.args, "ipv4"),
+        )];
+        if scenario.ipv6 {
+            restore.push((
+                vec!["ip6tables-nft-restore".to_owned(), "--noflush".to_owned()],
+                print_family(&scenario.args, "ipv6"),
+            ));
+        }
+        let methods = [
+            Method {
+                name: "bare iptables-nft-restore",
+                bare: restore,
+                meshinit: None,
+            },
+            Method {
+                name: "bare nft -f",
+                bare: vec![(nft_f(), print(&native(&[], &scenario.args)))],
+                meshinit: None,
+            },
+            Method {
+                name: "meshinit, nft -f",
+                bare: Vec::new(),
+                meshinit: Some(native(&["--nftables-apply=nft"], &scenario.args)),
+            },
+            Method {
+                name: "meshinit, netlink",
+                bare: Vec::new(),
+                meshinit: Some(native(&["--nftables-apply=netlink"], &scenario.args)),
+            },
+            Method {
+                name: "bare nft -f, --match-sets",
+                bare: vec![(nft_f(), print(&native(&["--match-sets"], &scenario.args)))],
+                meshinit: None,
+            },
+            Method {
+                name: "meshinit, netlink, --match-sets",
+                bare: Vec::new(),
+                meshinit: Some(native(
+                    &["--nftables-apply=netlink", "--match-sets"],
+                    &scenario.args,
+                )),
+            },
+        ];
+        let mut times: Vec<Vec<Duration>> = vec![Vec::new(); methods.len()];
+        let mut processes = vec![String::new(); methods.len()];
+        for run in 0..runs {
+            for k in 0..methods.len() {
+                let m = (k + run) % methods.len();
+                index.set(index.get() + 1);
+                let ns = Namespace::new(index.get());
+                let method = &methods[m];
+                let elapsed = match &method.meshinit {
+                    Some(args) => {
+                        let mut cmd = Command::new(meshinit());
+                        cmd.env_clear()
+                            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+                            .arg("apply")
+                            .args(args);
+                        let (elapsed, log) = ns.time(&mut cmd, None);
+                        processes[m] = field(&log, "processes");
+                        elapsed
+                    }
+                    None => {
+                        processes[m] = method.bare.len().to_string();
+                        method
+                            .bare
+                            .iter()
+                            .map(|(argv, input)| {
+                                let mut cmd = Command::new(&argv[0]);
+                                cmd.args(&argv[1..]);
+                                ns.time(&mut cmd, Some(input)).0
+                            })
+                            .sum()
+                    }
+                };
+                times[m].push(elapsed);
+            }
+        }
+        let medians: Vec<Duration> = times.iter_mut().map(|t| median(t)).collect();
+        for (m, method) in methods.iter().enumerate() {
+            println!(
+                "| {} | {} | {:.2} ms | {:.2}x | {} |",
+                scenario.name,
+                method.name,
+                medians[m].as_secs_f64() * 1e3,
+                medians[m].as_secs_f64() / medians[0].as_secs_f64(),
+                processes[m]
             );
         }
     }

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Measures the shipped artifact: builds the static binary, then runs the apply benchmark
-# against it (as root) and prints the static binary's size. Extra args go to the bench,
-# e.g. `bash benches/run.sh --runs 41`.
+# Measures the shipped artifact: builds the static binary, then runs the apply and connect
+# benchmarks against it (as root) and prints the static binary's size. Extra args go to
+# the apply bench, e.g. `bash benches/run.sh --runs 41`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin="$(bash scripts/build-static.sh)"
 echo "static binary: $bin, $(stat -c %s "$bin") bytes"
 MESHINIT_BIN="$PWD/$bin" cargo bench --quiet --bench apply -- "$@"
+echo
+MESHINIT_BIN="$PWD/$bin" cargo bench --quiet --bench connect
