@@ -73,6 +73,24 @@ RUN set -eu; \
     chroot "$out" /usr/sbin/ip6tables-legacy-restore --version; \
     chroot "$out" /usr/sbin/nft --version
 
+# The nftables-only variant: the static binary alone, nothing else in the image (no
+# iptables, no nft, no library). It programs Istio's nftables tables over netlink, so it is
+# for pods with --native-nftables (NATIVE_NFTABLES is on here). Built only when asked for:
+#
+#   docker build --target nftables-only -t meshinit:0.1.0-nftables .
+FROM scratch AS nftables-only
+ARG VERSION=0.1.0
+ARG SOURCE=https://example.invalid/meshinit
+LABEL org.opencontainers.image.title="meshinit (nftables only)" \
+      org.opencontainers.image.description="Drop-in replacement for Istio's istio-init, native nftables over netlink: the static binary alone" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=build /meshinit /usr/local/bin/meshinit
+ENV NATIVE_NFTABLES=true
+ENTRYPOINT ["/usr/local/bin/meshinit"]
+
+# The default image (the last stage): meshinit with iptables and nft.
 FROM scratch
 ARG VERSION=0.1.0
 ARG SOURCE=https://example.invalid/meshinit

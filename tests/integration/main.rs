@@ -8,6 +8,7 @@ mod cni_runtime;
 mod e2e;
 mod golden;
 mod image;
+mod image_nftables;
 mod injector_template;
 mod lifecycle;
 mod lock;
