@@ -226,6 +226,9 @@ pub fn program(
     ops: &[Op<'_>],
     mode: NftablesApply,
 ) -> Result<Programmed, ApplyError> {
+    if ops.is_empty() {
+        return Ok(Programmed::Netlink);
+    }
     if mode == NftablesApply::Nft {
         nft.run(&render_ops(ops, 0))?;
         return Ok(Programmed::Nft {
