@@ -51,6 +51,8 @@ pub(crate) const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 pub(crate) const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_GETCHAIN: u16 = 4;
+const NFT_MSG_GETGEN: u16 = 16;
+const NFTA_GEN_ID: u16 = 1;
 const NFTA_TABLE_NAME: u16 = 1;
 const NFTA_CHAIN_TABLE: u16 = 1;
 const NFTA_CHAIN_NAME: u16 = 3;
@@ -275,6 +277,14 @@ pub fn parse_chain(payload: &[u8]) -> Option<(u8, String, String)> {
         }
     }
     Some((family, table?, name?))
+}
+
+/// The generation in a `NFT_MSG_NEWGEN` reply (`nfgenmsg` + attributes).
+pub fn parse_generation(payload: &[u8]) -> Option<u32> {
+    attrs(payload.get(4..)?).find_map(|(kind, value)| {
+        (kind == NFTA_GEN_ID && value.len() == 4)
+            .then(|| u32::from_be_bytes([value[0], value[1], value[2], value[3]]))
+    })
 }
 
 /// A netlink socket of one protocol.
@@ -692,6 +702,28 @@ impl Socket {
         }
     }
 
+    /// nf_tables' current generation: the ruleset's version, which every committed batch
+    /// advances.
+    pub fn nftables_generation(&mut self) -> Result<u32, NetlinkError> {
+        let error = |errno| NetlinkError {
+            what: "reading the nf_tables generation",
+            errno,
+        };
+        let seq = self
+            .send(
+                (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN,
+                NLM_F_ACK,
+                &[0, 0, 0, 0],
+            )
+            .map_err(error)?;
+        let mut generation = None;
+        self.receive(seq, |_, payload| {
+            generation = generation.or_else(|| parse_generation(payload));
+        })
+        .map_err(error)?;
+        generation.ok_or_else(|| error(Errno::EBADMSG))
+    }
+
     /// Every nf_tables chain in this namespace as (nf family, table, chain).
     pub fn nftables_chains(&mut self) -> Result<Vec<(u8, String, String)>, NetlinkError> {
         let kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETCHAIN;
@@ -778,6 +810,14 @@ mod tests {
             Some((2, "nat".into(), "ISTIO_OUTPUT".into()))
         );
         assert_eq!(parse_chain(&[2, 0]), None);
+    }
+
+    #[test]
+    fn generation_parsing() {
+        let mut p = vec![0, 0, 0, 0];
+        push_attr(&mut p, NFTA_GEN_ID, &7u32.to_be_bytes());
+        assert_eq!(parse_generation(&p), Some(7));
+        assert_eq!(parse_generation(&[0, 0, 0, 0]), None);
     }
 
     #[test]

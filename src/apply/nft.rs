@@ -25,6 +25,7 @@ use crate::rules::nft::encode::{encode, Batch};
 use crate::rules::nft::model::{ExistingTables, NftRuleset, Table};
 use crate::rules::nft::render::{op_text, render_ops};
 use crate::rules::nft::txn::{self, Op};
+use nix::errno::Errno;
 
 /// The nf_tables family number of `inet` tables (NFPROTO_INET).
 const NFPROTO_INET: u8 = 1;
@@ -120,8 +121,19 @@ pub fn id_in(file: &str, name: &str) -> Option<u32> {
 
 impl Nftables for NftTool {
     fn existing(&mut self) -> Option<ExistingTables> {
-        match Socket::netfilter().and_then(|mut s| s.nftables_chains()) {
-            Ok(chains) => Some(our_tables(&chains)),
+        // The generation before and after the listing: equal, the listing is of that
+        // generation (else the batch goes without the check).
+        let read = || -> Result<ExistingTables, crate::netlink::NetlinkError> {
+            let mut socket = Socket::netfilter()?;
+            let before = socket.nftables_generation().ok();
+            let chains = socket.nftables_chains()?;
+            let after = socket.nftables_generation().ok();
+            let mut existing = our_tables(&chains);
+            existing.generation = before.filter(|_| before == after);
+            Ok(existing)
+        };
+        match read() {
+            Ok(existing) => Some(existing),
             Err(err) => {
                 tracing::debug!(%err, "cannot list nf_tables chains; assuming any state");
                 None
@@ -219,32 +231,83 @@ fn netlink_failure(err: &BatchError, batch: &Batch, ops: &[Op<'_>]) -> String {
     }
 }
 
-/// Gets `ops` into the kernel as one transaction, as `mode` says: over netlink, through
-/// `nft -f`, or over netlink falling back to `nft -f`.
-pub fn program(
+/// How often a transaction is planned again when nf_tables changed between reading its
+/// state and committing; the last attempt commits without the check, as nft would.
+const ATTEMPTS: usize = 3;
+
+/// Why a netlink commit did not happen.
+enum NotCommitted {
+    /// nf_tables changed since `generation`: the transaction must be planned again.
+    Changed,
+    /// Anything else, in words.
+    Failed(String),
+}
+
+/// Encodes `ops` (against `generation`, when known) and sends them as one batch.
+fn commit_batch(
     nft: &mut dyn Nftables,
     ops: &[Op<'_>],
-    mode: NftablesApply,
-) -> Result<Programmed, ApplyError> {
-    if ops.is_empty() {
-        return Ok(Programmed::Netlink);
-    }
-    if mode == NftablesApply::Nft {
-        nft.run(&render_ops(ops, 0))?;
-        return Ok(Programmed::Nft {
-            fallback_from: None,
-        });
-    }
+    generation: Option<u32>,
+) -> Result<(), NotCommitted> {
     let encoded = {
         let lookup = |kind: OwnerKind, name: &str| nft.owner_id(kind, name);
-        encode(ops, &lookup)
+        encode(ops, &lookup, generation)
     };
-    let reason = match encoded {
-        Ok(batch) => match nft.commit(&batch) {
-            Ok(()) => return Ok(Programmed::Netlink),
-            Err(err) => netlink_failure(&err, &batch, ops),
-        },
-        Err(err) => err.to_string(),
+    let batch = encoded.map_err(|err| NotCommitted::Failed(err.to_string()))?;
+    match nft.commit(&batch) {
+        Ok(()) => Ok(()),
+        Err(BatchError::Refused(refusals))
+            if refusals
+                .iter()
+                .any(|(seq, errno)| *seq == batch.begin_seq() && *errno == Errno::ERESTART) =>
+        {
+            Err(NotCommitted::Changed)
+        }
+        Err(err) => Err(NotCommitted::Failed(netlink_failure(&err, &batch, ops))),
+    }
+}
+
+/// Reads what is there (`Nftables::existing`), makes the transaction from it with `build`,
+/// and gets it into the kernel as `mode` says: over netlink, through `nft -f`, or over
+/// netlink falling back to `nft -f`. A batch planned on a state that changed before it
+/// arrived is refused by the kernel, and planned again. Returns how it went in and the
+/// state it was planned on (`None`: nothing was to be done).
+pub fn program<'a>(
+    nft: &mut dyn Nftables,
+    mode: NftablesApply,
+    build: &dyn Fn(Option<&ExistingTables>) -> Option<Vec<Op<'a>>>,
+) -> Result<Option<(Programmed, Option<ExistingTables>)>, ApplyError> {
+    let mut attempt = 1;
+    let (existing, ops, reason) = loop {
+        let existing = nft.existing();
+        let Some(ops) = build(existing.as_ref()).filter(|ops| !ops.is_empty()) else {
+            return Ok(None);
+        };
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            tracing::debug!(input = %render_ops(&ops, 0), "nftables transaction");
+        }
+        if mode == NftablesApply::Nft {
+            nft.run(&render_ops(&ops, 0))?;
+            let programmed = Programmed::Nft {
+                fallback_from: None,
+            };
+            return Ok(Some((programmed, existing)));
+        }
+        let generation = existing
+            .as_ref()
+            .and_then(|e| e.generation)
+            .filter(|_| attempt < ATTEMPTS);
+        match commit_batch(nft, &ops, generation) {
+            Ok(()) => return Ok(Some((Programmed::Netlink, existing))),
+            Err(NotCommitted::Changed) => {
+                tracing::debug!(
+                    attempt,
+                    "nf_tables changed since it was read; planning again"
+                );
+                attempt += 1;
+            }
+            Err(NotCommitted::Failed(reason)) => break (existing, ops, reason),
+        }
     };
     if mode == NftablesApply::Netlink {
         return Err(ApplyError::NftablesNetlink {
@@ -259,10 +322,11 @@ pub fn program(
         });
     }
     tracing::warn!(%reason, "programming nftables over netlink failed; running nft -f instead");
-    nft.run(&render_ops(ops, 0))?;
-    Ok(Programmed::Nft {
+    nft.run(&render_ops(&ops, 0))?;
+    let programmed = Programmed::Nft {
         fallback_from: Some(reason),
-    })
+    };
+    Ok(Some((programmed, existing)))
 }
 
 /// What an nftables apply did, for the summary log line.
@@ -286,20 +350,17 @@ pub fn apply_nftables(
     ruleset: &NftRuleset,
     mode: NftablesApply,
 ) -> Result<NftSummary, ApplyError> {
-    let existing = nft.existing();
-    let ops = txn::transaction(ruleset, existing.as_ref());
-    if tracing::enabled!(tracing::Level::DEBUG) {
-        tracing::debug!(input = %render_ops(&ops, ruleset.rule_count()), "nftables transaction");
-    }
-
     let plan = RoutingPlan {
         ipv6_passthrough_address: ruleset.ipv6_passthrough_address,
         tproxy: ruleset.tproxy_routing.map(|r| (r.mark, r.table)),
         ipv6: ruleset.ipv6,
     };
     let changes = routing.ensure(&plan)?;
-    let programmed = match program(nft, &ops, mode) {
-        Ok(programmed) => programmed,
+    let build = |existing: Option<&ExistingTables>| Some(txn::transaction(ruleset, existing));
+    let (programmed, existing) = match program(nft, mode, &build) {
+        Ok(Some(done)) => done,
+        // The plan always has a table, so there is always something to send.
+        Ok(None) => (Programmed::Netlink, None),
         Err(failure) => {
             if let Err(err) = routing.undo(&changes) {
                 tracing::error!(%err, "undoing routing changes failed");
@@ -334,17 +395,20 @@ pub fn apply_nftables(
 /// Deletes meshinit's tables, in one transaction, if there are any: with none (as netlink
 /// reports), nothing is sent or launched. Returns how many tables were deleted.
 pub fn cleanup_nftables(nft: &mut dyn Nftables, mode: NftablesApply) -> Result<usize, ApplyError> {
-    let tables: Vec<Table> = match nft.existing() {
-        Some(existing) => existing.tables.iter().map(|(t, _)| *t).collect(),
-        // Not known: netlink is not answering, so only nft could do anything.
-        None if !nft.available() => return Ok(0),
-        None => Table::ALL.to_vec(),
+    let available = nft.available();
+    let tables = |existing: Option<&ExistingTables>| -> Option<Vec<Table>> {
+        match existing {
+            Some(existing) => Some(existing.tables.iter().map(|(t, _)| *t).collect()),
+            // Not known: netlink is not answering, so only nft could do anything.
+            None if !available => None,
+            None => Some(Table::ALL.to_vec()),
+        }
     };
-    if tables.is_empty() {
-        return Ok(0);
-    }
-    program(nft, &txn::cleanup(&tables), mode)?;
-    Ok(tables.len())
+    let build = |existing: Option<&ExistingTables>| tables(existing).map(|t| txn::cleanup(&t));
+    Ok(match program(nft, mode, &build)? {
+        Some((_, existing)) => tables(existing.as_ref()).map_or(0, |t| t.len()),
+        None => 0,
+    })
 }
 
 /// Cleanup for `--native-nftables`: meshinit's tables, then every rule and route meshinit
@@ -385,6 +449,9 @@ mod tests {
         /// No netlink socket at all.
         NoSocket,
         NoAck,
+        /// nf_tables changes between each read and commit, this many times (only
+        /// batches checked against a generation are refused for it).
+        Changed(usize),
     }
 
     /// Records every batch and transaction; fails on request.
@@ -397,13 +464,18 @@ mod tests {
         fail: bool,
         fault: Option<Fault>,
         groups: Vec<(String, u32)>,
+        reads: u32,
         batches: Vec<usize>,
         scripts: Vec<String>,
     }
 
     impl Nftables for FakeNft {
         fn existing(&mut self) -> Option<ExistingTables> {
-            self.existing.clone()
+            self.reads += 1;
+            self.existing.clone().map(|mut e| {
+                e.generation = Some(self.reads);
+                e
+            })
         }
         fn available(&self) -> bool {
             !self.missing
@@ -430,6 +502,16 @@ mod tests {
                     errno: Errno::EPROTONOSUPPORT,
                 })),
                 Some(Fault::NoAck) => Err(BatchError::NoAck),
+                Some(Fault::Changed(times)) => {
+                    if times == 0 || batch.generation().is_none() {
+                        return Ok(());
+                    }
+                    self.fault = Some(Fault::Changed(times - 1));
+                    Err(BatchError::Refused(vec![(
+                        batch.begin_seq(),
+                        Errno::ERESTART,
+                    )]))
+                }
             }
         }
         fn run(&mut self, script: &str) -> Result<(), ApplyError> {
@@ -606,6 +688,39 @@ mod tests {
     }
 
     #[test]
+    fn a_changed_ruleset_is_read_and_planned_again() {
+        let mut nft = FakeNft {
+            fault: Some(Fault::Changed(1)),
+            ..fresh()
+        };
+        let mut routing = FakeRouting::default();
+        let summary = apply_nftables(
+            &mut nft,
+            &mut routing,
+            &tproxy_plan(),
+            NftablesApply::Netlink,
+        )
+        .unwrap();
+        assert_eq!(summary.programmed, Programmed::Netlink);
+        assert_eq!((nft.reads, nft.batches.len()), (2, 2));
+        // Changing every time: the last attempt goes without the check, as nft's would.
+        let mut nft = FakeNft {
+            fault: Some(Fault::Changed(99)),
+            ..fresh()
+        };
+        let summary = apply_nftables(
+            &mut nft,
+            &mut routing,
+            &tproxy_plan(),
+            NftablesApply::Netlink,
+        )
+        .unwrap();
+        assert_eq!(summary.programmed, Programmed::Netlink);
+        assert_eq!(nft.batches.len(), ATTEMPTS);
+        assert!(nft.scripts.is_empty());
+    }
+
+    #[test]
     fn netlink_only_fails_without_launching_anything_and_takes_routing_back() {
         let mut nft = FakeNft {
             fault: Some(Fault::Refuse {
@@ -654,6 +769,7 @@ mod tests {
         let mut nft = FakeNft {
             existing: Some(ExistingTables {
                 tables: vec![(Table::Raw, vec!["output".into()])],
+                ..ExistingTables::default()
             }),
             ..FakeNft::default()
         };
@@ -707,6 +823,7 @@ mod tests {
         let mut nft = FakeNft {
             existing: Some(ExistingTables {
                 tables: vec![(Table::Nat, vec!["output".into()])],
+                ..ExistingTables::default()
             }),
             ..FakeNft::default()
         };
@@ -722,6 +839,7 @@ mod tests {
         let mut nft = FakeNft {
             existing: Some(ExistingTables {
                 tables: vec![(Table::Nat, vec!["output".into()])],
+                ..ExistingTables::default()
             }),
             ..FakeNft::default()
         };

@@ -592,3 +592,60 @@ fn nft_default_apply_and_cleanup_launch_nothing() {
     assert!(!mark.exists(), "nft was launched");
     assert_eq!(tables(&ns), Vec::<String>::new());
 }
+
+/// A batch planned on one generation of the ruleset is refused whole (`ERESTART`) once the
+/// ruleset has changed, and goes in when planned on the current one: what lets meshinit
+/// plan again instead of committing over a change it has not seen.
+#[test]
+fn nft_stale_batch_is_refused() {
+    use meshinit::netlink::{BatchError, Socket};
+    use meshinit::rules::nft::encode::encode;
+    use meshinit::rules::nft::txn::cleanup;
+    use std::os::fd::AsFd;
+
+    if !require_root("nft_stale_batch_is_refused") {
+        return;
+    }
+    let ns = pod_like("ng");
+    let path = format!("/var/run/netns/{}", ns.name());
+    let results = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let target = std::fs::File::open(&path).expect("netns");
+                nix::sched::setns(target.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                    .expect("setns");
+                let mut socket = Socket::netfilter().expect("socket");
+                let read = socket.nftables_generation().expect("generation");
+                // Another program changes the ruleset.
+                nft_load(&ns, "add table inet other\n", "a change");
+                let now = socket.nftables_generation().expect("generation");
+                let ops = cleanup(&[meshinit::rules::nft::model::Table::Nat]);
+                let none = |_: meshinit::rules::model::OwnerKind, _: &str| None;
+                let send = |generation| {
+                    let batch = encode(&ops, &none, Some(generation)).expect("encode");
+                    Socket::netfilter().expect("socket").nftables_batch(
+                        batch.bytes(),
+                        batch.begin_seq(),
+                        batch.last_seq(),
+                    )
+                };
+                let stale = send(read);
+                let current = send(now);
+                (read, now, stale, current)
+            })
+            .join()
+            .expect("thread")
+    });
+    let (read, now, stale, current) = results;
+    assert_ne!(read, now, "loading a table advances the generation");
+    match stale {
+        Err(BatchError::Refused(refusals)) => assert_eq!(
+            refusals,
+            [(1, nix::errno::Errno::ERESTART)],
+            "refused at BATCH_BEGIN"
+        ),
+        other => panic!("a stale batch was not refused: {other:?}"),
+    }
+    current.expect("a batch on the current generation goes in");
+    assert_eq!(tables(&ns), ["table inet other"]);
+}

@@ -196,6 +196,8 @@ const ELEMENTS_BYTES_PER_MESSAGE: usize = 8192;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
     bytes: Vec<u8>,
+    /// The generation the kernel checks before committing, if any.
+    generation: Option<u32>,
     /// For each message after `BATCH_BEGIN`, in order: the operation it came from.
     op_of_message: Vec<usize>,
 }
@@ -210,6 +212,11 @@ impl Batch {
 
     pub fn begin_seq(&self) -> u32 {
         BEGIN_SEQ
+    }
+
+    /// The nf_tables generation the batch is checked against, if any.
+    pub fn generation(&self) -> Option<u32> {
+        self.generation
     }
 
     /// The last message's sequence number: the one that asks for an acknowledgement.
@@ -258,9 +265,17 @@ fn owner_file(kind: OwnerKind) -> &'static str {
 /// A user or group name → its id, or `None` if there is none of that name.
 pub type OwnerLookup<'a> = &'a dyn Fn(OwnerKind, &str) -> Option<u32>;
 
-/// Encodes `ops` as one batch. Fails, encoding nothing, on a user or group name `lookup`
-/// does not know.
-pub fn encode(ops: &[Op<'_>], lookup: OwnerLookup<'_>) -> Result<Batch, EncodeError> {
+/// `BATCH_BEGIN`'s attribute: the generation the batch was planned against.
+const NFNL_BATCH_GENID: u16 = 1;
+
+/// Encodes `ops` as one batch. With `generation` (what the kernel's state was read at), the
+/// kernel refuses the batch (`ERESTART`) if anything changed nf_tables since. Fails,
+/// encoding nothing, on a user or group name `lookup` does not know.
+pub fn encode(
+    ops: &[Op<'_>],
+    lookup: OwnerLookup<'_>,
+    generation: Option<u32>,
+) -> Result<Batch, EncodeError> {
     let (positions, referenced) = insert_positions(ops)?;
     let rules = ops
         .iter()
@@ -278,6 +293,9 @@ pub fn encode(ops: &[Op<'_>], lookup: OwnerLookup<'_>) -> Result<Batch, EncodeEr
     let batch_header = [0, 0, subsystem[0], subsystem[1]];
     let begin = e.w.begin(NFNL_MSG_BATCH_BEGIN, 0, BEGIN_SEQ);
     e.w.raw(&batch_header);
+    if let Some(generation) = generation {
+        e.w.attr_be32(NFNL_BATCH_GENID, generation);
+    }
     e.w.finish(begin);
     for (index, op) in ops.iter().enumerate() {
         e.op(index, op, &positions, &referenced)?;
@@ -300,6 +318,7 @@ pub fn encode(ops: &[Op<'_>], lookup: OwnerLookup<'_>) -> Result<Batch, EncodeEr
     }
     Ok(Batch {
         bytes,
+        generation,
         op_of_message,
     })
 }
@@ -1140,7 +1159,7 @@ mod tests {
     fn batch_is_begin_messages_end_with_one_ack_on_the_last() {
         let ruleset = plan(&base());
         let ops = transaction(&ruleset, Some(&ExistingTables::default()));
-        let batch = encode(&ops, &no_names).unwrap();
+        let batch = encode(&ops, &no_names, None).unwrap();
         let msgs = messages(batch.bytes());
         assert_eq!(msgs.first().map(|m| m.0), Some(NFNL_MSG_BATCH_BEGIN));
         assert_eq!(msgs.last().map(|m| m.0), Some(NFNL_MSG_BATCH_END));
@@ -1148,6 +1167,12 @@ mod tests {
             msgs[0].3,
             [0, 0, 0, 10],
             "nfgenmsg with the nf_tables subsystem"
+        );
+        let checked = encode(&ops, &no_names, Some(7)).unwrap();
+        let begin = messages(checked.bytes())[0].3;
+        assert_eq!(
+            attr(&begin[4..], NFNL_BATCH_GENID),
+            Some(&7u32.to_be_bytes()[..])
         );
         assert_eq!(batch.messages(), msgs.len() - 2);
         assert_eq!(batch.messages(), ops.len(), "no sets in the base plan");
@@ -1183,7 +1208,7 @@ mod tests {
         cfg.dns = crate::config::DnsCapture::All;
         let ruleset = plan(&cfg);
         let ops = transaction(&ruleset, Some(&ExistingTables::default()));
-        let batch = encode(&ops, &no_names).unwrap();
+        let batch = encode(&ops, &no_names, None).unwrap();
         let msgs = messages(batch.bytes());
         let set_at = msgs
             .iter()
@@ -1240,7 +1265,7 @@ mod tests {
                 table: Table::Nat,
                 op: &op,
             }];
-            let batch = encode(&ops, &no_names).unwrap();
+            let batch = encode(&ops, &no_names, None).unwrap();
             let msgs = messages(batch.bytes());
             expression_names(msgs[1].3)
         };
@@ -1269,7 +1294,7 @@ mod tests {
             assert!(referenced.contains(before));
             assert!(matches!(ops[*before], Op::Rule { .. }));
         }
-        let batch = encode(&ops, &no_names).unwrap();
+        let batch = encode(&ops, &no_names, None).unwrap();
         let with_position: Vec<u32> = messages(batch.bytes())
             .iter()
             .filter(|m| kind(m.0) == sys::NFT_MSG_NEWRULE)
@@ -1293,7 +1318,7 @@ mod tests {
         let ruleset = plan(&cfg);
         let ops = transaction(&ruleset, None);
         assert_eq!(
-            encode(&ops, &no_names),
+            encode(&ops, &no_names, None),
             Err(EncodeError::UnknownOwner {
                 kind: OwnerKind::Gid,
                 name: "java".into()
@@ -1310,7 +1335,7 @@ mod tests {
         let java = |kind: OwnerKind, name: &str| {
             (kind == OwnerKind::Gid && name == "java").then_some(20001)
         };
-        assert!(encode(&ops, &java).is_ok());
+        assert!(encode(&ops, &java, None).is_ok());
     }
 
     #[test]
@@ -1395,7 +1420,7 @@ mod tests {
             .collect();
         let ruleset = plan_with(&cfg, PlanOptions { match_sets: true });
         let ops = transaction(&ruleset, Some(&ExistingTables::default()));
-        let batch = encode(&ops, &no_names).unwrap();
+        let batch = encode(&ops, &no_names, None).unwrap();
         let msgs = messages(batch.bytes());
         let element_messages: Vec<_> = msgs
             .iter()

@@ -339,6 +339,9 @@ impl NftRuleset {
 pub struct ExistingTables {
     /// (table, chain names). A chain name meshinit does not know is kept as read.
     pub tables: Vec<(Table, Vec<String>)>,
+    /// nf_tables' generation (ruleset version) this was read at, when known: a netlink
+    /// batch that carries it is refused if anything changed since.
+    pub generation: Option<u32>,
 }
 
 impl ExistingTables {

@@ -387,6 +387,7 @@ add rule inet istio-proxy-nat istio-output ip daddr 127.0.0.1/32 counter return
                 .map(String::from)
                 .to_vec(),
             )],
+            ..ExistingTables::default()
         };
         let text = render_transaction(&plan(&base()), Some(&existing));
         assert_eq!(text, ISTIO_EMPTY);
@@ -396,6 +397,7 @@ add rule inet istio-proxy-nat istio-output ip daddr 127.0.0.1/32 counter return
     fn a_table_missing_planned_chains_is_rebuilt() {
         let existing = ExistingTables {
             tables: vec![(Table::Nat, vec!["output".to_owned()])],
+            ..ExistingTables::default()
         };
         let text = render_transaction(&plan(&base()), Some(&existing));
         assert_eq!(
@@ -416,6 +418,7 @@ add rule inet istio-proxy-nat istio-output ip daddr 127.0.0.1/32 counter return
                 ),
                 (Table::Mangle, vec!["istio-divert".to_owned()]),
             ],
+            ..ExistingTables::default()
         };
         let text = render_transaction(&plan(&base()), Some(&existing));
         let expected = format!(
