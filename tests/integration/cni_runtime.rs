@@ -31,26 +31,16 @@ const POD_8080: &str = "192.0.2.2:8080";
 
 /// The init container's args as Istio's injector renders them for a pod without
 /// annotations (pkg/kube/inject/testdata/inject/hello.yaml.injected).
-const INJECTED: &[&str] = &[
-    "istio-iptables",
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15021,15020",
-    "--log_output_level=default:info",
-];
+fn injected() -> &'static [&'static str] {
+    static ARGS: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    ARGS.get_or_init(|| {
+        let mut args = vec!["istio-iptables"];
+        args.extend(crate::support::injector_args(&[
+            "--log_output_level=default:info",
+        ]));
+        args
+    })
+}
 
 /// What Istio's CNI plugin derives for the same pod, as istio-iptables flags: its
 /// defaults exclude the status port outbound too, list the inbound exclusions in its own
@@ -155,7 +145,7 @@ fn meshed_pod<'a>(node: &'a Node, mode: Mode) -> Pod<'a> {
             pod.create(mode.init_role(), INIT_OPTIONS, &images.meshinit, args)
         }
         Mode::Cni => {
-            let mut args = INJECTED.to_vec();
+            let mut args = injected().to_vec();
             args.extend(["--run-validation", "--skip-rule-apply"]);
             pod.create(
                 mode.init_role(),
@@ -477,7 +467,7 @@ fn init_container_mode_rerun_and_restart_converge() {
         return;
     }
     let _one = serialised();
-    let mode = Mode::InitContainer { args: INJECTED };
+    let mode = Mode::InitContainer { args: injected() };
     let node = mode.node();
     let pod = meshed_pod(&node, mode);
     start(test, &pod, mode);
@@ -546,7 +536,7 @@ fn bench_pod_start_by_mode() {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(11);
-    let init_mode = Mode::InitContainer { args: INJECTED };
+    let init_mode = Mode::InitContainer { args: injected() };
     let cni_node = Mode::Cni.node();
     let init_node = init_mode.node();
     // A first pod of each, untimed: podman makes its pause image, caches warm up.

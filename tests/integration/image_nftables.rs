@@ -60,26 +60,16 @@ fn variant() -> &'static str {
 }
 
 /// The injector's init container arguments (Istio's `hello.yaml.injected`, REDIRECT).
-const INJECTOR_ARGS: &[&str] = &[
-    "istio-iptables",
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15021,15020",
-    "--log_output_level=default:info",
-];
+fn injector_args() -> &'static [&'static str] {
+    static ARGS: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    ARGS.get_or_init(|| {
+        let mut args = vec!["istio-iptables"];
+        args.extend(crate::support::injector_args(&[
+            "--log_output_level=default:info",
+        ]));
+        args
+    })
+}
 
 /// Istio's istio-init securityContext, as podman options: root, no privilege escalation,
 /// read-only root, all capabilities dropped but NET_ADMIN and NET_RAW.
@@ -141,7 +131,7 @@ fn pod_with_the_nftables_only_image() {
     let topo = Topology::builder().build();
     let _vault = Background::serve(&topo.peer, None, "peer", &[format!("tcp:{VAULT}")]);
     let pod = Pod::new("pod", &topo.pod);
-    pod.create("init", INIT_OPTIONS, image, INJECTOR_ARGS);
+    pod.create("init", INIT_OPTIONS, image, injector_args());
     let base = &images().base;
     pod.create_helper(
         "sidecar",

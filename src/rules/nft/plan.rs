@@ -959,31 +959,9 @@ pub(crate) mod tests {
         Port::new(p).unwrap()
     }
 
-    /// Istio's base case: proxy uid and gid 1337, nothing captured.
-    pub(crate) fn base() -> CaptureConfig {
-        CaptureConfig {
-            proxy_port: port(15001),
-            inbound_capture_port: port(15006),
-            inbound_tunnel_port: port(15008),
-            proxy_uids: vec![Owner::Id(1337)],
-            proxy_gids: vec![Owner::Id(1337)],
-            interception: InterceptionMode::Redirect,
-            tproxy_mark: 1337,
-            tproxy_route_table: 133,
-            inbound: InboundCapture::Off,
-            outbound_include: OutboundInclude::Off,
-            outbound_exclude: vec![],
-            outbound_ports_include: vec![],
-            outbound_ports_exclude: vec![],
-            kube_virt_interfaces: vec![],
-            exclude_interfaces: vec![],
-            dns: DnsCapture::Off,
-            drop_invalid: false,
-            ipv6: false,
-            owner_groups: OwnerGroups::AllExcept(vec![]),
-            host_ipv4_loopback: "127.0.0.1/32".parse().unwrap(),
-        }
-    }
+    /// Istio's base case: proxy uid and gid 1337, nothing captured (the same for both
+    /// planners).
+    pub(crate) use crate::rules::plan::tests::base;
 
     fn texts(table: &TableRules, chain: Chain) -> Vec<String> {
         table
