@@ -16,11 +16,12 @@ pub struct CniResult {
 }
 
 /// `meshinit` under the name a runtime executes it by, in a directory of its own (as
-/// CNI_PATH would hold it); made once per test process.
+/// CNI_PATH would hold it): in cargo's scratch directory for tests, so nothing is left in
+/// /tmp; made once per test process and reused across runs.
 pub fn plugin_path() -> PathBuf {
     static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     PATH.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("meshinit-cni-bin-{}", std::process::id()));
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("meshinit-cni-bin");
         std::fs::create_dir_all(&dir).expect("plugin dir");
         let link = dir.join("meshinit-cni");
         let _ = std::fs::remove_file(&link);
