@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use crate::support::podman::{images, require_podman};
+use crate::support::podman::{images, require_podman, PodContainers};
 use crate::support::podman_cni::{
     meshinit_plugin, require_cni, Node, Pod, NODE_IP, POD_IP, POD_NAMESPACE, VAULT,
 };

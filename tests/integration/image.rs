@@ -15,7 +15,9 @@ use crate::injector_template::{rendered_init_args, MOUNTED_ANNOTATIONS};
 use crate::support::k8s::{
     downward_api_annotations, require_kubernetes_validate, INIT_CPU_LIMIT, INIT_MEMORY_BYTES,
 };
-use crate::support::podman::{self, images, require_podman, CgroupParent, Container, Pod};
+use crate::support::podman::{
+    self, images, require_podman, CgroupParent, Container, Pod, PodContainers,
+};
 use crate::support::procs::{connect, Background, Outcome, Proto, Reply};
 use crate::support::scratch::ScratchDir;
 use crate::support::topology::{Topology, PEER_IP};

@@ -13,7 +13,7 @@
 
 use std::sync::OnceLock;
 
-use crate::support::podman::{self, images, require_podman, Container, Pod};
+use crate::support::podman::{self, images, require_podman, Container, Pod, PodContainers};
 use crate::support::procs::{connect, Background, Outcome, Proto};
 use crate::support::scratch::ScratchDir;
 use crate::support::topology::Topology;

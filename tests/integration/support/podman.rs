@@ -184,33 +184,56 @@ impl Pod {
         expect(&["pod", "create", "--infra=false", "--name", &pod.name]);
         pod
     }
+}
 
-    /// The name of this pod's container `role`.
-    pub fn container_name(&self, role: &str) -> String {
-        format!("{}-{role}", self.name)
+impl PodContainers for Pod {
+    fn podman_run(&self, args: &[&str]) -> Output {
+        run(args)
     }
 
-    /// `podman create --pod POD --name POD-ROLE --network ns:NETNS OPTIONS IMAGE ARGS`.
-    pub fn create(&self, role: &str, options: &[&str], image: &str, args: &[&str]) {
+    fn pod_name(&self) -> &str {
+        &self.name
+    }
+
+    /// Every container joins the test's namespace itself: podman 4.3's pods cannot.
+    fn container_options(&self) -> Vec<&str> {
+        vec!["--network", &self.network]
+    }
+}
+
+/// What every test pod does with its containers. Pods differ only in where their podman
+/// runs and in the options each container is created with.
+pub trait PodContainers {
+    /// Runs `podman ARGS` where this pod's podman runs, bounded.
+    fn podman_run(&self, args: &[&str]) -> Output;
+    fn pod_name(&self) -> &str;
+    /// Options every container of this pod is created with.
+    fn container_options(&self) -> Vec<&str>;
+
+    /// `podman ARGS`; panics with its output unless it succeeds. Returns stdout.
+    fn podman_expect(&self, args: &[&str]) -> String {
+        super::expect_success(&format!("podman {args:?}"), self.podman_run(args))
+    }
+
+    /// The name of this pod's container `role`.
+    fn container_name(&self, role: &str) -> String {
+        format!("{}-{role}", self.pod_name())
+    }
+
+    /// `podman create --pod POD --name POD-ROLE <pod's options> OPTIONS IMAGE ARGS`.
+    fn create(&self, role: &str, options: &[&str], image: &str, args: &[&str]) {
         let name = self.container_name(role);
-        let mut argv = vec![
-            "create",
-            "--pod",
-            &self.name,
-            "--name",
-            &name,
-            "--network",
-            &self.network,
-        ];
+        let mut argv = vec!["create", "--pod", self.pod_name(), "--name", &name];
+        argv.extend(self.container_options());
         argv.extend_from_slice(options);
         argv.push(image);
         argv.extend_from_slice(args);
-        expect(&argv);
+        self.podman_expect(&argv);
     }
 
     /// Creates a container running a helper role (see `roles`) from the test binary,
     /// bind-mounted read-only into `image`, with `options` (user, capabilities).
-    pub fn create_helper(&self, role: &str, options: &[&str], image: &str, spec: &str) {
+    fn create_helper(&self, role: &str, options: &[&str], image: &str, spec: &str) {
         let exe = std::env::current_exe().expect("the test binary's path");
         let mount = format!("{}:{HELPER_PATH}:ro", exe.display());
         let env = format!("{ROLE_ENV}={spec}");
@@ -219,34 +242,43 @@ impl Pod {
         self.create(role, &all, image, &helper_argv());
     }
 
-    /// `podman pod start`: init containers to completion, in order, then the others.
-    pub fn start(&self) -> Output {
-        run(&["pod", "start", &self.name])
+    /// `podman pod start`: the infra container if any (CNI ADD), init containers to
+    /// completion, in order, then the others.
+    fn start(&self) -> Output {
+        self.podman_run(&["pod", "start", self.pod_name()])
+    }
+
+    /// `podman inspect --format FORMAT` of container `role`, trimmed.
+    fn inspect(&self, role: &str, format: &str) -> String {
+        let name = self.container_name(role);
+        self.podman_expect(&["inspect", "--format", format, &name])
+            .trim()
+            .to_owned()
     }
 
     /// A container's state: (status, exit code, started at).
-    pub fn state(&self, role: &str) -> ContainerState {
-        let name = self.container_name(role);
-        let out = expect(&[
-            "inspect",
-            "--format",
+    fn state(&self, role: &str) -> ContainerState {
+        let out = self.inspect(
+            role,
             "{{.State.Status}}|{{.State.ExitCode}}|{{.State.StartedAt.IsZero}}",
-            &name,
-        ]);
-        let fields: Vec<&str> = out.trim().split('|').collect();
+        );
+        let fields: Vec<&str> = out.split('|').collect();
         match fields.as_slice() {
             [status, code, never] => ContainerState {
                 status: (*status).to_owned(),
                 exit_code: code.parse().unwrap_or(-1),
                 ever_started: *never != "true",
             },
-            _ => panic!("unexpected podman inspect output for {name}: {out:?}"),
+            _ => panic!(
+                "unexpected podman inspect output for {}: {out:?}",
+                self.container_name(role)
+            ),
         }
     }
 
     /// A container's output so far (stdout and stderr, as podman keeps them).
-    pub fn logs(&self, role: &str) -> String {
-        let output = run(&["logs", &self.container_name(role)]);
+    fn logs(&self, role: &str) -> String {
+        let output = self.podman_run(&["logs", &self.container_name(role)]);
         format!(
             "{}{}",
             String::from_utf8_lossy(&output.stdout),
@@ -256,7 +288,7 @@ impl Pod {
 
     /// Waits until helper container `role` reports its listeners bound; panics with its
     /// logs if it does not within a bound.
-    pub fn wait_ready(&self, role: &str) {
+    fn wait_ready(&self, role: &str) {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             let logs = self.logs(role);
@@ -276,17 +308,17 @@ impl Pod {
 
     /// Runs a helper `client` role inside running container `role` as `user` (`uid:gid`),
     /// with `podman exec`, and reports who answered.
-    pub fn connect(&self, role: &str, user: &str, proto: Proto, target: &str) -> Outcome {
+    fn connect(&self, role: &str, user: &str, proto: Proto, target: &str) -> Outcome {
         let env = format!("{ROLE_ENV}=client {} {target}", proto.as_str());
         let name = self.container_name(role);
         // The helper kills itself when its parent dies; `runc exec`, its parent here, may
         // exit first. A shell that waits for it (no `exec`: it still has `exit` to run)
         // stays its parent to the end.
-        let script = format!("{} \"$@\"; exit $?", HELPER_PATH);
+        let script = format!("{HELPER_PATH} \"$@\"; exit $?");
         let mut argv = vec!["exec", "--user", user, "--env", &env, &name];
         argv.extend(["/bin/sh", "-c", &script]);
         argv.extend(helper_argv());
-        client_outcome(&run(&argv))
+        client_outcome(&self.podman_run(&argv))
     }
 }
 

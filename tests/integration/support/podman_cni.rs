@@ -23,14 +23,13 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use super::netns::NetNs;
-use super::podman::{global_options, helper_argv, ContainerState, HELPER_PATH};
-use super::procs::{client_outcome, Background, Outcome, Proto};
-use super::roles::{READY, ROLE_ENV};
+use super::podman::{global_options, PodContainers};
+use super::procs::Background;
 use super::scratch::ScratchDir;
 use super::{expect_success, run_bounded};
 
@@ -52,9 +51,6 @@ const CNI_RESULTS: &str = "/var/lib/cni/results";
 
 /// Bound on a podman command (a pod start runs its init containers to completion).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(90);
-/// How long a helper container may take to report its listeners bound.
-const READY_TIMEOUT: Duration = Duration::from_secs(15);
-
 /// Programs besides those of `require_podman`: the CNI plugins and nsenter.
 pub const REQUIRED: [&str; 4] = [
     "/usr/lib/cni/bridge",
@@ -279,6 +275,21 @@ pub struct Pod<'a> {
     name: String,
 }
 
+impl PodContainers for Pod<'_> {
+    fn podman_run(&self, args: &[&str]) -> Output {
+        self.node.run(args)
+    }
+
+    fn pod_name(&self) -> &str {
+        &self.name
+    }
+
+    /// The pod joins the node's CNI network through its infra container.
+    fn container_options(&self) -> Vec<&str> {
+        vec!["--pull=never"]
+    }
+}
+
 impl<'a> Pod<'a> {
     pub fn new(node: &'a Node, role: &str) -> Pod<'a> {
         let pod = Pod {
@@ -300,70 +311,9 @@ impl<'a> Pod<'a> {
         &self.name
     }
 
-    pub fn container_name(&self, role: &str) -> String {
-        format!("{}-{role}", self.name)
-    }
-
-    /// `podman create --pod POD --name POD-ROLE OPTIONS IMAGE ARGS`.
-    pub fn create(&self, role: &str, options: &[&str], image: &str, args: &[&str]) {
-        let name = self.container_name(role);
-        let mut argv = vec![
-            "create",
-            "--pod",
-            &self.name,
-            "--name",
-            &name,
-            "--pull=never",
-        ];
-        argv.extend_from_slice(options);
-        argv.push(image);
-        argv.extend_from_slice(args);
-        self.node.expect(&argv);
-    }
-
-    /// A container running a helper role of the test binary (see `roles`).
-    pub fn create_helper(&self, role: &str, options: &[&str], image: &str, spec: &str) {
-        let exe = std::env::current_exe().expect("the test binary's path");
-        let mount = format!("{}:{HELPER_PATH}:ro", exe.display());
-        let env = format!("{ROLE_ENV}={spec}");
-        let mut all = vec!["--volume", &mount, "--env", &env];
-        all.extend_from_slice(options);
-        self.create(role, &all, image, &helper_argv());
-    }
-
-    /// `podman pod start`: the infra container (CNI ADD), init containers to completion,
-    /// then the others.
-    pub fn start(&self) -> Output {
-        self.node.run(&["pod", "start", &self.name])
-    }
-
     /// `podman pod stop`: every container, then the infra container (CNI DEL).
     pub fn stop(&self) -> Output {
         self.node.run(&["pod", "stop", "--time", "0", &self.name])
-    }
-
-    fn inspect(&self, role: &str, format: &str) -> String {
-        let name = self.container_name(role);
-        self.node
-            .expect(&["inspect", "--format", format, &name])
-            .trim()
-            .to_owned()
-    }
-
-    pub fn state(&self, role: &str) -> ContainerState {
-        let out = self.inspect(
-            role,
-            "{{.State.Status}}|{{.State.ExitCode}}|{{.State.StartedAt.IsZero}}",
-        );
-        let fields: Vec<&str> = out.split('|').collect();
-        match fields.as_slice() {
-            [status, code, never] => ContainerState {
-                status: (*status).to_owned(),
-                exit_code: code.parse().unwrap_or(-1),
-                ever_started: *never != "true",
-            },
-            _ => panic!("unexpected podman inspect output for {role}: {out:?}"),
-        }
     }
 
     /// When container `role` last started, in ns since the epoch.
@@ -401,46 +351,6 @@ impl<'a> Pod<'a> {
         serde_json::from_str::<Option<Vec<String>>>(&out)
             .unwrap_or_else(|err| panic!("EffectiveCaps of {role}: {out:?}: {err}"))
             .unwrap_or_default()
-    }
-
-    pub fn logs(&self, role: &str) -> String {
-        let output = self.node.run(&["logs", &self.container_name(role)]);
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        )
-    }
-
-    /// Waits until helper container `role` reports its listeners bound.
-    pub fn wait_ready(&self, role: &str) {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let logs = self.logs(role);
-            if logs.lines().any(|line| line == READY) {
-                return;
-            }
-            let state = self.state(role);
-            if state.status != "running" || Instant::now() >= deadline {
-                panic!(
-                    "container {} did not get ready ({state:?}):\n{logs}",
-                    self.container_name(role)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Runs a helper `client` inside running container `role` as `user` (`uid:gid`).
-    pub fn connect(&self, role: &str, user: &str, proto: Proto, target: &str) -> Outcome {
-        let env = format!("{ROLE_ENV}=client {} {target}", proto.as_str());
-        let name = self.container_name(role);
-        // As `support::podman::Pod::connect`: a shell stays the helper's parent to the end.
-        let script = format!("{HELPER_PATH} \"$@\"; exit $?");
-        let mut argv = vec!["exec", "--user", user, "--env", &env, &name];
-        argv.extend(["/bin/sh", "-c", &script]);
-        argv.extend(helper_argv());
-        client_outcome(&self.node.run(&argv))
     }
 
     /// The pod's network namespace, as podman made it (`/run/netns/netns-…`), while the
