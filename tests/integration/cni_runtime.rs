@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use crate::support::podman::{images, require_podman, PodContainers};
+use crate::support::podman::{assert_blocked_by_init, images, require_podman, PodContainers};
 use crate::support::podman_cni::{
     meshinit_plugin, require_cni, Node, Pod, NODE_IP, POD_IP, POD_NAMESPACE, VAULT,
 };
@@ -308,26 +308,15 @@ fn cni_mode_without_the_plugin_never_starts_the_app() {
     let node = Node::new(&[]);
     let pod = meshed_pod(&node, Mode::Cni);
     let started = pod.start();
-    let logs = pod.logs("istio-validation");
-    assert!(
-        !started.status.success(),
-        "{test}: the pod started without the plugin:\n{logs}"
+    assert_blocked_by_init(
+        &format!("{test} (no plugin)"),
+        &pod,
+        &started,
+        "istio-validation",
+        126,
+        &["127.0.0.6:15002", "ISTIO_OUTPUT", "CNI"],
+        &["istio-proxy", "app"],
     );
-    let validation = pod.state("istio-validation");
-    assert_eq!(validation.exit_code, 126, "{test}: {validation:?}\n{logs}");
-    for needle in ["127.0.0.6:15002", "ISTIO_OUTPUT", "CNI"] {
-        assert!(
-            logs.contains(needle),
-            "{test}: expected istio-validation's message to mention {needle}:\n{logs}"
-        );
-    }
-    for role in ["istio-proxy", "app"] {
-        let state = pod.state(role);
-        assert!(
-            !state.ever_started,
-            "{test}: {role} started after istio-validation failed: {state:?}"
-        );
-    }
 }
 
 /// podman's own `CNI_ARGS` name the pod (`K8S_POD_NAME`) but give no namespace: to

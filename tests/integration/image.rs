@@ -16,7 +16,8 @@ use crate::support::k8s::{
     downward_api_annotations, require_kubernetes_validate, INIT_CPU_LIMIT, INIT_MEMORY_BYTES,
 };
 use crate::support::podman::{
-    self, images, require_podman, CgroupParent, Container, Pod, PodContainers,
+    self, assert_blocked_by_init, images, require_podman, CgroupParent, Container, Pod,
+    PodContainers,
 };
 use crate::support::procs::{connect, Background, Outcome, Proto, Reply};
 use crate::support::scratch::ScratchDir;
@@ -401,26 +402,15 @@ fn pod_without_capabilities_never_starts() {
         let cgroup = CgroupParent::new("init");
         let pod = meshed_pod(&topo, mode, false, &[], &cgroup);
         let started = pod.start();
-        let logs = pod.logs("init");
-        assert!(
-            !started.status.success(),
-            "{test} ({mode:?}): the pod started without the capabilities:\n{logs}"
+        assert_blocked_by_init(
+            &format!("{test} ({mode:?}, no capabilities)"),
+            &pod,
+            &started,
+            "init",
+            2,
+            &["CAP_NET_ADMIN", "CAP_NET_RAW", "securityContext"],
+            &["sidecar", "app"],
         );
-        let init = pod.state("init");
-        assert_eq!(init.exit_code, 2, "{test} ({mode:?}): {init:?}\n{logs}");
-        for needle in ["CAP_NET_ADMIN", "CAP_NET_RAW", "securityContext"] {
-            assert!(
-                logs.contains(needle),
-                "{test} ({mode:?}): expected the init container's message to mention {needle}:\n{logs}"
-            );
-        }
-        for role in ["sidecar", "app"] {
-            let state = pod.state(role);
-            assert!(
-                !state.ever_started,
-                "{test} ({mode:?}): {role} started after the init container failed: {state:?}"
-            );
-        }
         let rules = crate::support::meshinit::dump_rules(&topo.pod);
         assert!(
             !rules.contains("ISTIO"),

@@ -162,7 +162,9 @@ fn build() -> Result<Images, String> {
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-fn fresh_name(role: &str) -> String {
+/// A pod or container name no other test in this run has, whichever support module
+/// makes it: all of them share one podman storage.
+pub fn fresh_name(role: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     format!("mi-{}-{n}-{role}", std::process::id())
 }
@@ -198,6 +200,40 @@ impl PodContainers for Pod {
     /// Every container joins the test's namespace itself: podman 4.3's pods cannot.
     fn container_options(&self) -> Vec<&str> {
         vec!["--network", &self.network]
+    }
+}
+
+/// Checks a pod that must not come up: starting it failed, its init container `init`
+/// exited with `code` and said each of `needles`, and none of `after` ever started.
+/// `what` names the case in failure messages.
+pub fn assert_blocked_by_init(
+    what: &str,
+    pod: &impl PodContainers,
+    started: &Output,
+    init: &str,
+    code: i64,
+    needles: &[&str],
+    after: &[&str],
+) {
+    let logs = pod.logs(init);
+    assert!(
+        !started.status.success(),
+        "{what}: the pod started:\n{logs}"
+    );
+    let state = pod.state(init);
+    assert_eq!(state.exit_code, code, "{what}: {state:?}\n{logs}");
+    for needle in needles {
+        assert!(
+            logs.contains(needle),
+            "{what}: expected {init}'s message to mention {needle}:\n{logs}"
+        );
+    }
+    for role in after {
+        let state = pod.state(role);
+        assert!(
+            !state.ever_started,
+            "{what}: {role} started after {init} failed: {state:?}"
+        );
     }
 }
 

@@ -22,13 +22,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use super::netns::NetNs;
-use super::podman::{global_options, PodContainers};
+use super::podman::{fresh_name, global_options, PodContainers};
 use super::procs::Background;
 use super::scratch::ScratchDir;
 use super::{expect_success, run_bounded};
@@ -98,13 +97,6 @@ pub fn meshinit_plugin(annotations: &[(&str, &str)]) -> Value {
         "exclude_namespaces": ["kube-system", "istio-system"],
         "pod_annotations": pod,
     })
-}
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-fn fresh_name(role: &str) -> String {
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("mi-{}-{n}-{role}", std::process::id())
 }
 
 /// A node: its namespace, its CNI network (the bridge plugin, then `chained` plugins) and
