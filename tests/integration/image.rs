@@ -307,7 +307,9 @@ fn pod_tproxy() {
     }
 }
 
-/// Istio's `global.nativeNftables: true` adds `--native-nftables`: the image's `nft` runs.
+/// Istio's `global.nativeNftables: true` adds `--native-nftables`: meshinit programs Istio's
+/// inet tables itself, over netlink (`--nftables-apply=auto`); the image's `nft -f` runs
+/// only if netlink fails.
 #[test]
 fn pod_native_nftables() {
     let test = "pod_native_nftables";

@@ -2,62 +2,25 @@
 //! alone, no iptables, no nft, no library, no shell. In a pod's init container it programs
 //! Istio's nftables tables over netlink, and the pod's traffic is captured.
 //!
-//! The variant is made from the image the other image tests build (`support::podman`),
-//! offline: `FROM scratch`, its `/usr/local/bin/meshinit`, `NATIVE_NFTABLES=true`, the same
-//! entrypoint: what the Dockerfile's stage holds (the same binary, from the same build
-//! stage), without a second Rust build. The pod is run as in `image.rs`: the injector's
-//! arguments and securityContext, a fake sidecar and app, in a namespace of the test's
-//! own (documentation addresses only).
+//! The image is the Dockerfile's own target, built offline by `build-offline.sh --target
+//! nftables-only` (`support::podman`) after the default image, whose `build` stage, the
+//! compiled binary, it takes from podman's layer cache. The pod is run as in `image.rs`:
+//! the injector's arguments and securityContext, a fake sidecar and app, in a namespace of
+//! the test's own (documentation addresses only).
 //!
 //! Needs root and podman: skips with a reason otherwise, fails under `CI=true`.
 
-use std::sync::OnceLock;
-
-use crate::support::podman::{self, images, require_podman, Container, Pod, PodContainers};
+use crate::support::podman::{
+    self, images, nftables_only_image, require_podman, Container, Pod, PodContainers,
+};
 use crate::support::procs::{connect, Background, Outcome, Proto};
 use crate::support::scratch::ScratchDir;
 use crate::support::topology::Topology;
 
 const VAULT: &str = "198.51.100.30:8200";
 const POD_8080: &str = "192.0.2.2:8080";
-const VARIANT: &str = "localhost/meshinit:test-nftables-only";
-
-/// Builds the variant once per test run from the tested image.
-fn variant() -> &'static str {
-    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
-    let built = BUILT.get_or_init(|| {
-        let dir = ScratchDir::new("nftables-only");
-        dir.write(
-            "Containerfile",
-            &format!(
-                "FROM {} AS image\n\
-                 FROM scratch\n\
-                 COPY --from=image /usr/local/bin/meshinit /usr/local/bin/meshinit\n\
-                 ENV NATIVE_NFTABLES=true\n\
-                 ENTRYPOINT [\"/usr/local/bin/meshinit\"]\n",
-                images().meshinit
-            ),
-        );
-        let context = dir.path().to_str().expect("utf-8 path").to_owned();
-        let output = podman::run(&[
-            "build",
-            "--pull=never",
-            "--network=none",
-            "--tag",
-            VARIANT,
-            &context,
-        ]);
-        if output.status.success() {
-            Ok(())
-        } else {
-            Err(String::from_utf8_lossy(&output.stderr).into_owned())
-        }
-    });
-    match built {
-        Ok(()) => VARIANT,
-        Err(report) => panic!("building the nftables-only image failed:\n{report}"),
-    }
-}
+/// The Dockerfile's label on this target, which the default image's title does not have.
+const TITLE: &str = "meshinit (nftables only)";
 
 /// The injector's init container arguments (Istio's `hello.yaml.injected`, REDIRECT).
 fn injector_args() -> &'static [&'static str] {
@@ -89,7 +52,7 @@ fn nftables_only_image_is_the_binary_alone() {
     if !require_podman(test) {
         return;
     }
-    let image = variant();
+    let image = nftables_only_image();
     let container = Container::create("files", &["--network=none"], image, &[]);
     let dir = ScratchDir::new("export");
     let tar = dir.path().join("rootfs.tar");
@@ -117,8 +80,19 @@ fn nftables_only_image_is_the_binary_alone() {
         .filter(|path| !podmans.contains(path))
         .collect();
     assert_eq!(files, ["usr/local/bin/meshinit"], "{test}:\n{listing}");
-    let size = podman::expect(&["image", "inspect", "--format", "{{.Size}}", image]);
-    eprintln!("{test}: {image} is {} bytes", size.trim());
+    let inspect = podman::expect(&[
+        "image",
+        "inspect",
+        "--format",
+        r#"{{.Size}}|{{index .Labels "org.opencontainers.image.title"}}"#,
+        image,
+    ]);
+    let (size, title) = inspect.trim().split_once('|').expect("size|title");
+    eprintln!("{test}: {image} is {size} bytes");
+    assert_eq!(
+        title, TITLE,
+        "{test}: not the Dockerfile's nftables-only target"
+    );
 }
 
 #[test]
@@ -127,7 +101,7 @@ fn pod_with_the_nftables_only_image() {
     if !require_podman(test) {
         return;
     }
-    let image = variant();
+    let image = nftables_only_image();
     let topo = Topology::builder().build();
     let _vault = Background::serve(&topo.peer, None, "peer", &[format!("tcp:{VAULT}")]);
     let pod = Pod::new("pod", &topo.pod);

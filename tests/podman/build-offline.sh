@@ -2,7 +2,13 @@
 # Builds the repository's Dockerfile with podman, on a machine that reaches no image
 # registry but does reach Debian's package mirror (as the project's machines do).
 #
-#   bash tests/podman/build-offline.sh [TAG]      # default TAG: localhost/meshinit:<version>
+#   bash tests/podman/build-offline.sh [--target STAGE] [TAG]
+#
+# builds the Dockerfile's final stage, the default image, as TAG (default:
+# localhost/meshinit:<version>); with `--target STAGE` (passed to `podman build --target`),
+# the Dockerfile's stage STAGE instead, e.g. `--target nftables-only`, as TAG (default:
+# localhost/meshinit:<version>-STAGE). Stages a build shares with an earlier one (the
+# compiled binary) come from podman's layer cache.
 #
 # The Dockerfile's two base images become one local image: a Debian bookworm root
 # filesystem made by mmdebstrap (with iptables, nftables, gcc and libc6-dev), imported with
@@ -23,8 +29,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
+usage() { echo "usage: build-offline.sh [--target STAGE] [TAG]" >&2; exit 2; }
+stage=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --target) [ $# -ge 2 ] && [ -n "$2" ] || usage; stage="$2"; shift 2 ;;
+    --target=?*) stage="${1#--target=}"; shift ;;
+    --) shift; break ;;
+    -*) usage ;;
+    *) break ;;
+  esac
+done
+[ $# -le 1 ] || usage
+target=()
+[ -z "$stage" ] || target=(--target "$stage")
+
 version="$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)"
-tag="${1:-localhost/meshinit:$version}"
+tag="${1:-localhost/meshinit:$version${stage:+-$stage}}"
 export CONTAINERS_CONF="${CONTAINERS_CONF:-$PWD/tests/podman/containers.conf}"
 rustup_home="${RUSTUP_HOME:-$HOME/.rustup}"
 cargo_home="${CARGO_HOME:-$HOME/.cargo}"
@@ -74,6 +95,6 @@ podman build --pull=never --network=none \
   --volume "$rustup_home:/usr/local/rustup:ro" \
   --volume "$cargo_home/bin:/usr/local/cargo/bin:ro" \
   --volume "$cargo_home/registry:/usr/local/cargo/registry:O" \
-  --tag "$tag" --file Dockerfile . >&2
+  "${target[@]}" --tag "$tag" --file Dockerfile . >&2
 echo "base $base"
 echo "image $tag"

@@ -31,6 +31,8 @@ pub const STORAGE: &str = "/var/lib/meshinit-test/podman";
 pub const RUN_STATE: &str = "/run/meshinit-test/podman";
 /// The tag the tests build the Dockerfile under.
 pub const IMAGE: &str = "localhost/meshinit:test";
+/// The tag the tests build the Dockerfile's `nftables-only` target under.
+pub const NFTABLES_ONLY_IMAGE: &str = "localhost/meshinit:test-nftables-only";
 
 /// Bound on the offline build: a cold one makes the base image and compiles meshinit.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(900);
@@ -113,17 +115,41 @@ pub struct Images {
 /// Panics (in each caller) with the build's output if it failed.
 pub fn images() -> &'static Images {
     static BUILT: OnceLock<Result<Images, String>> = OnceLock::new();
-    match BUILT.get_or_init(build) {
+    built_once(&BUILT, None, IMAGE)
+}
+
+/// Builds the Dockerfile's `nftables-only` target offline, once per test run, as
+/// [`NFTABLES_ONLY_IMAGE`], and returns that tag. The default image is built first, so
+/// that the target's `build` stage, the compiled binary, comes from podman's layer cache
+/// (unless the sources changed in between): Rust compiles once. Panics like [`images`].
+pub fn nftables_only_image() -> &'static str {
+    static BUILT: OnceLock<Result<Images, String>> = OnceLock::new();
+    images();
+    &built_once(&BUILT, Some("nftables-only"), NFTABLES_ONLY_IMAGE).meshinit
+}
+
+/// The result in `cell`, made by the first caller with [`build`]; panics with the build's
+/// report if it failed.
+fn built_once(
+    cell: &'static OnceLock<Result<Images, String>>,
+    target: Option<&str>,
+    tag: &str,
+) -> &'static Images {
+    match cell.get_or_init(|| build(target, tag)) {
         Ok(images) => images,
-        Err(report) => panic!("building meshinit's image failed:\n{report}"),
+        Err(report) => panic!("building {tag} failed:\n{report}"),
     }
 }
 
-fn build() -> Result<Images, String> {
+/// `build-offline.sh [--target TARGET] TAG`, into the tests' storage.
+fn build(target: Option<&str>, tag: &str) -> Result<Images, String> {
     let started = Instant::now();
     let mut cmd = Command::new("bash");
-    cmd.arg(repo_root().join("tests/podman/build-offline.sh"))
-        .arg(IMAGE)
+    cmd.arg(repo_root().join("tests/podman/build-offline.sh"));
+    if let Some(target) = target {
+        cmd.args(["--target", target]);
+    }
+    cmd.arg(tag)
         .env("PODMAN_OPTS", global_options().join(" "))
         .env(
             "CONTAINERS_CONF",
