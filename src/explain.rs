@@ -234,6 +234,7 @@ impl Walk<'_> {
             },
             Match::Mark { mark, negated } => (self.mark == *mark) != *negated,
             Match::ConnMark(mark) => *mark == 0,
+            Match::InSet(set) => set.contains(p.destination, p.destination_port),
             Match::OwnerComment => true,
         }
     }

@@ -18,6 +18,13 @@ pub enum Families {
 }
 
 impl Families {
+    pub fn only(family: Family) -> Families {
+        match family {
+            Family::V4 => Families::V4,
+            Family::V6 => Families::V6,
+        }
+    }
+
     fn includes(self, family: Family) -> bool {
         matches!(
             (self, family),
@@ -166,12 +173,8 @@ impl RulesetBuilder {
         mut make: impl FnMut(Family) -> Rule,
     ) {
         for family in Family::ALL {
-            let families = match family {
-                Family::V4 => Families::V4,
-                Family::V6 => Families::V6,
-            };
             let rule = make(family);
-            self.append(families, table, chain, rule);
+            self.append(Families::only(family), table, chain, rule);
         }
     }
 

@@ -148,6 +148,11 @@ fn push_match(out: &mut String, m: &Match) {
             out.push_str(" -m connmark --mark ");
             push_num(out, *mark);
         }
+        Match::InSet(set) => {
+            out.push_str(" -m set --match-set ");
+            out.push_str(set.name());
+            out.push_str(" dst");
+        }
         Match::OwnerComment => {
             out.push_str(" -m comment --comment ");
             out.push_str(OWNER_COMMENT);

@@ -6,8 +6,11 @@
 
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
+
+use super::ipset::IpSet;
 
 /// An IP family; every ruleset and route is planned per family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -269,6 +272,9 @@ pub enum Match {
         negated: bool,
     },
     ConnMark(u32),
+    /// `-m set --match-set NAME dst`: the destination address (or, for a port set, port)
+    /// is in the set (`--match-sets`).
+    InSet(Arc<IpSet>),
     /// `-m comment --comment meshinit`: marks rules meshinit puts into chains it does not
     /// own, where the target alone cannot say whose rule it is (see `OWNER_COMMENT`).
     OwnerComment,

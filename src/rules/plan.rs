@@ -5,16 +5,19 @@
 //! `tests/` checks them against Istio's own golden files.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::builder::{jump, Families, RulesetBuilder};
+use super::ipset::{IpSet, SetList};
 use super::model::{
     BuiltinChain, Chain, CtState, Family, Interface, IstioChain, Match, Owner, OwnerKind, Port,
     Protocol, Rule, Ruleset, Table, Target, TproxyRouting,
 };
 use crate::config::OwnerGroups;
 use crate::config::{CaptureConfig, DnsCapture, InboundCapture, InterceptionMode, OutboundInclude};
+use crate::rules::PlanOptions;
 
 /// Envoy marks its connections back to the app with this in TPROXY mode (Istio's
 /// `OutboundMark`); the inbound rules let them through.
@@ -38,10 +41,17 @@ const DIVERT: Chain = Chain::Istio(IstioChain::Divert);
 const TPROXY: Chain = Chain::Istio(IstioChain::Tproxy);
 const DROP: Chain = Chain::Istio(IstioChain::Drop);
 
-/// Plans the complete ruleset for `cfg`.
+/// Plans the complete ruleset for `cfg`: Istio's, one rule per list entry.
 pub fn plan(cfg: &CaptureConfig) -> Ruleset {
+    plan_with(cfg, PlanOptions::default())
+}
+
+/// Plans the complete ruleset for `cfg`, shaped by `options` (`--match-sets` puts each
+/// list of two or more entries into a named ipset, one per family).
+pub fn plan_with(cfg: &CaptureConfig, options: PlanOptions) -> Ruleset {
     let mut planner = Planner {
         cfg,
+        options,
         b: RulesetBuilder::new(cfg.ipv6),
     };
     planner.run();
@@ -62,7 +72,28 @@ pub fn plan(cfg: &CaptureConfig) -> Ruleset {
 
 struct Planner<'a> {
     cfg: &'a CaptureConfig,
+    options: PlanOptions,
     b: RulesetBuilder,
+}
+
+/// How rules match one entry of a port list: the port itself (Istio's), or, with
+/// `--match-sets`, the whole list's set for the rule's family.
+#[derive(Debug, Clone)]
+enum PortMatch {
+    One(Port),
+    Sets { v4: Arc<IpSet>, v6: Arc<IpSet> },
+}
+
+impl PortMatch {
+    fn dport(&self, family: Family) -> Match {
+        match self {
+            PortMatch::One(port) => dport(*port),
+            PortMatch::Sets { v4, v6 } => Match::InSet(Arc::clone(match family {
+                Family::V4 => v4,
+                Family::V6 => v6,
+            })),
+        }
+    }
 }
 
 fn proto(p: Protocol) -> Match {
@@ -134,6 +165,48 @@ fn rule(matches: Vec<Match>, target: Target) -> Rule {
 }
 
 impl Planner<'_> {
+    /// The rules' port matches for `ports`: one per port, or with `--match-sets` one set
+    /// match for the whole list once it holds two different ports.
+    fn port_matches(&self, list: SetList, ports: &[Port]) -> Vec<PortMatch> {
+        let distinct = ports
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        if !self.options.match_sets || distinct < 2 {
+            return ports.iter().map(|p| PortMatch::One(*p)).collect();
+        }
+        vec![PortMatch::Sets {
+            v4: IpSet::ports(list, Family::V4, ports),
+            v6: IpSet::ports(list, Family::V6, ports),
+        }]
+    }
+
+    /// The destination matches for `nets` (all of `family`): one per network, or with
+    /// `--match-sets` one set match once they are two different networks.
+    fn destination_matches(&self, list: SetList, family: Family, nets: &[IpNet]) -> Vec<Match> {
+        if self.options.match_sets {
+            let set = IpSet::nets(list, family, nets);
+            if set.len() > 1 {
+                return vec![Match::InSet(set)];
+            }
+        }
+        nets.iter().map(|n| dst(*n)).collect()
+    }
+
+    /// Appends one rule per port match, in both families.
+    fn append_per_port(
+        &mut self,
+        table: Table,
+        chain: Chain,
+        ports: &[PortMatch],
+        mut make: impl FnMut(Match) -> Rule,
+    ) {
+        for port in ports {
+            self.b
+                .append_versioned(table, chain, |family| make(port.dport(family)));
+        }
+    }
+
     /// The loopback range that counts as "the app talking to itself" in this family.
     fn loopback(&self, family: Family) -> IpNet {
         match family {
@@ -241,25 +314,28 @@ impl Planner<'_> {
             };
             rule(vec![dst(net)], Target::Return)
         });
-        for net in &cfg.outbound_exclude {
-            self.b.append(
-                families_of(net),
-                Table::Nat,
-                ISTIO_OUTPUT,
-                rule(vec![dst(*net)], Target::Return),
-            );
+        // Per family, as the rules of one family never see the other's networks.
+        for family in Family::ALL {
+            let nets: Vec<IpNet> = cfg
+                .outbound_exclude
+                .iter()
+                .filter(|n| family_of(n) == family)
+                .copied()
+                .collect();
+            for to in self.destination_matches(SetList::ExcludedNets, family, &nets) {
+                self.b.append(
+                    Families::only(family),
+                    Table::Nat,
+                    ISTIO_OUTPUT,
+                    rule(vec![to], Target::Return),
+                );
+            }
         }
-        for port in &cfg.outbound_ports_include {
-            self.b.append(
-                Families::Both,
-                Table::Nat,
-                ISTIO_OUTPUT,
-                rule(
-                    vec![proto(Protocol::Tcp), dport(*port)],
-                    jump(IstioChain::Redirect),
-                ),
-            );
-        }
+        let included =
+            self.port_matches(SetList::IncludedOutboundPorts, &cfg.outbound_ports_include);
+        self.append_per_port(Table::Nat, ISTIO_OUTPUT, &included, |port| {
+            rule(vec![proto(Protocol::Tcp), port], jump(IstioChain::Redirect))
+        });
         self.outbound_include(Family::V4);
         self.outbound_include(Family::V6);
         if self.tproxy() {
@@ -349,14 +425,10 @@ impl Planner<'_> {
         match &cfg.inbound {
             InboundCapture::Off => {}
             InboundCapture::AllExcept(excluded) => {
-                for port in excluded {
-                    self.b.append(
-                        Families::Both,
-                        table,
-                        INBOUND,
-                        rule(vec![proto(Protocol::Tcp), dport(*port)], Target::Return),
-                    );
-                }
+                let excluded = self.port_matches(SetList::ExcludedInboundPorts, excluded);
+                self.append_per_port(table, INBOUND, &excluded, |port| {
+                    rule(vec![proto(Protocol::Tcp), port], Target::Return)
+                });
                 if self.tproxy() {
                     self.b.append(
                         Families::Both,
@@ -383,36 +455,27 @@ impl Planner<'_> {
                 }
             }
             InboundCapture::Only(ports) => {
-                for port in ports {
+                // With TPROXY each port's established packets go to the divert chain before
+                // its new connections go to TPROXY; over a set the pair stays in that order.
+                for port in self.port_matches(SetList::IncludedInboundPorts, ports) {
+                    let port = std::slice::from_ref(&port);
                     if self.tproxy() {
-                        self.b.append(
-                            Families::Both,
-                            Table::Mangle,
-                            INBOUND,
+                        self.append_per_port(Table::Mangle, INBOUND, port, |port| {
                             rule(
-                                vec![proto(Protocol::Tcp), dport(*port), established()],
+                                vec![proto(Protocol::Tcp), port, established()],
                                 jump(IstioChain::Divert),
-                            ),
-                        );
-                        self.b.append(
-                            Families::Both,
-                            Table::Mangle,
-                            INBOUND,
-                            rule(
-                                vec![proto(Protocol::Tcp), dport(*port)],
-                                jump(IstioChain::Tproxy),
-                            ),
-                        );
+                            )
+                        });
+                        self.append_per_port(Table::Mangle, INBOUND, port, |port| {
+                            rule(vec![proto(Protocol::Tcp), port], jump(IstioChain::Tproxy))
+                        });
                     } else {
-                        self.b.append(
-                            Families::Both,
-                            Table::Nat,
-                            INBOUND,
+                        self.append_per_port(Table::Nat, INBOUND, port, |port| {
                             rule(
-                                vec![proto(Protocol::Tcp), dport(*port)],
+                                vec![proto(Protocol::Tcp), port],
                                 jump(IstioChain::InRedirect),
-                            ),
-                        );
+                            )
+                        });
                     }
                 }
             }
@@ -422,13 +485,17 @@ impl Planner<'_> {
     /// Port exclusions come before the loopback handling, so an excluded port is never
     /// redirected, not even back to the pod itself.
     fn outbound_port_exclusions(&mut self) {
-        for port in &self.cfg.outbound_ports_exclude {
+        let excluded = self.port_matches(
+            SetList::ExcludedOutboundPorts,
+            &self.cfg.outbound_ports_exclude,
+        );
+        for port in &excluded {
             for p in [Protocol::Tcp, Protocol::Udp] {
-                self.b.append(
-                    Families::Both,
+                self.append_per_port(
                     Table::Nat,
                     ISTIO_OUTPUT,
-                    rule(vec![proto(p), dport(*port)], Target::Return),
+                    std::slice::from_ref(port),
+                    |port| rule(vec![proto(p), port], Target::Return),
                 );
             }
         }
@@ -669,10 +736,7 @@ impl Planner<'_> {
 
     fn outbound_include(&mut self, family: Family) {
         let cfg = self.cfg;
-        let families = match family {
-            Family::V4 => Families::V4,
-            Family::V6 => Families::V6,
-        };
+        let families = Families::only(family);
         match &cfg.outbound_include {
             OutboundInclude::Off => {}
             OutboundInclude::All => {
@@ -696,7 +760,12 @@ impl Planner<'_> {
                 }
             }
             OutboundInclude::Only(nets) => {
-                for net in nets.iter().filter(|n| family_of(n) == family) {
+                let nets: Vec<IpNet> = nets
+                    .iter()
+                    .filter(|n| family_of(n) == family)
+                    .copied()
+                    .collect();
+                for to in self.destination_matches(SetList::IncludedNets, family, &nets) {
                     for iface in &cfg.kube_virt_interfaces {
                         self.b.insert(
                             families,
@@ -704,7 +773,7 @@ impl Planner<'_> {
                             PREROUTING,
                             1,
                             rule(
-                                vec![Match::InInterface(iface.clone()), dst(*net)],
+                                vec![Match::InInterface(iface.clone()), to.clone()],
                                 jump(IstioChain::Redirect),
                             ),
                         );
@@ -713,7 +782,7 @@ impl Planner<'_> {
                         families,
                         Table::Nat,
                         ISTIO_OUTPUT,
-                        rule(vec![dst(*net)], jump(IstioChain::Redirect)),
+                        rule(vec![to], jump(IstioChain::Redirect)),
                     );
                 }
             }
@@ -802,10 +871,7 @@ impl Planner<'_> {
             ),
         );
         for family in Family::ALL {
-            let families = match family {
-                Family::V4 => Families::V4,
-                Family::V6 => Families::V6,
-            };
+            let families = Families::only(family);
             self.b.insert(
                 families,
                 Table::Mangle,
@@ -849,10 +915,7 @@ fn family_of(net: &IpNet) -> Family {
 }
 
 fn families_of(net: &IpNet) -> Families {
-    match family_of(net) {
-        Family::V4 => Families::V4,
-        Family::V6 => Families::V6,
-    }
+    Families::only(family_of(net))
 }
 
 /// (capture all, v4 server host routes, v6 server host routes).
@@ -1030,5 +1093,129 @@ pub(crate) mod tests {
         assert!(output.contains(
             &"-m owner ! --gid-owner java -m owner ! --gid-owner 202 -j RETURN".to_owned()
         ));
+    }
+
+    fn sets() -> PlanOptions {
+        PlanOptions { match_sets: true }
+    }
+
+    /// The set a rule spec names, by its name's list token.
+    fn set_named<'r>(rules: &'r FamilyRuleset, token: &str) -> Arc<IpSet> {
+        crate::rules::ipset::sets_of(rules)
+            .into_iter()
+            .find(|s| s.name().contains(token))
+            .unwrap_or_else(|| panic!("no {token} set"))
+    }
+
+    #[test]
+    fn match_sets_make_one_rule_per_list_and_family() {
+        let mut cfg = base();
+        cfg.ipv6 = true;
+        cfg.inbound = InboundCapture::AllExcept(vec![port(15090), port(15021), port(15020)]);
+        cfg.outbound_include = OutboundInclude::All;
+        cfg.outbound_exclude = ["10.0.0.0/8", "2001:db8::/32", "192.0.2.0/24", "10.0.0.0/8"]
+            .iter()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        cfg.outbound_ports_exclude = vec![port(8200), port(8300), port(8200)];
+        cfg.outbound_ports_include = vec![port(443)];
+        let planned = plan_with(&cfg, sets());
+        let v4 = &planned.v4;
+        let nets = set_named(v4, "excl-nets4");
+        let oports = set_named(v4, "excl-oports4");
+        let iports = set_named(v4, "excl-iports4");
+        assert_eq!(nets.len(), 2);
+        assert_eq!(oports.len(), 2);
+        assert_eq!(iports.len(), 3);
+        let output = specs(chain(v4, Table::Nat, ISTIO_OUTPUT));
+        for line in [
+            format!("-p tcp -m set --match-set {} dst -j RETURN", oports.name()),
+            format!("-p udp -m set --match-set {} dst -j RETURN", oports.name()),
+            format!("-m set --match-set {} dst -j RETURN", nets.name()),
+            // One port: a plain match, as without sets.
+            "-p tcp --dport 443 -j ISTIO_REDIRECT".to_string(),
+        ] {
+            assert!(output.contains(&line), "missing {line:?} in {output:#?}");
+        }
+        assert_eq!(
+            specs(chain(v4, Table::Nat, INBOUND)),
+            [
+                "-p tcp --dport 15008 -j RETURN".to_string(),
+                format!("-p tcp -m set --match-set {} dst -j RETURN", iports.name()),
+                "-p tcp -j ISTIO_IN_REDIRECT".to_string(),
+            ]
+        );
+        // IPv6 has its own port sets, and its one network stays a plain match.
+        let v6 = planned.v6.as_ref().unwrap();
+        assert_ne!(set_named(v6, "excl-oports6").name(), oports.name());
+        assert!(specs(chain(v6, Table::Nat, ISTIO_OUTPUT))
+            .contains(&"-d 2001:db8::/32 -j RETURN".to_string()));
+        // The same rules in the same places otherwise.
+        let chains = plan(&cfg);
+        assert_eq!(
+            chains.v4.rule_count() - v4.rule_count(),
+            (2 * 3 - 2) + (3 - 1) + (3 - 1),
+            "ports x2 protocols, v4 networks, inbound ports"
+        );
+    }
+
+    #[test]
+    fn match_sets_change_nothing_without_lists() {
+        for cfg in [base(), {
+            let mut cfg = tproxy_config();
+            cfg.inbound = InboundCapture::Only(vec![port(8080), port(8080)]);
+            cfg.outbound_exclude = vec!["10.0.0.0/8".parse().unwrap()];
+            cfg
+        }] {
+            assert_eq!(plan_with(&cfg, sets()), plan(&cfg));
+        }
+    }
+
+    #[test]
+    fn match_sets_keep_tproxy_established_before_new() {
+        let mut cfg = tproxy_config();
+        cfg.inbound = InboundCapture::Only(vec![port(8080), port(8443)]);
+        let planned = plan_with(&cfg, sets());
+        let set = set_named(&planned.v4, "incl-iports4");
+        let inbound = specs(chain(&planned.v4, Table::Mangle, INBOUND));
+        assert_eq!(
+            inbound[inbound.len() - 2..],
+            [
+                format!(
+                    "-p tcp -m set --match-set {} dst -m conntrack --ctstate RELATED,ESTABLISHED -j ISTIO_DIVERT",
+                    set.name()
+                ),
+                format!("-p tcp -m set --match-set {} dst -j ISTIO_TPROXY", set.name()),
+            ]
+        );
+    }
+
+    #[test]
+    fn match_sets_with_kube_virt_interfaces() {
+        let mut cfg = base();
+        cfg.kube_virt_interfaces = vec![Interface::new_unchecked("eth1".into())];
+        cfg.outbound_include = OutboundInclude::Only(vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "192.0.2.0/24".parse().unwrap(),
+        ]);
+        let planned = plan_with(&cfg, sets());
+        let set = set_named(&planned.v4, "incl-nets4");
+        assert_eq!(
+            specs(chain(&planned.v4, Table::Nat, PREROUTING)),
+            [
+                format!(
+                    "-i eth1 -m set --match-set {} dst -j ISTIO_REDIRECT",
+                    set.name()
+                ),
+                "-i eth1 -m comment --comment meshinit -j RETURN".to_string(),
+            ]
+        );
+        assert_eq!(
+            specs(chain(&planned.v4, Table::Nat, ISTIO_OUTPUT)).last(),
+            Some(&format!(
+                "-m set --match-set {} dst -j ISTIO_REDIRECT",
+                set.name()
+            ))
+        );
     }
 }

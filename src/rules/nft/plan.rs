@@ -23,23 +23,13 @@ use crate::rules::model::{
     CtState, Family, Interface, Owner, OwnerKind, Port, Protocol, IPV6_PASSTHROUGH,
 };
 use crate::rules::plan::{DNS_PROXY_PORT, OUTBOUND_MARK};
+pub use crate::rules::PlanOptions;
 
 const DNS_PORT: u16 = 53;
 /// Conntrack zones for DNS (as in the iptables plan): upstream queries in zone 1, app ↔
 /// agent in zone 2.
 const CT_ZONE_UPSTREAM: u16 = 1;
 const CT_ZONE_CLIENT: u16 = 2;
-
-/// How the planner writes long lists.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PlanOptions {
-    /// `--match-sets`: each list of CIDRs or ports (excluded or included, outbound or
-    /// inbound) becomes one rule matching an anonymous set (an interval set for CIDRs)
-    /// instead of one rule per entry, so what a new connection costs does not grow with the
-    /// lists. Same verdicts: the rules a list expands to all end alike, so one rule over
-    /// their union, in the same place, decides the same. A list of one stays a plain match.
-    pub match_sets: bool,
-}
 
 /// Plans the nftables ruleset for `cfg`: Istio's, one rule per list entry.
 pub fn plan(cfg: &CaptureConfig) -> NftRuleset {
