@@ -1100,7 +1100,7 @@ pub(crate) mod tests {
     }
 
     /// The set a rule spec names, by its name's list token.
-    fn set_named<'r>(rules: &'r FamilyRuleset, token: &str) -> Arc<IpSet> {
+    fn set_named(rules: &FamilyRuleset, token: &str) -> Arc<IpSet> {
         crate::rules::ipset::sets_of(rules)
             .into_iter()
             .find(|s| s.name().contains(token))
