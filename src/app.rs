@@ -3,7 +3,9 @@
 use std::io::Write;
 use std::time::Instant;
 
-use crate::apply::{IptablesTools, Netfilter as _, NetlinkRouting, NftTool, Nftables as _};
+use crate::apply::{
+    IpSets, IptablesTools, Netfilter as _, NetlinkIpSets, NetlinkRouting, NftTool, Nftables as _,
+};
 use crate::cli::{
     CaptureArgs, Cli, Command, ExplainArgs, FamilyArg, OutputFormat, PrintArgs, ProtoArg,
 };
@@ -17,7 +19,7 @@ use crate::rules::iptables::render_fresh;
 use crate::rules::model::Family;
 use crate::rules::model::{Owner, Protocol};
 use crate::rules::routes::render_routing;
-use crate::rules::{plan, Ruleset};
+use crate::rules::{plan_with, PlanOptions, Ruleset};
 
 /// Environment lookup, injectable so tests need not mutate the process environment.
 pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -99,7 +101,7 @@ fn print(args: &PrintArgs, env: Env<'_>, out: &mut dyn Write) -> Result<(), Erro
         let text = crate::rules::nft::render::render_plan(&nft_plan(&config));
         return out.write_all(text.as_bytes()).map_err(Error::Output);
     }
-    let ruleset = plan(&config.capture);
+    let ruleset = iptables_plan(&config);
     let text = match args.family {
         None => render_plan(&ruleset),
         Some(family) => {
@@ -135,6 +137,13 @@ pub fn render_plan(ruleset: &Ruleset) -> String {
         };
         match ruleset.family(family) {
             Some(rules) => {
+                let sets = crate::rules::ipset::render_sets(rules);
+                if !sets.is_empty() {
+                    text.push_str(&format!(
+                        "# {family}: ipsets first (created over netlink; `ipset restore` input)\n"
+                    ));
+                    text.push_str(&sets);
+                }
                 text.push_str(&format!("# {family}: {tool} --noflush input\n"));
                 text.push_str(&render_fresh(rules));
             }
@@ -168,7 +177,7 @@ fn apply(args: &CaptureArgs, env: Env<'_>, out: &mut dyn Write) -> Result<(), Er
         let text = if run.native_nftables {
             crate::rules::nft::render::render_plan(&nft_plan(&config))
         } else {
-            render_plan(&plan(&config.capture))
+            render_plan(&iptables_plan(&config))
         };
         return out.write_all(text.as_bytes()).map_err(Error::Output);
     }
@@ -223,9 +232,6 @@ pub fn install(config: &Config) -> Result<(), Error> {
         return install_nftables(config);
     }
     let run = &config.run;
-    if run.match_sets {
-        tracing::warn!("--match-sets has no effect on the iptables backend (no ipset support); one rule per list entry");
-    }
     let families: Vec<Family> = if config.capture.ipv6 {
         Family::ALL.to_vec()
     } else {
@@ -234,9 +240,10 @@ pub fn install(config: &Config) -> Result<(), Error> {
     let started = Instant::now();
     let mut tools = IptablesTools::detect(run.force_backend, &families, run.xtables_wait)?;
     tools.prepare(&families)?;
-    let ruleset = plan(&config.capture);
+    let mut sets = NetlinkIpSets::default();
+    let ruleset = kernel_plan(config, &mut sets);
     let mut routing = NetlinkRouting::default();
-    let summary = crate::apply::apply(&mut tools, &mut routing, &ruleset)?;
+    let summary = crate::apply::apply(&mut tools, &mut routing, &mut sets, &ruleset)?;
     let rules: Vec<String> = summary
         .rules
         .iter()
@@ -248,12 +255,36 @@ pub fn install(config: &Config) -> Result<(), Error> {
         converged = ?summary.converged,
         routing_added = summary.routing_added,
         routing_removed = summary.routing_removed,
+        sets_created = summary.sets_created,
+        sets_removed = summary.sets_removed,
         processes = tools.processes_launched(),
         elapsed_ms = started.elapsed().as_millis() as u64,
         peak_rss_kib = peak_rss_kib(),
         "applied"
     );
     Ok(())
+}
+
+/// The iptables plan for `config` as asked (`--match-sets` shapes it): what a dry-run
+/// prints and `explain` walks.
+pub fn iptables_plan(config: &Config) -> Ruleset {
+    let options = PlanOptions {
+        match_sets: config.run.match_sets,
+    };
+    plan_with(&config.capture, options)
+}
+
+/// The iptables plan to apply here: with `--match-sets` on a kernel without ipset, the
+/// plain chains, which decide the same.
+pub fn kernel_plan(config: &Config, sets: &mut dyn IpSets) -> Ruleset {
+    if config.run.match_sets && !sets.available() {
+        tracing::warn!(
+            "--match-sets: this kernel has no ipset support (CONFIG_IP_SET); \
+             matching one rule per list entry instead"
+        );
+        return plan_with(&config.capture, PlanOptions::default());
+    }
+    iptables_plan(config)
 }
 
 /// The nftables plan for `config` (`--match-sets` shapes it).
@@ -367,7 +398,12 @@ pub fn remove_everything(run: &RunOptions) -> Result<(), Error> {
                 (tools, vec![Family::V4])
             }
         };
-    let removed = crate::apply::cleanup(&mut tools, &mut NetlinkRouting::default(), &families);
+    let removed = crate::apply::cleanup(
+        &mut tools,
+        &mut NetlinkRouting::default(),
+        &mut NetlinkIpSets::default(),
+        &families,
+    );
     // Tables an earlier --native-nftables run left: one netlink dump, nft only if there are.
     let removed = removed? + crate::apply::cleanup_nftables(&mut nft, run.nftables_apply)?;
     crate::caps::drop_all()?;
@@ -477,7 +513,7 @@ fn explain_connection(args: &ExplainArgs, env: Env<'_>, out: &mut dyn Write) -> 
         return Ok(());
     };
     let packet = described_packet(args, &config)?;
-    let ruleset = plan(&config.capture);
+    let ruleset = iptables_plan(&config);
     let family = if packet.destination.is_ipv6() {
         Family::V6
     } else {

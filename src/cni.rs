@@ -288,7 +288,7 @@ fn check(conf: &NetConf, env: Env<'_>) -> Result<(), CniError> {
     let Some(config) = pod_config(conf, env)? else {
         return Ok(());
     };
-    let ruleset = crate::rules::plan(&config.capture);
+    let ruleset = crate::app::kernel_plan(&config, &mut crate::apply::NetlinkIpSets::default());
     let families: Vec<Family> = ruleset.families().map(|f| f.family).collect();
     let mut tools = crate::apply::IptablesTools::detect(
         config.run.force_backend,

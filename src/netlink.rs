@@ -21,6 +21,8 @@ const NLM_F_REQUEST: u16 = 0x1;
 pub(crate) const NLM_F_ACK: u16 = 0x4;
 pub(crate) const NLM_F_APPEND: u16 = 0x800;
 const NLA_F_NESTED: u16 = 0x8000;
+/// ipset wants its integers flagged as big-endian.
+pub(crate) const NLA_F_NET_BYTEORDER: u16 = 0x4000;
 const NLM_F_EXCL: u16 = 0x200;
 pub(crate) const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_DUMP: u16 = 0x300;
@@ -46,6 +48,7 @@ const RTA_TABLE: u16 = 15;
 const RTN_LOCAL: u8 = 2;
 const RT_SCOPE_HOST: u8 = 254;
 
+pub(crate) const NFNL_SUBSYS_IPSET: u16 = 6;
 pub(crate) const NFNL_SUBSYS_NFTABLES: u16 = 10;
 pub(crate) const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 pub(crate) const NFNL_MSG_BATCH_END: u16 = 0x11;
@@ -165,7 +168,7 @@ impl Writer {
 }
 
 /// Iterates the (type, payload) attributes in `data`, stopping at the first malformed one.
-fn attrs(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+pub(crate) fn attrs(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     std::iter::from_fn(move || {
         if data.len() < 4 {
             return None;
@@ -397,17 +400,24 @@ impl Socket {
 
     /// Reads replies to `seq`, handing each data message's (type, payload) to `each`, until
     /// the final ACK or DONE. Returns the kernel's error, if any.
-    fn receive(&mut self, seq: u32, mut each: impl FnMut(u16, &[u8])) -> Result<(), Errno> {
+    fn receive(&mut self, seq: u32, each: impl FnMut(u16, &[u8])) -> Result<(), Errno> {
+        self.receive_code(seq, each).map_err(Errno::from_raw)
+    }
+
+    /// `receive`, with the kernel's error code as it came: ipset's own codes lie above
+    /// 4096, where `Errno` has no names.
+    fn receive_code(&mut self, seq: u32, mut each: impl FnMut(u16, &[u8])) -> Result<(), i32> {
         let mut buf = vec![0u8; 65536];
         loop {
-            let len = recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+            let len =
+                recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty()).map_err(|e| e as i32)?;
             let mut data = &buf[..len];
             while data.len() >= HEADER_LEN {
                 let msg_len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
                 let kind = u16::from_ne_bytes([data[4], data[5]]);
                 let msg_seq = u32::from_ne_bytes([data[8], data[9], data[10], data[11]]);
                 if msg_len < HEADER_LEN || msg_len > data.len() {
-                    return Err(Errno::EBADMSG);
+                    return Err(Errno::EBADMSG as i32);
                 }
                 let payload = &data[HEADER_LEN..msg_len];
                 data = &data[align4(msg_len).min(data.len())..];
@@ -421,16 +431,31 @@ impl Socket {
                             .get(..4)
                             .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
                             .unwrap_or(-libc_eproto());
-                        return if code == 0 {
-                            Ok(())
-                        } else {
-                            Err(Errno::from_raw(-code))
-                        };
+                        return if code == 0 { Ok(()) } else { Err(-code) };
                     }
                     _ => each(kind, payload),
                 }
             }
         }
+    }
+
+    /// One ipset command (`payload`: nfgenmsg and attributes), acknowledged; the error is
+    /// the kernel's code (an errno, or one of ipset's above 4096).
+    pub fn ipset_request(&mut self, command: u8, flags: u16, payload: &[u8]) -> Result<(), i32> {
+        let kind = (NFNL_SUBSYS_IPSET << 8) | u16::from(command);
+        let seq = self
+            .send(kind, flags | NLM_F_ACK, payload)
+            .map_err(|e| e as i32)?;
+        self.receive_code(seq, |_, _| {})
+    }
+
+    /// One ipset dump: every reply's payload.
+    pub fn ipset_dump(&mut self, command: u8, payload: &[u8]) -> Result<Vec<Vec<u8>>, i32> {
+        let kind = (NFNL_SUBSYS_IPSET << 8) | u16::from(command);
+        let seq = self.send(kind, NLM_F_DUMP, payload).map_err(|e| e as i32)?;
+        let mut out = Vec::new();
+        self.receive_code(seq, |_, p| out.push(p.to_vec()))?;
+        Ok(out)
     }
 
     fn request(&mut self, kind: u16, flags: u16, payload: &[u8]) -> Result<(), Errno> {

@@ -5,6 +5,7 @@
 //! and the `::6` address, over netlink). Tests drive it with recording fakes.
 
 mod backend;
+mod ipsets;
 mod nft;
 mod routing;
 
@@ -12,11 +13,13 @@ use std::borrow::Cow;
 use std::time::Duration;
 
 pub use backend::{Backend, IptablesTools};
+pub use ipsets::{IpSetError, IpSets, NetlinkIpSets};
 pub use nft::{
     apply_nftables, cleanup_native, cleanup_nftables, NftSummary, NftTool, Nftables, Programmed,
 };
 pub use routing::NetlinkRouting;
 
+use crate::rules::ipset::{sets_of, SET_PREFIX};
 use crate::rules::iptables::{
     parse_existing, render_restore, render_restore_chunks, render_rollback,
     tables_holding_only_ours, tables_in_save, ExistingState,
@@ -161,6 +164,9 @@ pub enum ApplyError {
     #[error(transparent)]
     Netlink(#[from] crate::netlink::NetlinkError),
 
+    #[error(transparent)]
+    IpSet(#[from] IpSetError),
+
     /// Programming nftables over netlink failed and `nft -f` was not tried (not allowed, or
     /// not installed). The batch is all or nothing: nothing changed.
     #[error("programming nftables over netlink failed, changing nothing: {reason}{}", fallback_note(.fallback))]
@@ -203,6 +209,9 @@ pub struct ApplySummary {
     pub converged: Vec<Family>,
     pub routing_added: usize,
     pub routing_removed: usize,
+    pub sets_created: usize,
+    /// Sets of an earlier configuration (or an interrupted run) destroyed.
+    pub sets_removed: usize,
 }
 
 struct Staged<'a> {
@@ -217,6 +226,13 @@ struct Staged<'a> {
 impl Staged<'_> {
     fn family(&self) -> Family {
         self.desired.family
+    }
+
+    /// Whether the rules there before this apply looked up sets of meshinit's.
+    fn had_sets(&self) -> bool {
+        self.previous
+            .as_deref()
+            .is_some_and(|save| save.contains(&format!("--match-set {SET_PREFIX}")))
     }
 
     /// Tables this apply brought into existence: empty again after a rollback.
@@ -273,12 +289,26 @@ fn stage<'a>(
     }))
 }
 
+/// Destroys the sets no rule uses any more, reporting rather than failing: what is left
+/// is only unused kernel memory.
+fn tidy_sets(sets: &mut dyn IpSets) -> usize {
+    sets.remove_unused().unwrap_or_else(|err| {
+        tracing::warn!(%err, "removing unused ipsets");
+        0
+    })
+}
+
 /// Applies `ruleset`: one restore per family, each a single transaction, converging from
 /// whatever an earlier run left. If a later family fails, earlier families and routing are
 /// put back as they were, so the namespace never keeps half a ruleset.
+///
+/// Sets (`--match-sets`) are not part of any transaction, so they are made first, under
+/// names no rule uses yet (see `rules::ipset`), and the old ones removed only once nothing
+/// uses them: the switch itself happens inside each family's restore.
 pub fn apply(
     nf: &mut dyn Netfilter,
     routing: &mut dyn Routing,
+    sets: &mut dyn IpSets,
     ruleset: &Ruleset,
 ) -> Result<ApplySummary, ApplyError> {
     let mut staged = Vec::new();
@@ -287,6 +317,19 @@ pub fn apply(
             staged.push(stage);
         }
     }
+
+    let planned_sets: Vec<_> = ruleset.families().flat_map(sets_of).collect();
+    let sets_created = if planned_sets.is_empty() {
+        0
+    } else {
+        match sets.ensure(&planned_sets) {
+            Ok(created) => created,
+            Err(err) => {
+                tidy_sets(sets);
+                return Err(err.into());
+            }
+        }
+    };
 
     let plan = RoutingPlan {
         ipv6_passthrough_address: ruleset.ipv6_passthrough_address,
@@ -321,6 +364,9 @@ pub fn apply(
             if let Err(err) = routing.undo(&changes) {
                 tracing::error!(%err, "undoing routing changes failed");
             }
+            if !planned_sets.is_empty() {
+                tidy_sets(sets);
+            }
             return Err(failure);
         }
     }
@@ -350,6 +396,12 @@ pub fn apply(
         0
     };
 
+    let sets_removed = if !planned_sets.is_empty() || staged.iter().any(Staged::had_sets) {
+        tidy_sets(sets)
+    } else {
+        0
+    };
+
     Ok(ApplySummary {
         rules: staged
             .iter()
@@ -367,6 +419,8 @@ pub fn apply(
             .collect(),
         routing_added: changes.added.len(),
         routing_removed,
+        sets_created,
+        sets_removed,
     })
 }
 
@@ -392,6 +446,7 @@ fn roll_back(
 pub fn cleanup(
     nf: &mut dyn Netfilter,
     routing: &mut dyn Routing,
+    sets: &mut dyn IpSets,
     families: &[Family],
 ) -> Result<usize, ApplyError> {
     let mut first_error = None;
@@ -431,6 +486,17 @@ pub fn cleanup(
         Err(err) => {
             tracing::error!(%err, "routing cleanup failed");
             first_error.get_or_insert(err);
+        }
+    }
+    // With the rules gone, every set of meshinit's is unused. A kernel without ipset has
+    // none to remove.
+    if sets.available() {
+        match sets.remove_unused() {
+            Ok(count) => removed += count,
+            Err(err) => {
+                tracing::error!(%err, "ipset cleanup failed");
+                first_error.get_or_insert(err.into());
+            }
         }
     }
     match first_error {

@@ -1,22 +1,28 @@
 //! The engine against recording fakes: call order, rollback, convergence, cleanup.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use super::*;
 use crate::config::{build_config, ConfigOutcome, HostFacts, RawSettings};
-use crate::rules::plan;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Call {
     Save(Family),
     Restore(Family, String),
     RemoveTables(Family, Vec<Table>),
+    EnsureSets(Vec<String>),
+    RemoveUnusedSets,
 }
+
+/// One log for every fake, so tests see the order of calls across them.
+type Journal = Rc<RefCell<Vec<Call>>>;
 
 /// Records every call; fails the restore of `fail_family` (on its first attempt) on request.
 #[derive(Default)]
 struct FakeNetfilter {
-    calls: Vec<Call>,
+    calls: Journal,
     saves: HashMap<Family, String>,
     fail_family: Option<Family>,
 }
@@ -32,11 +38,13 @@ impl Netfilter for FakeNetfilter {
         Some(vec![])
     }
     fn save(&mut self, family: Family) -> Result<String, ApplyError> {
-        self.calls.push(Call::Save(family));
+        self.calls.borrow_mut().push(Call::Save(family));
         Ok(self.saves.get(&family).cloned().unwrap_or_default())
     }
     fn restore(&mut self, family: Family, input: &dyn RestoreInput) -> Result<(), ApplyError> {
-        self.calls.push(Call::Restore(family, input.text()));
+        self.calls
+            .borrow_mut()
+            .push(Call::Restore(family, input.text()));
         if self.fail_family == Some(family) {
             self.fail_family = None;
             return Err(ApplyError::Restore {
@@ -50,11 +58,59 @@ impl Netfilter for FakeNetfilter {
         Ok(())
     }
     fn remove_tables(&mut self, family: Family, tables: &[Table]) -> Result<(), ApplyError> {
-        self.calls.push(Call::RemoveTables(family, tables.to_vec()));
+        self.calls
+            .borrow_mut()
+            .push(Call::RemoveTables(family, tables.to_vec()));
         Ok(())
     }
     fn processes_launched(&self) -> usize {
-        self.calls.len()
+        self.calls.borrow().len()
+    }
+}
+
+impl FakeNetfilter {
+    fn calls(&self) -> Vec<Call> {
+        self.calls.borrow().clone()
+    }
+}
+
+/// Records into the netfilter fake's journal; fails `ensure` on request.
+struct FakeIpSets {
+    calls: Journal,
+    fail_ensure: bool,
+}
+
+impl FakeIpSets {
+    fn sharing(nf: &FakeNetfilter) -> FakeIpSets {
+        FakeIpSets {
+            calls: Rc::clone(&nf.calls),
+            fail_ensure: false,
+        }
+    }
+}
+
+impl IpSets for FakeIpSets {
+    fn available(&mut self) -> bool {
+        true
+    }
+    fn ensure(
+        &mut self,
+        sets: &[std::sync::Arc<crate::rules::ipset::IpSet>],
+    ) -> Result<usize, IpSetError> {
+        let names = sets.iter().map(|s| s.name().to_string()).collect();
+        self.calls.borrow_mut().push(Call::EnsureSets(names));
+        if self.fail_ensure {
+            return Err(IpSetError {
+                action: "creating",
+                set: sets[0].name().to_string(),
+                code: 4099,
+            });
+        }
+        Ok(sets.len())
+    }
+    fn remove_unused(&mut self) -> Result<usize, IpSetError> {
+        self.calls.borrow_mut().push(Call::RemoveUnusedSets);
+        Ok(0)
     }
 }
 
@@ -105,40 +161,53 @@ impl HostFacts for NoHost {
 }
 
 fn ruleset(flags: &[(crate::config::build::Setting, &str)]) -> Ruleset {
+    ruleset_with(flags, crate::rules::PlanOptions::default())
+}
+
+fn ruleset_with(
+    flags: &[(crate::config::build::Setting, &str)],
+    options: crate::rules::PlanOptions,
+) -> Ruleset {
     let mut raw = RawSettings::default();
     for (setting, value) in flags {
         raw.set_flag(*setting, *value);
     }
     match build_config(&raw, &|_| None, &NoHost).unwrap() {
-        ConfigOutcome::Capture(config) => plan(&config.capture),
+        ConfigOutcome::Capture(config) => crate::rules::plan_with(&config.capture, options),
         ConfigOutcome::Skip { .. } => panic!("skip"),
     }
 }
 
 use crate::config::build::Setting as S;
 
-fn restores(nf: &FakeNetfilter) -> Vec<(Family, &str)> {
-    nf.calls
-        .iter()
+fn restores(nf: &FakeNetfilter) -> Vec<(Family, String)> {
+    nf.calls()
+        .into_iter()
         .filter_map(|c| match c {
-            Call::Restore(family, input) => Some((*family, input.as_str())),
+            Call::Restore(family, input) => Some((family, input)),
             _ => None,
         })
         .collect()
+}
+
+/// `apply` with routing and sets fakes.
+fn apply_to(nf: &mut FakeNetfilter, rules: &Ruleset) -> Result<ApplySummary, ApplyError> {
+    let mut sets = FakeIpSets::sharing(nf);
+    apply(nf, &mut FakeRouting::default(), &mut sets, rules)
 }
 
 #[test]
 fn fresh_namespace_costs_one_restore_per_family_and_no_save() {
     let rules = ruleset(&[(S::Ipv6, "true"), (S::OutboundCidrs, "*")]);
     let mut nf = FakeNetfilter::default();
-    let summary = apply(&mut nf, &mut FakeRouting::default(), &rules).unwrap();
+    let summary = apply_to(&mut nf, &rules).unwrap();
     assert!(
         matches!(
-            nf.calls.as_slice(),
+            nf.calls().as_slice(),
             [Call::Restore(Family::V4, _), Call::Restore(Family::V6, _)]
         ),
         "{:?}",
-        nf.calls
+        nf.calls()
     );
     assert!(summary.converged.is_empty());
 }
@@ -155,17 +224,18 @@ fn v6_failure_rolls_back_v4_and_routing() {
         ..Default::default()
     };
     let mut routing = FakeRouting::default();
-    let err = apply(&mut nf, &mut routing, &rules).unwrap_err();
+    let mut sets = FakeIpSets::sharing(&nf);
+    let err = apply(&mut nf, &mut routing, &mut sets, &rules).unwrap_err();
     assert!(err.to_string().contains("ipv6"), "{err}");
     let restores = restores(&nf);
     let (family, undo) = restores.last().expect("a rollback");
-    assert_eq!(*family, Family::V4, "{:?}", nf.calls);
+    assert_eq!(*family, Family::V4, "{:?}", nf.calls());
     assert!(
         undo.contains("-X ISTIO_OUTPUT") && undo.contains("-D PREROUTING"),
         "{undo}"
     );
     assert!(
-        nf.calls.contains(&Call::Save(Family::V6)),
+        nf.calls().contains(&Call::Save(Family::V6)),
         "the failed family is read back"
     );
     assert_eq!(routing.undone.len(), 1, "routing changes are undone");
@@ -181,13 +251,14 @@ fn v6_failure_puts_a_saved_v4_back_exactly() {
         saves: HashMap::from([(Family::V4, previous.to_owned())]),
         ..Default::default()
     };
-    apply(&mut nf, &mut FakeRouting::default(), &rules).unwrap_err();
+    apply_to(&mut nf, &rules).unwrap_err();
     let restores = restores(&nf);
     assert_eq!(
         restores.last(),
         Some(&(
             Family::V4,
             "*nat\n-F\n-X\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT\n"
+                .to_string()
         ))
     );
 }
@@ -200,10 +271,11 @@ fn rerun_converges_in_one_restore() {
         saves: HashMap::from([(Family::V4, old.to_owned())]),
         ..Default::default()
     };
-    let summary = apply(&mut nf, &mut FakeRouting::default(), &rules).unwrap();
+    let summary = apply_to(&mut nf, &rules).unwrap();
     assert_eq!(summary.converged, [Family::V4]);
-    let [Call::Save(Family::V4), Call::Restore(Family::V4, input), ..] = nf.calls.as_slice() else {
-        panic!("{:?}", nf.calls)
+    let calls = nf.calls();
+    let [Call::Save(Family::V4), Call::Restore(Family::V4, input), ..] = calls.as_slice() else {
+        panic!("{:?}", nf.calls())
     };
     for expected in [
         "-D PREROUTING -i eth7 -m comment --comment meshinit -j RETURN",
@@ -225,7 +297,7 @@ fn ipv6_rules_of_an_earlier_config_go_when_ipv6_is_off() {
         saves: HashMap::from([(Family::V6, old_v6.to_owned())]),
         ..Default::default()
     };
-    let summary = apply(&mut nf, &mut FakeRouting::default(), &rules).unwrap();
+    let summary = apply_to(&mut nf, &rules).unwrap();
     assert_eq!(summary.converged, [Family::V6]);
     let restores = restores(&nf);
     assert_eq!(restores.len(), 2);
@@ -236,7 +308,7 @@ fn ipv6_rules_of_an_earlier_config_go_when_ipv6_is_off() {
         restores[1].1
     );
     assert!(nf
-        .calls
+        .calls()
         .contains(&Call::RemoveTables(Family::V6, vec![Table::Nat])));
 }
 
@@ -248,11 +320,126 @@ fn cleanup_touches_only_families_that_may_hold_rules() {
         saves: HashMap::from([(Family::V4, old.to_owned())]),
         ..Default::default()
     };
-    let removed = cleanup(&mut nf, &mut FakeRouting::default(), &Family::ALL).unwrap();
+    let mut sets = FakeIpSets::sharing(&nf);
+    let removed = cleanup(
+        &mut nf,
+        &mut FakeRouting::default(),
+        &mut sets,
+        &Family::ALL,
+    )
+    .unwrap();
     assert_eq!(removed, 2);
-    assert_eq!(nf.calls.len(), 3, "{:?}", nf.calls);
+    let calls = nf.calls();
+    assert_eq!(calls.len(), 4, "{calls:?}");
     assert_eq!(
-        nf.calls[2],
-        Call::RemoveTables(Family::V4, vec![Table::Nat])
+        calls[3],
+        Call::RemoveUnusedSets,
+        "sets go once no rule uses them"
+    );
+    assert_eq!(calls[2], Call::RemoveTables(Family::V4, vec![Table::Nat]));
+}
+
+fn with_sets() -> crate::rules::PlanOptions {
+    crate::rules::PlanOptions { match_sets: true }
+}
+
+const LISTS: [(S, &str); 3] = [
+    (S::Ipv6, "true"),
+    (S::OutboundCidrs, "*"),
+    (
+        S::OutboundCidrsExclude,
+        "192.0.2.0/24,198.51.100.0/24,2001:db8::/32,2001:db8:1::/48",
+    ),
+];
+
+#[test]
+fn sets_exist_before_the_rules_naming_them_and_unused_ones_go_after() {
+    let rules = ruleset_with(&LISTS, with_sets());
+    let mut nf = FakeNetfilter::default();
+    let summary = apply_to(&mut nf, &rules).unwrap();
+    let calls = nf.calls();
+    let [Call::EnsureSets(names), Call::Restore(Family::V4, v4), Call::Restore(Family::V6, _), Call::RemoveUnusedSets] =
+        calls.as_slice()
+    else {
+        panic!("{calls:?}")
+    };
+    assert_eq!(names.len(), 2, "one set per family: {names:?}");
+    assert!(
+        v4.contains(&format!("--match-set {} dst", names[0])),
+        "{v4}"
+    );
+    assert_eq!(summary.sets_created, 2);
+}
+
+#[test]
+fn no_set_calls_without_sets() {
+    let rules = ruleset(&LISTS);
+    let mut nf = FakeNetfilter::default();
+    apply_to(&mut nf, &rules).unwrap();
+    assert!(
+        !nf.calls()
+            .iter()
+            .any(|c| matches!(c, Call::EnsureSets(_) | Call::RemoveUnusedSets)),
+        "{:?}",
+        nf.calls()
+    );
+}
+
+#[test]
+fn sets_that_cannot_be_made_stop_the_apply_before_any_rule() {
+    let rules = ruleset_with(&LISTS, with_sets());
+    let mut nf = FakeNetfilter::default();
+    let mut sets = FakeIpSets::sharing(&nf);
+    sets.fail_ensure = true;
+    let err = apply(&mut nf, &mut FakeRouting::default(), &mut sets, &rules).unwrap_err();
+    assert!(err.to_string().contains("too many sets"), "{err}");
+    assert!(
+        matches!(
+            nf.calls().as_slice(),
+            [Call::EnsureSets(_), Call::RemoveUnusedSets]
+        ),
+        "{:?}",
+        nf.calls()
+    );
+}
+
+#[test]
+fn a_failed_family_leaves_its_new_sets_unused_and_removed() {
+    let rules = ruleset_with(&LISTS, with_sets());
+    let mut nf = FakeNetfilter {
+        fail_family: Some(Family::V6),
+        ..Default::default()
+    };
+    apply_to(&mut nf, &rules).unwrap_err();
+    let calls = nf.calls();
+    assert_eq!(calls.last(), Some(&Call::RemoveUnusedSets), "{calls:?}");
+    let rollback = calls
+        .iter()
+        .rposition(|c| matches!(c, Call::Restore(Family::V4, _)))
+        .unwrap();
+    assert!(rollback < calls.len() - 1, "sets go after the rollback");
+}
+
+#[test]
+fn rerun_without_sets_removes_an_earlier_configs_sets() {
+    let rules = ruleset(&[(S::Ipv6, "false"), (S::OutboundCidrs, "*")]);
+    let old = "*nat\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n-A OUTPUT -j ISTIO_OUTPUT\n-A ISTIO_OUTPUT -m set --match-set meshinit-excl-nets4-0badc0de dst -j RETURN\nCOMMIT\n";
+    let mut nf = FakeNetfilter {
+        saves: HashMap::from([(Family::V4, old.to_owned())]),
+        ..Default::default()
+    };
+    apply_to(&mut nf, &rules).unwrap();
+    let calls = nf.calls();
+    assert!(
+        matches!(
+            calls.as_slice(),
+            [
+                Call::Save(_),
+                Call::Restore(_, _),
+                ..,
+                Call::RemoveUnusedSets
+            ]
+        ),
+        "{calls:?}"
     );
 }
