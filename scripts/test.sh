@@ -10,12 +10,14 @@ cd "$(dirname "$0")/.."
 # mmdebstrap build meshinit's image offline and run it in pods (tests/integration/image.rs).
 # The CNI plugins (bridge, host-local), nsenter and catatonit (podman's pause image) run
 # those pods on podman's CNI backend with meshinit-cni chained (tests/integration/cni_runtime.rs).
+# ipset only reads the sets meshinit makes over netlink, as an independent check
+# (tests/integration/support/state.rs).
 declare -A package_of=(
   [iptables-legacy-restore]=iptables [iptables-nft-restore]=iptables
   [ip6tables-legacy-restore]=iptables [ip]=iproute2 [setpriv]=util-linux [nft]=nftables
   [podman]=podman [runc]=runc [mmdebstrap]=mmdebstrap
   [/usr/lib/cni/bridge]=containernetworking-plugins [/usr/lib/cni/host-local]=containernetworking-plugins
-  [nsenter]=util-linux [/usr/libexec/podman/catatonit]=catatonit
+  [nsenter]=util-linux [/usr/libexec/podman/catatonit]=catatonit [ipset]=ipset
 )
 missing=()
 for tool in "${!package_of[@]}"; do

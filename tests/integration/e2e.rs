@@ -3,16 +3,18 @@
 //! and checks which listener answered and what it saw as the original destination, the
 //! way Istio's own rules behave.
 //!
-//! Every scenario runs on every backend (`Backend`): iptables, and Istio's native nftables
-//! tables (`--native-nftables`) programmed over netlink, through `nft -f`, and over netlink
-//! with `--match-sets` (lists as sets; the scenarios' lists have several entries so that
-//! sets are made). `meshinit explain`, which walks the iptables plan, must agree with the
-//! kernel on all of them.
+//! Every scenario runs on every backend (`Backend`): iptables, iptables with `--match-sets`
+//! (lists as ipsets), and Istio's native nftables tables (`--native-nftables`) programmed
+//! over netlink, through `nft -f`, and over netlink with `--match-sets` (lists as nftables
+//! sets). The scenarios' lists have several entries so that sets are made, and a test with
+//! `--match-sets` checks that the rules it left do use sets. `meshinit explain` must agree
+//! with the kernel on all of them.
 //!
 //! Needs root: skips with a reason otherwise, fails under `CI=true`.
 
 use crate::support::lab::Client::{App, AppGid, Peer, Proxy, Vm};
 use crate::support::lab::{tcp, udp, Check, Expect, Lab, Setup, Sidecar};
+use crate::support::meshinit::dump_rules;
 use crate::support::require_root;
 use crate::support::topology::VM_IFACE;
 
@@ -57,6 +59,8 @@ fn istio_args(overrides: &[&str]) -> Vec<String> {
 enum Backend {
     /// iptables, on the backend detected (or forced) as Istio does.
     Iptables,
+    /// The same with `--match-sets`: lists as ipsets.
+    IptablesSets,
     /// Istio's native nftables tables, `--native-nftables`, in one netlink batch (netlink
     /// only: a fallback to nft would fail the test).
     Nftables,
@@ -72,6 +76,7 @@ impl Backend {
         let mut args = istio_args(overrides);
         let extra: &[&str] = match self {
             Backend::Iptables => &[],
+            Backend::IptablesSets => &["--match-sets"],
             Backend::Nftables => &["--native-nftables", "--nftables-apply=netlink"],
             Backend::NftablesViaNft => &["--native-nftables", "--nftables-apply=nft"],
             Backend::NftablesSets => &[
@@ -85,13 +90,13 @@ impl Backend {
     }
 
     fn is_nftables(self) -> bool {
-        self != Backend::Iptables
+        !matches!(self, Backend::Iptables | Backend::IptablesSets)
     }
 }
 
-/// For each scenario, a module of a test per backend (`iptables`, `native_nftables`,
-/// `native_nftables_via_nft`, `native_nftables_match_sets`), each running `scenario(test
-/// name, backend)` (e.g. `e2e::dns_capture::native_nftables`).
+/// For each scenario, a module of a test per backend (`iptables`, `iptables_match_sets`,
+/// `native_nftables`, `native_nftables_via_nft`, `native_nftables_match_sets`), each
+/// running `scenario(test name, backend)` (e.g. `e2e::dns_capture::native_nftables`).
 macro_rules! on_every_backend {
     ($($scenario:ident,)*) => {
         $(
@@ -103,6 +108,14 @@ macro_rules! on_every_backend {
                     super::$scenario(
                         concat!(stringify!($scenario), "::iptables"),
                         Backend::Iptables,
+                    );
+                }
+
+                #[test]
+                fn iptables_match_sets() {
+                    super::$scenario(
+                        concat!(stringify!($scenario), "::iptables_match_sets"),
+                        Backend::IptablesSets,
                     );
                 }
 
@@ -165,9 +178,31 @@ fn run(test: &str, cases: &[(Setup<'_>, &[Check])]) {
     // A case that fails panics in its thread (printing its report); the scope then panics.
     std::thread::scope(|scope| {
         for (setup, checks) in cases {
-            scope.spawn(move || Lab::start(setup).check(checks));
+            scope.spawn(move || {
+                let lab = Lab::start(setup);
+                expect_sets_if_asked(test, &lab, &setup.args);
+                lab.check(checks);
+            });
         }
     });
+}
+
+/// With `--match-sets`, the pod's rules must look lists up in sets: otherwise the traffic
+/// checks would pass on plain chains (a kernel without ipset falls back to them).
+fn expect_sets_if_asked(test: &str, lab: &Lab, args: &[String]) {
+    if !args.iter().any(|a| a == "--match-sets") {
+        return;
+    }
+    let rules = dump_rules(lab.pod());
+    let used = if args.iter().any(|a| a == "--native-nftables") {
+        rules.contains(" { ")
+    } else {
+        rules.contains("-m set --match-set meshinit-")
+    };
+    assert!(
+        used,
+        "{test}: --match-sets but no set in the rules:\n{rules}"
+    );
 }
 
 /// A test of a single configuration.
@@ -184,7 +219,8 @@ fn default_redirect(test: &str, backend: Backend, forced: Option<&str>) {
     let forced_args: Vec<&str> = forced
         .map(|binary| vec!["--force-iptables-binary", binary])
         .unwrap_or_default();
-    let lab = Lab::start(&Setup::new(backend.args(&forced_args)));
+    let lab_args = backend.args(&forced_args);
+    let lab = Lab::start(&Setup::new(lab_args.clone()));
     lab.check(&[
         tcp(App, VAULT, outbound(VAULT)),
         tcp(Proxy, VAULT, peer(VAULT)),
@@ -192,7 +228,8 @@ fn default_redirect(test: &str, backend: Backend, forced: Option<&str>) {
         tcp(Peer, "192.0.2.2:15021", app("192.0.2.2:15021")),
         tcp(App, "127.0.0.1:9090", app("127.0.0.1:9090")),
     ]);
-    if backend == Backend::Iptables && forced.is_none() {
+    expect_sets_if_asked(test, &lab, &lab_args);
+    if !backend.is_nftables() && forced.is_none() {
         return;
     }
     for candidate in ["legacy", "nft"] {
@@ -224,6 +261,11 @@ fn default_redirect_legacy() {
 #[test]
 fn default_redirect_nft() {
     default_redirect("default_redirect_nft", Backend::Iptables, Some("nft"));
+}
+
+#[test]
+fn default_redirect_match_sets() {
+    default_redirect("default_redirect_match_sets", Backend::IptablesSets, None);
 }
 
 #[test]

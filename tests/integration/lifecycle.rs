@@ -141,16 +141,22 @@ fn assert_config_a_applied(what: &str, state: &State, backend: Backend) {
 
 /// Cleanup is complete: no tagged routing, table 133 empty, no `::6`, no ISTIO chain.
 fn assert_nothing_of_ours(what: &str, state: &State) {
-    let leftovers: Vec<String> = [ROUTING_TAG, "::6/128", "ISTIO", "--comment meshinit"]
-        .iter()
-        .flat_map(|needle| state.lines_with(needle))
-        .chain(
-            ["ip -4 route show table 133", "ip -6 route show table 133"]
-                .iter()
-                .flat_map(|table| state.section(table).lines())
-                .map(|line| format!("table 133: {line}")),
-        )
-        .collect();
+    let leftovers: Vec<String> = [
+        ROUTING_TAG,
+        "::6/128",
+        "ISTIO",
+        "--comment meshinit",
+        "create meshinit-",
+    ]
+    .iter()
+    .flat_map(|needle| state.lines_with(needle))
+    .chain(
+        ["ip -4 route show table 133", "ip -6 route show table 133"]
+            .iter()
+            .flat_map(|table| state.section(table).lines())
+            .map(|line| format!("table 133: {line}")),
+    )
+    .collect();
     assert!(
         leftovers.is_empty(),
         "{what}: expected nothing of meshinit's, got:\n{}",
@@ -451,7 +457,12 @@ impl FailingV6Restore {
     /// Runs FAILING_CONFIG in `ns`; checks it fails with exit 3, naming ip6tables, IPv6
     /// and the restore's own message.
     fn apply(&self, ns: &NetNs) {
-        let mut cmd = meshinit::command(ns, &[], &args("apply", FAILING_CONFIG, self.backend, &[]));
+        self.apply_config(ns, FAILING_CONFIG);
+    }
+
+    /// The same with `config`.
+    fn apply_config(&self, ns: &NetNs, config: &[&str]) {
+        let mut cmd = meshinit::command(ns, &[], &args("apply", config, self.backend, &[]));
         let path = std::env::var("PATH").unwrap_or_default();
         cmd.env("PATH", format!("{}:{path}", self.dir.path().display()));
         meshinit::run(cmd).assert_exit(3).assert_stderr_mentions(&[
@@ -794,4 +805,128 @@ fn apply_in_many_pods(backend: Backend) {
         PODS + 1,
         started.elapsed()
     );
+}
+
+/// `config` with `--match-sets`: its lists of two or more entries become ipsets.
+fn with_sets(config: &[&'static str]) -> Vec<&'static str> {
+    let mut config = config.to_vec();
+    config.push("--match-sets");
+    config
+}
+
+/// Config A with more entries in its lists, so that each becomes a set.
+fn config_a_sets() -> Vec<&'static str> {
+    let mut config = with_sets(CONFIG_A);
+    config.extend([
+        "-x",
+        "198.51.100.0/24,203.0.113.0/25,2001:db8:5::/48,2001:db8:6::/48",
+    ]);
+    config
+}
+
+/// The sets in a state, as their `create` lines.
+fn created_sets(state: &State) -> Vec<String> {
+    state.lines_with("create meshinit-")
+}
+
+#[test]
+fn sets_converge_atomically_and_go_with_cleanup() {
+    if !require_root("sets_converge_atomically_and_go_with_cleanup") {
+        return;
+    }
+    on_each_backend(|backend| {
+        let (ns, fresh) = (pod("sets"), pod("sets-fresh"));
+        let before = State::capture(&ns);
+        let config_a = config_a_sets();
+        apply(&ns, &config_a, backend);
+        let first = State::capture(&ns);
+        // Excluded inbound ports and networks, per family.
+        assert_eq!(
+            created_sets(&first).len(),
+            4,
+            "{backend:?}: {:#?}",
+            created_sets(&first)
+        );
+        apply(&ns, &config_a, backend);
+        assert_same_state(
+            &format!("{backend:?}: A with sets twice (expected: after run 1; got: after run 2)"),
+            &first,
+            &State::capture(&ns),
+        );
+
+        // B: other lists, so other sets; A's must be gone, as if B ran on a fresh pod.
+        let config_b = with_sets(&[
+            "-m",
+            "REDIRECT",
+            "-u",
+            "1337",
+            "-b",
+            "8080,8443",
+            "-i",
+            "203.0.113.0/24,192.0.2.128/25,2001:db8::/32,2001:db8:1::/48",
+            "--dns-servers",
+            "",
+            "--ipv6",
+        ]);
+        apply(&ns, &config_b, backend);
+        apply(&fresh, &config_b, backend);
+        let exact_on_nft = |state: State| match backend {
+            Backend::Legacy => state.without_empty_tables(backend),
+            Backend::Nft => state,
+        };
+        let after_b = State::capture(&ns);
+        assert_eq!(
+            created_sets(&after_b).len(),
+            4,
+            "{backend:?}: {:#?}",
+            created_sets(&after_b)
+        );
+        assert_same_state(
+            &format!("{backend:?}: B with sets fresh (expected) vs A then B (got)"),
+            &exact_on_nft(State::capture(&fresh)),
+            &exact_on_nft(after_b),
+        );
+
+        run(&ns, &args("cleanup", &config_b, backend, &[])).assert_exit(0);
+        let after = State::capture(&ns);
+        assert_nothing_of_ours(&format!("{backend:?}: cleanup after sets"), &after);
+        assert_same_state(
+            &format!("{backend:?}: expected: before apply; got: after cleanup"),
+            &before.without_empty_tables(backend),
+            &after.without_empty_tables(backend),
+        );
+    });
+}
+
+#[test]
+fn sets_of_a_failed_apply_are_removed() {
+    if !require_root("sets_of_a_failed_apply_are_removed") {
+        return;
+    }
+    on_each_backend(|backend| {
+        let mut failing = with_sets(FAILING_CONFIG);
+        failing.extend([
+            "-x",
+            "198.51.100.0/24,203.0.113.0/25,2001:db8:5::/48,2001:db8:6::/48",
+        ]);
+        let fake = FailingV6Restore::new(backend);
+
+        let ns = pod("sets-reject-fresh");
+        fake.apply_config(&ns, &failing);
+        assert_nothing_of_ours(
+            &format!("{backend:?}: failed apply with sets on a fresh pod"),
+            &State::capture(&ns),
+        );
+
+        // Over A with its sets: A's sets stay (its rules use them), the new ones go.
+        let ns = pod("sets-reject-applied");
+        apply(&ns, &config_a_sets(), backend);
+        let before = State::capture(&ns);
+        fake.apply_config(&ns, &failing);
+        assert_same_state(
+            &format!("{backend:?}, failed apply with sets over A: expected: A; got: after"),
+            &before,
+            &State::capture(&ns),
+        );
+    });
 }

@@ -64,6 +64,26 @@ const ROUTING: [(&str, &[&str]); 5] = [
     ),
 ];
 
+/// The section of a [`State`] holding the namespace's ipsets.
+pub const IPSETS: &str = "ipset save";
+
+/// `ipset save`, its lines sorted (a hash set lists its members in no fixed order). The
+/// `ipset` tool is only the tests' independent reader: meshinit programs sets over netlink.
+fn ipsets(ns: &NetNs) -> String {
+    if which::which("ipset").is_err() {
+        if std::env::var("CI").is_ok_and(|ci| ci == "true") {
+            panic!(
+                "comparing ipsets needs the ipset tool under CI=true (scripts/test.sh installs it)"
+            );
+        }
+        return "(ipset not installed: sets not compared)\n".to_owned();
+    }
+    let saved = ns.run(&["ipset", "save"]);
+    let mut lines: Vec<&str> = saved.lines().collect();
+    lines.sort_unstable();
+    lines.iter().map(|line| format!("{line}\n")).collect()
+}
+
 /// One snapshot: named sections of text, each normalised.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct State {
@@ -85,6 +105,7 @@ impl State {
         for (name, args) in ROUTING {
             sections.push((name.to_owned(), ip_show(ns, args)));
         }
+        sections.push((IPSETS.to_owned(), ipsets(ns)));
         State { sections }
     }
 
