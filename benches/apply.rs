@@ -2,7 +2,9 @@
 //! `iptables-restore` of the very state meshinit produces, each into a fresh network
 //! namespace, runs alternating, for the injector's default ruleset and for 10,000 excluded
 //! CIDRs, on both iptables backends. Also reports what meshinit launched and its own peak
-//! memory, from its summary log line. Then the same rulesets with `--native-nftables`:
+//! memory, from its summary log line. Then `--match-sets` on iptables (lists as ipsets,
+//! made over netlink) against bare `ipset restore` plus restore of the same state. Then the
+//! same rulesets with `--native-nftables`:
 //! one `nft -f` transaction (bare, of meshinit's printed text, and through meshinit) and
 //! one netlink batch (meshinit's default), with and without `--match-sets`, against a bare
 //! `iptables-nft-restore` of the iptables form, runs rotating. Needs root; prints why and
@@ -243,6 +245,7 @@ fn main() {
             );
         }
     }
+    ipsets(&scenarios, runs, &index);
     nftables(&scenarios, runs, &index);
 }
 
@@ -253,6 +256,167 @@ struct Method {
     bare: Vec<(Vec<String>, String)>,
     /// Or meshinit with these extra arguments.
     meshinit: Option<Vec<String>>,
+}
+
+/// Runs every method `runs` times, each in a fresh namespace, rotating the order; returns
+/// each method's median and the processes it launched.
+fn measure(
+    methods: &[Method],
+    runs: usize,
+    index: &std::cell::Cell<usize>,
+) -> (Vec<Duration>, Vec<String>) {
+    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); methods.len()];
+    let mut processes = vec![String::new(); methods.len()];
+    for run in 0..runs {
+        for k in 0..methods.len() {
+            let m = (k + run) % methods.len();
+            index.set(index.get() + 1);
+            let ns = Namespace::new(index.get());
+            let method = &methods[m];
+            let elapsed = match &method.meshinit {
+                Some(args) => {
+                    let mut cmd = Command::new(meshinit());
+                    cmd.env_clear()
+                        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+                        .arg("apply")
+                        .args(args);
+                    let (elapsed, log) = ns.time(&mut cmd, None);
+                    processes[m] = field(&log, "processes");
+                    elapsed
+                }
+                None => {
+                    processes[m] = method.bare.len().to_string();
+                    method
+                        .bare
+                        .iter()
+                        .map(|(argv, input)| {
+                            let mut cmd = Command::new(&argv[0]);
+                            cmd.args(&argv[1..]);
+                            ns.time(&mut cmd, Some(input)).0
+                        })
+                        .sum()
+                }
+            };
+            times[m].push(elapsed);
+        }
+    }
+    let medians = times.iter_mut().map(|t| median(t)).collect();
+    (medians, processes)
+}
+
+/// The part of `meshinit print`'s output under headers starting with `header`.
+fn printed_section(printed: &str, header: &str) -> String {
+    let mut inside = false;
+    let mut out = String::new();
+    for line in printed.lines() {
+        if line.starts_with("# ") {
+            inside = line.starts_with(header);
+            continue;
+        }
+        if inside {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// `--match-sets` on iptables: meshinit (sets over netlink, then one restore per family)
+/// against bare `ipset restore` of the same sets then the same restores, and both against
+/// the bare restore of the plain chains. Needs the `ipset` tool for the bare runs.
+fn ipsets(scenarios: &[Scenario], runs: usize, index: &std::cell::Cell<usize>) {
+    if Command::new("ipset").arg("version").output().is_err() {
+        println!();
+        println!("iptables --match-sets: skipped, needs the ipset tool for its baseline");
+        return;
+    }
+    println!();
+    println!(
+        "iptables --match-sets (lists as ipsets), fresh namespace each run, {runs} runs each, \
+         rotating; ratios against a bare restore of the plain chains"
+    );
+    println!();
+    println!("| scenario | backend | method | median | vs bare restore, chains | processes |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for scenario in scenarios {
+        let mut with_sets = scenario.args.clone();
+        with_sets.push("--match-sets".to_owned());
+        let printed = print(&with_sets);
+        let families: &[&str] = if scenario.ipv6 {
+            &["ipv4", "ipv6"]
+        } else {
+            &["ipv4"]
+        };
+        for backend in ["nft", "legacy"] {
+            let restores = |args: &[String]| -> Vec<(Vec<String>, String)> {
+                families
+                    .iter()
+                    .map(|family| {
+                        let tool = if *family == "ipv4" {
+                            "iptables"
+                        } else {
+                            "ip6tables"
+                        };
+                        (
+                            vec![format!("{tool}-{backend}-restore"), "--noflush".to_owned()],
+                            print_family(args, family),
+                        )
+                    })
+                    .collect()
+            };
+            let sets: String = families
+                .iter()
+                .map(|family| printed_section(&printed, &format!("# {family}: ipsets")))
+                .collect();
+            let mut bare_sets = vec![(
+                vec![
+                    "ipset".to_owned(),
+                    "-exist".to_owned(),
+                    "restore".to_owned(),
+                ],
+                sets,
+            )];
+            bare_sets.extend(restores(&with_sets));
+            let forced = |args: &[String]| {
+                let mut all = args.to_vec();
+                all.extend(["--force-iptables-binary".to_owned(), backend.to_owned()]);
+                all
+            };
+            let methods = [
+                Method {
+                    name: "bare restore, chains",
+                    bare: restores(&scenario.args),
+                    meshinit: None,
+                },
+                Method {
+                    name: "bare ipset restore + restore, sets",
+                    bare: bare_sets,
+                    meshinit: None,
+                },
+                Method {
+                    name: "meshinit, --match-sets",
+                    bare: Vec::new(),
+                    meshinit: Some(forced(&with_sets)),
+                },
+            ];
+            let (medians, processes) = measure(&methods, runs, index);
+            for (m, method) in methods.iter().enumerate() {
+                println!(
+                    "| {} | {backend} | {} | {:.2} ms | {:.2}x | {} |",
+                    scenario.name,
+                    method.name,
+                    medians[m].as_secs_f64() * 1e3,
+                    medians[m].as_secs_f64() / medians[0].as_secs_f64(),
+                    processes[m]
+                );
+            }
+            println!(
+                "| {} | {backend} | meshinit vs bare, sets | | {:.2}x | |",
+                scenario.name,
+                medians[2].as_secs_f64() / medians[1].as_secs_f64()
+            );
+        }
+    }
 }
 
 /// The nftables table: bare `iptables-nft-restore` (the baseline), bare `nft -f`,
@@ -319,42 +483,7 @@ fn nftables(scenarios: &[Scenario], runs: usize, index: &std::cell::Cell<usize>)
                 )),
             },
         ];
-        let mut times: Vec<Vec<Duration>> = vec![Vec::new(); methods.len()];
-        let mut processes = vec![String::new(); methods.len()];
-        for run in 0..runs {
-            for k in 0..methods.len() {
-                let m = (k + run) % methods.len();
-                index.set(index.get() + 1);
-                let ns = Namespace::new(index.get());
-                let method = &methods[m];
-                let elapsed = match &method.meshinit {
-                    Some(args) => {
-                        let mut cmd = Command::new(meshinit());
-                        cmd.env_clear()
-                            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-                            .arg("apply")
-                            .args(args);
-                        let (elapsed, log) = ns.time(&mut cmd, None);
-                        processes[m] = field(&log, "processes");
-                        elapsed
-                    }
-                    None => {
-                        processes[m] = method.bare.len().to_string();
-                        method
-                            .bare
-                            .iter()
-                            .map(|(argv, input)| {
-                                let mut cmd = Command::new(&argv[0]);
-                                cmd.args(&argv[1..]);
-                                ns.time(&mut cmd, Some(input)).0
-                            })
-                            .sum()
-                    }
-                };
-                times[m].push(elapsed);
-            }
-        }
-        let medians: Vec<Duration> = times.iter_mut().map(|t| median(t)).collect();
+        let (medians, processes) = measure(&methods, runs, index);
         for (m, method) in methods.iter().enumerate() {
             println!(
                 "| {} | {} | {:.2} ms | {:.2}x | {} |",

@@ -1,8 +1,8 @@
 //! `cargo bench --bench connect`: how many new TCP connections per second an app in a pod
 //! can open through meshinit's capture rules, with the injector's default ruleset and with
 //! 10,000 excluded CIDRs, written as one rule per CIDR (a chain, as Istio writes them) or
-//! as one interval set (`--native-nftables --match-sets`), on iptables-legacy, iptables-nft
-//! and native nftables. Every connection is captured (REDIRECT to the sidecar's port), so
+//! as one set (`--match-sets`: an ipset on iptables, an interval set on nftables), on
+//! iptables-legacy, iptables-nft and native nftables. Every connection is captured (REDIRECT to the sidecar's port), so
 //! it walks the whole exclude list first: the cost `--match-sets` takes away.
 //!
 //! Each ruleset lives in a pod namespace of its own, built here (documentation addresses
@@ -259,16 +259,14 @@ fn main() {
             baseline: Some(baseline),
             args: with(flags, true),
         });
-        if backend == "nftables" {
-            let mut set_flags = flags.to_vec();
-            set_flags.push("--match-sets");
-            scenarios.push(Scenario {
-                name: format!("{cidrs} excluded CIDRs, one set (--match-sets)"),
-                backend,
-                baseline: Some(baseline),
-                args: with(&set_flags, true),
-            });
-        }
+        let mut set_flags = flags.to_vec();
+        set_flags.push("--match-sets");
+        scenarios.push(Scenario {
+            name: format!("{cidrs} excluded CIDRs, one set (--match-sets)"),
+            backend,
+            baseline: Some(baseline),
+            args: with(&set_flags, true),
+        });
     }
     let pods: Vec<Pod> = scenarios
         .iter()
@@ -315,15 +313,18 @@ fn main() {
             s.name, s.backend, medians[i]
         );
     }
-    let chain = scenarios
-        .iter()
-        .position(|s| s.backend == "nftables" && s.name.contains("a rule each"));
-    let set = scenarios.iter().position(|s| s.name.contains("one set"));
-    if let (Some(chain), Some(set)) = (chain, set) {
-        println!();
-        println!(
-            "nftables, {cidrs} excluded CIDRs: one set opens {:.1}x as many connections/s as a rule each",
-            medians[set] / medians[chain]
-        );
+    println!();
+    for backend in ["iptables-legacy", "iptables-nft", "nftables"] {
+        let find = |what: &str| {
+            scenarios
+                .iter()
+                .position(|s| s.backend == backend && s.name.contains(what))
+        };
+        if let (Some(chain), Some(set)) = (find("a rule each"), find("one set")) {
+            println!(
+                "{backend}, {cidrs} excluded CIDRs: one set opens {:.1}x as many connections/s as a rule each",
+                medians[set] / medians[chain]
+            );
+        }
     }
 }
