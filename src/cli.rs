@@ -436,12 +436,13 @@ pub struct CaptureArgs {
     #[arg(long = "nftables-apply", value_name = "auto|netlink|nft")]
     pub nftables_apply: Option<String>,
 
-    /// Match long CIDR and port lists with one set each instead of one rule per entry
-    /// (--native-nftables). [env: MESHINIT_MATCH_SETS]
+    /// Match long CIDR and port lists with one set each instead of one rule per entry.
+    /// [env: MESHINIT_MATCH_SETS]
     ///
-    /// Each list of excluded or included CIDRs (an interval set) or ports becomes one rule,
-    /// so what a new connection costs does not grow with the lists; verdicts are the same.
-    /// No effect on the iptables backend (no ipset support), which logs a warning.
+    /// Each list of excluded or included CIDRs or ports becomes one rule, so what a new
+    /// connection costs does not grow with the lists; verdicts are the same. On iptables
+    /// the sets are ipsets, made over netlink (a kernel without ipset gets the plain
+    /// rules, with a warning); with --native-nftables, nftables sets.
     #[arg(long = "match-sets", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", value_name = "BOOL")]
     pub match_sets: Option<String>,

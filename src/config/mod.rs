@@ -135,7 +135,7 @@ pub struct RunOptions {
     /// How long to wait for the xtables lock that iptables-legacy shares node-wide.
     pub xtables_wait: Duration,
     pub nftables_apply: NftablesApply,
-    /// Match long CIDR and port lists with sets (`--match-sets`; nftables only).
+    /// Match long CIDR and port lists with sets (`--match-sets`: ipsets on iptables).
     pub match_sets: bool,
 }
 
