@@ -235,15 +235,17 @@ pub struct NetlinkIpSets {
 
 impl NetlinkIpSets {
     fn socket(&mut self, set: &str) -> Result<&mut Socket, IpSetError> {
+        let error = |errno: nix::errno::Errno| IpSetError {
+            action: "opening a netlink socket for",
+            set: set.to_string(),
+            code: errno as i32,
+        };
         if self.socket.is_none() {
-            let socket = Socket::netfilter().map_err(|e| IpSetError {
-                action: "opening a netlink socket for",
-                set: set.to_string(),
-                code: e.errno as i32,
-            })?;
-            self.socket = Some(socket);
+            self.socket = Some(Socket::netfilter().map_err(|e| error(e.errno))?);
         }
-        Ok(self.socket.as_mut().expect("socket opened above"))
+        self.socket
+            .as_mut()
+            .ok_or_else(|| error(nix::errno::Errno::EBADF))
     }
 
     fn request(

@@ -16,7 +16,9 @@ use crate::support::lab::{tcp, Expect, Lab, Setup};
 use crate::support::meshinit::{self, Ran};
 use crate::support::netns::{NetNs, NetNsGroup};
 use crate::support::scratch::ScratchDir;
-use crate::support::state::{assert_same_state, normalise_save, Backend, State, ROUTING_TAG};
+use crate::support::state::{
+    assert_same_state, normalise_save, Backend, State, IPSETS, ROUTING_TAG,
+};
 use crate::support::{injector_args, require_root};
 
 /// Config A: rich and dual-stack. TPROXY inbound on every port but Istio's own, outbound
@@ -928,5 +930,42 @@ fn sets_of_a_failed_apply_are_removed() {
             &before,
             &State::capture(&ns),
         );
+    });
+}
+
+/// The dry-run is exact for sets too: `print` shows, under each family's ipset header, the
+/// very sets (names, types, members) that `apply` leaves in the kernel.
+#[test]
+fn printed_sets_are_the_applied_sets() {
+    if !require_root("printed_sets_are_the_applied_sets") {
+        return;
+    }
+    let config = config_a_sets();
+    let printed = run(
+        &pod("sets-print"),
+        &args("print", &config, Backend::Nft, &[]),
+    );
+    printed.assert_exit(0);
+    let mut expected: Vec<String> = Vec::new();
+    let mut in_sets = false;
+    for line in printed.stdout.lines() {
+        if line.starts_with("# ") {
+            in_sets = line.contains(": ipsets");
+        } else if in_sets {
+            expected.push(line.to_owned());
+        }
+    }
+    expected.sort();
+    assert!(
+        expected.iter().filter(|l| l.starts_with("create ")).count() == 4,
+        "print shows the four sets:\n{}",
+        printed.stdout
+    );
+    on_each_backend(|backend| {
+        let ns = pod("sets-printed");
+        apply(&ns, &config, backend);
+        let state = State::capture(&ns);
+        let applied: Vec<String> = state.section(IPSETS).lines().map(String::from).collect();
+        assert_eq!(applied, expected, "{backend:?}: ipset save vs print");
     });
 }
