@@ -43,6 +43,20 @@ if ! python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
     || echo "test.sh: could not install kubernetes-validate; the manifest tests will skip"
 fi
 
+# A second, newer nft (Debian trixie's, run with its own libraries) reads back what meshinit
+# programs over netlink, so the encoder is not only judged by the nft it was modelled on
+# (tests/integration/nft_golden.rs). Made once; kept with the tests' other cached state.
+newer_nft=/var/lib/meshinit-test/nft-trixie
+if [ "$(id -u)" = 0 ] && [ ! -x "$newer_nft/usr/sbin/nft" ] && command -v mmdebstrap >/dev/null; then
+  echo "test.sh: making $newer_nft (mmdebstrap trixie nftables)"
+  rm -rf "$newer_nft.tmp"
+  if mmdebstrap --quiet --variant=essential --include=nftables trixie "$newer_nft.tmp"; then
+    rm -rf "$newer_nft" && mv "$newer_nft.tmp" "$newer_nft"
+  else
+    echo "test.sh: could not make $newer_nft; the newer-nft checks will skip"
+  fi
+fi
+
 cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test "$@"

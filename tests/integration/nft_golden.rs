@@ -17,6 +17,11 @@
 //!   (`nft -a list ruleset`), so the kernel created the same objects in the same order.
 //! - as root, with `--match-sets`: the netlink batch and `nft -f` of the printed text (sets
 //!   inline) again leave the same, handles included.
+//! - as root, with a second, newer nft (Debian trixie's, `scripts/test.sh` makes it; required
+//!   under CI): the netlink batch, with and without sets, reads back through that nft the
+//!   same as that nft's own `nft -f` of the printed text. The encoder copies the metadata
+//!   nft 1.0.6 writes (set key types and byte order, which `nft list` relies on); this is
+//!   the check that another nft version reads it alike.
 //!
 //! meshinit's text differs from Istio's in spelling only, never in what the kernel holds:
 //! `skuid` where Istio writes `meta skuid` (raw table), and an IPv6 address written as Rust
@@ -139,6 +144,93 @@ fn listing_with_handles(ns: &NetNs) -> String {
     normalise_listing(&ns.run(&["nft", "-a", "list", "ruleset"]))
 }
 
+/// Where `scripts/test.sh` puts a root filesystem with a newer nft than the host's.
+const NEWER_NFT_ROOT: &str = "/var/lib/meshinit-test/nft-trixie";
+
+/// The newer nft as a command prefix: its binary run by its own dynamic loader with its own
+/// libraries, so it reads the host's /etc (group names) inside `ip netns exec`.
+fn newer_nft() -> Option<Vec<String>> {
+    let root = PathBuf::from(NEWER_NFT_ROOT);
+    if !root.join("usr/sbin/nft").exists() {
+        assert!(
+            !in_ci(),
+            "CI=true but {NEWER_NFT_ROOT} is missing (scripts/test.sh makes it)"
+        );
+        return None;
+    }
+    let path = |p: &str| root.join(p).display().to_string();
+    Some(vec![
+        path("lib64/ld-linux-x86-64.so.2"),
+        "--library-path".into(),
+        path("usr/lib/x86_64-linux-gnu"),
+        path("usr/sbin/nft"),
+    ])
+}
+
+/// `nft ARGS` in `ns`, through `nft` (a command prefix).
+fn nft_with(nft: &[String], ns: &NetNs, args: &[&str], input: Option<&str>) -> String {
+    let argv: Vec<&str> = nft
+        .iter()
+        .map(String::as_str)
+        .chain(args.iter().copied())
+        .collect();
+    let mut child = ns
+        .command(&argv)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the newer nft");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(input.unwrap_or_default().as_bytes())
+        .expect("write nft input");
+    drop(stdin);
+    let output = child.wait_with_output().expect("wait for nft");
+    assert!(
+        output.status.success(),
+        "{argv:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Through the newer nft: `text` loaded by it into a fresh namespace, and the netlink
+/// batch of `meshinit apply ARGS EXTRA`, read back by it with handles, must be the same.
+fn newer_nft_reads_netlink_alike(
+    name: &str,
+    env: &[(&str, &str)],
+    args: &[&str],
+    extra: &[&str],
+    text: &str,
+) {
+    let Some(nft) = newer_nft() else {
+        eprintln!("{name}: no newer nft at {NEWER_NFT_ROOT}; netlink not checked against it");
+        return;
+    };
+    let loaded_ns = NetNs::new("nn");
+    let _groups = GroupOverlay::new(loaded_ns.name());
+    nft_with(&nft, &loaded_ns, &["-f", "-"], Some(text));
+    let want = normalise_listing(&nft_with(
+        &nft,
+        &loaded_ns,
+        &["-a", "list", "ruleset"],
+        None,
+    ));
+    let (applied_ns, _applied_groups) = applied_in(env, args, extra);
+    let got = normalise_listing(&nft_with(
+        &nft,
+        &applied_ns,
+        &["-a", "list", "ruleset"],
+        None,
+    ));
+    assert!(
+        want == got,
+        "{name} {extra:?}: the newer nft reads the netlink batch otherwise than its own nft -f:\n{}",
+        diff(&want, &got)
+    );
+}
+
 /// A fresh namespace (with the group names Istio's cases use) holding `input`: its
 /// listing, without and with handles.
 fn loaded(role: &str, input: &str, what: &str) -> (String, String) {
@@ -155,11 +247,11 @@ fn pod_like(role: &str) -> NetNs {
     ns
 }
 
-/// `meshinit apply --native-nftables ARGS EXTRA` for a case in a fresh namespace: its
-/// listing, without and with handles.
-fn applied(env: &[(&str, &str)], args: &[&str], extra: &[&str]) -> (String, String) {
+/// `meshinit apply --native-nftables ARGS EXTRA` for a case in a fresh namespace (with the
+/// case's group names, kept while the overlay lives).
+fn applied_in(env: &[(&str, &str)], args: &[&str], extra: &[&str]) -> (NetNs, GroupOverlay) {
     let ns = pod_like("na");
-    let _groups = GroupOverlay::new(ns.name());
+    let groups = GroupOverlay::new(ns.name());
     let all: Vec<&str> = BASE
         .iter()
         .copied()
@@ -167,6 +259,12 @@ fn applied(env: &[(&str, &str)], args: &[&str], extra: &[&str]) -> (String, Stri
         .chain(extra.iter().copied())
         .collect();
     crate::support::meshinit::apply(&ns, &all, env);
+    (ns, groups)
+}
+
+/// `applied_in`'s listing, without and with handles.
+fn applied(env: &[(&str, &str)], args: &[&str], extra: &[&str]) -> (String, String) {
+    let (ns, _groups) = applied_in(env, args, extra);
     (listing(&ns), listing_with_handles(&ns))
 }
 
@@ -251,6 +349,10 @@ fn check_case(name: &str) {
         "{name}: with --match-sets, the netlink batch leaves something else than nft -f:\n{}",
         diff(&want, &by_netlink)
     );
+
+    // 5. Another nft version reads the netlink batch as it reads its own nft -f.
+    newer_nft_reads_netlink_alike(name, env, args, &[NETLINK], &ours);
+    newer_nft_reads_netlink_alike(name, env, args, &[NETLINK, MATCH_SETS], &text);
 }
 
 macro_rules! nft_golden_tests {
