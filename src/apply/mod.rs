@@ -336,7 +336,15 @@ pub fn apply(
         tproxy: ruleset.tproxy_routing.map(|r| (r.mark, r.table)),
         ipv6: ruleset.v6.is_some(),
     };
-    let changes = routing.ensure(&plan)?;
+    let changes = match routing.ensure(&plan) {
+        Ok(changes) => changes,
+        Err(err) => {
+            if !planned_sets.is_empty() {
+                tidy_sets(sets);
+            }
+            return Err(err);
+        }
+    };
 
     for (index, stage) in staged.iter().enumerate() {
         let input = Planned {

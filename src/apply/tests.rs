@@ -118,11 +118,18 @@ impl IpSets for FakeIpSets {
 struct FakeRouting {
     ensured: Vec<RoutingPlan>,
     undone: Vec<RoutingChanges>,
+    fail_ensure: bool,
 }
 
 impl Routing for FakeRouting {
     fn ensure(&mut self, plan: &RoutingPlan) -> Result<RoutingChanges, ApplyError> {
         self.ensured.push(*plan);
+        if self.fail_ensure {
+            return Err(ApplyError::Netlink(crate::netlink::NetlinkError {
+                what: "adding a rule",
+                errno: nix::errno::Errno::EPERM,
+            }));
+        }
         let added = plan
             .tproxy
             .map(|(mark, table)| {
@@ -441,5 +448,25 @@ fn rerun_without_sets_removes_an_earlier_configs_sets() {
             ]
         ),
         "{calls:?}"
+    );
+}
+
+#[test]
+fn failed_routing_leaves_no_new_sets() {
+    let rules = ruleset_with(&LISTS, with_sets());
+    let mut nf = FakeNetfilter::default();
+    let mut sets = FakeIpSets::sharing(&nf);
+    let mut routing = FakeRouting {
+        fail_ensure: true,
+        ..Default::default()
+    };
+    apply(&mut nf, &mut routing, &mut sets, &rules).unwrap_err();
+    assert!(
+        matches!(
+            nf.calls().as_slice(),
+            [Call::EnsureSets(_), Call::RemoveUnusedSets]
+        ),
+        "{:?}",
+        nf.calls()
     );
 }
