@@ -1107,8 +1107,10 @@ pub(crate) mod tests {
             .unwrap_or_else(|| panic!("no {token} set"))
     }
 
-    #[test]
-    fn match_sets_make_one_rule_per_list_and_family() {
+    /// Dual-stack, with lists for `--match-sets`: three excluded inbound ports, two IPv4
+    /// networks (one given twice) and one IPv6 network excluded, two outbound ports (one
+    /// given twice) excluded, and one outbound port included. Shared by both planners.
+    pub(crate) fn lists_config() -> CaptureConfig {
         let mut cfg = base();
         cfg.ipv6 = true;
         cfg.inbound = InboundCapture::AllExcept(vec![port(15090), port(15021), port(15020)]);
@@ -1119,6 +1121,12 @@ pub(crate) mod tests {
             .collect();
         cfg.outbound_ports_exclude = vec![port(8200), port(8300), port(8200)];
         cfg.outbound_ports_include = vec![port(443)];
+        cfg
+    }
+
+    #[test]
+    fn match_sets_make_one_rule_per_list_and_family() {
+        let cfg = lists_config();
         let planned = plan_with(&cfg, sets());
         let v4 = &planned.v4;
         let nets = set_named(v4, "excl-nets4");

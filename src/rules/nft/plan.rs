@@ -1139,16 +1139,7 @@ pub(crate) mod tests {
 
     #[test]
     fn match_sets_make_one_rule_per_list() {
-        let mut cfg = base();
-        cfg.ipv6 = true;
-        cfg.inbound = InboundCapture::AllExcept(vec![port(15090), port(15021), port(15020)]);
-        cfg.outbound_include = OutboundInclude::All;
-        cfg.outbound_exclude = ["10.0.0.0/8", "2001:db8::/32", "192.0.2.0/24", "10.0.0.0/8"]
-            .iter()
-            .map(|n| n.parse().unwrap())
-            .collect();
-        cfg.outbound_ports_exclude = vec![port(8200), port(8300), port(8200)];
-        cfg.outbound_ports_include = vec![port(443)];
+        let cfg = crate::rules::plan::tests::lists_config();
         let plan = plan_with(&cfg, sets());
         let nat = plan.table(Table::Nat).unwrap();
         let output = texts(nat, Chain::IstioOutput);
