@@ -304,6 +304,20 @@ fn measure(
     (medians, processes)
 }
 
+/// One table row per method, `first` naming the scenario (and backend): its median, its
+/// ratio to the first method's (the baseline), the processes it launched.
+fn print_rows(first: &str, methods: &[Method], medians: &[Duration], processes: &[String]) {
+    for (m, method) in methods.iter().enumerate() {
+        println!(
+            "| {first} | {} | {:.2} ms | {:.2}x | {} |",
+            method.name,
+            medians[m].as_secs_f64() * 1e3,
+            medians[m].as_secs_f64() / medians[0].as_secs_f64(),
+            processes[m]
+        );
+    }
+}
+
 /// The part of `meshinit print`'s output under headers starting with `header`.
 fn printed_section(printed: &str, header: &str) -> String {
     let mut inside = false;
@@ -400,16 +414,12 @@ fn ipsets(scenarios: &[Scenario], runs: usize, index: &std::cell::Cell<usize>) {
                 },
             ];
             let (medians, processes) = measure(&methods, runs, index);
-            for (m, method) in methods.iter().enumerate() {
-                println!(
-                    "| {} | {backend} | {} | {:.2} ms | {:.2}x | {} |",
-                    scenario.name,
-                    method.name,
-                    medians[m].as_secs_f64() * 1e3,
-                    medians[m].as_secs_f64() / medians[0].as_secs_f64(),
-                    processes[m]
-                );
-            }
+            print_rows(
+                &format!("{} | {backend}", scenario.name),
+                &methods,
+                &medians,
+                &processes,
+            );
             println!(
                 "| {} | {backend} | meshinit vs bare, sets | | {:.2}x | |",
                 scenario.name,
@@ -484,15 +494,6 @@ fn nftables(scenarios: &[Scenario], runs: usize, index: &std::cell::Cell<usize>)
             },
         ];
         let (medians, processes) = measure(&methods, runs, index);
-        for (m, method) in methods.iter().enumerate() {
-            println!(
-                "| {} | {} | {:.2} ms | {:.2}x | {} |",
-                scenario.name,
-                method.name,
-                medians[m].as_secs_f64() * 1e3,
-                medians[m].as_secs_f64() / medians[0].as_secs_f64(),
-                processes[m]
-            );
-        }
+        print_rows(&scenario.name, &methods, &medians, &processes);
     }
 }
