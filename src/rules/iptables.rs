@@ -253,7 +253,7 @@ pub fn render_restore_chunks(
         }
         Ok(())
     };
-    for table in Table::ALL {
+    for table in commit_order(desired, existing) {
         let planned = desired.table(table);
         let present = existing.table(table);
         if planned.is_none() && present.is_none_or(|p| p == &ExistingTable::default()) {
@@ -294,6 +294,58 @@ pub fn render_restore_chunks(
         let _ = writeln!(out, "COMMIT");
     }
     flush(&mut out, true)
+}
+
+/// The table whose rules capture inbound connections: mangle under TPROXY (its
+/// ISTIO_TPROXY chain), nat under REDIRECT (PREROUTING jumping to ISTIO_INBOUND there).
+fn inbound_capture_table(state: &ExistingState) -> Option<Table> {
+    let tproxy = IstioChain::Tproxy.name();
+    let inbound = format!("-j {}", IstioChain::Inbound.name());
+    if state
+        .table(Table::Mangle)
+        .is_some_and(|t| t.own_chains.iter().any(|c| c == tproxy))
+    {
+        return Some(Table::Mangle);
+    }
+    state
+        .table(Table::Nat)
+        .is_some_and(|t| {
+            t.builtin_rules
+                .iter()
+                .any(|(chain, spec)| chain == "PREROUTING" && spec.ends_with(&inbound))
+        })
+        .then_some(Table::Nat)
+}
+
+/// The order in which a restore taking `from` to `to` writes (and so commits) tables.
+///
+/// `iptables-restore` commits each table on its own, in input order, so while it runs, and
+/// forever if it is killed, the namespace holds the new configuration in the first tables
+/// and the old one in the rest. Inbound capture is the one thing that can move between
+/// tables (nat under REDIRECT, mangle under TPROXY): the table that captures under `to`
+/// goes first, so a connection both configurations capture is captured at every step
+/// (by both, briefly, which still reaches the sidecar's inbound port), never by neither.
+/// Otherwise Istio's order (by name), which is what `print` shows.
+fn table_order(to: Option<Table>, from: Option<Table>) -> Vec<Table> {
+    let mut order = Table::ALL.to_vec();
+    if let (Some(gaining), Some(losing)) = (to, from) {
+        if gaining != losing {
+            order.retain(|t| *t != gaining);
+            order.insert(0, gaining);
+        }
+    }
+    order
+}
+
+/// [`table_order`] for a restore from `existing` to `desired`.
+pub fn commit_order(desired: &FamilyRuleset, existing: &ExistingState) -> Vec<Table> {
+    if existing.is_empty() {
+        return Table::ALL.to_vec();
+    }
+    table_order(
+        inbound_capture_table(&ExistingState::from_planned(desired)),
+        inbound_capture_table(existing),
+    )
 }
 
 fn render_chain_rules(
@@ -447,37 +499,44 @@ pub fn tables_in_save(save: &str) -> Vec<Table> {
         .collect()
 }
 
-/// Restore input that undoes an apply in one transaction: tables that existed before
-/// (`previous`, a save taken before the apply) get exactly their saved content back
-/// (`-F`/`-X`, then the saved chains and rules); in any other table, the rules and chains
-/// of meshinit's that are there now (`ours_now`) are removed.
+/// Restore input that undoes an apply: tables that existed before (`previous`, a save taken
+/// before the apply) get exactly their saved content back (`-F`/`-X`, then the saved chains
+/// and rules); in any other table, the rules and chains of meshinit's that are there now
+/// (`ours_now`) are removed. Tables are committed in [`table_order`], going back.
 pub fn render_rollback(family: Family, ours_now: &ExistingState, previous: Option<&str>) -> String {
-    let saved = previous.map(tables_in_save).unwrap_or_default();
-    let mut out = String::new();
+    let mut sections: Vec<(Table, String)> = Vec::new();
     if let Some(previous) = previous {
-        let mut keep = false;
         for line in previous.lines() {
             if line.starts_with('#') {
                 continue;
             }
             if let Some(name) = line.strip_prefix('*') {
-                keep = Table::from_name(name.trim()).is_some();
-                if keep {
-                    let _ = writeln!(out, "{line}\n-F\n-X");
+                if let Some(table) = Table::from_name(name.trim()) {
+                    sections.push((table, format!("{line}\n-F\n-X\n")));
                 }
                 continue;
             }
-            if keep {
-                out.push_str(line);
-                out.push('\n');
-            }
-            if line == "COMMIT" {
-                keep = false;
+            if let Some((_, section)) = sections
+                .last_mut()
+                .filter(|(_, s)| !s.ends_with("COMMIT\n"))
+            {
+                section.push_str(line);
+                section.push('\n');
             }
         }
     }
+    let order = table_order(
+        previous.and_then(|save| inbound_capture_table(&parse_existing(save))),
+        inbound_capture_table(ours_now),
+    );
+    sections.sort_by_key(|(table, _)| order.iter().position(|t| t == table));
+    let mut out: String = sections
+        .iter()
+        .map(|(_, section)| section.as_str())
+        .collect();
     let mut ours = ours_now.clone();
-    ours.tables.retain(|(table, _)| !saved.contains(table));
+    ours.tables
+        .retain(|(table, _)| !sections.iter().any(|(saved, _)| saved == table));
     let empty = FamilyRuleset {
         family,
         tables: Vec::new(),
@@ -560,9 +619,11 @@ mod tests {
         let ours = ExistingState::from_planned(&applied.v4);
         let text = render_rollback(Family::V4, &ours, Some(SAVE));
         assert!(
-            text.starts_with("*nat\n-F\n-X\n:PREROUTING ACCEPT [0:0]\n"),
+            text.contains("*nat\n-F\n-X\n:PREROUTING ACCEPT [0:0]\n"),
             "{text}"
         );
+        // Saved tables in table order, then the tables that did not exist before.
+        assert_eq!(tables_written(&text), ["filter", "nat", "mangle"], "{text}");
         assert!(text.contains("*filter\n-F\n-X\n:INPUT ACCEPT [0:0]\n-A INPUT -j ACCEPT\nCOMMIT\n"));
         let mangle = &text[text.find("*mangle").expect("mangle cleaned")..];
         assert!(
@@ -570,5 +631,66 @@ mod tests {
             "{mangle}"
         );
         assert_eq!(tables_in_save(SAVE), [Table::Nat, Table::Filter]);
+    }
+
+    /// The order of `*table` sections in restore input.
+    fn tables_written(input: &str) -> Vec<&str> {
+        input.lines().filter_map(|l| l.strip_prefix('*')).collect()
+    }
+
+    fn redirect_all() -> crate::config::CaptureConfig {
+        let mut cfg = crate::rules::plan::tests::tproxy_config();
+        cfg.interception = crate::config::InterceptionMode::Redirect;
+        cfg
+    }
+
+    fn v4(cfg: &crate::config::CaptureConfig) -> FamilyRuleset {
+        crate::rules::plan::plan(cfg).v4
+    }
+
+    #[test]
+    fn inbound_capture_moves_to_its_new_table_before_leaving_the_old() {
+        let tproxy = v4(&crate::rules::plan::tests::tproxy_config());
+        let redirect = v4(&redirect_all());
+        let was_tproxy = ExistingState::from_planned(&tproxy);
+        let was_redirect = ExistingState::from_planned(&redirect);
+        // Fresh, and re-runs of the same mode: Istio's order.
+        assert_eq!(tables_written(&render_fresh(&tproxy)), ["mangle", "nat"]);
+        assert_eq!(
+            tables_written(&render_restore(&redirect, &was_redirect)),
+            ["nat"]
+        );
+        // TPROXY → REDIRECT: nat's REDIRECT is in before mangle's TPROXY goes.
+        assert_eq!(
+            tables_written(&render_restore(&redirect, &was_tproxy)),
+            ["nat", "mangle"]
+        );
+        // REDIRECT → TPROXY: mangle's TPROXY is in before nat's REDIRECT goes.
+        assert_eq!(
+            tables_written(&render_restore(&tproxy, &was_redirect)),
+            ["mangle", "nat"]
+        );
+    }
+
+    #[test]
+    fn a_rollback_puts_the_old_capture_back_first() {
+        let tproxy = v4(&crate::rules::plan::tests::tproxy_config());
+        let redirect = v4(&redirect_all());
+        // What iptables-save would list for each (tables by name, as legacy lists them).
+        let save_of = |rules: &FamilyRuleset| render_fresh(rules);
+        let back_to_tproxy = render_rollback(
+            Family::V4,
+            &ExistingState::from_planned(&redirect),
+            Some(&save_of(&tproxy)),
+        );
+        assert_eq!(tables_written(&back_to_tproxy), ["mangle", "nat"]);
+        let back_to_redirect = render_rollback(
+            Family::V4,
+            &ExistingState::from_planned(&tproxy),
+            Some(&save_of(&redirect)),
+        );
+        // nat (the saved REDIRECT) first, then mangle, which did not exist before: emptied.
+        assert_eq!(tables_written(&back_to_redirect), ["nat", "mangle"]);
+        assert!(back_to_redirect.contains("-X ISTIO_TPROXY"));
     }
 }
