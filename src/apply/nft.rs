@@ -163,18 +163,18 @@ impl Nftables for NftTool {
             program: "nft".to_owned(),
             source,
         };
-        let mut child = Command::new(path)
+        // nft has no end-of-input marker: whatever it has read when its input ends, it
+        // commits. Streamed through a pipe, a meshinit killed mid-write would commit a
+        // truncated transaction, so nft starts only once the whole script is in a file.
+        let input = complete_input(script).map_err(spawn_error)?;
+        let child = Command::new(path)
             .args(["-f", "-"])
-            .stdin(Stdio::piped())
+            .stdin(Stdio::from(input))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(spawn_error)?;
         self.launched += 1;
-        if let Some(mut stdin) = child.stdin.take() {
-            // An nft that dies early closes stdin; its stderr says why.
-            let _ = stdin.write_all(script.as_bytes());
-        }
         let output = child.wait_with_output().map_err(spawn_error)?;
         if output.status.success() {
             return Ok(());
@@ -189,6 +189,18 @@ impl Nftables for NftTool {
     fn processes_launched(&self) -> usize {
         self.launched
     }
+}
+
+/// `text` in an anonymous in-memory file, read from its start: a child given it as input
+/// sees all of it or, if meshinit dies before starting the child, nothing.
+fn complete_input(text: &str) -> std::io::Result<std::fs::File> {
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    use std::io::{Seek, SeekFrom};
+    let fd = memfd_create(c"meshinit-nft-input", MemFdCreateFlag::MFD_CLOEXEC)?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(text.as_bytes())?;
+    file.seek(SeekFrom::Start(0))?;
+    Ok(file)
 }
 
 /// How a transaction got into the kernel.

@@ -6,6 +6,7 @@
 mod cni;
 mod cni_runtime;
 mod e2e;
+mod faults;
 mod golden;
 mod image;
 mod image_nftables;

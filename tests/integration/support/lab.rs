@@ -342,6 +342,12 @@ impl Lab {
         }
     }
 
+    /// Makes one connection and reports who answered, for tests that judge it themselves.
+    pub fn connect(&self, from: Client, proto: Proto, to: &str) -> Outcome {
+        let (ns, creds) = self.client(from);
+        connect(ns, creds, proto, to)
+    }
+
     /// Makes every connection (concurrently) and panics listing each one that did not end
     /// as expected, with the pod's rules.
     pub fn check(&self, checks: &[Check]) {
