@@ -40,14 +40,19 @@ const REDIRECT_ALL: &[&str] = &[
 /// How long one held-open restore may take before the test gives up on it.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// `CONFIG --ipv6 --force-iptables-binary BACKEND`
-fn with_backend(config: &[&str], backend: Backend) -> Vec<String> {
+/// `CONFIG --ipv6 ENGINE…`
+fn with_engine(config: &[&str], engine: &[&str]) -> Vec<String> {
     config
         .iter()
-        .copied()
-        .chain(["--ipv6", "--force-iptables-binary", backend.name()])
-        .map(str::to_owned)
+        .chain(&["--ipv6"])
+        .chain(engine)
+        .map(|s| (*s).to_owned())
         .collect()
+}
+
+/// `--force-iptables-binary BACKEND`
+fn iptables(backend: Backend) -> [&'static str; 2] {
+    ["--force-iptables-binary", backend.name()]
 }
 
 /// A directory of stand-ins for every `*tables-*-restore`: each reads its whole input,
@@ -191,7 +196,8 @@ fn assert_captured(lab: &Lab, moment: &str) {
 /// 2. killed (with its restore) after each commit, the same holds, and a re-run of `to`
 ///    converges to exactly what an uninterrupted run leaves.
 fn mode_change_under_faults(backend: Backend, from: &[&str], to: &[&str]) {
-    let (from, to) = (with_backend(from, backend), with_backend(to, backend));
+    let engine = iptables(backend);
+    let (from, to) = (with_engine(from, &engine), with_engine(to, &engine));
     let lab = Lab::start(&Setup::new(from.clone()).sidecar(Sidecar::Tproxy));
     let what = format!("{backend:?}: {from:?} → {to:?}");
     let apply = |args: &[String]| {
@@ -295,4 +301,255 @@ fn redirect_to_tproxy_keeps_inbound_captured_between_tables() {
         return;
     }
     on_each_backend(|backend| mode_change_under_faults(backend, REDIRECT_ALL, TPROXY_8080));
+}
+
+/// A long exclude list (so writing and committing take a while) that leaves every
+/// address [`BOTH_CAPTURE`] connects to alone: 203.0.113.0/24 as /32s, and 4,096 /48s of
+/// 2001:db8:1000::/36. No two overlap, as nft's interval sets require.
+fn long_exclude_list() -> String {
+    let v4 = (0..256).map(|i| format!("203.0.113.{i}/32"));
+    let v6 = (0..4096).map(|i| format!("2001:db8:{:x}::/48", 0x1000 + i));
+    v4.chain(v6).collect::<Vec<_>>().join(",")
+}
+
+/// What is killed: meshinit alone (the OOM killer's choice, say; what it started runs on),
+/// or meshinit with everything it started (a container's end).
+#[derive(Debug, Clone, Copy)]
+enum Kill {
+    Meshinit,
+    Group,
+}
+
+/// Stops `run`, kills it as `kill` says, and waits until every process it had started has
+/// ended too, so that whatever they were going to commit is committed.
+fn kill_and_settle(run: &mut Child, kill: Kill) -> bool {
+    use nix::sys::signal::{kill as send, killpg, Signal};
+    use nix::unistd::Pid;
+    let pid = Pid::from_raw(run.id() as i32);
+    // Stopped, it can start nothing more, so its list of children is complete.
+    let _ = send(pid, Signal::SIGSTOP);
+    let children = children_of(run.id());
+    let running = run.try_wait().expect("waiting for meshinit").is_none();
+    let _ = match kill {
+        Kill::Meshinit => send(pid, Signal::SIGKILL),
+        Kill::Group => killpg(pid, Signal::SIGKILL),
+    };
+    let _ = run.wait();
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    for child in children {
+        while is_alive(child) {
+            assert!(Instant::now() < deadline, "process {child} did not end");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    running
+}
+
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// Running, or not yet reaped but not a zombie.
+fn is_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+    })
+}
+
+/// Kills meshinit at many moments of a change from `from` to `to` with `engine` (both
+/// with a long exclude list), alternating what is killed. After each kill: every
+/// connection both configurations capture is captured; `atomic` engines hold exactly the
+/// old or the new state; a re-run converges exactly.
+fn killed_at_any_moment(engine: &[&str], atomic: bool) {
+    let long = long_exclude_list();
+    let config = |base: &[&str]| -> Vec<String> {
+        let mut args = with_engine(base, engine);
+        args.extend(["-x".to_owned(), long.clone()]);
+        args
+    };
+    let (from, to) = (config(TPROXY_8080), config(REDIRECT_ALL));
+    let lab = Lab::start(&Setup::new(from.clone()).sidecar(Sidecar::Tproxy));
+    let what = format!("{engine:?}: TPROXY → REDIRECT");
+    let apply = |args: &[String]| {
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        meshinit::apply(lab.pod(), &argv, &[]);
+    };
+    apply(&to);
+    let to_state = State::capture(lab.pod());
+    apply(&from);
+    let from_state = State::capture(lab.pod());
+    assert_ne!(from_state, to_state);
+
+    // How long an uninterrupted change takes; the kills are spread over it.
+    let plain = ScratchDir::new("kill");
+    let start = |dir: &ScratchDir| {
+        let mut argv = vec!["apply"];
+        argv.extend(to.iter().map(String::as_str));
+        let mut cmd = command(lab.pod(), &[], &argv);
+        let out = |name: &str| File::create(dir.path().join(name)).expect("output file");
+        cmd.process_group(0)
+            .stdin(Stdio::null())
+            .stdout(out("stdout"))
+            .stderr(out("stderr"));
+        cmd.spawn().expect("starting meshinit")
+    };
+    let began = Instant::now();
+    let status = start(&plain).wait().expect("meshinit");
+    let took = began.elapsed();
+    assert!(status.success(), "{what}: uninterrupted run failed");
+    assert_same_state(
+        &format!("{what}: uninterrupted"),
+        &to_state,
+        &State::capture(lab.pod()),
+    );
+
+    const MOMENTS: u32 = 12;
+    let (mut mid_run, mut ended_old, mut ended_new) = (0, 0, 0);
+    for moment in 0..MOMENTS {
+        apply(&from);
+        let kill = if moment % 2 == 0 {
+            Kill::Meshinit
+        } else {
+            Kill::Group
+        };
+        let delay = took * moment / MOMENTS;
+        let mut run = start(&plain);
+        std::thread::sleep(delay);
+        if kill_and_settle(&mut run, kill) {
+            mid_run += 1;
+        }
+        let moment_what = format!("{what}: {kill:?} killed {delay:?} into a {took:?} run");
+        assert_captured(&lab, &moment_what);
+        let now = State::capture(lab.pod());
+        if now == from_state {
+            ended_old += 1;
+        } else if now == to_state {
+            ended_new += 1;
+        } else if atomic {
+            assert_same_state(
+                &format!("{moment_what}: neither old nor new"),
+                &to_state,
+                &now,
+            );
+        }
+        apply(&to);
+        assert_same_state(
+            &format!("{moment_what}, then re-run (got) vs uninterrupted (expected)"),
+            &to_state,
+            &State::capture(lab.pod()),
+        );
+    }
+    eprintln!(
+        "{what}: {MOMENTS} kills over {took:?}, {mid_run} mid-run; left the old state {ended_old} times, the new {ended_new}, a mix {}",
+        MOMENTS - ended_old - ended_new
+    );
+    assert!(
+        mid_run >= MOMENTS / 2,
+        "{what}: only {mid_run} kills hit a running meshinit"
+    );
+}
+
+#[test]
+fn iptables_killed_at_any_moment_keeps_capture_and_converges() {
+    if !require_root("iptables_killed_at_any_moment_keeps_capture_and_converges") {
+        return;
+    }
+    on_each_backend(|backend| killed_at_any_moment(&iptables(backend), false));
+}
+
+#[test]
+fn nftables_killed_at_any_moment_is_all_or_nothing() {
+    if !require_root("nftables_killed_at_any_moment_is_all_or_nothing") {
+        return;
+    }
+    std::thread::scope(|scope| {
+        for via in ["--nftables-apply=netlink", "--nftables-apply=nft"] {
+            scope.spawn(move || killed_at_any_moment(&["--native-nftables", via], true));
+        }
+    });
+}
+
+/// nft commits whatever it has read when its input ends, so it must never be started on
+/// input that can still be cut short. A stand-in `nft` that waits before reading, with
+/// meshinit killed as soon as that stand-in starts, must still read exactly the input an
+/// uninterrupted run hands it.
+#[test]
+fn nft_is_never_handed_a_truncated_transaction() {
+    if !require_root("nft_is_never_handed_a_truncated_transaction") {
+        return;
+    }
+    let ns = NetNs::new("nft-input");
+    ns.ip_batch("link set lo up\n");
+    let fake = ScratchDir::new("fake-nft");
+    let dir = fake.path().display().to_string();
+    fake.write_script(
+        "nft",
+        &format!(
+            "#!/bin/sh\ntouch '{dir}/started'\nsleep 0.3\ncat > '{dir}/input'\ntouch '{dir}/done'\nexit 1\n"
+        ),
+    );
+    let mut args = with_engine(REDIRECT_ALL, &["--native-nftables", "--nftables-apply=nft"]);
+    args.extend(["-x".to_owned(), long_exclude_list()]);
+    let start = || {
+        for marker in ["started", "input", "done"] {
+            let _ = std::fs::remove_file(fake.path().join(marker));
+        }
+        let mut argv = vec!["apply"];
+        argv.extend(args.iter().map(String::as_str));
+        let mut cmd = command(&ns, &[], &argv);
+        cmd.env(
+            "PATH",
+            format!("{dir}:{}", std::env::var("PATH").unwrap_or_default()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        cmd.spawn().expect("starting meshinit")
+    };
+    let wait_for = |marker: &str| {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        while !fake.path().join(marker).exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the stand-in nft never got to {marker}"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    let read_input = || std::fs::read_to_string(fake.path().join("input")).expect("input");
+
+    let mut whole = start();
+    let _ = whole.wait();
+    wait_for("done");
+    let expected = read_input();
+    assert!(
+        expected.len() > 100_000,
+        "a long transaction: {} bytes",
+        expected.len()
+    );
+
+    let mut killed = start();
+    wait_for("started");
+    let _ = killed.kill();
+    let _ = killed.wait();
+    wait_for("done");
+    let got = read_input();
+    assert!(
+        got == expected,
+        "nft read {} of {} bytes after meshinit was killed; it would have committed them",
+        got.len(),
+        expected.len()
+    );
 }
