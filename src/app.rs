@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use crate::apply::{
     IpSets, IptablesTools, Netfilter as _, NetlinkIpSets, NetlinkRouting, NftTool, Nftables as _,
+    RunLock,
 };
 use crate::cli::{
     CaptureArgs, Cli, Command, ExplainArgs, FamilyArg, OutputFormat, PrintArgs, ProtoArg,
@@ -238,7 +239,9 @@ pub fn install(config: &Config) -> Result<(), Error> {
         vec![Family::V4]
     };
     let started = Instant::now();
+    let _run_lock = RunLock::acquire(run.xtables_wait)?;
     let mut tools = IptablesTools::detect(run.force_backend, &families, run.xtables_wait)?;
+    tools.hold_xtables_lock(&run.xtables_lockfile)?;
     tools.prepare(&families)?;
     let mut sets = NetlinkIpSets::default();
     let ruleset = kernel_plan(config, &mut sets);
@@ -299,6 +302,7 @@ fn nft_plan(config: &Config) -> crate::rules::nft::NftRuleset {
 /// through `nft -f -` (`--nftables-apply`).
 fn install_nftables(config: &Config) -> Result<(), Error> {
     let started = Instant::now();
+    let _run_lock = RunLock::acquire(config.run.xtables_wait)?;
     let mut nft = NftTool::new();
     let mode = config.run.nftables_apply;
     if mode == crate::config::NftablesApply::Nft {
@@ -371,6 +375,7 @@ fn cleanup(args: &CaptureArgs, env: Env<'_>) -> Result<(), Error> {
 /// tables (`--native-nftables`: only those), and routing.
 pub fn remove_everything(run: &RunOptions) -> Result<(), Error> {
     let started = Instant::now();
+    let _run_lock = RunLock::acquire(run.xtables_wait)?;
     let mut nft = NftTool::new();
     if run.native_nftables {
         let removed = crate::apply::cleanup_native(
@@ -398,6 +403,7 @@ pub fn remove_everything(run: &RunOptions) -> Result<(), Error> {
                 (tools, vec![Family::V4])
             }
         };
+    tools.hold_xtables_lock(&run.xtables_lockfile)?;
     let removed = crate::apply::cleanup(
         &mut tools,
         &mut NetlinkRouting::default(),

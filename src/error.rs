@@ -54,7 +54,8 @@ impl Error {
             Error::Apply(
                 ApplyError::MissingBinary { .. }
                 | ApplyError::Spawn { .. }
-                | ApplyError::LockFile { .. },
+                | ApplyError::LockFile { .. }
+                | ApplyError::RunLock { .. },
             ) => exit::ENVIRONMENT,
             Error::Apply(_) => exit::APPLY_FAILED,
             Error::Validation(err) => err.exit_code(),

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::{ApplyError, Netfilter, RestoreInput};
+use super::{ApplyError, Netfilter, RestoreInput, XtablesLock};
 use crate::config::ForcedBackend;
 use crate::netlink::{NlFamily, Socket};
 use crate::rules::model::{Family, IstioChain, Table};
@@ -98,6 +98,8 @@ pub struct IptablesTools {
     nft_chains: Option<Vec<(u8, String, String)>>,
     /// Restores started ahead of need (`prepare`), waiting for their input.
     ready: Vec<(Family, Child)>,
+    /// iptables-legacy's lock, once taken for the whole run (`hold_xtables_lock`).
+    xtables_lock: Option<XtablesLock>,
 }
 
 impl Drop for IptablesTools {
@@ -154,6 +156,7 @@ impl IptablesTools {
             launched: 0,
             nft_chains: None,
             ready: Vec::new(),
+            xtables_lock: None,
         })
     }
 
@@ -162,6 +165,16 @@ impl IptablesTools {
             format!("--wait={}", self.wait.as_secs().max(1)),
             "--noflush".to_owned(),
         ]
+    }
+
+    /// Takes iptables-legacy's node-wide lock (at `path`) for the rest of the run, waiting
+    /// at most the run's `--xtables-wait`: from here on, no other iptables-legacy user can
+    /// come between this run's restores, its rollback included. nft needs no lock.
+    pub fn hold_xtables_lock(&mut self, path: &Path) -> Result<(), ApplyError> {
+        if self.backend != Backend::Nft && self.xtables_lock.is_none() {
+            self.xtables_lock = Some(XtablesLock::acquire(path, self.wait)?);
+        }
+        Ok(())
     }
 
     /// Starts each family's `iptables-restore` now, before the ruleset is planned, so its
@@ -186,7 +199,11 @@ impl IptablesTools {
             program: program.to_owned(),
             package: "iptables",
         })?;
-        let child = Command::new(&path)
+        let mut command = Command::new(&path);
+        if let Some(lock) = &self.xtables_lock {
+            command.env("XTABLES_LOCKFILE", lock.lockfile_for_children());
+        }
+        let child = command
             .args(args)
             .stdin(if piped_input {
                 Stdio::piped()
@@ -292,14 +309,6 @@ fn failed_line(stderr: &str) -> Option<usize> {
     })
 }
 
-fn is_lock_timeout(stderr: &str) -> bool {
-    stderr.contains("xtables lock")
-}
-
-fn is_lock_file_error(stderr: &str) -> bool {
-    stderr.contains("can't open lock file")
-}
-
 impl Netfilter for IptablesTools {
     fn describe(&self) -> String {
         self.backend.name().to_owned()
@@ -347,15 +356,6 @@ impl Netfilter for IptablesTools {
         let (_, stderr, ok) = self.run(&program, &args, Some((family, input)))?;
         if ok {
             return Ok(());
-        }
-        if is_lock_file_error(&stderr) {
-            return Err(ApplyError::LockFile { program, stderr });
-        }
-        if is_lock_timeout(&stderr) {
-            return Err(ApplyError::LockTimeout {
-                program,
-                wait: self.wait,
-            });
         }
         let line = failed_line(&stderr);
         let line_text = line.and_then(|n| {
@@ -406,16 +406,6 @@ mod tests {
             Some(3)
         );
         assert_eq!(failed_line("something else"), None);
-    }
-
-    #[test]
-    fn lock_problems_are_told_apart_from_rejected_rules() {
-        let read_only = "Fatal: can't open lock file /run/xtables.lock: Read-only file system";
-        assert!(is_lock_file_error(read_only));
-        assert!(!is_lock_timeout(read_only));
-        assert!(is_lock_timeout(
-            "Another app is currently holding the xtables lock."
-        ));
     }
 
     #[test]

@@ -6,14 +6,17 @@
 
 mod backend;
 mod ipsets;
+mod locks;
 mod nft;
 mod routing;
 
 use std::borrow::Cow;
+use std::path::PathBuf;
 use std::time::Duration;
 
 pub use backend::{Backend, IptablesTools};
 pub use ipsets::{IpSetError, IpSets, NetlinkIpSets};
+pub use locks::{RunLock, XtablesLock};
 pub use nft::{
     apply_nftables, cleanup_native, cleanup_nftables, NftSummary, NftTool, Nftables, Programmed,
 };
@@ -150,16 +153,29 @@ pub enum ApplyError {
     Rejected { program: String, stderr: String },
 
     #[error(
-        "{program} cannot open its lock file: {stderr}; iptables-legacy needs a writable \
-         /run (or XTABLES_LOCKFILE pointing somewhere writable, such as /dev/shm/xtables.lock)"
+        "cannot open the xtables lock file {}: {source}; iptables-legacy needs a writable \
+         /run (or XTABLES_LOCKFILE pointing somewhere writable, such as /dev/shm/xtables.lock)",
+        path.display()
     )]
-    LockFile { program: String, stderr: String },
+    LockFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     #[error(
-        "gave up after {}s waiting for the xtables lock (/run/xtables.lock) held by another \
-         process; retry, or raise --xtables-wait", wait.as_secs()
+        "gave up after {}s waiting for the xtables lock ({}) held by another process, \
+         changing nothing; retry, or raise --xtables-wait", wait.as_secs(), path.display()
     )]
-    LockTimeout { program: String, wait: Duration },
+    LockTimeout { path: PathBuf, wait: Duration },
+
+    #[error(
+        "another meshinit run was still at work in this network namespace after {}s, so \
+         this one changed nothing; retry, or raise --xtables-wait", wait.as_secs()
+    )]
+    RunInProgress { wait: Duration },
+
+    #[error("cannot take meshinit's run lock (an abstract unix socket in this network namespace): {errno}")]
+    RunLock { errno: nix::errno::Errno },
 
     #[error(transparent)]
     Netlink(#[from] crate::netlink::NetlinkError),

@@ -56,6 +56,7 @@ pub enum Setting {
     Ipv6,
     DnsServers,
     XtablesWait,
+    XtablesLockfile,
     NftablesApply,
     MatchSets,
 }
@@ -137,6 +138,8 @@ pub const SETTINGS: &[SettingSpec] = &[
     spec(S::Ipv6, Some("ipv6"), None, &["MESHINIT_IPV6"], "", true),
     spec(S::DnsServers, Some("dns-servers"), None, &["MESHINIT_DNS_SERVERS"], "", false),
     spec(S::XtablesWait, Some("xtables-wait"), None, &["MESHINIT_XTABLES_WAIT"], "30", false),
+    // iptables' own variable: meshinit takes the lock iptables-legacy would.
+    spec(S::XtablesLockfile, None, None, &["XTABLES_LOCKFILE"], "/run/xtables.lock", false),
     spec(S::NftablesApply, Some("nftables-apply"), None, &["MESHINIT_NFTABLES_APPLY"], "auto", false),
     spec(S::MatchSets, Some("match-sets"), None, &["MESHINIT_MATCH_SETS"], "false", true),
 ];
@@ -329,6 +332,7 @@ pub fn validate(
         force_backend,
         dual_stack,
         xtables_wait: r.parsed(S::XtablesWait, parse::parse_wait_seconds)?,
+        xtables_lockfile: PathBuf::from(r.value(S::XtablesLockfile).0),
         nftables_apply: r.parsed(S::NftablesApply, parse::parse_nftables_apply)?,
         match_sets: r.flag(S::MatchSets)?,
     };

@@ -134,6 +134,8 @@ pub struct RunOptions {
     pub dual_stack: bool,
     /// How long to wait for the xtables lock that iptables-legacy shares node-wide.
     pub xtables_wait: Duration,
+    /// The lock iptables-legacy takes (`XTABLES_LOCKFILE`, else iptables' default).
+    pub xtables_lockfile: PathBuf,
     pub nftables_apply: NftablesApply,
     /// Match long CIDR and port lists with sets (`--match-sets`: ipsets on iptables).
     pub match_sets: bool,

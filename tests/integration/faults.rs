@@ -10,7 +10,7 @@
 
 use std::fs::File;
 use std::os::unix::process::CommandExt;
-use std::process::{Child, ExitStatus, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::lab::{Client, Lab, Setup, Sidecar};
@@ -20,6 +20,7 @@ use crate::support::procs::{Outcome, Proto};
 use crate::support::require_root;
 use crate::support::scratch::ScratchDir;
 use crate::support::state::{assert_same_state, Backend, State};
+use crate::support::stepper::{start_stepped, Stepper, STEP_TIMEOUT};
 
 /// Inbound TPROXY on 8080, everything outbound captured.
 const TPROXY_8080: &[&str] = &["-m", "TPROXY", "-u", "1337", "-b", "8080", "-i", "*"];
@@ -37,9 +38,6 @@ const REDIRECT_ALL: &[&str] = &[
     "*",
 ];
 
-/// How long one held-open restore may take before the test gives up on it.
-const STEP_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// `CONFIG --ipv6 ENGINE…`
 fn with_engine(config: &[&str], engine: &[&str]) -> Vec<String> {
     config
@@ -53,110 +51,6 @@ fn with_engine(config: &[&str], engine: &[&str]) -> Vec<String> {
 /// `--force-iptables-binary BACKEND`
 fn iptables(backend: Backend) -> [&'static str; 2] {
     ["--force-iptables-binary", backend.name()]
-}
-
-/// A directory of stand-ins for every `*tables-*-restore`: each reads its whole input,
-/// then commits it one table at a time through the real program, and after each commit
-/// appends a line to `committed` and waits until the test creates `go-N` (N counting
-/// commits across every restore of the run).
-struct Stepper {
-    dir: ScratchDir,
-}
-
-impl Stepper {
-    fn new() -> Stepper {
-        let dir = ScratchDir::new("stepper");
-        for family in ["iptables", "ip6tables"] {
-            for backend in ["legacy", "nft"] {
-                let name = format!("{family}-{backend}-restore");
-                let real = which::which(&name).unwrap_or_else(|err| panic!("{name}: {err}"));
-                let script = format!(
-                    r#"#!/bin/sh
-dir='{dir}'
-input=$(mktemp "$dir/input.XXXXXX") || exit 111
-cat > "$input"
-awk -v out="$input" '/^\*/ {{ n++ }} n {{ print > (out "." n) }}' "$input"
-n=1
-while [ -f "$input.$n" ]; do
-  '{real}' "$@" < "$input.$n" || exit $?
-  echo "{name} $(head -n 1 "$input.$n")" >> "$dir/committed"
-  step=$(wc -l < "$dir/committed")
-  while [ ! -e "$dir/go-$step" ]; do sleep 0.01; done
-  n=$((n + 1))
-done
-"#,
-                    dir = dir.path().display(),
-                    real = real.display(),
-                );
-                dir.write_script(&name, &script);
-            }
-        }
-        Stepper { dir }
-    }
-
-    /// PATH with the stand-ins first.
-    fn path(&self) -> String {
-        format!(
-            "{}:{}",
-            self.dir.path().display(),
-            std::env::var("PATH").unwrap_or_default()
-        )
-    }
-
-    fn committed(&self) -> Vec<String> {
-        std::fs::read_to_string(self.dir.path().join("committed"))
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    }
-
-    /// Waits until commit `step` has happened (returning what it committed) or `run` ends.
-    fn wait(&self, step: usize, run: &mut Child) -> Result<String, ExitStatus> {
-        let deadline = Instant::now() + STEP_TIMEOUT;
-        loop {
-            if let Some(line) = self.committed().get(step - 1) {
-                return Ok(line.clone());
-            }
-            if let Some(status) = run.try_wait().expect("waiting for meshinit") {
-                return Err(status);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "commit {step} did not come within {STEP_TIMEOUT:?}"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn release(&self, step: usize) {
-        std::fs::write(self.dir.path().join(format!("go-{step}")), "").expect("go file");
-    }
-
-    fn reset(&self) {
-        for entry in std::fs::read_dir(self.dir.path()).expect("stepper dir") {
-            let path = entry.expect("stepper entry").path();
-            let name = path.file_name().unwrap_or_default().to_string_lossy();
-            if name == "committed" || name.starts_with("go-") || name.starts_with("input.") {
-                std::fs::remove_file(&path).expect("removing a stepper file");
-            }
-        }
-    }
-}
-
-/// `meshinit apply ARGS` in `ns` through the stepper, in a process group of its own (so
-/// the test can kill it with everything it started), output to files in the stepper's dir.
-fn start_stepped(ns: &NetNs, stepper: &Stepper, args: &[String]) -> Child {
-    let mut argv = vec!["apply"];
-    argv.extend(args.iter().map(String::as_str));
-    let mut cmd = command(ns, &[], &argv);
-    let out = |name: &str| File::create(stepper.dir.path().join(name)).expect("output file");
-    cmd.env("PATH", stepper.path())
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(out("stdout"))
-        .stderr(out("stderr"));
-    cmd.spawn().expect("starting meshinit")
 }
 
 /// Connections that both configurations capture (to the pod's addresses and the peer's, see

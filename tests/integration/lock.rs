@@ -1,11 +1,17 @@
-//! The xtables lock that iptables-legacy shares across every pod on a node: meshinit waits
-//! for it, within a bound, and says so when the bound runs out, changing nothing.
+//! What an apply holds while it works: the xtables lock that iptables-legacy shares across
+//! every pod on a node, taken once for the whole apply (rollback included) and waited for
+//! within a bound; and one meshinit run at a time per network namespace.
 
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
-use crate::support::meshinit::{command, run};
+use crate::support::meshinit::{self, command, run};
 use crate::support::netns::NetNs;
+use crate::support::state::{assert_same_state, State};
+use crate::support::stepper::{start_stepped, Stepper};
 use crate::support::{injector_args, require_root};
+
+const LOCK: &str = "/run/xtables.lock";
 
 /// Holds `/run/xtables.lock` (as another pod's iptables would) until dropped.
 struct LockHolder(std::process::Child);
@@ -16,7 +22,7 @@ impl LockHolder {
         let mut child = Command::new("flock")
             .args([
                 "-o",
-                "/run/xtables.lock",
+                LOCK,
                 "sh",
                 "-c",
                 &format!("echo held; sleep {seconds}"),
@@ -41,28 +47,273 @@ impl Drop for LockHolder {
     }
 }
 
+/// Whether someone else holds `/run/xtables.lock` right now.
+fn xtables_lock_is_held() -> bool {
+    let status = Command::new("flock")
+        .args(["-n", LOCK, "true"])
+        .status()
+        .expect("flock (util-linux)");
+    !status.success()
+}
+
+/// `apply`, the injector's arguments, dual-stack, on iptables-legacy, then `extra`.
+fn legacy_apply<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["apply"];
+    args.extend(injector_args(&[
+        "--ipv6",
+        "--force-iptables-binary",
+        "legacy",
+    ]));
+    args.extend_from_slice(extra);
+    args
+}
+
 #[test]
-fn lock_wait_is_bounded_and_says_so() {
-    if !require_root("lock_wait_is_bounded_and_says_so") {
+fn lock_wait_is_bounded_and_says_so_once() {
+    if !require_root("lock_wait_is_bounded_and_says_so_once") {
         return;
     }
     let ns = NetNs::new("lock");
-    let mut args = vec!["apply"];
-    args.extend(injector_args(&[
-        "--no-ipv6",
-        "--force-iptables-binary",
-        "legacy",
-        "--xtables-wait",
-        "1",
-    ]));
+    let args = legacy_apply(&["--xtables-wait", "2"]);
+    let ran;
+    let took;
     {
         let _held = LockHolder::hold(10);
-        run(command(&ns, &[], &args))
-            .assert_exit(3)
-            .assert_stderr_mentions(&["gave up after 1s", "xtables lock", "--xtables-wait"]);
+        let began = Instant::now();
+        ran = run(command(&ns, &[], &args));
+        took = began.elapsed();
     }
-    let save = ns.run(&["iptables-legacy-save"]);
+    ran.assert_exit(3)
+        .assert_stderr_mentions(&["gave up after 2s", "xtables lock", "--xtables-wait"])
+        .assert_stderr_lacks("rolling back");
+    assert_eq!(ran.stderr.matches("gave up").count(), 1, "{ran}");
+    // One wait for the whole apply, not one per family or per rollback.
+    assert!(
+        took < Duration::from_millis(3500),
+        "waited {took:?} for a 2s --xtables-wait\n{ran}"
+    );
+    let save = ns.run(&["iptables-legacy-save"]) + &ns.run(&["ip6tables-legacy-save"]);
     assert!(!save.contains("ISTIO"), "nothing applied:\n{save}");
     // With the lock free again, the same run goes through.
     run(command(&ns, &[], &args)).assert_exit(0);
+}
+
+#[test]
+fn the_xtables_lock_is_held_from_the_first_commit_to_the_last() {
+    if !require_root("the_xtables_lock_is_held_from_the_first_commit_to_the_last") {
+        return;
+    }
+    let ns = NetNs::new("lock-held");
+    let stepper = Stepper::new();
+    let args: Vec<String> = injector_args(&["--ipv6", "--force-iptables-binary", "legacy"])
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect();
+    let mut apply = start_stepped(&ns, &stepper, &args);
+    let mut step = 0;
+    while let Ok(committed) = stepper.wait(step + 1, &mut apply) {
+        step += 1;
+        // Between two families' restores, or two tables, nobody else may take it: a
+        // rollback after this point must find it still ours.
+        assert!(
+            xtables_lock_is_held(),
+            "after commit {step} ({committed}) the xtables lock was free"
+        );
+        stepper.release(step);
+    }
+    let status = apply.wait().expect("meshinit");
+    assert!(status.success(), "meshinit failed: {status}");
+    assert!(
+        step >= 2,
+        "both families committed: {:?}",
+        stepper.committed()
+    );
+    // Released when meshinit ended (other tests' iptables-legacy may take it briefly).
+    let free = Command::new("flock")
+        .args(["-w", "10", LOCK, "true"])
+        .status()
+        .expect("flock (util-linux)");
+    assert!(
+        free.success(),
+        "the xtables lock stayed held after meshinit ended"
+    );
+}
+
+#[test]
+fn an_unopenable_lock_file_is_exit_2_and_changes_nothing() {
+    if !require_root("an_unopenable_lock_file_is_exit_2_and_changes_nothing") {
+        return;
+    }
+    let ns = NetNs::new("lock-file");
+    // Legacy tables already in use here, as after a first run.
+    run(command(&ns, &[], &legacy_apply(&[]))).assert_exit(0);
+    let before = State::capture(&ns);
+    let mut cmd = command(&ns, &[], &legacy_apply(&["-b", "8080"]));
+    cmd.env("XTABLES_LOCKFILE", "/nonexistent-dir/xtables.lock");
+    run(cmd)
+        .assert_exit(2)
+        .assert_stderr_mentions(&["/nonexistent-dir/xtables.lock", "XTABLES_LOCKFILE"]);
+    assert_same_state("a run without its lock", &before, &State::capture(&ns));
+}
+
+/// The engines a namespace can be programmed with.
+const ENGINES: [&[&str]; 4] = [
+    &["--force-iptables-binary", "legacy"],
+    &["--force-iptables-binary", "nft"],
+    &["--native-nftables", "--nftables-apply=netlink"],
+    &["--native-nftables", "--nftables-apply=nft"],
+];
+
+/// Two pod specs that differ in every table and in routing.
+const TPROXY_POD: &[&str] = &[
+    "-m",
+    "TPROXY",
+    "-u",
+    "1337",
+    "-b",
+    "*",
+    "-d",
+    "15090,15021,15020",
+    "-i",
+    "*",
+    "-x",
+    "198.51.100.0/24",
+    "--redirect-dns",
+    "--dns-servers",
+    "192.0.2.53",
+    "--ipv6",
+];
+const REDIRECT_POD: &[&str] = &[
+    "-m",
+    "REDIRECT",
+    "-u",
+    "1337",
+    "-b",
+    "8080",
+    "-i",
+    "203.0.113.0/24,2001:db8::/32",
+    "--ipv6",
+];
+
+fn spawn_apply(ns: &NetNs, config: &[&str], engine: &[&str], extra: &[&str]) -> Child {
+    let mut args = vec!["apply"];
+    args.extend_from_slice(config);
+    args.extend_from_slice(engine);
+    args.extend_from_slice(extra);
+    let mut cmd = command(ns, &[], &args);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd.spawn().expect("starting meshinit")
+}
+
+fn finish(child: Child, what: &str) {
+    let output = child.wait_with_output().expect("meshinit");
+    assert!(
+        output.status.success(),
+        "{what}: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn two_runs_at_once_in_one_namespace_leave_exactly_one_configuration() {
+    if !require_root("two_runs_at_once_in_one_namespace_leave_exactly_one_configuration") {
+        return;
+    }
+    std::thread::scope(|scope| {
+        for engine in ENGINES {
+            scope.spawn(move || {
+                let ns = NetNs::new("two-runs");
+                ns.ip_batch("link set lo up\n");
+                let apply = |config: &[&str]| {
+                    let mut args = config.to_vec();
+                    args.extend_from_slice(engine);
+                    meshinit::apply(&ns, &args, &[]);
+                };
+                // Each after the other once, so that both used every table (legacy keeps
+                // a table registered, empty, once used).
+                apply(TPROXY_POD);
+                apply(REDIRECT_POD);
+                let redirect = State::capture(&ns);
+                apply(TPROXY_POD);
+                let tproxy = State::capture(&ns);
+                for round in 0..10 {
+                    let first = spawn_apply(&ns, TPROXY_POD, engine, &[]);
+                    let second = spawn_apply(&ns, REDIRECT_POD, engine, &[]);
+                    finish(first, "TPROXY pod");
+                    finish(second, "REDIRECT pod");
+                    let now = State::capture(&ns);
+                    if now != redirect {
+                        assert_same_state(
+                            &format!("{engine:?}, round {round}: neither configuration (expected TPROXY's, or REDIRECT's)"),
+                            &tproxy,
+                            &now,
+                        );
+                    }
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn a_second_run_waits_for_the_first_within_its_bound() {
+    if !require_root("a_second_run_waits_for_the_first_within_its_bound") {
+        return;
+    }
+    let ns = NetNs::new("run-lock");
+    ns.ip_batch("link set lo up\n");
+    let engine = ["--force-iptables-binary", "nft"];
+    let apply = |config: &[&str]| {
+        let mut args = config.to_vec();
+        args.extend_from_slice(&engine);
+        meshinit::apply(&ns, &args, &[]);
+    };
+    apply(REDIRECT_POD);
+    let redirect = State::capture(&ns);
+    apply(TPROXY_POD);
+
+    // A run of the TPROXY pod, held after its first table.
+    let stepper = Stepper::new();
+    let held: Vec<String> = TPROXY_POD
+        .iter()
+        .chain(&engine)
+        .map(|a| (*a).to_owned())
+        .collect();
+    let mut first = start_stepped(&ns, &stepper, &held);
+    stepper.wait(1, &mut first).expect("a first commit");
+    let during = State::capture(&ns);
+
+    // A run that may wait a second gives up, changing nothing.
+    let impatient = spawn_apply(&ns, REDIRECT_POD, &engine, &["--xtables-wait", "1"]);
+    let output = impatient.wait_with_output().expect("meshinit");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("another meshinit run"), "{stderr}");
+    assert_same_state("a run that gave up", &during, &State::capture(&ns));
+
+    // A patient one waits until the first is done, then applies over it.
+    let mut patient = spawn_apply(&ns, REDIRECT_POD, &engine, &[]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        patient.try_wait().expect("meshinit").is_none(),
+        "the second run did not wait for the first"
+    );
+    let mut step = 1;
+    loop {
+        stepper.release(step);
+        step += 1;
+        if stepper.wait(step, &mut first).is_err() {
+            break;
+        }
+    }
+    finish(first, "the held run");
+    finish(patient, "the waiting run");
+    assert_same_state(
+        "the waiting run's configuration, whole",
+        &redirect,
+        &State::capture(&ns),
+    );
 }

@@ -15,6 +15,7 @@ pub mod procs;
 pub mod roles;
 pub mod scratch;
 pub mod state;
+pub mod stepper;
 pub mod topology;
 
 use std::io::Read;
