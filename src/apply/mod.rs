@@ -22,7 +22,7 @@ pub use nft::{
 };
 pub use routing::NetlinkRouting;
 
-use crate::rules::ipset::{sets_of, SET_PREFIX};
+use crate::rules::ipset::sets_of;
 use crate::rules::iptables::{
     parse_existing, render_restore, render_restore_chunks, render_rollback,
     tables_holding_only_ours, tables_in_save, ExistingState,
@@ -244,13 +244,6 @@ impl Staged<'_> {
         self.desired.family
     }
 
-    /// Whether the rules there before this apply looked up sets of meshinit's.
-    fn had_sets(&self) -> bool {
-        self.previous
-            .as_deref()
-            .is_some_and(|save| save.contains(&format!("--match-set {SET_PREFIX}")))
-    }
-
     /// Tables this apply brought into existence: empty again after a rollback.
     fn new_tables(&self) -> Vec<Table> {
         let Some(before) = &self.tables_before else {
@@ -352,47 +345,67 @@ pub fn apply(
         tproxy: ruleset.tproxy_routing.map(|r| (r.mark, r.table)),
         ipv6: ruleset.v6.is_some(),
     };
-    let changes = match routing.ensure(&plan) {
-        Ok(changes) => changes,
-        Err(err) => {
-            if !planned_sets.is_empty() {
-                tidy_sets(sets);
+    // A pod that holds no rules of ours yet gets its routing after its rules: nothing can
+    // be tproxied before the rules exist, no container of the pod runs yet (an init
+    // container or a CNI ADD comes first), and a run killed in between leaves rules, which
+    // the next run finds and converges from, routing included. Routing added first and
+    // then orphaned by a kill would look like a fresh pod to the next run, and stay. Over
+    // existing rules, traffic may be flowing: the routing goes in first.
+    let fresh = staged.iter().all(|s| s.existing.is_empty());
+    let mut changes = RoutingChanges::default();
+    if !fresh {
+        changes = match routing.ensure(&plan) {
+            Ok(changes) => changes,
+            Err(err) => {
+                if !planned_sets.is_empty() {
+                    tidy_sets(sets);
+                }
+                return Err(err);
             }
-            return Err(err);
-        }
-    };
+        };
+    }
 
+    let mut failed = None;
     for (index, stage) in staged.iter().enumerate() {
         let input = Planned {
             desired: &stage.desired,
             existing: &stage.existing,
         };
         if let Err(failure) = nf.restore(stage.family(), &input) {
-            let mut failure = failure;
             // iptables-legacy commits table by table, so even the failed family may hold
             // part of the new rules: it is read back and rolled back like the others.
-            let failed = nf.save(stage.family()).map(|save| parse_existing(&save));
-            let rollbacks = staged[..index]
-                .iter()
-                .map(|done| (done, Ok(ExistingState::from_planned(&done.desired))))
-                .chain(std::iter::once((stage, failed)));
-            for (done, ours_now) in rollbacks.rev() {
-                if let Err(rollback) = ours_now.and_then(|ours| roll_back(nf, done, &ours)) {
-                    failure = ApplyError::RollbackFailed {
-                        failure: Box::new(failure),
-                        family: done.family(),
-                        rollback: Box::new(rollback),
-                    };
-                }
-            }
-            if let Err(err) = routing.undo(&changes) {
-                tracing::error!(%err, "undoing routing changes failed");
-            }
-            if !planned_sets.is_empty() {
-                tidy_sets(sets);
-            }
-            return Err(failure);
+            let ours_now = nf.save(stage.family()).map(|save| parse_existing(&save));
+            failed = Some((index, ours_now, failure));
+            break;
         }
+    }
+    if failed.is_none() && fresh {
+        match routing.ensure(&plan) {
+            Ok(added) => changes = added,
+            Err(failure) => failed = Some((staged.len(), Ok(ExistingState::default()), failure)),
+        }
+    }
+    if let Some((index, ours_now, mut failure)) = failed {
+        let rollbacks = staged[..index]
+            .iter()
+            .map(|done| (done, Ok(ExistingState::from_planned(&done.desired))))
+            .chain(staged.get(index).map(|stage| (stage, ours_now)));
+        for (done, ours_now) in rollbacks.rev() {
+            if let Err(rollback) = ours_now.and_then(|ours| roll_back(nf, done, &ours)) {
+                failure = ApplyError::RollbackFailed {
+                    failure: Box::new(failure),
+                    family: done.family(),
+                    rollback: Box::new(rollback),
+                };
+            }
+        }
+        if let Err(err) = routing.undo(&changes) {
+            tracing::error!(%err, "undoing routing changes failed");
+        }
+        if !planned_sets.is_empty() {
+            tidy_sets(sets);
+        }
+        return Err(failure);
     }
 
     // Everything is in. What an earlier configuration used and this one does not is
@@ -420,7 +433,9 @@ pub fn apply(
         0
     };
 
-    let sets_removed = if !planned_sets.is_empty() || staged.iter().any(Staged::had_sets) {
+    // A re-run also sweeps sets that no rule names any more: an earlier run killed after
+    // its rules switched away from them, but before it removed them, leaves such sets.
+    let sets_removed = if !planned_sets.is_empty() || (converged && sets.available()) {
         tidy_sets(sets)
     } else {
         0

@@ -17,7 +17,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use super::{ApplyError, Routing, RoutingPlan};
+use super::{ApplyError, Routing, RoutingChanges, RoutingPlan};
 use crate::config::NftablesApply;
 use crate::netlink::{BatchError, Socket};
 use crate::rules::model::OwnerKind;
@@ -279,7 +279,7 @@ fn commit_batch(
     }
 }
 
-/// Reads what is there (`Nftables::existing`), makes the transaction from it with `build`,
+/// Reads what is there (`Nftables::existing`, unless the caller `already_read` it), makes the transaction from it with `build`,
 /// and gets it into the kernel as `mode` says: over netlink, through `nft -f`, or over
 /// netlink falling back to `nft -f`. A batch planned on a state that changed before it
 /// arrived is refused by the kernel, and planned again. Returns how it went in and the
@@ -287,11 +287,13 @@ fn commit_batch(
 pub fn program<'a>(
     nft: &mut dyn Nftables,
     mode: NftablesApply,
+    already_read: Option<Option<ExistingTables>>,
     build: &dyn Fn(Option<&ExistingTables>) -> Option<Vec<Op<'a>>>,
 ) -> Result<Option<(Programmed, Option<ExistingTables>)>, ApplyError> {
     let mut attempt = 1;
+    let mut already_read = already_read;
     let (existing, ops, reason) = loop {
-        let existing = nft.existing();
+        let existing = already_read.take().unwrap_or_else(|| nft.existing());
         let Some(ops) = build(existing.as_ref()).filter(|ops| !ops.is_empty()) else {
             return Ok(None);
         };
@@ -367,9 +369,34 @@ pub fn apply_nftables(
         tproxy: ruleset.tproxy_routing.map(|r| (r.mark, r.table)),
         ipv6: ruleset.ipv6,
     };
-    let changes = routing.ensure(&plan)?;
+    // As for iptables (`apply::apply`): a pod without tables of ours gets its routing
+    // after its tables, so that a run killed in between leaves tables the next run sees.
+    let existing = nft.existing();
+    let fresh = existing.as_ref().is_some_and(ExistingTables::is_empty);
+    let mut changes = if fresh {
+        RoutingChanges::default()
+    } else {
+        routing.ensure(&plan)?
+    };
     let build = |existing: Option<&ExistingTables>| Some(txn::transaction(ruleset, existing));
-    let (programmed, existing) = match program(nft, mode, &build) {
+    let programmed = program(nft, mode, Some(existing), &build).and_then(|done| {
+        if fresh {
+            match routing.ensure(&plan) {
+                Ok(added) => changes = added,
+                Err(failure) => {
+                    // Fresh: every table of the plan is this run's own.
+                    let ours: Vec<Table> = ruleset.tables.iter().map(|t| t.table).collect();
+                    let undo = |_: Option<&ExistingTables>| Some(txn::cleanup(&ours));
+                    if let Err(err) = program(nft, mode, None, &undo) {
+                        tracing::error!(%err, "taking back the tables of a failed apply");
+                    }
+                    return Err(failure);
+                }
+            }
+        }
+        Ok(done)
+    });
+    let (programmed, existing) = match programmed {
         Ok(Some(done)) => done,
         // The plan always has a table, so there is always something to send.
         Ok(None) => (Programmed::Netlink, None),
@@ -417,7 +444,7 @@ pub fn cleanup_nftables(nft: &mut dyn Nftables, mode: NftablesApply) -> Result<u
         }
     };
     let build = |existing: Option<&ExistingTables>| tables(existing).map(|t| txn::cleanup(&t));
-    Ok(match program(nft, mode, &build)? {
+    Ok(match program(nft, mode, None, &build)? {
         Some((_, existing)) => tables(existing.as_ref()).map_or(0, |t| t.len()),
         None => 0,
     })
@@ -554,11 +581,18 @@ mod tests {
     #[derive(Default)]
     struct FakeRouting {
         calls: Vec<String>,
+        fail_ensure: bool,
     }
 
     impl Routing for FakeRouting {
         fn ensure(&mut self, plan: &RoutingPlan) -> Result<RoutingChanges, ApplyError> {
             self.calls.push(format!("ensure {plan:?}"));
+            if self.fail_ensure {
+                return Err(ApplyError::Netlink(crate::netlink::NetlinkError {
+                    what: "adding a rule",
+                    errno: Errno::EPERM,
+                }));
+            }
             let mut changes = RoutingChanges::default();
             if let Some((mark, table)) = plan.tproxy {
                 changes.added.push(RoutingItem::Rule {
@@ -733,7 +767,7 @@ mod tests {
     }
 
     #[test]
-    fn netlink_only_fails_without_launching_anything_and_takes_routing_back() {
+    fn netlink_only_fails_without_launching_anything_or_touching_routing() {
         let mut nft = FakeNft {
             fault: Some(Fault::Refuse {
                 nth: 1,
@@ -755,7 +789,12 @@ mod tests {
             message.contains("add table inet istio-proxy-nat") && message.contains("not tried"),
             "{message}"
         );
-        assert_eq!(routing.calls.last().map(String::as_str), Some("undo 1"));
+        // A fresh pod's routing comes after its tables, so there was none to take back.
+        assert!(
+            !routing.calls.iter().any(|c| c.starts_with("ensure")),
+            "{:?}",
+            routing.calls
+        );
     }
 
     #[test]
@@ -796,11 +835,23 @@ mod tests {
         );
     }
 
+    /// A pod that already has tables of ours: its routing goes in first (traffic may be
+    /// flowing), so a refused transaction must take it back.
+    fn converging() -> FakeNft {
+        FakeNft {
+            existing: Some(ExistingTables {
+                tables: vec![(Table::Nat, vec!["output".into()])],
+                ..ExistingTables::default()
+            }),
+            ..FakeNft::default()
+        }
+    }
+
     #[test]
     fn a_refused_transaction_takes_routing_back() {
         let mut nft = FakeNft {
             fail: true,
-            ..fresh()
+            ..converging()
         };
         let mut routing = FakeRouting::default();
         assert!(
@@ -814,13 +865,46 @@ mod tests {
         let mut nft = FakeNft {
             fault: Some(Fault::NoAck),
             fail: true,
-            ..fresh()
+            ..converging()
         };
         let mut routing = FakeRouting::default();
         let err = apply_nftables(&mut nft, &mut routing, &tproxy_plan(), NftablesApply::Auto)
             .unwrap_err();
         assert!(matches!(err, ApplyError::Rejected { .. }), "{err}");
         assert_eq!(routing.calls.last().map(String::as_str), Some("undo 1"));
+    }
+
+    #[test]
+    fn a_fresh_pod_gets_its_routing_after_its_tables() {
+        let mut nft = fresh();
+        let mut routing = FakeRouting::default();
+        apply_nftables(
+            &mut nft,
+            &mut routing,
+            &tproxy_plan(),
+            NftablesApply::Netlink,
+        )
+        .unwrap();
+        assert_eq!(nft.batches.len(), 1);
+        assert_eq!(routing.calls.len(), 1, "{:?}", routing.calls);
+        assert!(routing.calls[0].starts_with("ensure"));
+        // One read of what is there, shared by the routing decision and the batch.
+        assert_eq!(nft.reads, 1);
+
+        // Routing refused after the tables went in: the tables go again.
+        let mut nft = fresh();
+        let mut routing = FakeRouting {
+            fail_ensure: true,
+            ..FakeRouting::default()
+        };
+        assert!(apply_nftables(
+            &mut nft,
+            &mut routing,
+            &tproxy_plan(),
+            NftablesApply::Netlink
+        )
+        .is_err());
+        assert_eq!(nft.batches.len(), 2, "the tables, then their removal");
     }
 
     #[test]

@@ -245,7 +245,8 @@ fn v6_failure_rolls_back_v4_and_routing() {
         nf.calls().contains(&Call::Save(Family::V6)),
         "the failed family is read back"
     );
-    assert_eq!(routing.undone.len(), 1, "routing changes are undone");
+    // A fresh pod's routing would have come after its rules: none was added.
+    assert!(routing.ensured.is_empty(), "{:?}", routing.ensured);
 }
 
 #[test]
@@ -445,8 +446,35 @@ fn rerun_without_sets_removes_an_earlier_configs_sets() {
 }
 
 #[test]
-fn failed_routing_leaves_no_new_sets() {
-    let rules = ruleset_with(&LISTS, with_sets());
+fn rerun_removes_sets_an_interrupted_run_left_unused() {
+    // The rules already switched away from the sets (the run was killed before it removed
+    // them): nothing in the save names a set, yet a re-run must sweep them.
+    let rules = ruleset(&[(S::Ipv6, "false"), (S::OutboundCidrs, "*")]);
+    let old = "*nat\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n-A OUTPUT -j ISTIO_OUTPUT\n-A ISTIO_OUTPUT -j RETURN\nCOMMIT\n";
+    let mut nf = FakeNetfilter {
+        saves: HashMap::from([(Family::V4, old.to_owned())]),
+        ..Default::default()
+    };
+    apply_to(&mut nf, &rules).unwrap();
+    assert_eq!(
+        nf.calls().last(),
+        Some(&Call::RemoveUnusedSets),
+        "{:?}",
+        nf.calls()
+    );
+}
+
+#[test]
+fn failed_routing_takes_a_fresh_pods_rules_and_sets_back() {
+    let rules = ruleset_with(
+        &[
+            (S::Ipv6, "true"),
+            (S::InterceptionMode, "TPROXY"),
+            (S::InboundPorts, "*"),
+            (S::OutboundCidrsExclude, "198.51.100.0/24,203.0.113.0/24"),
+        ],
+        with_sets(),
+    );
     let mut nf = FakeNetfilter::default();
     let mut sets = FakeIpSets::sharing(&nf);
     let mut routing = FakeRouting {
@@ -454,7 +482,46 @@ fn failed_routing_leaves_no_new_sets() {
         ..Default::default()
     };
     apply(&mut nf, &mut routing, &mut sets, &rules).unwrap_err();
-    assert_sets_made_then_removed_and_no_rules(&nf);
+    let calls = nf.calls();
+    assert!(
+        matches!(calls.first(), Some(Call::EnsureSets(_))),
+        "{calls:?}"
+    );
+    assert_eq!(calls.last(), Some(&Call::RemoveUnusedSets), "{calls:?}");
+    // The rules went in (a fresh pod's routing follows them), then came out again.
+    let restores = restores(&nf);
+    for family in Family::ALL {
+        let of_family: Vec<&String> = restores
+            .iter()
+            .filter(|(f, _)| *f == family)
+            .map(|(_, input)| input)
+            .collect();
+        assert_eq!(of_family.len(), 2, "{family}: {calls:?}");
+        assert!(of_family[1].contains("-X ISTIO_TPROXY"), "{}", of_family[1]);
+    }
+}
+
+#[test]
+fn routing_failure_over_existing_rules_changes_no_rule() {
+    // Over rules of ours the routing goes first, so its failure stops the apply there.
+    let rules = ruleset(&[
+        (S::Ipv6, "false"),
+        (S::InterceptionMode, "TPROXY"),
+        (S::InboundPorts, "*"),
+    ]);
+    let old =
+        "*nat\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT\n";
+    let mut nf = FakeNetfilter {
+        saves: HashMap::from([(Family::V4, old.to_owned())]),
+        ..Default::default()
+    };
+    let mut sets = FakeIpSets::sharing(&nf);
+    let mut routing = FakeRouting {
+        fail_ensure: true,
+        ..Default::default()
+    };
+    apply(&mut nf, &mut routing, &mut sets, &rules).unwrap_err();
+    assert!(restores(&nf).is_empty(), "{:?}", nf.calls());
 }
 
 /// The apply stopped before any rule: the sets it made were removed, nothing else touched.

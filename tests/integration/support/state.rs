@@ -64,6 +64,27 @@ const ROUTING: [(&str, &[&str]); 5] = [
     ),
 ];
 
+/// The section of a [`State`] holding the namespace's native nftables tables.
+pub const NFT: &str = "nft -s list ruleset (inet tables)";
+
+/// The `inet` tables of a ruleset listing (Istio's native nftables tables; iptables-nft's
+/// `ip`/`ip6` tables are compared through their saves), in name order.
+fn inet_tables(ruleset: &str) -> String {
+    let mut tables: Vec<String> = Vec::new();
+    for line in ruleset.lines() {
+        if line.starts_with("table ") {
+            tables.push(String::new());
+        }
+        if let Some(table) = tables.last_mut() {
+            table.push_str(line);
+            table.push('\n');
+        }
+    }
+    tables.retain(|t| t.starts_with("table inet "));
+    tables.sort();
+    tables.concat()
+}
+
 /// The section of a [`State`] holding the namespace's ipsets.
 pub const IPSETS: &str = "ipset save";
 
@@ -92,7 +113,7 @@ pub struct State {
 
 impl State {
     /// Every `*-save` of both backends and families (normalised with [`normalise_save`]),
-    /// then the routing sections.
+    /// then the routing sections, the ipsets and the nftables ruleset.
     pub fn capture(ns: &NetNs) -> State {
         let mut sections = Vec::new();
         for backend in Backend::ALL {
@@ -106,6 +127,10 @@ impl State {
             sections.push((name.to_owned(), ip_show(ns, args)));
         }
         sections.push((IPSETS.to_owned(), ipsets(ns)));
+        sections.push((
+            NFT.to_owned(),
+            inet_tables(&ns.run(&["nft", "-s", "list", "ruleset"])),
+        ));
         State { sections }
     }
 
