@@ -411,7 +411,13 @@ pub fn remove_everything(run: &RunOptions) -> Result<(), Error> {
         &families,
     );
     // Tables an earlier --native-nftables run left: one netlink dump, nft only if there are.
-    let removed = removed? + crate::apply::cleanup_nftables(&mut nft, run.nftables_apply)?;
+    let mut failures = Vec::new();
+    let removed = crate::apply::keep_going(removed, &mut failures)
+        + crate::apply::keep_going(
+            crate::apply::cleanup_nftables(&mut nft, run.nftables_apply),
+            &mut failures,
+        );
+    crate::apply::all_of(failures)?;
     crate::caps::drop_all()?;
     tracing::info!(
         backend = tools.backend().name(),

@@ -192,12 +192,25 @@ pub enum ApplyError {
         fallback: &'static str,
     },
 
+    /// A cleanup that kept going after failures: each of them.
+    #[error("{} steps failed: {}", .0.len(), numbered(.0))]
+    Several(Vec<ApplyError>),
+
     #[error("{failure}; rolling back {family} also failed: {rollback}")]
     RollbackFailed {
         failure: Box<ApplyError>,
         family: Family,
         rollback: Box<ApplyError>,
     },
+}
+
+fn numbered(failures: &[ApplyError]) -> String {
+    failures
+        .iter()
+        .enumerate()
+        .map(|(i, failure)| format!("({}) {failure}", i + 1))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn fallback_note(fallback: &str) -> String {
@@ -481,14 +494,14 @@ fn roll_back(
 
 /// Removes everything of meshinit's (or istio-init's) from the given families and routing.
 /// Keeps going after a failure, so one broken family does not leave the others behind;
-/// returns the first error.
+/// every failure is reported, in one error.
 pub fn cleanup(
     nf: &mut dyn Netfilter,
     routing: &mut dyn Routing,
     sets: &mut dyn IpSets,
     families: &[Family],
 ) -> Result<usize, ApplyError> {
-    let mut first_error = None;
+    let mut failures = Vec::new();
     let mut removed = 0;
     for &family in families {
         if !nf.may_hold_rules(family) {
@@ -512,35 +525,34 @@ pub fn cleanup(
             nf.remove_tables(family, &tables_holding_only_ours(&save))?;
             Ok(count)
         });
-        match result {
-            Ok(count) => removed += count,
-            Err(err) => {
-                tracing::error!(%family, %err, "cleanup failed");
-                first_error.get_or_insert(err);
-            }
-        }
+        removed += keep_going(result, &mut failures);
     }
-    match routing.remove_all() {
-        Ok(count) => removed += count,
-        Err(err) => {
-            tracing::error!(%err, "routing cleanup failed");
-            first_error.get_or_insert(err);
-        }
-    }
+    removed += keep_going(routing.remove_all(), &mut failures);
     // With the rules gone, every set of meshinit's is unused. A kernel without ipset has
     // none to remove.
     if sets.available() {
-        match sets.remove_unused() {
-            Ok(count) => removed += count,
-            Err(err) => {
-                tracing::error!(%err, "ipset cleanup failed");
-                first_error.get_or_insert(err.into());
-            }
-        }
+        removed += keep_going(sets.remove_unused().map_err(Into::into), &mut failures);
     }
-    match first_error {
-        Some(err) => Err(err),
-        None => Ok(removed),
+    all_of(failures).map(|()| removed)
+}
+
+/// The count of a step that worked; a failed one is kept for [`all_of`] and counts 0.
+pub fn keep_going(result: Result<usize, ApplyError>, failures: &mut Vec<ApplyError>) -> usize {
+    result.unwrap_or_else(|err| {
+        match err {
+            ApplyError::Several(several) => failures.extend(several),
+            err => failures.push(err),
+        }
+        0
+    })
+}
+
+/// Every failure of a run that kept going, as one error (the failure itself when alone).
+pub fn all_of(mut failures: Vec<ApplyError>) -> Result<(), ApplyError> {
+    match failures.len() {
+        0 => Ok(()),
+        1 => Err(failures.remove(0)),
+        _ => Err(ApplyError::Several(failures)),
     }
 }
 

@@ -451,19 +451,16 @@ pub fn cleanup_nftables(nft: &mut dyn Nftables, mode: NftablesApply) -> Result<u
 }
 
 /// Cleanup for `--native-nftables`: meshinit's tables, then every rule and route meshinit
-/// tagged and the `::6` address. Keeps going after a failure; returns the first error.
+/// tagged and the `::6` address. Keeps going after a failure; reports every one.
 pub fn cleanup_native(
     nft: &mut dyn Nftables,
     routing: &mut dyn Routing,
     mode: NftablesApply,
 ) -> Result<usize, ApplyError> {
-    let tables = cleanup_nftables(nft, mode).inspect_err(|err| {
-        tracing::error!(%err, "deleting meshinit's nftables tables failed");
-    });
-    let routes = routing.remove_all().inspect_err(|err| {
-        tracing::error!(%err, "routing cleanup failed");
-    });
-    Ok(tables? + routes?)
+    let mut failures = Vec::new();
+    let removed = super::keep_going(cleanup_nftables(nft, mode), &mut failures)
+        + super::keep_going(routing.remove_all(), &mut failures);
+    super::all_of(failures).map(|()| removed)
 }
 
 #[cfg(test)]

@@ -119,6 +119,7 @@ struct FakeRouting {
     ensured: Vec<RoutingPlan>,
     undone: Vec<RoutingChanges>,
     fail_ensure: bool,
+    fail_remove_all: bool,
 }
 
 impl Routing for FakeRouting {
@@ -150,6 +151,12 @@ impl Routing for FakeRouting {
         Ok(0)
     }
     fn remove_all(&mut self) -> Result<usize, ApplyError> {
+        if self.fail_remove_all {
+            return Err(ApplyError::Netlink(crate::netlink::NetlinkError {
+                what: "removing a rule",
+                errno: nix::errno::Errno::EPERM,
+            }));
+        }
         Ok(0)
     }
 }
@@ -534,4 +541,33 @@ fn assert_sets_made_then_removed_and_no_rules(nf: &FakeNetfilter) {
         "{:?}",
         nf.calls()
     );
+}
+
+#[test]
+fn cleanup_keeps_going_and_reports_every_failure() {
+    let ours =
+        "*nat\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT\n";
+    let mut nf = FakeNetfilter {
+        saves: HashMap::from([(Family::V4, ours.to_owned()), (Family::V6, ours.to_owned())]),
+        fail_family: Some(Family::V4),
+        ..Default::default()
+    };
+    let mut routing = FakeRouting {
+        fail_remove_all: true,
+        ..Default::default()
+    };
+    let mut sets = FakeIpSets::sharing(&nf);
+    let err = cleanup(&mut nf, &mut routing, &mut sets, &Family::ALL).unwrap_err();
+    let message = err.to_string();
+    assert!(
+        matches!(&err, ApplyError::Several(all) if all.len() == 2),
+        "{message}"
+    );
+    assert!(
+        message.contains("ipv4") && message.contains("removing a rule"),
+        "{message}"
+    );
+    // The failure of ipv4 did not keep ipv6 or the sets from being cleaned.
+    assert!(restores(&nf).iter().any(|(f, _)| *f == Family::V6));
+    assert_eq!(nf.calls().last(), Some(&Call::RemoveUnusedSets));
 }
