@@ -43,6 +43,18 @@ pub enum ConfigError {
         reason: String,
     },
 
+    #[error(
+        "{origin} lists {count} groups, but the {backend} backend can capture by at most \
+         {limit} (one rule must hold them all); list fewer, or name the groups to leave out \
+         in ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE instead"
+    )]
+    TooManyOwnerGroups {
+        origin: Origin,
+        count: usize,
+        limit: usize,
+        backend: &'static str,
+    },
+
     #[error("{first} and {second} cannot be used together: {reason}")]
     Conflict {
         first: String,

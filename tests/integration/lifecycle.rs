@@ -389,6 +389,63 @@ fn bad_input_changes_nothing() {
     }
 }
 
+/// Issue 11 §6: one more owner group than a backend can load in one rule (50 on iptables,
+/// where iptables-restore cannot parse the rule; 64, Istio's own cap, on nftables, where the
+/// kernel refuses it) is refused before anything is touched: exit 1, naming the variable,
+/// the count and the limit, and the earlier configuration left as it was.
+#[test]
+fn too_many_owner_groups_change_nothing() {
+    if !require_root("too_many_owner_groups_change_nothing") {
+        return;
+    }
+    let groups = |n: u32| -> String {
+        (2000..2000 + n)
+            .map(|gid| gid.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let (fifty, sixty_four) = (groups(50), groups(64));
+    // (extra flags, groups, what stderr must name)
+    let cases: [(&[&str], &str, &[&str]); 3] = [
+        (
+            &[],
+            &fifty,
+            &["50 groups", "the iptables backend", "at most 49"],
+        ),
+        (
+            &[],
+            &sixty_four,
+            &["64 groups", "the iptables backend", "at most 49"],
+        ),
+        (
+            &["--native-nftables"],
+            &sixty_four,
+            &["64 groups", "the nftables backend", "at most 63"],
+        ),
+    ];
+    on_each_backend(|backend| {
+        let ns = pod(&format!("groups-{}", backend.name()));
+        apply(&ns, CONFIG_B, backend);
+        let before = (State::capture(&ns), ns.run(&["nft", "list", "ruleset"]));
+        for (extra, groups, needles) in cases {
+            let mut cmd = meshinit::command(&ns, &[], &args("apply", CONFIG_B, backend, extra));
+            cmd.env("ISTIO_OUTBOUND_OWNER_GROUPS", groups);
+            let mut needles = needles.to_vec();
+            needles.push("environment variable ISTIO_OUTBOUND_OWNER_GROUPS");
+            meshinit::run(cmd)
+                .assert_exit(1)
+                .assert_stderr_mentions(&needles);
+            let after = (State::capture(&ns), ns.run(&["nft", "list", "ruleset"]));
+            assert_same_state(
+                &format!("{extra:?} {needles:?}: expected: before; got: after"),
+                &before.0,
+                &after.0,
+            );
+            assert_eq!(before.1, after.1, "{extra:?}: nft list ruleset changed");
+        }
+    });
+}
+
 /// README, exit code 1: "the message names the flag, variable or annotation and the value".
 /// For an unquoted annotation value it names the file, line and key, but not the value.
 #[test]
