@@ -159,9 +159,9 @@ impl Nftables for NftTool {
 
     fn run(&mut self, script: &str) -> Result<(), ApplyError> {
         let path = self.path.as_ref().ok_or_else(missing_nft)?;
-        let spawn_error = |source| ApplyError::Spawn {
+        let spawn_error = |error| ApplyError::Spawn {
             program: "nft".to_owned(),
-            source,
+            error,
         };
         let mut child = Command::new(path)
             .args(["-f", "-"])

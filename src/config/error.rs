@@ -62,11 +62,12 @@ pub enum ConfigError {
         reason: String,
     },
 
-    #[error("cannot read annotations file {}: {source}", path.display())]
+    // The cause is part of the message, and so deliberately not a `source` (a field of that
+    // name would be one): `report` walks sources, and would print it twice.
+    #[error("cannot read annotations file {}: {error}", path.display())]
     AnnotationsUnreadable {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 
     #[error("annotations file {}, line {line}: {reason}", path.display())]

@@ -446,6 +446,41 @@ fn too_many_owner_groups_change_nothing() {
     });
 }
 
+/// Issue 11 §6: an error's cause appeared twice ("No such file or directory (os error 2): No
+/// such file or directory (os error 2)"). Each failure here names its cause once.
+#[test]
+fn each_cause_is_reported_once() {
+    let cause = "No such file or directory (os error 2)";
+    let mut cases: Vec<(Vec<&str>, i32, &str)> = vec![(
+        vec!["print", "--annotations", "/nonexistent"],
+        1,
+        "cannot read annotations file /nonexistent",
+    )];
+    // Entering a namespace is tried only with the capabilities to do it.
+    if require_root("each_cause_is_reported_once (--network-namespace)") {
+        cases.push((
+            vec!["apply", "-i", "*", "--network-namespace", "/nonexistent"],
+            2,
+            "cannot open network namespace /nonexistent",
+        ));
+    }
+    for (args, code, what) in cases {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshinit"))
+            .args(&args)
+            .env_clear()
+            .output()
+            .expect("run meshinit");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+        assert!(stderr.contains(what), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.matches(cause).count(),
+            1,
+            "{args:?}: the cause is not reported exactly once: {stderr}"
+        );
+    }
+}
+
 /// README, exit code 1: "the message names the flag, variable or annotation and the value".
 /// For an unquoted annotation value it names the file, line and key, but not the value.
 #[test]
