@@ -6,6 +6,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Under CI=true nothing may skip: a step that cannot install what the tests need stops the
+# run here, naming the step, rather than leaving tests to skip (or fail far from the cause).
+# Elsewhere it only warns.
+in_ci() { [ "${CI:-}" = true ]; }
+cannot() {
+  if in_ci; then
+    echo "test.sh: $1; CI=true, so stopping: under CI every test must run" >&2
+    exit 1
+  fi
+  echo "test.sh: $1; $2" >&2
+}
+
 # Each program the tests need, and the Debian package that has it. podman, runc and
 # mmdebstrap build meshinit's image offline and run it in pods (tests/integration/image.rs).
 # The CNI plugins (bridge, host-local), nsenter and catatonit (podman's pause image) run
@@ -28,32 +40,40 @@ if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "test.sh: installing $packages(missing: ${missing[*]})"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
     # shellcheck disable=SC2086 # one word per package
-    apt-get install -y -qq $packages >/dev/null
+    apt-get update -qq && apt-get install -y -qq $packages >/dev/null \
+      || cannot "could not install $packages" "kernel and image tests will skip"
   else
-    echo "test.sh: missing ${missing[*]}; kernel and image tests will skip (install $packages)"
+    cannot "missing ${missing[*]} (install $packages as root)" "kernel and image tests will skip"
   fi
 fi
 # The Kubernetes manifests and the injection template are checked against the API schemas
 # (tests/integration/manifests.rs), offline, by kubernetes-validate.
-if ! python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
+if ! python3 -c 'import kubernetes_validate, yaml' >/dev/null 2>&1; then
   echo "test.sh: installing kubernetes-validate"
   python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate==1.37.0 \
-    || echo "test.sh: could not install kubernetes-validate; the manifest tests will skip"
+    || cannot "could not install kubernetes-validate" "the manifest tests will skip"
 fi
 
 # A second, newer nft (Debian trixie's, run with its own libraries) reads back what meshinit
 # programs over netlink, so the encoder is not only judged by the nft it was modelled on
 # (tests/integration/nft_golden.rs). Made once; kept with the tests' other cached state.
 newer_nft=/var/lib/meshinit-test/nft-trixie
-if [ "$(id -u)" = 0 ] && [ ! -x "$newer_nft/usr/sbin/nft" ] && command -v mmdebstrap >/dev/null; then
-  echo "test.sh: making $newer_nft (mmdebstrap trixie nftables)"
-  rm -rf "$newer_nft.tmp"
-  if mmdebstrap --quiet --variant=essential --include=nftables trixie "$newer_nft.tmp"; then
-    rm -rf "$newer_nft" && mv "$newer_nft.tmp" "$newer_nft"
+if [ ! -x "$newer_nft/usr/sbin/nft" ]; then
+  if [ "$(id -u)" = 0 ] && command -v mmdebstrap >/dev/null; then
+    echo "test.sh: making $newer_nft (mmdebstrap trixie nftables)"
+    # mmdebstrap makes its target directory but not that directory's parent, which does not
+    # exist yet on a fresh machine.
+    mkdir -p "$(dirname "$newer_nft")"
+    rm -rf "$newer_nft.tmp"
+    if mmdebstrap --quiet --variant=essential --include=nftables trixie "$newer_nft.tmp"; then
+      rm -rf "$newer_nft" && mv "$newer_nft.tmp" "$newer_nft"
+    else
+      rm -rf "$newer_nft.tmp"
+      cannot "could not make $newer_nft" "the newer-nft checks will skip"
+    fi
   else
-    echo "test.sh: could not make $newer_nft; the newer-nft checks will skip"
+    cannot "no $newer_nft (made as root, with mmdebstrap)" "the newer-nft checks will skip"
   fi
 fi
 

@@ -33,6 +33,23 @@ pub enum Error {
     Output(#[source] std::io::Error),
 }
 
+/// The error and each of its causes, once each: `a: b: c`.
+///
+/// Each error type either shows its cause in its own message or returns it as its
+/// `source()`, never both (the Rust API guidelines' rule), so walking the sources repeats
+/// nothing. Messages that embed their cause are the ones also shown alone, as the CNI
+/// plugin's error details are.
+pub fn report(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
 /// Exit codes, documented in the README. Istio exits 1 for every failure but validation
 /// (126); meshinit keeps 1 for bad input and splits the rest by what the user must fix.
 pub mod exit {
@@ -61,6 +78,118 @@ impl Error {
             Error::Validation(err) => err.exit_code(),
             Error::Output(_) => exit::IO,
             Error::CniFailed(code) => *code,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::netlink::NetlinkError;
+    use crate::rules::model::Family;
+
+    fn not_found() -> io::Error {
+        io::Error::from(io::ErrorKind::NotFound)
+    }
+
+    /// One error of every kind that carries a cause, in each layer, as `main` gets it.
+    fn errors_with_causes() -> Vec<(Error, String)> {
+        let cause = not_found().to_string();
+        let errno = nix::errno::Errno::EPERM.to_string();
+        vec![
+            (
+                ConfigError::AnnotationsUnreadable {
+                    path: PathBuf::from("/nonexistent"),
+                    error: not_found(),
+                }
+                .into(),
+                cause.clone(),
+            ),
+            (
+                NetnsError::Open {
+                    path: PathBuf::from("/nonexistent"),
+                    error: not_found(),
+                }
+                .into(),
+                cause.clone(),
+            ),
+            (
+                NetnsError::Enter {
+                    path: PathBuf::from("/run/netns/pod"),
+                    errno: nix::errno::Errno::EPERM,
+                }
+                .into(),
+                errno.clone(),
+            ),
+            (
+                ApplyError::Spawn {
+                    program: "iptables-restore".into(),
+                    error: not_found(),
+                }
+                .into(),
+                cause.clone(),
+            ),
+            (
+                ApplyError::Netlink(NetlinkError {
+                    what: "dump rules",
+                    errno: nix::errno::Errno::EPERM,
+                })
+                .into(),
+                errno.clone(),
+            ),
+            (
+                ApplyError::RollbackFailed {
+                    failure: Box::new(ApplyError::Spawn {
+                        program: "ip6tables-restore".into(),
+                        error: not_found(),
+                    }),
+                    family: Family::V4,
+                    rollback: Box::new(ApplyError::Save {
+                        program: "iptables-save".into(),
+                        stderr: "locked".into(),
+                    }),
+                }
+                .into(),
+                cause.clone(),
+            ),
+            (Error::Output(not_found()), cause),
+        ]
+    }
+
+    /// Issue 11 §6: `print --annotations /nonexistent` said "No such file or directory (os
+    /// error 2): No such file or directory (os error 2)". Every cause is reported once, and
+    /// no error both shows its cause and returns it as its source.
+    #[test]
+    fn report_shows_each_cause_once() {
+        for (err, cause) in errors_with_causes() {
+            let report = report(&err);
+            assert_eq!(
+                report.matches(&cause).count(),
+                1,
+                "{cause:?} not exactly once in: {report}"
+            );
+            let mut link: &dyn std::error::Error = &err;
+            while let Some(source) = link.source() {
+                assert!(
+                    !link.to_string().contains(&source.to_string()),
+                    "{link} shows its source and returns it too"
+                );
+                link = source;
+            }
+        }
+    }
+
+    /// The message alone (what the CNI plugin puts in its error details) keeps the cause
+    /// of errors that show it, so nothing is lost by not returning it as a source.
+    #[test]
+    fn messages_that_show_their_cause_keep_it() {
+        for (err, cause) in errors_with_causes() {
+            if std::error::Error::source(&err).is_none() {
+                assert!(err.to_string().contains(&cause), "{err}");
+            }
         }
     }
 }

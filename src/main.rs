@@ -1,6 +1,5 @@
 //! The `meshinit` binary: parse, run, and turn any error into one line and an exit code.
 
-use std::error::Error as _;
 use std::process::ExitCode;
 
 use meshinit::cli::Cli;
@@ -31,13 +30,7 @@ fn main() -> ExitCode {
     match meshinit::app::run(&cli, &meshinit::app::process_env) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            let mut message = format!("meshinit: {err}");
-            let mut source = err.source();
-            while let Some(cause) = source {
-                message.push_str(&format!(": {cause}"));
-                source = cause.source();
-            }
-            eprintln!("{message}");
+            eprintln!("meshinit: {}", meshinit::error::report(&err));
             ExitCode::from(err.exit_code())
         }
     }

@@ -213,9 +213,9 @@ impl IptablesTools {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|source| ApplyError::Spawn {
+            .map_err(|error| ApplyError::Spawn {
                 program: program.to_owned(),
-                source,
+                error,
             })?;
         self.launched += 1;
         Ok(child)
@@ -286,9 +286,9 @@ impl IptablesTools {
         }
         let output = child
             .wait_with_output()
-            .map_err(|source| ApplyError::Spawn {
+            .map_err(|error| ApplyError::Spawn {
                 program: program.to_owned(),
-                source,
+                error,
             })?;
         Ok((
             String::from_utf8_lossy(&output.stdout).into_owned(),

@@ -129,11 +129,12 @@ pub enum ApplyError {
         package: &'static str,
     },
 
-    #[error("starting {program} failed: {source}")]
+    // The cause is in the message (the CNI plugin shows only the message), so not a
+    // `source` too: `error::report` would print it twice.
+    #[error("starting {program} failed: {error}")]
     Spawn {
         program: String,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 
     #[error("{program} rejected the {family} rules{}: {stderr}", line_info(.line, .line_text))]

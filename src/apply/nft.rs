@@ -159,9 +159,9 @@ impl Nftables for NftTool {
 
     fn run(&mut self, script: &str) -> Result<(), ApplyError> {
         let path = self.path.as_ref().ok_or_else(missing_nft)?;
-        let spawn_error = |source| ApplyError::Spawn {
+        let spawn_error = |error| ApplyError::Spawn {
             program: "nft".to_owned(),
-            source,
+            error,
         };
         // nft has no end-of-input marker: whatever it has read when its input ends, it
         // commits. Streamed through a pipe, a meshinit killed mid-write would commit a

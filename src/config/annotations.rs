@@ -45,9 +45,9 @@ pub enum AnnotationsVerdict {
 impl Annotations {
     pub fn load(path: &Path) -> Result<Annotations, ConfigError> {
         let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::AnnotationsUnreadable {
+            std::fs::read_to_string(path).map_err(|error| ConfigError::AnnotationsUnreadable {
                 path: path.to_owned(),
-                source,
+                error,
             })?;
         Annotations::parse(path, &text)
     }

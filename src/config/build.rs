@@ -144,8 +144,20 @@ pub const SETTINGS: &[SettingSpec] = &[
     spec(S::MatchSets, Some("match-sets"), None, &["MESHINIT_MATCH_SETS"], "false", true),
 ];
 
-/// Istio caps the owner-group include list: it becomes one rule with a match per group.
-pub const MAX_OWNER_GROUPS_INCLUDE: usize = 64;
+/// The owner-group include list becomes one rule that returns when the socket's group is
+/// none of them (Istio's structure: the negations must hold together, so they cannot be
+/// split across rules). Istio caps the list at 64, but neither backend can load such a rule:
+/// these are the largest lists each can.
+///
+/// iptables: `iptables-restore` (legacy and nft alike) splits a line into at most 254 words
+/// (`MAX_ARGC` 255), counting its own name and `-t nat`; the rule is `-A ISTIO_OUTPUT`, five
+/// words per group (`-m owner ! --gid-owner G`) and `-j RETURN`: 7 + 5n <= 254. From 50 on it
+/// stops with "Parser cannot handle more arguments".
+pub const MAX_OWNER_GROUPS_INCLUDE_IPTABLES: usize = 49;
+/// nftables: the kernel takes at most 128 expressions per rule (`NFT_RULE_MAXEXPRS`); each
+/// `skgid != G` is two (load, compare), plus the counter and the return: 2n + 2 <= 128.
+/// From 64 on the kernel refuses the rule (EINVAL), over netlink and through nft alike.
+pub const MAX_OWNER_GROUPS_INCLUDE_NFTABLES: usize = 63;
 
 pub fn spec_of(setting: Setting) -> &'static SettingSpec {
     SETTINGS
@@ -256,6 +268,8 @@ pub struct Validated {
     envoy_user: Option<String>,
     gid_follows_uid: bool,
     skip: Option<String>,
+    /// Settings given but ignored (as Istio ignores them); logged by `resolve`.
+    warnings: Vec<String>,
 }
 
 /// Phase one: parse and check every value. Pure.
@@ -289,7 +303,7 @@ pub fn validate(
     })?;
     let force_backend = r.parsed(S::ForceIptablesBinary, parse::parse_backend)?;
     let host_ipv4_loopback = r.parsed(S::LoopbackCidr, parse::parse_loopback_cidr)?;
-    let owner_groups = owner_groups(&r)?;
+    let (owner_groups, owner_groups_warning) = owner_groups(&r)?;
     let redirect_dns = r.flag(S::RedirectDns)?;
     let capture_all_dns = r.flag(S::CaptureAllDns)?;
     let dual_stack = r.flag(S::DualStack)?;
@@ -381,31 +395,45 @@ pub fn validate(
         envoy_user,
         gid_follows_uid,
         skip,
+        warnings: owner_groups_warning.into_iter().collect(),
     })
 }
 
-fn owner_groups(r: &Resolver<'_>) -> Result<OwnerGroups, ConfigError> {
+/// Whose outbound traffic is captured, by group, and a warning when a setting is ignored.
+fn owner_groups(r: &Resolver<'_>) -> Result<(OwnerGroups, Option<String>), ConfigError> {
     let (include, origin) = r.value(S::OwnerGroups);
     let exclude = r.parsed(S::OwnerGroupsExclude, parse::parse_owner_list)?;
     if include.trim() == "*" {
-        return Ok(OwnerGroups::AllExcept(exclude));
+        return Ok((OwnerGroups::AllExcept(exclude), None));
     }
     let groups = parse::parse_owner_list(&include).map_err(|reason| ConfigError::InvalidValue {
         origin: origin.clone(),
         value: include.clone(),
         reason,
     })?;
-    if groups.len() > MAX_OWNER_GROUPS_INCLUDE {
-        return Err(ConfigError::InvalidValue {
+    let (backend, limit) = if r.flag(S::NativeNftables)? {
+        ("nftables", MAX_OWNER_GROUPS_INCLUDE_NFTABLES)
+    } else {
+        ("iptables", MAX_OWNER_GROUPS_INCLUDE_IPTABLES)
+    };
+    if groups.len() > limit {
+        return Err(ConfigError::TooManyOwnerGroups {
             origin,
-            value: include,
-            reason: format!(
-                "at most {MAX_OWNER_GROUPS_INCLUDE} groups can be listed (they become one iptables rule), got {}",
-                groups.len()
-            ),
+            count: groups.len(),
+            limit,
+            backend,
         });
     }
-    Ok(OwnerGroups::Only(groups))
+    // Istio uses the include list and ignores the exclude list; so does meshinit, but says so,
+    // since the pod's author evidently meant both.
+    let warning = (!exclude.is_empty()).then(|| {
+        let (_, exclude_origin) = r.value(S::OwnerGroupsExclude);
+        format!(
+            "{exclude_origin} is ignored: {origin} lists the groups whose traffic is captured, \
+             and Istio then ignores the exclusions"
+        )
+    });
+    Ok((OwnerGroups::Only(groups), warning))
 }
 
 impl Validated {
@@ -413,11 +441,21 @@ impl Validated {
         &self.config.run
     }
 
+    /// Settings that were given but are ignored, each as a sentence naming the setting.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
     /// Phase two: fill in what only the machine knows, asking `host` only for what no
     /// option settled.
     pub fn resolve(self, host: &dyn HostFacts) -> Result<ConfigOutcome, ConfigError> {
         if let Some(reason) = self.skip {
             return Ok(ConfigOutcome::Skip { reason });
+        }
+        // Here rather than in `validate`, which stays pure: every caller that goes on to
+        // capture (apply, print, explain, the CNI plugin) resolves, so each says it once.
+        for warning in &self.warnings {
+            tracing::warn!("{warning}");
         }
         let mut config = self.config;
         let capture = &mut config.capture;
@@ -481,3 +519,152 @@ pub fn build_config(
 
 /// The uid used when nothing else decides it (Istio's `DefaultProxyUID`).
 pub const DEFAULT_PROXY_UID: u32 = 1337;
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// `n` numeric groups, as ISTIO_OUTBOUND_OWNER_GROUPS would list them.
+    fn groups(n: usize) -> String {
+        (0..n)
+            .map(|i| (2000 + i).to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn validated(env: &[(&str, &str)], native_nftables: bool) -> Result<Validated, ConfigError> {
+        let mut raw = RawSettings::default();
+        if native_nftables {
+            raw.set_flag(Setting::NativeNftables, "true");
+        }
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        validate(&raw, &|name| env.get(name).cloned())
+    }
+
+    #[test]
+    fn owner_groups_up_to_each_backends_limit() {
+        for (native, limit) in [
+            (false, MAX_OWNER_GROUPS_INCLUDE_IPTABLES),
+            (true, MAX_OWNER_GROUPS_INCLUDE_NFTABLES),
+        ] {
+            let list = groups(limit);
+            let ok = validated(&[("ISTIO_OUTBOUND_OWNER_GROUPS", &list)], native);
+            assert!(ok.is_ok(), "{limit} groups (native {native}): {ok:?}");
+        }
+    }
+
+    /// Issue 11 §6: from 50 groups iptables-restore cannot parse the rule, from 64 the kernel
+    /// refuses the nftables rule; refused here, naming the variable, the count and the limit.
+    #[test]
+    fn owner_groups_beyond_the_backends_limit_are_refused() {
+        for (native, backend, limit) in [
+            (false, "iptables", MAX_OWNER_GROUPS_INCLUDE_IPTABLES),
+            (true, "nftables", MAX_OWNER_GROUPS_INCLUDE_NFTABLES),
+        ] {
+            for count in [limit + 1, 64] {
+                let list = groups(count);
+                let err = validated(&[("ISTIO_OUTBOUND_OWNER_GROUPS", &list)], native)
+                    .expect_err("too many groups");
+                let message = err.to_string();
+                for needle in [
+                    "environment variable ISTIO_OUTBOUND_OWNER_GROUPS".to_owned(),
+                    format!("lists {count} groups"),
+                    format!("the {backend} backend can capture by at most {limit}"),
+                ] {
+                    assert!(message.contains(&needle), "{needle:?} not in: {message}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn excluded_owner_groups_have_no_limit() {
+        let list = groups(200);
+        let ok = validated(&[("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", &list)], false);
+        assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    const BOTH: &[(&str, &str)] = &[
+        ("ISTIO_OUTBOUND_OWNER_GROUPS", "2000"),
+        ("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", "3000"),
+    ];
+
+    /// Issue 11 §6: with both lists set, the exclusions are ignored (as in Istio), and the
+    /// validated config says so, naming the ignored variable.
+    #[test]
+    fn both_owner_group_lists_warn_that_the_exclusions_are_ignored() {
+        let v = validated(BOTH, false).expect("valid");
+        assert_eq!(v.warnings().len(), 1, "{:?}", v.warnings());
+        assert!(
+            v.warnings()[0]
+                .starts_with("environment variable ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE is ignored"),
+            "{:?}",
+            v.warnings()
+        );
+        assert_eq!(
+            v.config.capture.owner_groups,
+            OwnerGroups::Only(vec![Owner::Id(2000)])
+        );
+        for one in [&BOTH[..1], &BOTH[1..]] {
+            let v = validated(one, false).expect("valid");
+            assert!(v.warnings().is_empty(), "{one:?}: {:?}", v.warnings());
+        }
+    }
+
+    /// A buffer the test's subscriber writes its log lines to.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("log buffer").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    struct NoHost;
+
+    impl HostFacts for NoHost {
+        fn detect_ipv6(&self, _: bool) -> Result<bool, ConfigError> {
+            Ok(false)
+        }
+        fn resolv_conf_nameservers(&self) -> Result<Vec<IpAddr>, ConfigError> {
+            Ok(vec![])
+        }
+        fn user_uid(&self, _: &str) -> Option<u32> {
+            None
+        }
+    }
+
+    /// ... and resolving it logs that warning, at WARN, through tracing.
+    #[test]
+    fn both_owner_group_lists_log_a_warning() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let v = validated(BOTH, false).expect("valid");
+            v.resolve(&NoHost).expect("resolves");
+        });
+        let logged =
+            String::from_utf8(captured.0.lock().expect("log buffer").clone()).expect("utf-8 log");
+        let warnings: Vec<&str> = logged.lines().filter(|l| l.contains("WARN")).collect();
+        assert_eq!(warnings.len(), 1, "{logged}");
+        assert!(
+            warnings[0].contains("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE is ignored"),
+            "{logged}"
+        );
+    }
+}

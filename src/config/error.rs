@@ -43,6 +43,18 @@ pub enum ConfigError {
         reason: String,
     },
 
+    #[error(
+        "{origin} lists {count} groups, but the {backend} backend can capture by at most \
+         {limit} (one rule must hold them all); list fewer, or name the groups to leave out \
+         in ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE instead"
+    )]
+    TooManyOwnerGroups {
+        origin: Origin,
+        count: usize,
+        limit: usize,
+        backend: &'static str,
+    },
+
     #[error("{first} and {second} cannot be used together: {reason}")]
     Conflict {
         first: String,
@@ -50,11 +62,12 @@ pub enum ConfigError {
         reason: String,
     },
 
-    #[error("cannot read annotations file {}: {source}", path.display())]
+    // The cause is part of the message, and so deliberately not a `source` (a field of that
+    // name would be one): `report` walks sources, and would print it twice.
+    #[error("cannot read annotations file {}: {error}", path.display())]
     AnnotationsUnreadable {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 
     #[error("annotations file {}, line {line}: {reason}", path.display())]

@@ -480,6 +480,27 @@ fn outbound_owner_groups(test: &str, backend: Backend) {
     );
 }
 
+/// The longest owner-group include list each backend can load (49 groups for iptables,
+/// 63 for nftables; see `MAX_OWNER_GROUPS_INCLUDE_*`), applied and judged by real traffic:
+/// the first and the last group listed are captured, a group not listed goes direct.
+fn owner_groups_at_the_backends_limit(test: &str, backend: Backend) {
+    let limit: u32 = if backend.is_nftables() { 63 } else { 49 };
+    let groups: Vec<String> = (2000..2000 + limit).map(|gid| gid.to_string()).collect();
+    let groups = groups.join(",");
+    let env = [("ISTIO_OUTBOUND_OWNER_GROUPS", groups.as_str())];
+    run(
+        test,
+        &[(
+            Setup::new(backend.args(&[])).env(&env),
+            &[
+                tcp(AppGid(2000), VAULT, outbound(VAULT)),
+                tcp(AppGid(2000 + limit - 1), VAULT, outbound(VAULT)),
+                tcp(AppGid(3000), VAULT, peer(VAULT)),
+            ],
+        )],
+    );
+}
+
 /// An app init container runs before the sidecar: with the rules in place its connection to
 /// Vault goes nowhere, unless Vault is excluded by port or address, or it runs as the proxy.
 fn app_init_container_without_sidecar(test: &str, backend: Backend) {
@@ -517,5 +538,6 @@ on_every_backend! {
     exclude_interface,
     kube_virt_interface_traffic_is_outbound,
     outbound_owner_groups,
+    owner_groups_at_the_backends_limit,
     app_init_container_without_sidecar,
 }

@@ -4,8 +4,8 @@
 //! Three checks per case:
 //! - meshinit's output equals the project's expected file (`tests/golden/iptables/`), a
 //!   regression test; `MESHINIT_UPDATE_GOLDEN=1` rewrites the files.
-//! - that output, replayed, equals Istio's golden replayed, read from `../shared/` when
-//!   present (required under CI).
+//! - that output, replayed, equals Istio's golden replayed (`tests/golden/istio/iptables/`,
+//!   copied from Istio with its provenance in `tests/golden/istio/README.md`).
 //! - as root: both loaded into fresh network namespaces, on both backends, give the same
 //!   `iptables-save` (`kernel_parity` below).
 
@@ -71,14 +71,18 @@ fn project_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Istio's goldens, beside the checkout (`../shared/istio-golden`), if present.
-pub fn istio_golden_dir() -> Option<PathBuf> {
-    let dir = project_dir().join("../shared/istio-golden/iptables");
-    dir.is_dir().then_some(dir)
+/// Istio's goldens, kept in the repository (`tests/golden/istio/`, see its README for
+/// provenance and licence) so that a clone anywhere checks parity. `backend` is `iptables`
+/// or `nftables`.
+pub fn istio_golden(backend: &str, case: &str) -> String {
+    let path = istio_golden_dir(backend).join(format!("{case}.golden"));
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("Istio's golden {}: {e}", path.display()))
 }
 
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
+/// The directory of Istio's goldens for `backend` (`iptables` or `nftables`).
+pub fn istio_golden_dir(backend: &str) -> PathBuf {
+    project_dir().join("tests/golden/istio").join(backend)
 }
 
 /// Runs `meshinit print` for a case (optionally one family only).
@@ -229,20 +233,13 @@ fn check_case(case: &str) {
     assert_eq!(expected, ours, "{case}: same rules, but the text changed");
 
     // 2. Parity with Istio's own golden file.
-    match istio_golden_dir() {
-        Some(dir) => {
-            let istio =
-                std::fs::read_to_string(dir.join(format!("{case}.golden"))).expect("istio golden");
-            let (want, got) = (replay(&istio), replay(&ours));
-            assert!(
-                want == got,
-                "{case}: meshinit differs from Istio's golden:\n{}",
-                diff_states(&want, &got)
-            );
-        }
-        None if in_ci() => panic!("CI=true but ../shared/istio-golden is missing"),
-        None => eprintln!("{case}: ../shared/istio-golden not found; Istio parity not checked"),
-    }
+    let istio = istio_golden("iptables", case);
+    let (want, got) = (replay(&istio), replay(&ours));
+    assert!(
+        want == got,
+        "{case}: meshinit differs from Istio's golden:\n{}",
+        diff_states(&want, &got)
+    );
 }
 
 macro_rules! golden_tests {
@@ -255,12 +252,10 @@ macro_rules! golden_tests {
             for (case, _, _) in CASES {
                 assert!(tested.contains(case), "{case} has no test");
             }
-            if let Some(dir) = istio_golden_dir() {
-                for entry in std::fs::read_dir(dir).expect("read dir") {
-                    let name = entry.expect("entry").file_name().to_string_lossy().into_owned();
-                    let case = name.trim_end_matches(".golden");
-                    assert!(tested.contains(&case), "Istio case {case} is not covered");
-                }
+            for entry in std::fs::read_dir(istio_golden_dir("iptables")).expect("read dir") {
+                let name = entry.expect("entry").file_name().to_string_lossy().into_owned();
+                let case = name.trim_end_matches(".golden");
+                assert!(tested.contains(&case), "Istio case {case} is not covered");
             }
         }
     };
@@ -390,14 +385,9 @@ fn kernel_parity(backend: &str) {
     if !crate::support::require_root(&format!("kernel_parity_{backend}")) {
         return;
     }
-    let Some(dir) = istio_golden_dir() else {
-        assert!(!in_ci(), "CI=true but ../shared/istio-golden is missing");
-        eprintln!("kernel_parity_{backend}: ../shared/istio-golden not found; skipped");
-        return;
-    };
     let mut failures = Vec::new();
     for (case, env, args) in CASES {
-        let golden = std::fs::read_to_string(dir.join(format!("{case}.golden"))).expect("golden");
+        let golden = istio_golden("iptables", case);
         let (istio_v4, istio_v6) = istio_restore_inputs(&golden);
         let ours_v4 = print_case(env, args, Some("ipv4"));
         let ours_v6 = if istio_v6.is_empty() {

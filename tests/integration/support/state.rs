@@ -92,11 +92,10 @@ pub const IPSETS: &str = "ipset save";
 /// `ipset` tool is only the tests' independent reader: meshinit programs sets over netlink.
 fn ipsets(ns: &NetNs) -> String {
     if which::which("ipset").is_err() {
-        if std::env::var("CI").is_ok_and(|ci| ci == "true") {
-            panic!(
-                "comparing ipsets needs the ipset tool under CI=true (scripts/test.sh installs it)"
-            );
-        }
+        super::skip(
+            "comparing ipsets",
+            "needs the ipset tool (scripts/test.sh installs it)",
+        );
         return "(ipset not installed: sets not compared)\n".to_owned();
     }
     let saved = ns.run(&["ipset", "save"]);
