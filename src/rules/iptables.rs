@@ -395,7 +395,7 @@ pub fn parse_existing(save: &str) -> ExistingState {
     state
 }
 
-fn is_ours(spec: &str) -> bool {
+pub fn is_ours(spec: &str) -> bool {
     let words: Vec<&str> = spec.split_whitespace().collect();
     let jumps_to_own = words
         .windows(2)
