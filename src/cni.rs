@@ -340,16 +340,18 @@ pub fn refuse_node_namespace(netns: &Path) -> Result<(), CniError> {
     for node in NODE_NAMESPACES {
         // init's may be out of sight (a PID namespace without it); the plugin's own is not.
         match namespace_id(Path::new(node)) {
-            Ok(id) if id == target => return Err(CniError::new(
-                code::INVALID_ENVIRONMENT,
-                format!(
-                    "CNI_NETNS {} is the node's network namespace, not a pod's",
-                    netns.display()
-                ),
-                format!(
+            Ok(id) if id == target => {
+                return Err(CniError::new(
+                    code::INVALID_ENVIRONMENT,
+                    format!(
+                        "CNI_NETNS {} is the node's network namespace, not a pod's",
+                        netns.display()
+                    ),
+                    format!(
                     "it is the same namespace as {node}; refusing to install capture rules there"
                 ),
-            )),
+                ))
+            }
             Ok(_) => {}
             Err(e) if node == NODE_NAMESPACES[0] => {
                 return Err(CniError::new(
@@ -603,5 +605,94 @@ mod tests {
         assert_eq!(run(&env, stdin.as_bytes(), &mut out), 0);
         let result: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(result["ips"], json!([]));
+    }
+
+    fn error_code(stdin: &[u8]) -> (u8, Value) {
+        let env = |name: &str| (name == "CNI_COMMAND").then(|| "ADD".to_owned());
+        let mut out = Vec::new();
+        let exit = run_stdin(&env, &mut &stdin[..], &mut out);
+        let error = serde_json::from_slice(&out)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out)));
+        (exit, error)
+    }
+
+    #[test]
+    fn every_malformed_input_gets_cni_error_json() {
+        let huge = vec![b' '; MAX_STDIN + 10];
+        let cases: [(&[u8], u64, &str); 11] = [
+            (
+                b"{\"cniVersion\":\"1.0.0\",\"name\":\"\xff\xfe\"}",
+                6,
+                "UTF-8",
+            ),
+            (b"", 6, "no network configuration"),
+            (b"  \n", 6, "no network configuration"),
+            (&huge, 6, "too large"),
+            (b"{\"cniVersion\":", 6, "not JSON"),
+            (b"[1,2]", 7, "not a JSON object"),
+            (br#"{"cniVersion":1}"#, 7, "cniVersion"),
+            (
+                br#"{"cniVersion":"1.0.0","exclude_namespaces":"kube-system"}"#,
+                7,
+                "exclude_namespaces",
+            ),
+            (
+                br#"{"cniVersion":"1.0.0","proxy_env":{"ISTIO_META_DNS_CAPTURE":true}}"#,
+                7,
+                "proxy_env.ISTIO_META_DNS_CAPTURE",
+            ),
+            (
+                br#"{"cniVersion":"1.0.0","runtimeConfig":[]}"#,
+                7,
+                "runtimeConfig",
+            ),
+            (
+                br#"{"cniVersion":"1.0.0","prevResult":"x"}"#,
+                7,
+                "prevResult",
+            ),
+        ];
+        for (stdin, code, words) in cases {
+            let (exit, error) = error_code(stdin);
+            assert_eq!(exit, 1, "{error}");
+            assert_eq!(error["code"], code, "{error}");
+            assert!(error["msg"].as_str().unwrap().contains(words), "{error}");
+            assert_eq!(error["cniVersion"], "1.0.0");
+        }
+    }
+
+    #[test]
+    fn an_unreadable_stdin_gets_cni_error_json() {
+        struct Broken;
+        impl std::io::Read for Broken {
+            fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::other("pipe gone"))
+            }
+        }
+        let env = |name: &str| (name == "CNI_COMMAND").then(|| "ADD".to_owned());
+        let mut out = Vec::new();
+        assert_eq!(run_stdin(&env, &mut Broken, &mut out), 1);
+        let error: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(error["code"], 6);
+        assert!(error["details"].as_str().unwrap().contains("pipe gone"));
+    }
+
+    #[test]
+    fn the_plugins_own_namespace_is_refused_by_identity() {
+        for path in [
+            "/proc/self/ns/net",
+            "/proc/thread-self/ns/net",
+            "/proc/self/../self/ns/net",
+            "/proc/self/task/../ns/net",
+        ] {
+            let err = refuse_node_namespace(Path::new(path)).unwrap_err();
+            assert_eq!(err.code, code::INVALID_ENVIRONMENT, "{path}");
+            assert!(err.msg.contains("node's network namespace"), "{err:?}");
+        }
+        let err = refuse_node_namespace(Path::new("/nonexistent/netns")).unwrap_err();
+        assert!(err.msg.contains("cannot open CNI_NETNS"), "{err:?}");
+        // Another namespace's file is accepted: a pod's is never the plugin's own.
+        // (Whether init's is refused depends on where the tests run; the kernel tests
+        // cover it from inside a namespace of their own.)
     }
 }

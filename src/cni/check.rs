@@ -47,7 +47,10 @@ pub fn check(config: &Config) -> Result<(), CniError> {
     }
     Err(CniError::new(
         code::DRIFT,
-        format!("capture rules drifted ({total} differences from the plan)"),
+        format!(
+            "capture rules drifted ({total} difference{} from the plan)",
+            if total == 1 { "" } else { "s" }
+        ),
         details.join("; "),
     ))
 }
@@ -296,22 +299,26 @@ enum RoutingEntry {
     },
 }
 
+impl RoutingEntry {
+    fn family(&self) -> Family {
+        match self {
+            RoutingEntry::Rule { family, .. } | RoutingEntry::Route { family, .. } => *family,
+        }
+    }
+}
+
+/// As `ip` would add it.
 impl std::fmt::Display for RoutingEntry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RoutingEntry::Rule {
-                family,
                 mark: Some(mark),
                 table,
-            } => write!(
-                f,
-                "{family} routing: `ip rule fwmark {mark} lookup {table}`"
-            ),
+                ..
+            } => write!(f, "ip rule fwmark {mark} lookup {table}"),
             RoutingEntry::Rule {
-                family,
-                mark: None,
-                table,
-            } => write!(f, "{family} routing: `ip rule lookup {table}`"),
+                mark: None, table, ..
+            } => write!(f, "ip rule lookup {table}"),
             RoutingEntry::Route {
                 family,
                 table,
@@ -322,10 +329,7 @@ impl std::fmt::Display for RoutingEntry {
                     Family::V4 => "0.0.0.0/0",
                     Family::V6 => "::/0",
                 };
-                write!(
-                    f,
-                    "{family} routing: `ip route {kind}{default} dev lo table {table}`"
-                )
+                write!(f, "ip route {kind}{default} dev lo table {table}")
             }
         }
     }
@@ -368,13 +372,13 @@ fn compare_routing(
     let mut drift: Vec<String> = planned
         .iter()
         .filter(|p| !present.contains(p))
-        .map(|p| format!("missing {p}"))
+        .map(|p| format!("{} routing: missing `{p}`", p.family()))
         .collect();
     drift.extend(
         present
             .iter()
             .filter(|p| !planned.contains(p))
-            .map(|p| format!("unexpected {p}")),
+            .map(|p| format!("{} routing: unexpected `{p}`", p.family())),
     );
     if plan.ipv6_passthrough_address && !has_passthrough_address {
         drift.push(format!(
@@ -680,8 +684,8 @@ COMMIT
         assert_eq!(
             compare_routing(&plan, &present, false),
             [
-                "missing ipv4 routing: `ip rule fwmark 1337 lookup 133`",
-                "unexpected ipv4 routing: `ip rule fwmark 1337 lookup 134`",
+                "ipv4 routing: missing `ip rule fwmark 1337 lookup 133`",
+                "ipv4 routing: unexpected `ip rule fwmark 1337 lookup 134`",
                 "ipv6 routing: missing address ::6/128 on lo",
             ]
         );
