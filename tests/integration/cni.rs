@@ -531,6 +531,8 @@ fn cni_refuses_the_node_namespace() {
     // rules out of it, and a failure to refuse lands there, never on the real node.
     let node = NetNs::new("cninode");
     node.run(&["ip", "link", "set", "lo", "up"]);
+    // An address, so that a plugin that failed to refuse would get as far as installing.
+    node.run(&["ip", "addr", "add", "192.0.2.3/24", "dev", "lo"]);
     let in_node = ["ip", "netns", "exec", node.name()];
     let bind_mount = format!("/var/run/netns/{}", node.name());
     let config = tproxy_pod_config(&[]);
@@ -560,6 +562,8 @@ fn cni_refuses_the_node_namespace() {
     // init's namespace, reached through `..`: in a PID namespace whose init (a shell) stays
     // in `init`, another namespace of the test's, while the plugin runs in `node`.
     let init = NetNs::new("cniinit");
+    init.run(&["ip", "link", "set", "lo", "up"]);
+    init.run(&["ip", "addr", "add", "192.0.2.4/24", "dev", "lo"]);
     let as_init = [
         "ip",
         "netns",
