@@ -354,6 +354,43 @@ fn cni_check_uses_the_pods_backend() {
     );
 }
 
+#[test]
+fn cni_check_follows_the_pods_settings() {
+    if !require_root("cni_check_follows_the_pods_settings") {
+        return;
+    }
+    // --match-sets: the scratch namespace gets its own sets, under the same names.
+    let sets = with_args(
+        &config_for(&[(
+            "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+            "198.51.100.0/24,203.0.113.0/24",
+        )]),
+        &[("match-sets", "true")],
+    );
+    check_after(&sets, &[], &[]);
+    check_after(
+        &sets,
+        &[&[
+            "iptables-nft",
+            "-t",
+            "nat",
+            "-D",
+            "OUTPUT",
+            "-j",
+            "ISTIO_OUTPUT",
+        ]],
+        &["ipv4 nat OUTPUT: missing `-j ISTIO_OUTPUT`"],
+    );
+    // Written by `nft -f` rather than over netlink: both sides are written the same way.
+    let via_nft = tproxy_pod_config(&[("native-nftables", "true"), ("nftables-apply", "nft")]);
+    check_after(&via_nft, &[], &[]);
+    check_after(
+        &via_nft,
+        &[&["nft", "flush", "chain", "inet", "istio-proxy-nat", "istio-redirect"]],
+        &["nftables inet istio-proxy-nat chain istio-redirect: missing `meta l4proto tcp counter redirect to :15001`"],
+    );
+}
+
 /// The handle of the rule in `chain` of `table` whose listing contains `rule`.
 fn nft_handle(ns: &NetNs, table: &str, chain: &str, rule: &str) -> String {
     let listing = ns.run(&["nft", "-a", "list", "chain", "inet", table, chain]);
