@@ -67,15 +67,10 @@ pub fn run(cli: &Cli, env: Env<'_>) -> Result<(), Error> {
         Command::Apply(args) | Command::IstioIptables(args) => apply(args, env, &mut out),
         Command::Cleanup(args) => cleanup(args, env),
         Command::Explain(args) => explain_connection(args, env, &mut out),
-        Command::Cni => {
-            let mut stdin = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut stdin)
-                .map_err(Error::Output)?;
-            match crate::cni::run(env, &stdin, &mut out) {
-                0 => Ok(()),
-                code => Err(Error::CniFailed(code)),
-            }
-        }
+        Command::Cni => match crate::cni::run_stdin(env, &mut std::io::stdin(), &mut out) {
+            0 => Ok(()),
+            code => Err(Error::CniFailed(code)),
+        },
         Command::Validate(args) => match configured(args, env)? {
             Some(config) => validate_capture(&config),
             None => Ok(()),
@@ -291,7 +286,7 @@ pub fn kernel_plan(config: &Config, sets: &mut dyn IpSets) -> Ruleset {
 }
 
 /// The nftables plan for `config` (`--match-sets` shapes it).
-fn nft_plan(config: &Config) -> crate::rules::nft::NftRuleset {
+pub fn nft_plan(config: &Config) -> crate::rules::nft::NftRuleset {
     let options = crate::rules::nft::PlanOptions {
         match_sets: config.run.match_sets,
     };

@@ -8,15 +8,15 @@
 //! plugin configuration, since meshinit does not query the Kubernetes API.
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{Read as _, Write};
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
 use crate::app::{install, remove_everything, Env};
 use crate::config::{validate, Annotations, ConfigOutcome, RawSettings, SystemHost};
-use crate::rules::iptables::parse_existing;
-use crate::rules::model::Family;
+
+mod check;
 
 /// CNI spec versions this plugin speaks.
 pub const SUPPORTED_VERSIONS: [&str; 6] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0", "1.2.0"];
@@ -76,12 +76,70 @@ pub struct NetConf {
     pub args: BTreeMap<String, String>,
 }
 
-fn string_map(value: Option<&Value>) -> Option<BTreeMap<String, String>> {
-    value.and_then(Value::as_object).map(|map| {
-        map.iter()
-            .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
-            .collect()
-    })
+/// A field that must be an object of strings, when it is there at all.
+fn string_map(
+    value: Option<&Value>,
+    field: &str,
+) -> Result<Option<BTreeMap<String, String>>, CniError> {
+    let Some(value) = value.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let map = value
+        .as_object()
+        .ok_or_else(|| wrong_type(field, "an object of strings", value))?;
+    map.iter()
+        .map(|(k, v)| match v.as_str() {
+            Some(v) => Ok((k.clone(), v.to_owned())),
+            None => Err(wrong_type(&format!("{field}.{k}"), "a string", v)),
+        })
+        .collect::<Result<_, _>>()
+        .map(Some)
+}
+
+fn wrong_type(field: &str, expected: &str, found: &Value) -> CniError {
+    let kind = match found {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    };
+    CniError::new(
+        code::INVALID_CONFIG,
+        format!("network configuration field {field} must be {expected}"),
+        format!("found {kind}"),
+    )
+}
+
+/// The most network configuration read from stdin. Real ones (with a previous result)
+/// are a few KiB; the bound keeps a runaway writer from exhausting the node's memory.
+pub const MAX_STDIN: usize = 4 * 1024 * 1024;
+
+/// The network configuration as the runtime wrote it: any bytes, checked here.
+pub fn parse_netconf_bytes(stdin: &[u8]) -> Result<NetConf, CniError> {
+    if stdin.len() > MAX_STDIN {
+        return Err(CniError::new(
+            code::DECODING_FAILURE,
+            "network configuration is too large",
+            format!("more than {MAX_STDIN} bytes on stdin"),
+        ));
+    }
+    let text = std::str::from_utf8(stdin).map_err(|e| {
+        CniError::new(
+            code::DECODING_FAILURE,
+            "network configuration is not UTF-8",
+            e.to_string(),
+        )
+    })?;
+    if text.trim().is_empty() {
+        return Err(CniError::new(
+            code::DECODING_FAILURE,
+            "no network configuration on stdin",
+            "",
+        ));
+    }
+    parse_netconf(text)
 }
 
 pub fn parse_netconf(stdin: &str) -> Result<NetConf, CniError> {
@@ -99,11 +157,11 @@ pub fn parse_netconf(stdin: &str) -> Result<NetConf, CniError> {
             "",
         )
     })?;
-    let cni_version = conf
-        .get("cniVersion")
-        .and_then(Value::as_str)
-        .unwrap_or("1.0.0")
-        .to_owned();
+    let cni_version = match conf.get("cniVersion") {
+        None => "1.0.0".to_owned(),
+        Some(Value::String(v)) => v.clone(),
+        Some(other) => return Err(wrong_type("cniVersion", "a string", other)),
+    };
     if !SUPPORTED_VERSIONS.contains(&cni_version.as_str()) {
         return Err(CniError::new(
             code::INCOMPATIBLE_VERSION,
@@ -111,24 +169,48 @@ pub fn parse_netconf(stdin: &str) -> Result<NetConf, CniError> {
             format!("supported: {}", SUPPORTED_VERSIONS.join(", ")),
         ));
     }
-    let runtime = conf.get("runtimeConfig").and_then(Value::as_object);
-    let annotations = string_map(runtime.and_then(|r| r.get(ANNOTATIONS_CAPABILITY)))
-        .or_else(|| string_map(conf.get("pod_annotations")));
+    let runtime = match conf.get("runtimeConfig") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(r)) => Some(r),
+        Some(other) => return Err(wrong_type("runtimeConfig", "an object", other)),
+    };
+    let annotations = match string_map(
+        runtime.and_then(|r| r.get(ANNOTATIONS_CAPABILITY)),
+        &format!("runtimeConfig.{ANNOTATIONS_CAPABILITY}"),
+    )? {
+        Some(annotations) => Some(annotations),
+        None => string_map(conf.get("pod_annotations"), "pod_annotations")?,
+    };
+    let prev_result = match conf.get("prevResult") {
+        None | Some(Value::Null) => None,
+        Some(prev @ Value::Object(_)) => Some(prev.clone()),
+        Some(other) => return Err(wrong_type("prevResult", "an object", other)),
+    };
+    let exclude_namespaces = match conf.get("exclude_namespaces") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(list)) => list
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| wrong_type("exclude_namespaces[]", "a string", v))
+            })
+            .collect::<Result<_, _>>()?,
+        Some(other) => {
+            return Err(wrong_type(
+                "exclude_namespaces",
+                "an array of strings",
+                other,
+            ))
+        }
+    };
     Ok(NetConf {
         cni_version,
-        prev_result: conf.get("prevResult").cloned(),
-        exclude_namespaces: conf
-            .get("exclude_namespaces")
-            .and_then(Value::as_array)
-            .map(|list| {
-                list.iter()
-                    .filter_map(|v| v.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default(),
+        prev_result,
+        exclude_namespaces,
         annotations,
-        proxy_env: string_map(conf.get("proxy_env")).unwrap_or_default(),
-        args: string_map(conf.get("args")).unwrap_or_default(),
+        proxy_env: string_map(conf.get("proxy_env"), "proxy_env")?.unwrap_or_default(),
+        args: string_map(conf.get("args"), "args")?.unwrap_or_default(),
     })
 }
 
@@ -224,6 +306,66 @@ fn pod_config(conf: &NetConf, env: Env<'_>) -> Result<Option<crate::config::Conf
     }
 }
 
+/// `CNI_NETNS`, which must be set and must not be the node's namespace.
+fn pod_namespace(env: Env<'_>) -> Result<String, CniError> {
+    let netns = env("CNI_NETNS")
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| CniError::new(code::INVALID_ENVIRONMENT, "CNI_NETNS is not set", ""))?;
+    refuse_node_namespace(Path::new(&netns))?;
+    Ok(netns)
+}
+
+/// The namespaces a pod's can never be: the plugin's own (the runtime runs plugins on the
+/// node, so this is the node's unless the plugin itself was started inside a pod) and
+/// init's. Compared by the namespace's identity, not by path: `/proc/self/ns/net`, a path
+/// through `..`, or a bind mount of the node's namespace all name the same inode.
+const NODE_NAMESPACES: [&str; 2] = ["/proc/thread-self/ns/net", "/proc/1/ns/net"];
+
+fn namespace_id(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)?;
+    Ok((meta.dev(), meta.ino()))
+}
+
+/// Refuses `netns` when it is the plugin's own network namespace or init's: installing a
+/// pod's capture rules there would capture the node's traffic.
+pub fn refuse_node_namespace(netns: &Path) -> Result<(), CniError> {
+    let target = namespace_id(netns).map_err(|e| {
+        CniError::new(
+            code::INVALID_ENVIRONMENT,
+            format!("cannot open CNI_NETNS {}", netns.display()),
+            e.to_string(),
+        )
+    })?;
+    for node in NODE_NAMESPACES {
+        // init's may be out of sight (a PID namespace without it); the plugin's own is not.
+        match namespace_id(Path::new(node)) {
+            Ok(id) if id == target => {
+                return Err(CniError::new(
+                    code::INVALID_ENVIRONMENT,
+                    format!(
+                        "CNI_NETNS {} is the node's network namespace, not a pod's",
+                        netns.display()
+                    ),
+                    format!(
+                    "it is the same namespace as {node}; refusing to install capture rules there"
+                ),
+                ))
+            }
+            Ok(_) => {}
+            Err(e) if node == NODE_NAMESPACES[0] => {
+                return Err(CniError::new(
+                    code::INVALID_ENVIRONMENT,
+                    format!("cannot read the plugin's own network namespace ({node})"),
+                    e.to_string(),
+                ))
+            }
+            Err(_) => {}
+        }
+    }
+    Ok(())
+}
+
 fn enter(netns: &str) -> Result<(), CniError> {
     crate::netns::enter(Path::new(netns)).map_err(|e| {
         CniError::new(
@@ -240,9 +382,7 @@ fn add(conf: &NetConf, env: Env<'_>) -> Result<(), CniError> {
         tracing::info!("{reason}: not capturing");
         return Ok(());
     }
-    let netns = env("CNI_NETNS")
-        .filter(|n| !n.is_empty())
-        .ok_or_else(|| CniError::new(code::INVALID_ENVIRONMENT, "CNI_NETNS is not set", ""))?;
+    let netns = pod_namespace(env)?;
     enter(&netns)?;
     let Some(config) = pod_config(conf, env)? else {
         return Ok(());
@@ -262,6 +402,7 @@ fn del(env: Env<'_>) -> Result<(), CniError> {
     else {
         return Ok(());
     };
+    refuse_node_namespace(Path::new(&netns))?;
     enter(&netns)?;
     let run = validate(&RawSettings::default(), env)
         .map_err(|e| invalid("invalid settings", e))?
@@ -276,106 +417,49 @@ fn del(env: Env<'_>) -> Result<(), CniError> {
     })
 }
 
-/// Reports drift: meshinit's chains for this pod must all be there, each with the planned
-/// number of rules.
+/// Reports drift (CNI error 101): see `check` for how the pod's state is compared.
 fn check(conf: &NetConf, env: Env<'_>) -> Result<(), CniError> {
     let pod = env("CNI_ARGS").as_deref().and_then(pod_identity);
     if skip_reason(conf, pod.as_ref()).is_some() {
         return Ok(());
     }
-    let netns = env("CNI_NETNS").unwrap_or_default();
+    let netns = pod_namespace(env)?;
     enter(&netns)?;
     let Some(config) = pod_config(conf, env)? else {
         return Ok(());
     };
-    let ruleset = crate::app::kernel_plan(&config, &mut crate::apply::NetlinkIpSets::default());
-    let families: Vec<Family> = ruleset.families().map(|f| f.family).collect();
-    let mut tools = crate::apply::IptablesTools::detect(
-        config.run.force_backend,
-        &families,
-        config.run.xtables_wait,
-    )
-    .map_err(|e| CniError::new(code::APPLY_FAILED, "no iptables", e.to_string()))?;
-    let mut drift = Vec::new();
-    for planned in ruleset.families() {
-        use crate::apply::Netfilter;
-        let save = tools.save(planned.family).map_err(|e| {
-            CniError::new(
-                code::APPLY_FAILED,
-                "reading the rules failed",
-                e.to_string(),
-            )
-        })?;
-        let present = parse_existing(&save);
-        for table in &planned.tables {
-            let there = present.table(table.table);
-            for chain in table.own_chains() {
-                let found = there.is_some_and(|t| t.own_chains.iter().any(|c| c == chain.name()));
-                if !found {
-                    drift.push(format!(
-                        "{} {} {} is missing",
-                        planned.family,
-                        table.table.name(),
-                        chain.name()
-                    ));
-                }
-            }
-            let expected_rules = table
-                .chains
-                .iter()
-                .filter(|c| matches!(c.chain, crate::rules::model::Chain::Istio(_)))
-                .map(|c| c.len())
-                .sum::<usize>();
-            let actual_rules = count_own_rules(&save, table.table.name());
-            if actual_rules != expected_rules {
-                drift.push(format!(
-                    "{} {}: {actual_rules} rules in meshinit's chains, {expected_rules} planned",
-                    planned.family,
-                    table.table.name()
-                ));
-            }
-        }
-    }
-    if drift.is_empty() {
-        Ok(())
-    } else {
-        Err(CniError::new(
-            code::DRIFT,
-            "capture rules drifted",
-            drift.join("; "),
-        ))
-    }
+    check::check(&config)
 }
 
-/// Rules in ISTIO_* chains of `table`, as a save lists them.
-fn count_own_rules(save: &str, table: &str) -> usize {
-    let mut in_table = false;
-    let mut count = 0;
-    for line in save.lines() {
-        if let Some(name) = line.strip_prefix('*') {
-            in_table = name.trim() == table;
-        } else if in_table {
-            if let Some(rest) = line.strip_prefix("-A ") {
-                let chain = rest.split_whitespace().next().unwrap_or("");
-                if crate::rules::model::IstioChain::from_name(chain).is_some() {
-                    count += 1;
-                }
-            }
-        }
+/// Reads the network configuration from `stdin` (at most `MAX_STDIN` bytes, and one more
+/// to tell that there were more) and runs the command: every input, readable or not, gets
+/// a result or CNI error JSON on `out`.
+pub fn run_stdin(env: Env<'_>, stdin: &mut dyn std::io::Read, out: &mut dyn Write) -> u8 {
+    let mut input = Vec::new();
+    let limit = u64::try_from(MAX_STDIN)
+        .unwrap_or(u64::MAX)
+        .saturating_add(1);
+    if let Err(err) = std::io::Read::take(stdin, limit).read_to_end(&mut input) {
+        let err = CniError::new(
+            code::DECODING_FAILURE,
+            "reading the network configuration from stdin failed",
+            err.to_string(),
+        );
+        return fail(out, "1.0.0", &err);
     }
-    count
+    run(env, &input, out)
 }
 
 /// Runs one CNI command; returns the process exit code. Everything the runtime reads goes
 /// to `out`; logs go to stderr.
-pub fn run(env: Env<'_>, stdin: &str, out: &mut dyn Write) -> u8 {
+pub fn run(env: Env<'_>, stdin: &[u8], out: &mut dyn Write) -> u8 {
     let command = env("CNI_COMMAND").unwrap_or_default();
     if command == "VERSION" {
         let version = json!({"cniVersion": "1.0.0", "supportedVersions": SUPPORTED_VERSIONS});
         let _ = writeln!(out, "{version}");
         return 0;
     }
-    let conf = match parse_netconf(stdin) {
+    let conf = match parse_netconf_bytes(stdin) {
         Ok(conf) => conf,
         Err(err) => return fail(out, "1.0.0", &err),
     };
@@ -499,13 +583,13 @@ mod tests {
     fn version_and_unknown_commands() {
         let env = |name: &str| (name == "CNI_COMMAND").then(|| "VERSION".to_owned());
         let mut out = Vec::new();
-        assert_eq!(run(&env, "", &mut out), 0);
+        assert_eq!(run(&env, b"", &mut out), 0);
         assert!(String::from_utf8(out)
             .unwrap()
             .contains("\"supportedVersions\""));
         let env = |name: &str| (name == "CNI_COMMAND").then(|| "FROB".to_owned());
         let mut out = Vec::new();
-        assert_eq!(run(&env, r#"{"cniVersion":"1.0.0"}"#, &mut out), 1);
+        assert_eq!(run(&env, br#"{"cniVersion":"1.0.0"}"#, &mut out), 1);
         assert!(String::from_utf8(out).unwrap().contains("\"code\":4"));
     }
 
@@ -518,8 +602,97 @@ mod tests {
         };
         let mut out = Vec::new();
         let stdin = r#"{"cniVersion":"1.0.0","exclude_namespaces":["kube-system"],"prevResult":{"ips":[]}}"#;
-        assert_eq!(run(&env, stdin, &mut out), 0);
+        assert_eq!(run(&env, stdin.as_bytes(), &mut out), 0);
         let result: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(result["ips"], json!([]));
+    }
+
+    fn error_code(stdin: &[u8]) -> (u8, Value) {
+        let env = |name: &str| (name == "CNI_COMMAND").then(|| "ADD".to_owned());
+        let mut out = Vec::new();
+        let exit = run_stdin(&env, &mut &stdin[..], &mut out);
+        let error = serde_json::from_slice(&out)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out)));
+        (exit, error)
+    }
+
+    #[test]
+    fn every_malformed_input_gets_cni_error_json() {
+        let huge = vec![b' '; MAX_STDIN + 10];
+        let cases: [(&[u8], u64, &str); 11] = [
+            (
+                b"{\"cniVersion\":\"1.0.0\",\"name\":\"\xff\xfe\"}",
+                6,
+                "UTF-8",
+            ),
+            (b"", 6, "no network configuration"),
+            (b"  \n", 6, "no network configuration"),
+            (&huge, 6, "too large"),
+            (b"{\"cniVersion\":", 6, "not JSON"),
+            (b"[1,2]", 7, "not a JSON object"),
+            (br#"{"cniVersion":1}"#, 7, "cniVersion"),
+            (
+                br#"{"cniVersion":"1.0.0","exclude_namespaces":"kube-system"}"#,
+                7,
+                "exclude_namespaces",
+            ),
+            (
+                br#"{"cniVersion":"1.0.0","proxy_env":{"ISTIO_META_DNS_CAPTURE":true}}"#,
+                7,
+                "proxy_env.ISTIO_META_DNS_CAPTURE",
+            ),
+            (
+                br#"{"cniVersion":"1.0.0","runtimeConfig":[]}"#,
+                7,
+                "runtimeConfig",
+            ),
+            (
+                br#"{"cniVersion":"1.0.0","prevResult":"x"}"#,
+                7,
+                "prevResult",
+            ),
+        ];
+        for (stdin, code, words) in cases {
+            let (exit, error) = error_code(stdin);
+            assert_eq!(exit, 1, "{error}");
+            assert_eq!(error["code"], code, "{error}");
+            assert!(error["msg"].as_str().unwrap().contains(words), "{error}");
+            assert_eq!(error["cniVersion"], "1.0.0");
+        }
+    }
+
+    #[test]
+    fn an_unreadable_stdin_gets_cni_error_json() {
+        struct Broken;
+        impl std::io::Read for Broken {
+            fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::other("pipe gone"))
+            }
+        }
+        let env = |name: &str| (name == "CNI_COMMAND").then(|| "ADD".to_owned());
+        let mut out = Vec::new();
+        assert_eq!(run_stdin(&env, &mut Broken, &mut out), 1);
+        let error: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(error["code"], 6);
+        assert!(error["details"].as_str().unwrap().contains("pipe gone"));
+    }
+
+    #[test]
+    fn the_plugins_own_namespace_is_refused_by_identity() {
+        for path in [
+            "/proc/self/ns/net",
+            "/proc/thread-self/ns/net",
+            "/proc/self/../self/ns/net",
+            "/proc/self/task/../ns/net",
+        ] {
+            let err = refuse_node_namespace(Path::new(path)).unwrap_err();
+            assert_eq!(err.code, code::INVALID_ENVIRONMENT, "{path}");
+            assert!(err.msg.contains("node's network namespace"), "{err:?}");
+        }
+        let err = refuse_node_namespace(Path::new("/nonexistent/netns")).unwrap_err();
+        assert!(err.msg.contains("cannot open CNI_NETNS"), "{err:?}");
+        // Another namespace's file is accepted: a pod's is never the plugin's own.
+        // (Whether init's is refused depends on where the tests run; the kernel tests
+        // cover it from inside a namespace of their own.)
     }
 }

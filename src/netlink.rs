@@ -30,6 +30,7 @@ const HEADER_LEN: usize = 16;
 
 const RTM_NEWADDR: u16 = 20;
 const RTM_DELADDR: u16 = 21;
+const RTM_GETADDR: u16 = 22;
 const RTM_NEWROUTE: u16 = 24;
 const RTM_DELROUTE: u16 = 25;
 const RTM_GETROUTE: u16 = 26;
@@ -243,6 +244,44 @@ pub fn rule_matches(payload: &[u8], mark: u32, table: u32) -> bool {
     };
     u32_attr(FRA_FWMARK) == Some(mark)
         && u32_attr(FRA_TABLE).unwrap_or(u32::from(payload[4])) == table
+}
+
+/// (fwmark, table) of a dumped rule, to name it in a report.
+pub fn rule_mark_table(payload: &[u8]) -> (Option<u32>, u32) {
+    let u32_attr = |wanted: u16| {
+        attrs(payload.get(12..).unwrap_or_default()).find_map(|(kind, value)| {
+            (kind == wanted && value.len() == 4)
+                .then(|| u32::from_ne_bytes([value[0], value[1], value[2], value[3]]))
+        })
+    };
+    let header_table = payload.get(4).copied().map_or(0, u32::from);
+    (
+        u32_attr(FRA_FWMARK),
+        u32_attr(FRA_TABLE).unwrap_or(header_table),
+    )
+}
+
+/// (table, whether it is a `local` route) of a dumped route, to name it in a report.
+pub fn route_table(payload: &[u8]) -> (u32, bool) {
+    let attr_table = attrs(payload.get(12..).unwrap_or_default()).find_map(|(kind, value)| {
+        (kind == RTA_TABLE && value.len() == 4)
+            .then(|| u32::from_ne_bytes([value[0], value[1], value[2], value[3]]))
+    });
+    let header_table = payload.get(4).copied().map_or(0, u32::from);
+    (
+        attr_table.unwrap_or(header_table),
+        payload.get(7) == Some(&RTN_LOCAL),
+    )
+}
+
+/// Whether a dumped address (`ifaddrmsg` + attributes) is `address` on `ifindex`.
+pub fn address_matches(payload: &[u8], address: Ipv6Addr, ifindex: u32) -> bool {
+    let Some(index) = payload.get(4..8) else {
+        return false;
+    };
+    u32::from_ne_bytes([index[0], index[1], index[2], index[3]]) == ifindex
+        && attrs(payload.get(8..).unwrap_or_default())
+            .any(|(kind, value)| kind == IFA_ADDRESS && value == address.octets())
 }
 
 /// Whether a dumped route is meshinit's local default route in `table`.
@@ -583,6 +622,54 @@ impl Socket {
             &ipv6_address_payload(address, ifindex),
             "deleting IPv6 address",
         )
+    }
+
+    /// The rules and routes tagged with `ROUTE_PROTOCOL`, in both families, as (family,
+    /// whether it is a rule, payload).
+    pub fn tagged_routing(&mut self) -> Result<Vec<(NlFamily, bool, Vec<u8>)>, NetlinkError> {
+        let mut found = Vec::new();
+        for family in [NlFamily::Inet, NlFamily::Inet6] {
+            let header = [family as u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            for (is_rule, dump, what) in [
+                (true, RTM_GETRULE, "listing ip rules"),
+                (false, RTM_GETROUTE, "listing routes"),
+            ] {
+                let listed = self
+                    .dump(dump, &header)
+                    .map_err(|errno| NetlinkError { what, errno })?;
+                found.extend(
+                    listed
+                        .into_iter()
+                        .filter(|(_, p)| {
+                            if is_rule {
+                                rule_is_ours(p)
+                            } else {
+                                route_is_ours(p)
+                            }
+                        })
+                        .map(|(_, p)| (family, is_rule, p)),
+                );
+            }
+        }
+        Ok(found)
+    }
+
+    /// Whether the IPv6 `address` is on interface `ifindex`.
+    pub fn has_ipv6_address(
+        &mut self,
+        address: Ipv6Addr,
+        ifindex: u32,
+    ) -> Result<bool, NetlinkError> {
+        let header = [NlFamily::Inet6 as u8, 0, 0, 0, 0, 0, 0, 0];
+        let listed = self
+            .dump(RTM_GETADDR, &header)
+            .map_err(|errno| NetlinkError {
+                what: "listing addresses",
+                errno,
+            })?;
+        Ok(listed
+            .iter()
+            .any(|(_, p)| address_matches(p, address, ifindex)))
     }
 
     /// Deletes the rules and routes tagged with `ROUTE_PROTOCOL`, in both families, except

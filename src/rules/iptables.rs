@@ -447,7 +447,9 @@ pub fn parse_existing(save: &str) -> ExistingState {
     state
 }
 
-fn is_ours(spec: &str) -> bool {
+/// Whether a rule of a built-in chain (its spec as a save prints it) is meshinit's: it
+/// jumps to one of Istio's chains or carries meshinit's comment.
+pub fn is_ours(spec: &str) -> bool {
     let words: Vec<&str> = spec.split_whitespace().collect();
     let jumps_to_own = words
         .windows(2)

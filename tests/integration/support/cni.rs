@@ -34,35 +34,70 @@ pub fn plugin_path() -> PathBuf {
 /// Runs the plugin's `command` for a pod whose network namespace is `pod`, from the
 /// runner's namespace as a runtime would (the plugin enters CNI_NETNS itself).
 pub fn invoke(pod: &NetNs, command: &str, config: &str) -> CniResult {
-    let mut child = Command::new(plugin_path())
+    invoke_with(
+        &[],
+        &format!("/var/run/netns/{}", pod.name()),
+        command,
+        config.as_bytes(),
+    )
+}
+
+/// Runs the plugin under `wrapper` (say `ip netns exec NAME`, so that the plugin's own
+/// namespace is a test's), with `CNI_NETNS` set to `netns` and `stdin` as given, bytes
+/// that need not be a configuration at all.
+pub fn invoke_with(wrapper: &[&str], netns: &str, command: &str, stdin: &[u8]) -> CniResult {
+    let plugin = plugin_path();
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg(&plugin);
+            cmd
+        }
+        None => Command::new(&plugin),
+    };
+    let mut child = cmd
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", "0123456789ab")
-        .env("CNI_NETNS", format!("/var/run/netns/{}", pod.name()))
+        .env("CNI_NETNS", netns)
         .env("CNI_IFNAME", "eth0")
         .env(
             "CNI_ARGS",
             "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart-1",
         )
-        .env("CNI_PATH", plugin_path().parent().expect("dir"))
+        .env("CNI_PATH", plugin.parent().expect("dir"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("run meshinit-cni");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(config.as_bytes())
-        .expect("write config");
+    let mut input = child.stdin.take().expect("stdin");
+    // Written from a thread of its own: a plugin that stops reading an oversized input
+    // and answers must not deadlock the test, and its closing the pipe is not an error.
+    let stdin = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&stdin);
+    });
     let output = child.wait_with_output().expect("wait for meshinit-cni");
+    writer.join().expect("stdin writer");
     CniResult {
         code: output.status.code(),
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
+}
+
+/// `config`, a configuration from `config_for`, with `args` (istio-iptables settings by
+/// flag name) added.
+pub fn with_args(config: &str, args: &[(&str, &str)]) -> String {
+    let mut value: serde_json::Value = serde_json::from_str(config).expect("a configuration");
+    let args: serde_json::Map<String, serde_json::Value> = args
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).into()))
+        .collect();
+    value["args"] = args.into();
+    value.to_string()
 }
 
 /// A chained network configuration for an injected pod with these extra annotations.
