@@ -9,3 +9,5 @@ echo "static binary: $bin, $(stat -c %s "$bin") bytes"
 MESHINIT_BIN="$PWD/$bin" cargo bench --quiet --bench apply -- "$@"
 echo
 MESHINIT_BIN="$PWD/$bin" cargo bench --quiet --bench connect
+echo
+MESHINIT_BIN="$PWD/$bin" cargo bench --quiet --bench burst
