@@ -236,12 +236,14 @@ pub fn install(config: &Config) -> Result<(), Error> {
     let started = Instant::now();
     let _run_lock = RunLock::acquire(run.xtables_wait)?;
     let mut tools = IptablesTools::detect(run.force_backend, &families, run.xtables_wait)?;
-    tools.hold_xtables_lock(&run.xtables_lockfile)?;
     tools.prepare(&families)?;
     let mut sets = NetlinkIpSets::default();
     let ruleset = kernel_plan(config, &mut sets);
+    tools.hold_xtables_lock(&run.xtables_lockfile)?;
     let mut routing = NetlinkRouting::default();
-    let summary = crate::apply::apply(&mut tools, &mut routing, &mut sets, &ruleset)?;
+    let summary = crate::apply::apply(&mut tools, &mut routing, &mut sets, &ruleset);
+    tools.release_xtables_lock();
+    let summary = summary?;
     let rules: Vec<String> = summary
         .rules
         .iter()

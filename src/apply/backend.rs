@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::{ApplyError, Netfilter, RestoreInput, XtablesLock};
+use super::locks::{PrivateLock, XtablesLock};
+use super::{ApplyError, Netfilter, RestoreInput};
 use crate::config::ForcedBackend;
 use crate::netlink::{NlFamily, Socket};
 use crate::rules::model::{Family, IstioChain, Table};
@@ -98,8 +99,10 @@ pub struct IptablesTools {
     nft_chains: Option<Vec<(u8, String, String)>>,
     /// Restores started ahead of need (`prepare`), waiting for their input.
     ready: Vec<(Family, Child)>,
-    /// iptables-legacy's lock, once taken for the whole run (`hold_xtables_lock`).
+    /// iptables-legacy's lock, once taken for the rest of the run (`hold_xtables_lock`).
     xtables_lock: Option<XtablesLock>,
+    /// The lock the restores take instead, which meshinit's holds for them.
+    private_lock: Option<PrivateLock>,
 }
 
 impl Drop for IptablesTools {
@@ -157,6 +160,7 @@ impl IptablesTools {
             nft_chains: None,
             ready: Vec::new(),
             xtables_lock: None,
+            private_lock: None,
         })
     }
 
@@ -169,12 +173,20 @@ impl IptablesTools {
 
     /// Takes iptables-legacy's node-wide lock (at `path`) for the rest of the run, waiting
     /// at most the run's `--xtables-wait`: from here on, no other iptables-legacy user can
-    /// come between this run's restores, its rollback included. nft needs no lock.
+    /// come between this run's restores, its rollback included. Taken as late as possible
+    /// (restores may already be started, waiting for input, which is all they can do
+    /// without it), so that pods starting together queue for as short a time as can be.
+    /// nft needs no lock.
     pub fn hold_xtables_lock(&mut self, path: &Path) -> Result<(), ApplyError> {
         if self.backend != Backend::Nft && self.xtables_lock.is_none() {
             self.xtables_lock = Some(XtablesLock::acquire(path, self.wait)?);
         }
         Ok(())
+    }
+
+    /// Lets go of iptables-legacy's lock, once nothing more will be restored.
+    pub fn release_xtables_lock(&mut self) {
+        self.xtables_lock = None;
     }
 
     /// Starts each family's `iptables-restore` now, before the ruleset is planned, so its
@@ -200,8 +212,13 @@ impl IptablesTools {
             package: "iptables",
         })?;
         let mut command = Command::new(&path);
-        if let Some(lock) = &self.xtables_lock {
-            command.env("XTABLES_LOCKFILE", lock.lockfile_for_children());
+        if self.backend != Backend::Nft {
+            if self.private_lock.is_none() {
+                self.private_lock = Some(PrivateLock::new()?);
+            }
+            if let Some(lock) = &self.private_lock {
+                command.env("XTABLES_LOCKFILE", lock.path_for_children());
+            }
         }
         let child = command
             .args(args)

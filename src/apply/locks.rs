@@ -9,8 +9,8 @@
 //!   killed run never leaves it behind.
 //! - [`XtablesLock`]: iptables-legacy's node-wide lock, taken once for the whole apply
 //!   instead of by each `iptables-restore` in turn, so that a rollback can never find it
-//!   taken by someone else half way. The restores meshinit starts are pointed at a private
-//!   lock of their own (`XTABLES_LOCKFILE`), which they get at once.
+//!   taken by someone else half way. The restores meshinit starts are pointed at a
+//!   [`PrivateLock`] (`XTABLES_LOCKFILE`), which they get at once.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -79,8 +79,6 @@ fn run_lock_error(errno: Errno) -> ApplyError {
 #[derive(Debug)]
 pub struct XtablesLock {
     _held: Flock<File>,
-    /// What the restores meshinit starts lock instead: nobody else has it.
-    private: OwnedFd,
 }
 
 impl XtablesLock {
@@ -112,21 +110,34 @@ impl XtablesLock {
             }
             Err((_, errno)) => return Err(file_error(std::io::Error::from(errno))),
         };
-        let private = nix::sys::memfd::memfd_create(
+        Ok(XtablesLock { _held: held })
+    }
+}
+
+/// What the restores meshinit starts lock instead of the node's lock, which meshinit holds
+/// for them: an anonymous file nobody else has, so they get it at once.
+#[derive(Debug)]
+pub struct PrivateLock {
+    fd: OwnedFd,
+}
+
+impl PrivateLock {
+    pub fn new() -> Result<PrivateLock, ApplyError> {
+        nix::sys::memfd::memfd_create(
             c"meshinit-xtables-lock",
             nix::sys::memfd::MemFdCreateFlag::empty(),
         )
-        .map_err(|errno| file_error(std::io::Error::from(errno)))?;
-        Ok(XtablesLock {
-            _held: held,
-            private,
+        .map(|fd| PrivateLock { fd })
+        .map_err(|errno| ApplyError::LockFile {
+            path: PathBuf::from("memfd:meshinit-xtables-lock"),
+            source: std::io::Error::from(errno),
         })
     }
 
-    /// `XTABLES_LOCKFILE` for the processes meshinit starts: they inherit the private
-    /// lock's descriptor and open it anew through /proc.
-    pub fn lockfile_for_children(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/self/fd/{}", self.private.as_raw_fd()))
+    /// `XTABLES_LOCKFILE` for the processes meshinit starts: they inherit the descriptor
+    /// and open it anew through /proc.
+    pub fn path_for_children(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
     }
 }
 

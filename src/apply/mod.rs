@@ -16,7 +16,7 @@ use std::time::Duration;
 
 pub use backend::{Backend, IptablesTools};
 pub use ipsets::{IpSetError, IpSets, NetlinkIpSets};
-pub use locks::{RunLock, XtablesLock};
+pub use locks::RunLock;
 pub use nft::{
     apply_nftables, cleanup_native, cleanup_nftables, NftSummary, NftTool, Nftables, Programmed,
 };
