@@ -373,6 +373,19 @@ fn iptables_killed_at_any_moment_keeps_capture_and_converges() {
     on_each_backend(|backend| killed_at_any_moment(&iptables(backend), false));
 }
 
+/// The same with the lists as ipsets, which live outside iptables' commits: made and
+/// filled first, under names no rule uses yet, removed once no rule uses them.
+#[test]
+fn iptables_with_sets_killed_at_any_moment_keeps_capture_and_converges() {
+    if !require_root("iptables_with_sets_killed_at_any_moment_keeps_capture_and_converges") {
+        return;
+    }
+    on_each_backend(|backend| {
+        let [flag, name] = iptables(backend);
+        killed_at_any_moment(&[flag, name, "--match-sets"], false);
+    });
+}
+
 #[test]
 fn nftables_killed_at_any_moment_is_all_or_nothing() {
     if !require_root("nftables_killed_at_any_moment_is_all_or_nothing") {
