@@ -14,6 +14,10 @@
 //! `MESHINIT_BIN` selects the binary to measure (`benches/run.sh` points it at the static
 //! release build, the one the image ships); the default is cargo's own build.
 
+mod common;
+
+use common::{median, meshinit, option, INJECTOR_DEFAULT};
+
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsFd;
@@ -21,30 +25,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sched::{setns, CloneFlags};
-
-fn meshinit() -> String {
-    std::env::var("MESHINIT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_meshinit").to_owned())
-}
-
-/// The args Istio's injector gives istio-init by default.
-const INJECTOR_DEFAULT: &[&str] = &[
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15021,15020",
-];
 
 struct Scenario {
     name: String,
@@ -124,25 +104,11 @@ fn print(args: &[String]) -> String {
     String::from_utf8(output.stdout).expect("utf-8")
 }
 
-fn median(values: &mut [Duration]) -> Duration {
-    values.sort();
-    values[values.len() / 2]
-}
-
 fn field(log: &str, name: &str) -> String {
     log.split_whitespace()
         .find_map(|word| word.strip_prefix(&format!("{name}=")))
         .unwrap_or("?")
         .to_owned()
-}
-
-fn option(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 fn main() {

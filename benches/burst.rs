@@ -9,43 +9,13 @@
 //! Options (after `--`): `--pods N` (default 110), `--runs N` (default 5).
 //! `MESHINIT_BIN` selects the binary (`benches/run.sh` points it at the static build).
 
+mod common;
+
+use common::{median, meshinit, option, INJECTOR_DEFAULT};
+
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn meshinit() -> String {
-    std::env::var("MESHINIT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_meshinit").to_owned())
-}
-
-/// The args Istio's injector gives istio-init by default, IPv4.
-const INJECTOR_DEFAULT: &[&str] = &[
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15021,15020",
-    "--no-ipv6",
-];
-
-fn option(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// `count` throwaway namespaces, deleted on drop.
 struct Namespaces(Vec<String>);
@@ -120,11 +90,6 @@ fn burst(namespaces: &Namespaces, argv: &[String], input: Option<&str>) -> Durat
     started.elapsed()
 }
 
-fn median(values: &mut [Duration]) -> Duration {
-    values.sort();
-    values[values.len() / 2]
-}
-
 fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1000.0)
 }
@@ -141,6 +106,7 @@ fn main() {
             .env_clear()
             .args(["print", "--family", "ipv4"])
             .args(INJECTOR_DEFAULT)
+            .arg("--no-ipv6")
             .output()
             .expect("meshinit print");
         String::from_utf8(output.stdout).expect("utf-8")
@@ -153,6 +119,7 @@ fn main() {
     for backend in ["legacy", "nft"] {
         let mut apply: Vec<String> = vec![meshinit(), "apply".into()];
         apply.extend(INJECTOR_DEFAULT.iter().map(|s| (*s).to_owned()));
+        apply.push("--no-ipv6".into());
         apply.extend(["--force-iptables-binary".into(), backend.into()]);
         let bare: Vec<String> = vec![
             format!("iptables-{backend}-restore"),

@@ -19,6 +19,10 @@
 //! `--cidrs N` (default 10000). `MESHINIT_BIN` selects the binary (`benches/run.sh` points
 //! it at the static release build).
 
+mod common;
+
+use common::{meshinit, option};
+
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
@@ -27,10 +31,6 @@ use std::time::{Duration, Instant};
 
 use nix::sched::{setns, CloneFlags};
 use nix::sys::socket::{setsockopt, sockopt};
-
-fn meshinit() -> String {
-    std::env::var("MESHINIT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_meshinit").to_owned())
-}
 
 /// The injector's default arguments, without `-x` (the excluded CIDRs come from the
 /// annotation file, when there are any).
@@ -56,15 +56,6 @@ const INJECTOR_DEFAULT: &[&str] = &[
 
 const DESTINATION: &str = "198.51.100.30:8200";
 const SIDECAR_PORT: u16 = 15001;
-
-fn option(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn run(what: &str, cmd: &mut Command) {
     let output = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));

@@ -18,7 +18,8 @@ pub use backend::{Backend, IptablesTools};
 pub use ipsets::{IpSetError, IpSets, NetlinkIpSets};
 pub use locks::RunLock;
 pub use nft::{
-    apply_nftables, cleanup_native, cleanup_nftables, NftSummary, NftTool, Nftables, Programmed,
+    apply_nftables, cleanup_native, cleanup_nftables, find_nft, NftSummary, NftTool, Nftables,
+    Programmed,
 };
 pub use routing::NetlinkRouting;
 

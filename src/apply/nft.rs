@@ -55,7 +55,8 @@ pub struct NftTool {
     launched: usize,
 }
 
-fn find_nft() -> Option<PathBuf> {
+/// The `nft` binary, also where PATH lacks the sbin directories (minimal images).
+pub fn find_nft() -> Option<PathBuf> {
     which::which("nft").ok().or_else(|| {
         ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
             .iter()

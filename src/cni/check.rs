@@ -12,12 +12,12 @@
 //! with meshinit's protocol. Other tools' rules are not drift.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use super::{code, CniError};
 use crate::apply::{
-    ApplyError, Backend, IptablesTools, Netfilter as _, NetlinkIpSets, NftTool, Routing,
+    find_nft, ApplyError, Backend, IptablesTools, Netfilter as _, NetlinkIpSets, NftTool, Routing,
     RoutingChanges, RoutingPlan,
 };
 use crate::config::{Config, ForcedBackend};
@@ -434,15 +434,6 @@ fn routing_drift(plan: &RoutingPlan) -> Result<Vec<String>, CniError> {
 }
 
 // ---- nftables ---------------------------------------------------------------------------
-
-fn find_nft() -> Option<PathBuf> {
-    which::which("nft").ok().or_else(|| {
-        ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-            .iter()
-            .map(|dir| Path::new(dir).join("nft"))
-            .find(|p| p.is_file())
-    })
-}
 
 /// The `inet` tables of meshinit's in the calling thread's namespace, with `nft -s`'s
 /// listing of each (`-s`: without counter values, which are the only thing that differs

@@ -84,6 +84,24 @@ fn assert_captured(lab: &Lab, moment: &str) {
     );
 }
 
+/// `meshinit apply ARGS` in the lab's pod; panics unless it succeeds.
+fn apply_in(lab: &Lab, args: &[String]) {
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    meshinit::apply(lab.pod(), &argv, &[]);
+}
+
+/// A pod whose sidecar listens transparently (so it takes redirected and tproxied
+/// connections alike), given `to` and then `from`; with the state each of them leaves when
+/// applied without interruption: (the lab, `from`'s state, `to`'s state).
+fn lab_between(from: &[String], to: &[String]) -> (Lab, State, State) {
+    let lab = Lab::start(&Setup::new(from.to_vec()).sidecar(Sidecar::Tproxy));
+    apply_in(&lab, to);
+    let to_state = State::capture(lab.pod());
+    apply_in(&lab, from);
+    let from_state = State::capture(lab.pod());
+    (lab, from_state, to_state)
+}
+
 /// From `from` to `to` on `backend`, in a pod whose sidecar listens transparently (so it
 /// takes connections redirected and tproxied alike):
 /// 1. held open after each table's commit, every connection both capture is captured;
@@ -92,17 +110,9 @@ fn assert_captured(lab: &Lab, moment: &str) {
 fn mode_change_under_faults(backend: Backend, from: &[&str], to: &[&str]) {
     let engine = iptables(backend);
     let (from, to) = (with_engine(from, &engine), with_engine(to, &engine));
-    let lab = Lab::start(&Setup::new(from.clone()).sidecar(Sidecar::Tproxy));
     let what = format!("{backend:?}: {from:?} → {to:?}");
-    let apply = |args: &[String]| {
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        meshinit::apply(lab.pod(), &argv, &[]);
-    };
-    // The end states to compare with, each reached without interruption.
-    apply(&to);
-    let to_state = State::capture(lab.pod());
-    apply(&from);
-    let from_state = State::capture(lab.pod());
+    let (lab, from_state, to_state) = lab_between(&from, &to);
+    let apply = |args: &[String]| apply_in(&lab, args);
     assert_captured(&lab, &format!("{what}: before"));
 
     let stepper = Stepper::new();
@@ -274,16 +284,9 @@ fn killed_at_any_moment(engine: &[&str], atomic: bool) {
         args
     };
     let (from, to) = (config(TPROXY_8080), config(REDIRECT_ALL));
-    let lab = Lab::start(&Setup::new(from.clone()).sidecar(Sidecar::Tproxy));
     let what = format!("{engine:?}: TPROXY → REDIRECT");
-    let apply = |args: &[String]| {
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        meshinit::apply(lab.pod(), &argv, &[]);
-    };
-    apply(&to);
-    let to_state = State::capture(lab.pod());
-    apply(&from);
-    let from_state = State::capture(lab.pod());
+    let (lab, from_state, to_state) = lab_between(&from, &to);
+    let apply = |args: &[String]| apply_in(&lab, args);
     assert_ne!(from_state, to_state);
 
     // How long an uninterrupted change takes; the kills are spread over it.
