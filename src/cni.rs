@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
-use crate::app::{install, remove_everything, Env};
+use crate::config::Env;
 use crate::config::{validate, Annotations, ConfigOutcome, RawSettings, SystemHost};
+use crate::engine::Engine;
 
 mod check;
 
@@ -387,7 +388,7 @@ fn add(conf: &NetConf, env: Env<'_>) -> Result<(), CniError> {
     let Some(config) = pod_config(conf, env)? else {
         return Ok(());
     };
-    install(&config).map_err(|e| {
+    Engine::of(&config.run).install(&config).map_err(|e| {
         CniError::new(
             code::APPLY_FAILED,
             "applying the capture rules failed",
@@ -408,7 +409,7 @@ fn del(env: Env<'_>) -> Result<(), CniError> {
         .map_err(|e| invalid("invalid settings", e))?
         .run_options()
         .clone();
-    remove_everything(&run).map_err(|e| {
+    Engine::of(&run).remove_everything(&run).map_err(|e| {
         CniError::new(
             code::APPLY_FAILED,
             "removing the capture rules failed",

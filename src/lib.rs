@@ -1,8 +1,9 @@
 //! meshinit: Istio's `istio-init`, done as a small static binary.
 //!
 //! Layers, each unaware of the ones above it: `config` (flags, environment and annotations
-//! → a validated `Config`), `rules` (`Config` → a typed ruleset → text), `app` (wires them
-//! to the commands). Only `app` and the system-facing modules touch the machine.
+//! → a validated `Config`), `rules` (`Config` → a typed ruleset → text), `apply` (ruleset →
+//! kernel, behind small traits), `engine` (the backend chosen once: plan, dry-run, install,
+//! remove), and on top the commands: `app` (dispatch), `explain`, `validate`, `cni`.
 
 pub mod app;
 pub mod apply;
@@ -10,6 +11,7 @@ pub mod caps;
 pub mod cli;
 pub mod cni;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod explain;
 pub mod logging;

@@ -109,7 +109,7 @@ impl Routing for NoRouting {
 
 fn iptables_drift(config: &Config) -> Result<Vec<String>, CniError> {
     let mut sets = NetlinkIpSets::default();
-    let ruleset = crate::app::kernel_plan(config, &mut sets);
+    let ruleset = crate::engine::kernel_plan(config, &mut sets);
     let families: Vec<Family> = ruleset.families().map(|f| f.family).collect();
     let wait = config.run.xtables_wait;
     let mut tools = IptablesTools::detect(config.run.force_backend, &families, wait)
@@ -472,7 +472,7 @@ fn nft_tables(nft: &Path) -> Result<BTreeMap<String, String>, CniError> {
 }
 
 fn nftables_drift(config: &Config) -> Result<Vec<String>, CniError> {
-    let ruleset = crate::app::nft_plan(config);
+    let ruleset = crate::engine::nft_plan(config);
     let nft = find_nft().ok_or_else(|| {
         CniError::new(
             code::APPLY_FAILED,

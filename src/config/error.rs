@@ -83,3 +83,14 @@ pub enum ConfigError {
     #[error("cannot read the DNS servers from {}: {reason}; pass --dns-servers", path.display())]
     ResolvConf { path: PathBuf, reason: String },
 }
+
+impl ConfigError {
+    /// `--long VALUE` is not acceptable, for `reason`.
+    pub fn invalid_flag(long: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
+        ConfigError::InvalidValue {
+            origin: Origin::Flag { long, short: None },
+            value: value.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}

@@ -22,6 +22,9 @@ pub use build::{build_config, validate, ConfigOutcome, RawSettings, Validated};
 pub use error::{ConfigError, Origin};
 pub use host::{HostFacts, SystemHost};
 
+/// Environment lookup, injectable so tests need not mutate the process environment.
+pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
 use crate::rules::model::{Interface, Owner, Port};
 
 /// How inbound connections reach the sidecar.

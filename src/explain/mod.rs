@@ -5,6 +5,8 @@
 //! through jumps and returns, the first terminal target deciding. Pure: no I/O, no kernel.
 //! A test checks it against what real connections do in the e2e suite.
 
+pub mod command;
+
 use std::fmt;
 use std::net::IpAddr;
 

@@ -1,0 +1,273 @@
+//! The capture engine: the backend (iptables, or Istio's native nftables) chosen once from
+//! the validated `Config`, and what is done with it: the plan, the dry-run text, installing
+//! it in the current network namespace, and removing everything meshinit added. The init
+//! container's commands and the CNI plugin both come through here.
+
+use std::time::Instant;
+
+use crate::apply::{
+    IpSets, IptablesTools, Netfilter as _, NetlinkIpSets, NetlinkRouting, NftTool, Nftables as _,
+    RunLock,
+};
+use crate::config::{Config, RunOptions};
+use crate::error::Error;
+use crate::rules::iptables::render_fresh;
+use crate::rules::model::Family;
+use crate::rules::routes::render_routing;
+use crate::rules::{plan_with, PlanOptions, Ruleset};
+
+/// Which rules a pod gets, decided once from its settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// Istio's iptables rules, through `iptables-restore` (legacy, nft or plain).
+    Iptables,
+    /// Istio's native nftables tables (`--native-nftables`).
+    Nftables,
+}
+
+impl Engine {
+    pub fn of(run: &RunOptions) -> Engine {
+        if run.native_nftables {
+            Engine::Nftables
+        } else {
+            Engine::Iptables
+        }
+    }
+
+    /// The whole dry-run text: what `print` shows and `apply -n` prints.
+    pub fn dry_run(self, config: &Config) -> String {
+        match self {
+            Engine::Iptables => render_plan(&iptables_plan(config)),
+            Engine::Nftables => crate::rules::nft::render::render_plan(&nft_plan(config)),
+        }
+    }
+
+    /// Plans `config` and applies it in the current network namespace.
+    pub fn install(self, config: &Config) -> Result<(), Error> {
+        match self {
+            Engine::Iptables => install_iptables(config),
+            Engine::Nftables => install_nftables(config),
+        }
+    }
+
+    /// Removes everything meshinit (or istio-init) added here.
+    pub fn remove_everything(self, run: &RunOptions) -> Result<(), Error> {
+        match self {
+            Engine::Iptables => remove_iptables(run),
+            Engine::Nftables => remove_nftables(run),
+        }
+    }
+}
+
+/// The whole dry-run: each family's restore input, then the routing changes.
+pub fn render_plan(ruleset: &Ruleset) -> String {
+    let mut text = String::new();
+    for family in Family::ALL {
+        let tool = match family {
+            Family::V4 => "iptables-restore",
+            Family::V6 => "ip6tables-restore",
+        };
+        match ruleset.family(family) {
+            Some(rules) => {
+                let sets = crate::rules::ipset::render_sets(rules);
+                if !sets.is_empty() {
+                    text.push_str(&format!(
+                        "# {family}: ipsets first (created over netlink; `ipset restore` input)\n"
+                    ));
+                    text.push_str(&sets);
+                }
+                text.push_str(&format!("# {family}: {tool} --noflush input\n"));
+                text.push_str(&render_fresh(rules));
+            }
+            None => text.push_str(&format!(
+                "# {family}: off (no IPv6 rules; --ipv6 plans them)\n"
+            )),
+        }
+    }
+    let routing = render_routing(ruleset);
+    if !routing.is_empty() {
+        text.push_str("# routing: equivalent ip commands\n");
+        text.push_str(&routing);
+    }
+    text
+}
+
+/// [`Engine::install`] for iptables: one restore per family.
+fn install_iptables(config: &Config) -> Result<(), Error> {
+    let run = &config.run;
+    let families: Vec<Family> = if config.capture.ipv6 {
+        Family::ALL.to_vec()
+    } else {
+        vec![Family::V4]
+    };
+    let started = Instant::now();
+    let _run_lock = RunLock::acquire(run.xtables_wait)?;
+    let mut tools = IptablesTools::detect(run.force_backend, &families, run.xtables_wait)?;
+    tools.prepare(&families)?;
+    let mut sets = NetlinkIpSets::default();
+    let ruleset = kernel_plan(config, &mut sets);
+    tools.hold_xtables_lock(&run.xtables_lockfile)?;
+    let mut routing = NetlinkRouting::default();
+    let summary = crate::apply::apply(&mut tools, &mut routing, &mut sets, &ruleset);
+    tools.release_xtables_lock();
+    let summary = summary?;
+    let rules: Vec<String> = summary
+        .rules
+        .iter()
+        .map(|(family, table, count)| format!("{family}/{}={count}", table.name()))
+        .collect();
+    tracing::info!(
+        backend = tools.backend().name(),
+        rules = %rules.join(","),
+        converged = ?summary.converged,
+        routing_added = summary.routing_added,
+        routing_removed = summary.routing_removed,
+        sets_created = summary.sets_created,
+        sets_removed = summary.sets_removed,
+        processes = tools.processes_launched(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        peak_rss_kib = peak_rss_kib(),
+        "applied"
+    );
+    Ok(())
+}
+
+/// The iptables plan for `config` as asked (`--match-sets` shapes it): what a dry-run
+/// prints and `explain` walks.
+pub fn iptables_plan(config: &Config) -> Ruleset {
+    let options = PlanOptions {
+        match_sets: config.run.match_sets,
+    };
+    plan_with(&config.capture, options)
+}
+
+/// The iptables plan to apply here: with `--match-sets` on a kernel without ipset, the
+/// plain chains, which decide the same.
+pub fn kernel_plan(config: &Config, sets: &mut dyn IpSets) -> Ruleset {
+    if config.run.match_sets && !sets.available() {
+        tracing::warn!(
+            "--match-sets: this kernel has no ipset support (CONFIG_IP_SET); \
+             matching one rule per list entry instead"
+        );
+        return plan_with(&config.capture, PlanOptions::default());
+    }
+    iptables_plan(config)
+}
+
+/// The nftables plan for `config` (`--match-sets` shapes it).
+pub fn nft_plan(config: &Config) -> crate::rules::nft::NftRuleset {
+    let options = crate::rules::nft::PlanOptions {
+        match_sets: config.run.match_sets,
+    };
+    crate::rules::nft::plan_with(&config.capture, options)
+}
+
+/// `install` for `--native-nftables`: one transaction for both families, over netlink or
+/// through `nft -f -` (`--nftables-apply`).
+fn install_nftables(config: &Config) -> Result<(), Error> {
+    let started = Instant::now();
+    let _run_lock = RunLock::acquire(config.run.xtables_wait)?;
+    let mut nft = NftTool::new();
+    let mode = config.run.nftables_apply;
+    if mode == crate::config::NftablesApply::Nft {
+        nft.require()?;
+    }
+    let ruleset = nft_plan(config);
+    let summary =
+        crate::apply::apply_nftables(&mut nft, &mut NetlinkRouting::default(), &ruleset, mode)?;
+    let rules: Vec<String> = summary
+        .rules
+        .iter()
+        .map(|(table, count)| format!("inet/{}={count}", table.name()))
+        .collect();
+    tracing::info!(
+        backend = "nftables",
+        via = summary.programmed.via(),
+        match_sets = config.run.match_sets,
+        rules = %rules.join(","),
+        converged = summary.converged,
+        routing_added = summary.routing_added,
+        routing_removed = summary.routing_removed,
+        processes = nft.processes_launched(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        peak_rss_kib = peak_rss_kib(),
+        "applied"
+    );
+    Ok(())
+}
+
+/// This process's own peak resident memory in KiB (children excluded), for the summary
+/// line: the init container's memory limit is sized from it. `VmHWM`, because the
+/// `getrusage` peak survives exec and would report the container runtime's own.
+fn peak_rss_kib() -> i64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmHWM:"))
+                .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(-1)
+}
+
+/// [`Engine::remove_everything`] for `--native-nftables`: only meshinit's tables, and
+/// routing.
+fn remove_nftables(run: &RunOptions) -> Result<(), Error> {
+    let started = Instant::now();
+    let _run_lock = RunLock::acquire(run.xtables_wait)?;
+    let mut nft = NftTool::new();
+    let removed =
+        crate::apply::cleanup_native(&mut nft, &mut NetlinkRouting::default(), run.nftables_apply)?;
+    crate::caps::drop_all()?;
+    tracing::info!(
+        backend = "nftables",
+        removed,
+        processes = nft.processes_launched(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "cleaned up"
+    );
+    Ok(())
+}
+
+/// [`Engine::remove_everything`] for iptables: both families (IPv6 when ip6tables exists),
+/// routing, sets, and any tables an earlier `--native-nftables` run left.
+fn remove_iptables(run: &RunOptions) -> Result<(), Error> {
+    let started = Instant::now();
+    let _run_lock = RunLock::acquire(run.xtables_wait)?;
+    let mut nft = NftTool::new();
+    let (mut tools, families) =
+        match IptablesTools::detect(run.force_backend, &Family::ALL, run.xtables_wait) {
+            Ok(tools) => (tools, Family::ALL.to_vec()),
+            Err(err) => {
+                tracing::debug!(%err, "no usable ip6tables; cleaning IPv4 only");
+                let tools =
+                    IptablesTools::detect(run.force_backend, &[Family::V4], run.xtables_wait)?;
+                (tools, vec![Family::V4])
+            }
+        };
+    tools.hold_xtables_lock(&run.xtables_lockfile)?;
+    let removed = crate::apply::cleanup(
+        &mut tools,
+        &mut NetlinkRouting::default(),
+        &mut NetlinkIpSets::default(),
+        &families,
+    );
+    // Tables an earlier --native-nftables run left: one netlink dump, nft only if there are.
+    let mut failures = Vec::new();
+    let removed = crate::apply::keep_going(removed, &mut failures)
+        + crate::apply::keep_going(
+            crate::apply::cleanup_nftables(&mut nft, run.nftables_apply),
+            &mut failures,
+        );
+    crate::apply::all_of(failures)?;
+    crate::caps::drop_all()?;
+    tracing::info!(
+        backend = tools.backend().name(),
+        removed,
+        processes = tools.processes_launched() + nft.processes_launched(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "cleaned up"
+    );
+    Ok(())
+}
