@@ -10,6 +10,7 @@ mod golden;
 mod image;
 mod image_nftables;
 mod injector_template;
+mod istio_oracle;
 mod lifecycle;
 mod lock;
 mod manifests;
