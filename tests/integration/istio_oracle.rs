@@ -478,6 +478,10 @@ fn generate(rng: &mut Rng) -> Config {
     if r.chance(85) {
         let v = c.owners(r);
         c.set(r, "-u", Some("PROXY_UID"), v);
+    } else if r.chance(40) {
+        // No uid: both look this user up on this machine (1337 if it has none).
+        let user = r.pick(&["root", "nobody", "no-such-user"]);
+        c.env.push(("ENVOY_USER".into(), user.to_owned()));
     }
     if r.chance(40) {
         let v = c.owners(r);
