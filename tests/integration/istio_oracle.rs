@@ -9,10 +9,13 @@
 //!   output is byte for byte the golden file shipped in that same module, so the oracle
 //!   drives Istio as Istio's tests do; and meshinit's `print` for the case equals it.
 //! - `differential_parity`: a seeded generator of configurations covering everything
-//!   `istio-iptables` reads (below); for each, meshinit's `print` and `print
+//!   `istio-iptables` reads (`generate`); for each, meshinit's `print` and `print
 //!   --native-nftables` must equal Istio's rulesets, rule for rule in the same order, or
 //!   both must refuse the configuration. The only differences allowed are the ones listed in
 //!   `tests/parity-differences.md`, and each listed one must still occur.
+//! - `kernel_lists_a_sample_alike` (root): a sample of those configurations, Istio's output
+//!   and meshinit's loaded into fresh namespaces, must read back alike from the kernel; the
+//!   proof that what the comparison sets aside as spelling is spelling.
 //!
 //! `MESHINIT_PARITY_SEED=N` replays a run (the seed is printed on failure),
 //! `MESHINIT_PARITY_CASES=N` asks for more (or fewer) than the default 2,000 configurations,
@@ -814,14 +817,19 @@ fn env_number(name: &str) -> Option<u64> {
     })
 }
 
-#[test]
-fn differential_parity() {
-    let Some((bin, _)) = oracle() else { return };
-    let seed = env_number("MESHINIT_PARITY_SEED").unwrap_or_else(|| {
+/// `MESHINIT_PARITY_SEED`, or a fresh seed (printed on failure) so each run covers new ground.
+fn seed() -> u64 {
+    env_number("MESHINIT_PARITY_SEED").unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64)
-    });
+    })
+}
+
+#[test]
+fn differential_parity() {
+    let Some((bin, _)) = oracle() else { return };
+    let seed = seed();
     let count = env_number("MESHINIT_PARITY_CASES").map_or(DEFAULT_CASES, |n| n as usize);
     let indices: Vec<usize> = match env_number("MESHINIT_PARITY_ONLY") {
         Some(i) => vec![i as usize],
@@ -897,6 +905,113 @@ fn differential_parity() {
             "listed differences no configuration needed ({replay}): {unused:?}"
         );
     }
+}
+
+// ---- The kernel as judge, for a sample ----
+
+/// How many generated configurations are also loaded into namespaces per run
+/// (`MESHINIT_PARITY_KERNEL_SAMPLE` asks for more).
+const KERNEL_SAMPLE: usize = 20;
+
+/// As root: a sample of generated configurations whose rulesets compared equal with only
+/// the owner comment and spelling set aside, each side loaded into a fresh namespace (iptables
+/// through iptables-nft-restore, nftables through `nft -f`); the kernel must list the same.
+/// This is what those two allowances claim.
+#[test]
+fn kernel_lists_a_sample_alike() {
+    if !crate::support::require_root("istio_oracle::kernel_lists_a_sample_alike") {
+        return;
+    }
+    let Some((bin, _)) = oracle() else { return };
+    let seed = seed();
+    let sample = env_number("MESHINIT_PARITY_KERNEL_SAMPLE").map_or(KERNEL_SAMPLE, |n| n as usize);
+    // Names only this machine may know (users, groups) would make a load fail on either
+    // side alike; numeric owners and the overlay's java/ftp groups load anywhere. So would
+    // 60-odd included owner groups: Istio allows 64, but their one rule has more words than
+    // iptables-restore 1.8.9's parser takes ("Parser cannot handle more arguments").
+    let loadable = |c: &Config| {
+        let mut values = c.args.iter().chain(c.env.iter().map(|(_, v)| v));
+        c.rejects.is_empty()
+            && values.all(|v| {
+                !v.contains("nobody") && !v.contains("istio-proxy") && v.matches(',').count() < 40
+            })
+    };
+    let candidates: Vec<(usize, Config)> = (0..sample * 8)
+        .map(|i| (i, case(seed, i)))
+        .filter(|(_, c)| loadable(c))
+        .collect();
+    let requests: Vec<Value> = candidates.iter().map(|(_, c)| c.request()).collect();
+    let answers = ask(&bin, &requests);
+    let allowed: BTreeSet<&str> = [OWNER_COMMENT_ID, SPELLING].into();
+    let mut failures = Vec::new();
+    let mut loaded = 0;
+    for ((index, config), answer) in candidates.iter().zip(&answers) {
+        if loaded == sample {
+            break;
+        }
+        let (Ok(istio), (Some(nft), None), None) =
+            (&answer.iptables, &answer.nftables, &answer.error)
+        else {
+            continue;
+        };
+        let args = config.meshinit_args();
+        let (Ok(ours), Ok(ours_nft)) = (
+            meshinit_print(&args, &config.env, false),
+            meshinit_print(&args, &config.env, true),
+        ) else {
+            continue;
+        };
+        let mut seen = BTreeSet::new();
+        let equal = compare_iptables(istio, &ours, &mut seen).is_ok()
+            && compare_nftables(nft, None, &ours_nft, &mut seen).is_ok();
+        if !equal || !seen.iter().all(|id| allowed.contains(id)) {
+            continue;
+        }
+        loaded += 1;
+        let family = |family: &str| {
+            let mut with: Vec<String> = vec!["--family".into(), family.into()];
+            with.extend(args.iter().cloned());
+            meshinit_print(&with, &config.env, false).expect("accepted above")
+        };
+        let ours_v6 = if config.ipv6 {
+            family("ipv6")
+        } else {
+            String::new()
+        };
+        let want = crate::golden::load_and_save("oi", "nft", [&istio.0, &istio.1]);
+        let got = crate::golden::load_and_save("om", "nft", [&family("ipv4"), &ours_v6]);
+        if want != got {
+            failures.push(format!(
+                "case {index}: {}\n  iptables-save differs:\n--- istio\n{}\n--- meshinit\n{}",
+                config.describe(),
+                want.join("\n"),
+                got.join("\n")
+            ));
+        }
+        let listed = |role: &str, text: &str| {
+            let ns = crate::support::netns::NetNs::new(role);
+            let _groups = crate::support::groups::GroupOverlay::new(ns.name());
+            crate::nft_golden::nft_load(&ns, text, role);
+            crate::nft_golden::listing(&ns)
+        };
+        let (want, got) = (listed("oni", nft), listed("onm", &ours_nft));
+        if want != got {
+            failures.push(format!(
+                "case {index}: {}\n  nft list ruleset differs:\n--- istio\n{want}\n--- meshinit\n{got}",
+                config.describe()
+            ));
+        }
+    }
+    eprintln!("kernel_lists_a_sample_alike: seed {seed}, {loaded} configurations loaded");
+    assert!(
+        loaded >= sample / 2,
+        "only {loaded} configurations of seed {seed} were loadable"
+    );
+    assert!(
+        failures.is_empty(),
+        "the kernel lists Istio's and meshinit's rules differently (MESHINIT_PARITY_SEED={seed}):\n{}",
+        failures.join("\n\n")
+    );
 }
 
 // ---- Istio's golden cases ----
