@@ -144,6 +144,7 @@ const REJECTS_OWNER: &str = "rejects-owner";
 const REJECTS_INTERFACE: &str = "rejects-interface";
 const REJECTS_BOOLEAN: &str = "rejects-boolean";
 const ACCEPTS_BLANKS: &str = "accepts-blanks";
+const MODE_NONE: &str = "mode-none";
 
 /// Every id this test knows how to allow; must be exactly the documented ones.
 const KNOWN: &[&str] = &[
@@ -158,6 +159,7 @@ const KNOWN: &[&str] = &[
     REJECTS_INTERFACE,
     REJECTS_BOOLEAN,
     ACCEPTS_BLANKS,
+    MODE_NONE,
 ];
 
 #[test]
@@ -340,6 +342,8 @@ struct Config {
     rejects: Vec<(&'static str, String)>,
     /// Holds list items with blanks around them.
     blanks: bool,
+    /// Interception mode NONE, which meshinit takes as "capture nothing".
+    mode_none: bool,
 }
 
 impl Config {
@@ -504,6 +508,15 @@ fn generate(rng: &mut Rng) -> Config {
             Some("ISTIO_INBOUND_INTERCEPTION_MODE"),
             "TPROXY".into(),
         ),
+        97 => {
+            c.mode_none = true;
+            c.set(
+                r,
+                "-m",
+                Some("ISTIO_INBOUND_INTERCEPTION_MODE"),
+                "NONE".into(),
+            );
+        }
         _ => {
             let v = c
                 .refuse(REJECTS_MODE, r.pick(&["tproxy", "FOO", "redirect"]))
@@ -703,6 +716,17 @@ fn judge(
     seen: &mut BTreeSet<&'static str>,
 ) -> Result<(), String> {
     match (istio_error, ours) {
+        (None, Ok(ours)) if config.mode_none && config.rejects.is_empty() => {
+            // Istio plans REDIRECT; meshinit must plan nothing at all.
+            if ours
+                .lines()
+                .any(|l| !l.trim().is_empty() && !l.starts_with('#'))
+            {
+                return Err(format!("mode NONE, yet meshinit planned rules:\n{ours}"));
+            }
+            seen.insert(MODE_NONE);
+            Ok(())
+        }
         (None, Ok(ours)) => {
             if !config.rejects.is_empty() {
                 return Err(format!(
