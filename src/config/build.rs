@@ -354,11 +354,21 @@ pub fn validate(
 
     let inbound = match inbound_ports {
         PortsOrAll::All => InboundCapture::AllExcept(inbound_exclude),
-        PortsOrAll::List(ports) if ports.is_empty() => InboundCapture::Off,
+        // Istio captures inbound once the value is non-empty, even when it lists no port
+        // (","): the jump to ISTIO_INBOUND is installed, with no port rules behind it.
+        PortsOrAll::List(ports) if ports.is_empty() && r.value(S::InboundPorts).0.is_empty() => {
+            InboundCapture::Off
+        }
         PortsOrAll::List(ports) => InboundCapture::Only(ports),
     };
-    let envoy_user = proxy_uids.is_empty().then(|| r.value(S::EnvoyUser).0);
-    let gid_follows_uid = proxy_gids.is_empty();
+    // Istio looks up ENVOY_USER, and lets the gids follow the uids, only when the value is
+    // empty: a value listing no id (",") means none, so nothing is exempt.
+    let envoy_user = r
+        .value(S::ProxyUid)
+        .0
+        .is_empty()
+        .then(|| r.value(S::EnvoyUser).0);
+    let gid_follows_uid = r.value(S::ProxyGid).0.is_empty();
     let skip = mode.is_none().then(|| {
         let (value, origin) = r.value(S::InterceptionMode);
         format!("interception mode is {value} (from {origin}): traffic is not captured")
@@ -666,5 +676,49 @@ mod tests {
             warnings[0].contains("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE is ignored"),
             "{logged}"
         );
+    }
+
+    /// Knows one user, istio-proxy with uid 1337; IPv6 and DNS always come from flags here.
+    struct Host;
+    impl HostFacts for Host {
+        fn detect_ipv6(&self, _: bool) -> Result<bool, ConfigError> {
+            Ok(false)
+        }
+        fn resolv_conf_nameservers(&self) -> Result<Vec<std::net::IpAddr>, ConfigError> {
+            Ok(vec![])
+        }
+        fn user_uid(&self, name: &str) -> Option<u32> {
+            (name == "istio-proxy").then_some(1337)
+        }
+    }
+
+    fn capture(flags: &[(Setting, &str)]) -> CaptureConfig {
+        let mut raw = RawSettings::default();
+        for (setting, value) in flags {
+            raw.set_flag(*setting, *value);
+        }
+        let validated = validate(&raw, &|_| None).expect("valid");
+        match validated.resolve(&Host).expect("resolves") {
+            ConfigOutcome::Capture(config) => config.capture,
+            ConfigOutcome::Skip { reason } => panic!("skipped: {reason}"),
+        }
+    }
+
+    // Found by the differential test against Istio's code (tests/integration/istio_oracle.rs).
+    #[test]
+    fn a_list_value_naming_no_item_is_set_not_unset() {
+        // Istio tests the value, not the list: "," looks up no ENVOY_USER and gives no gids.
+        let c = capture(&[(Setting::ProxyUid, ",")]);
+        assert_eq!((c.proxy_uids, c.proxy_gids), (vec![], vec![]));
+        let c = capture(&[(Setting::ProxyUid, "7"), (Setting::ProxyGid, ",")]);
+        assert_eq!((c.proxy_uids, c.proxy_gids), (vec![Owner::Id(7)], vec![]));
+        // Unset: the uid of ENVOY_USER, and the gids follow the uids.
+        let c = capture(&[]);
+        assert_eq!(c.proxy_gids, vec![Owner::Id(1337)]);
+        // "-b ," installs the jump to ISTIO_INBOUND with no port behind it; "-b ''" nothing.
+        let c = capture(&[(Setting::InboundPorts, ",")]);
+        assert_eq!(c.inbound, InboundCapture::Only(vec![]));
+        let c = capture(&[(Setting::InboundPorts, "")]);
+        assert_eq!(c.inbound, InboundCapture::Off);
     }
 }

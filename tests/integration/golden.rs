@@ -338,7 +338,7 @@ fn normalise_save(save: &str) -> String {
 
 /// Loads `input` into a fresh namespace with `backend`'s tools and returns what the
 /// kernel reports back, per family.
-fn load_and_save(role: &str, backend: &str, inputs: [&str; 2]) -> [String; 2] {
+pub fn load_and_save(role: &str, backend: &str, inputs: [&str; 2]) -> [String; 2] {
     let ns = crate::support::netns::NetNs::new(role);
     let _groups = GroupOverlay::new(ns.name());
     let mut saves = [String::new(), String::new()];

@@ -11,6 +11,7 @@ mod golden;
 mod image;
 mod image_nftables;
 mod injector_template;
+mod istio_oracle;
 mod lifecycle;
 mod lock;
 mod manifests;
