@@ -172,7 +172,7 @@ fn explanation_text(
             "the sidecar's outbound listener"
         } else if port == capture.inbound_capture_port.get() {
             "the sidecar's inbound listener"
-        } else if port == crate::rules::plan::DNS_PROXY_PORT {
+        } else if port == crate::rules::decisions::DNS_PROXY_PORT {
             "the agent's DNS proxy"
         } else {
             "a local listener"

@@ -4,31 +4,23 @@
 //! two can be compared section by section; the resulting chains are what matters, and
 //! `tests/` checks them against Istio's own golden files.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ipnet::IpNet;
 
 use super::builder::{jump, Families, RulesetBuilder};
+use super::decisions::{
+    self, fixed_port, lo, DnsServers, CT_ZONE_CLIENT, CT_ZONE_UPSTREAM, DNS_PORT, DNS_PROXY_PORT,
+    OUTBOUND_MARK,
+};
 use super::ipset::{IpSet, SetList};
 use super::model::{
-    BuiltinChain, Chain, CtState, Family, Interface, IstioChain, Match, Owner, OwnerKind, Port,
-    Protocol, Rule, Ruleset, Table, Target, TproxyRouting,
+    BuiltinChain, Chain, CtState, Family, IstioChain, Match, Owner, OwnerKind, Port, Protocol,
+    Rule, Ruleset, Table, Target,
 };
 use crate::config::OwnerGroups;
-use crate::config::{CaptureConfig, DnsCapture, InboundCapture, InterceptionMode, OutboundInclude};
+use crate::config::{CaptureConfig, InboundCapture, OutboundInclude};
 use crate::rules::PlanOptions;
-
-/// Envoy marks its connections back to the app with this in TPROXY mode (Istio's
-/// `OutboundMark`); the inbound rules let them through.
-pub const OUTBOUND_MARK: u32 = 1338;
-/// The agent's DNS proxy.
-pub const DNS_PROXY_PORT: u16 = 15053;
-const DNS_PORT: u16 = 53;
-/// Conntrack zones that keep the agent's own DNS flows apart from the app's (Istio's fix for
-/// UDP conntrack races): upstream queries in zone 1, app ↔ agent in zone 2.
-const CT_ZONE_UPSTREAM: u16 = 1;
-const CT_ZONE_CLIENT: u16 = 2;
 
 const PREROUTING: Chain = Chain::Builtin(BuiltinChain::Prerouting);
 const OUTPUT: Chain = Chain::Builtin(BuiltinChain::Output);
@@ -56,12 +48,7 @@ pub fn plan_with(cfg: &CaptureConfig, options: PlanOptions) -> Ruleset {
     };
     planner.run();
     let (v4, v6) = planner.b.finish();
-    let tproxy_routing = (cfg.interception == InterceptionMode::Tproxy
-        && cfg.inbound != InboundCapture::Off)
-        .then_some(TproxyRouting {
-            mark: cfg.tproxy_mark,
-            table: cfg.tproxy_route_table,
-        });
+    let tproxy_routing = decisions::tproxy_routing(cfg);
     Ruleset {
         v4,
         v6,
@@ -114,11 +101,6 @@ fn not_dport(port: Port) -> Match {
     }
 }
 
-fn fixed_port(port: u16) -> Port {
-    // Only called with the non-zero constants above.
-    Port::new(port).unwrap_or_else(|| unreachable!("fixed ports are non-zero"))
-}
-
 fn dst(net: IpNet) -> Match {
     Match::Destination {
         net,
@@ -135,28 +117,6 @@ fn owner(kind: OwnerKind, who: &Owner, negated: bool) -> Match {
         kind,
         owner: who.clone(),
         negated,
-    }
-}
-
-fn lo() -> Interface {
-    Interface::new_unchecked("lo".to_owned())
-}
-
-fn host_net(addr: IpAddr) -> IpNet {
-    match addr {
-        IpAddr::V4(a) => IpNet::V4(Ipv4Net::from(a)),
-        IpAddr::V6(a) => IpNet::V6(Ipv6Net::from(a)),
-    }
-}
-
-fn ipv6_loopback() -> IpNet {
-    host_net(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST))
-}
-
-fn inbound_passthrough_source(family: Family) -> IpNet {
-    match family {
-        Family::V4 => host_net(IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 6))),
-        Family::V6 => host_net(super::model::IPV6_PASSTHROUGH),
     }
 }
 
@@ -205,30 +165,6 @@ impl Planner<'_> {
             self.b
                 .append_versioned(table, chain, |family| make(port.dport(family)));
         }
-    }
-
-    /// The loopback range that counts as "the app talking to itself" in this family.
-    fn loopback(&self, family: Family) -> IpNet {
-        match family {
-            Family::V4 => IpNet::V4(self.cfg.host_ipv4_loopback),
-            Family::V6 => ipv6_loopback(),
-        }
-    }
-
-    fn tproxy(&self) -> bool {
-        self.cfg.interception == InterceptionMode::Tproxy
-    }
-
-    fn dns_on(&self) -> bool {
-        self.cfg.dns != DnsCapture::Off
-    }
-
-    /// The proxy's uids then gids, each with its owner-match kind (Istio handles them in two
-    /// identical loops).
-    fn proxy_owners(&self) -> impl Iterator<Item = (OwnerKind, &Owner)> {
-        let uids = self.cfg.proxy_uids.iter().map(|o| (OwnerKind::Uid, o));
-        let gids = self.cfg.proxy_gids.iter().map(|o| (OwnerKind::Gid, o));
-        uids.chain(gids)
     }
 
     fn run(&mut self) {
@@ -295,22 +231,22 @@ impl Planner<'_> {
             rule(
                 vec![
                     Match::OutInterface(lo()),
-                    Match::Source(inbound_passthrough_source(family)),
+                    Match::Source(decisions::passthrough_source(family)),
                 ],
                 Target::Return,
             )
         });
         self.proxy_owner_rules();
         self.owner_groups();
-        if self.dns_on() {
+        if decisions::dns_on(self.cfg) {
             self.dns_redirect();
             self.dns_conntrack_zones();
         }
-        let loopback_v4 = self.loopback(Family::V4);
+        let loopback_v4 = decisions::loopback(self.cfg, Family::V4);
         self.b.append_versioned(Table::Nat, ISTIO_OUTPUT, |family| {
             let net = match family {
                 Family::V4 => loopback_v4,
-                Family::V6 => ipv6_loopback(),
+                Family::V6 => decisions::loopback(self.cfg, Family::V6),
             };
             rule(vec![dst(net)], Target::Return)
         });
@@ -338,7 +274,7 @@ impl Planner<'_> {
         });
         self.outbound_include(Family::V4);
         self.outbound_include(Family::V6);
-        if self.tproxy() {
+        if decisions::tproxy(self.cfg) {
             self.tproxy_marks();
         }
     }
@@ -346,7 +282,7 @@ impl Planner<'_> {
     fn exclude_interfaces(&mut self) {
         let cfg = self.cfg;
         let mut tables = vec![Table::Nat];
-        if self.tproxy() {
+        if decisions::tproxy(self.cfg) {
             tables.push(Table::Mangle);
         }
         for table in tables {
@@ -384,7 +320,7 @@ impl Planner<'_> {
         if cfg.inbound == InboundCapture::Off {
             return;
         }
-        let table = if self.tproxy() {
+        let table = if decisions::tproxy(self.cfg) {
             self.b.append(
                 Families::Both,
                 Table::Mangle,
@@ -397,11 +333,11 @@ impl Planner<'_> {
                 DIVERT,
                 rule(vec![], Target::Accept),
             );
-            let loopback_v4 = self.loopback(Family::V4);
+            let loopback_v4 = decisions::loopback(self.cfg, Family::V4);
             self.b.append_versioned(Table::Mangle, TPROXY, |family| {
                 let net = match family {
                     Family::V4 => loopback_v4,
-                    Family::V6 => ipv6_loopback(),
+                    Family::V6 => decisions::loopback(self.cfg, Family::V6),
                 };
                 rule(
                     vec![not_dst(net), proto(Protocol::Tcp)],
@@ -429,7 +365,7 @@ impl Planner<'_> {
                 self.append_per_port(table, INBOUND, &excluded, |port| {
                     rule(vec![proto(Protocol::Tcp), port], Target::Return)
                 });
-                if self.tproxy() {
+                if decisions::tproxy(self.cfg) {
                     self.b.append(
                         Families::Both,
                         Table::Mangle,
@@ -459,7 +395,7 @@ impl Planner<'_> {
                 // its new connections go to TPROXY; over a set the pair stays in that order.
                 for port in self.port_matches(SetList::IncludedInboundPorts, ports) {
                     let port = std::slice::from_ref(&port);
-                    if self.tproxy() {
+                    if decisions::tproxy(self.cfg) {
                         self.append_per_port(Table::Mangle, INBOUND, port, |port| {
                             rule(
                                 vec![proto(Protocol::Tcp), port, established()],
@@ -506,14 +442,15 @@ impl Planner<'_> {
     /// loopback traffic is left alone, and everything else the proxy sends goes direct.
     fn proxy_owner_rules(&mut self) {
         let cfg = self.cfg;
-        let dns_on = self.dns_on();
+        let dns_on = decisions::dns_on(self.cfg);
         let loopback_included = match &cfg.outbound_include {
             OutboundInclude::Only(nets) => nets.iter().any(|n| n.addr().is_loopback()),
             OutboundInclude::Off | OutboundInclude::All => false,
         };
-        let owners: Vec<(OwnerKind, Owner)> =
-            self.proxy_owners().map(|(k, o)| (k, o.clone())).collect();
-        let loopback_v4 = self.loopback(Family::V4);
+        let owners: Vec<(OwnerKind, Owner)> = decisions::proxy_owners(self.cfg)
+            .map(|(k, o)| (k, o.clone()))
+            .collect();
+        let loopback_v4 = decisions::loopback(self.cfg, Family::V4);
         let tunnel = cfg.inbound_tunnel_port;
         for (kind, who) in &owners {
             // Istio skips DNS in this rule for uids only; gids keep the plain form.
@@ -521,7 +458,7 @@ impl Planner<'_> {
             self.b.append_versioned(Table::Nat, ISTIO_OUTPUT, |family| {
                 let net = match family {
                     Family::V4 => loopback_v4,
-                    Family::V6 => ipv6_loopback(),
+                    Family::V6 => decisions::loopback(self.cfg, Family::V6),
                 };
                 let port_match = if skip_dns_here {
                     Match::DestinationPorts {
@@ -599,7 +536,7 @@ impl Planner<'_> {
     }
 
     fn dns_redirect(&mut self) {
-        let (all, v4, v6) = dns_servers(&self.cfg.dns);
+        let DnsServers { all, v4, v6 } = decisions::dns_servers(self.cfg);
         let dns = fixed_port(DNS_PORT);
         let proxy = Target::Redirect {
             to_port: fixed_port(DNS_PROXY_PORT),
@@ -643,10 +580,11 @@ impl Planner<'_> {
     }
 
     fn dns_conntrack_zones(&mut self) {
-        let (all, v4, v6) = dns_servers(&self.cfg.dns);
+        let DnsServers { all, v4, v6 } = decisions::dns_servers(self.cfg);
         let dns = fixed_port(DNS_PORT);
-        let owners: Vec<(OwnerKind, Owner)> =
-            self.proxy_owners().map(|(k, o)| (k, o.clone())).collect();
+        let owners: Vec<(OwnerKind, Owner)> = decisions::proxy_owners(self.cfg)
+            .map(|(k, o)| (k, o.clone()))
+            .collect();
         for (kind, who) in &owners {
             self.b.append(
                 Families::Both,
@@ -825,14 +763,15 @@ impl Planner<'_> {
                 Target::Return,
             ),
         );
-        let owners: Vec<(OwnerKind, Owner)> =
-            self.proxy_owners().map(|(k, o)| (k, o.clone())).collect();
-        let loopback_v4 = self.loopback(Family::V4);
+        let owners: Vec<(OwnerKind, Owner)> = decisions::proxy_owners(self.cfg)
+            .map(|(k, o)| (k, o.clone()))
+            .collect();
+        let loopback_v4 = decisions::loopback(self.cfg, Family::V4);
         for (kind, who) in &owners {
             self.b.append_versioned(Table::Mangle, OUTPUT, |family| {
                 let net = match family {
                     Family::V4 => loopback_v4,
-                    Family::V6 => ipv6_loopback(),
+                    Family::V6 => decisions::loopback(self.cfg, Family::V6),
                 };
                 rule(
                     vec![
@@ -880,7 +819,7 @@ impl Planner<'_> {
                 rule(
                     vec![
                         proto(Protocol::Tcp),
-                        Match::Source(inbound_passthrough_source(family)),
+                        Match::Source(decisions::passthrough_source(family)),
                         Match::InInterface(lo()),
                     ],
                     Target::Return,
@@ -918,25 +857,12 @@ fn families_of(net: &IpNet) -> Families {
     Families::only(family_of(net))
 }
 
-/// (capture all, v4 server host routes, v6 server host routes).
-fn dns_servers(dns: &DnsCapture) -> (bool, Vec<IpNet>, Vec<IpNet>) {
-    match dns {
-        DnsCapture::Off => (false, vec![], vec![]),
-        DnsCapture::All => (true, vec![], vec![]),
-        DnsCapture::Servers { v4, v6 } => (
-            false,
-            v4.iter().map(|a| host_net(IpAddr::V4(*a))).collect(),
-            v6.iter().map(|a| host_net(IpAddr::V6(*a))).collect(),
-        ),
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::config::{OutboundInclude, OwnerGroups};
+    use crate::config::{DnsCapture, InterceptionMode, OutboundInclude, OwnerGroups};
     use crate::rules::iptables::rule_spec;
-    use crate::rules::model::{ChainRules, FamilyRuleset};
+    use crate::rules::model::{ChainRules, FamilyRuleset, Interface, TproxyRouting};
 
     fn port(p: u16) -> Port {
         Port::new(p).unwrap()

@@ -8,28 +8,19 @@
 //! loads the result and Istio's goldens into the kernel and compares what it holds.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ipnet::IpNet;
 
 use super::model::{
     Chain, Direction, Match, NftRuleset, Position, Rule, RuleOp, Statement, Table, TableRules,
-    TproxyRouting,
 };
-use crate::config::{
-    CaptureConfig, DnsCapture, InboundCapture, InterceptionMode, OutboundInclude, OwnerGroups,
+use crate::config::{CaptureConfig, InboundCapture, OutboundInclude, OwnerGroups};
+use crate::rules::decisions::{
+    self, fixed_port, lo, DnsServers, CT_ZONE_CLIENT, CT_ZONE_UPSTREAM, DNS_PORT, DNS_PROXY_PORT,
+    OUTBOUND_MARK,
 };
-use crate::rules::model::{
-    CtState, Family, Interface, Owner, OwnerKind, Port, Protocol, IPV6_PASSTHROUGH,
-};
-use crate::rules::plan::{DNS_PROXY_PORT, OUTBOUND_MARK};
+use crate::rules::model::{CtState, Family, Owner, OwnerKind, Port, Protocol};
 pub use crate::rules::PlanOptions;
-
-const DNS_PORT: u16 = 53;
-/// Conntrack zones for DNS (as in the iptables plan): upstream queries in zone 1, app ↔
-/// agent in zone 2.
-const CT_ZONE_UPSTREAM: u16 = 1;
-const CT_ZONE_CLIENT: u16 = 2;
 
 /// Plans the nftables ruleset for `cfg`: Istio's, one rule per list entry.
 pub fn plan(cfg: &CaptureConfig) -> NftRuleset {
@@ -44,12 +35,7 @@ pub fn plan_with(cfg: &CaptureConfig, options: PlanOptions) -> NftRuleset {
         b: Builder::default(),
     };
     planner.run();
-    let tproxy_routing = (cfg.interception == InterceptionMode::Tproxy
-        && cfg.inbound != InboundCapture::Off)
-        .then_some(TproxyRouting {
-            mark: cfg.tproxy_mark,
-            table: cfg.tproxy_route_table,
-        });
+    let tproxy_routing = decisions::tproxy_routing(cfg);
     NftRuleset {
         tables: planner.b.finish(),
         ipv6: cfg.ipv6,
@@ -218,33 +204,6 @@ fn iif_lo() -> Match {
     Match::InInterface(lo())
 }
 
-fn lo() -> Interface {
-    Interface::new_unchecked("lo".to_owned())
-}
-
-fn fixed_port(port: u16) -> Port {
-    Port::new(port).unwrap_or_else(|| unreachable!("fixed ports are non-zero"))
-}
-
-fn host_net(addr: IpAddr) -> IpNet {
-    match addr {
-        IpAddr::V4(a) => IpNet::V4(Ipv4Net::from(a)),
-        IpAddr::V6(a) => IpNet::V6(Ipv6Net::from(a)),
-    }
-}
-
-fn ipv6_loopback() -> IpNet {
-    host_net(IpAddr::V6(Ipv6Addr::LOCALHOST))
-}
-
-fn passthrough_v4() -> IpNet {
-    host_net(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6)))
-}
-
-fn passthrough_v6() -> IpNet {
-    host_net(IPV6_PASSTHROUGH)
-}
-
 fn is_v4(net: &IpNet) -> bool {
     matches!(net, IpNet::V4(_))
 }
@@ -292,18 +251,6 @@ impl Planner<'_> {
         if self.cfg.ipv6 {
             self.b.insert(table, chain, index, rule);
         }
-    }
-
-    fn tproxy(&self) -> bool {
-        self.cfg.interception == InterceptionMode::Tproxy
-    }
-
-    fn loopback_v4(&self) -> IpNet {
-        IpNet::V4(self.cfg.host_ipv4_loopback)
-    }
-
-    fn dns_on(&self) -> bool {
-        self.cfg.dns != DnsCapture::Off
     }
 
     /// `NftablesConfigurator.Run`, step by step.
@@ -381,22 +328,28 @@ impl Planner<'_> {
         self.b.append(
             Table::Nat,
             Chain::IstioOutput,
-            rule(vec![oif_lo(), saddr(passthrough_v4())], ret()),
+            rule(
+                vec![oif_lo(), saddr(decisions::passthrough_source(Family::V4))],
+                ret(),
+            ),
         );
         self.append_v6(
             Table::Nat,
             Chain::IstioOutput,
-            rule(vec![oif_lo(), saddr(passthrough_v6())], ret()),
+            rule(
+                vec![oif_lo(), saddr(decisions::passthrough_source(Family::V6))],
+                ret(),
+            ),
         );
         self.proxy_owner_rules(OwnerKind::Uid);
         self.proxy_owner_rules(OwnerKind::Gid);
         self.capture_by_owner_group();
-        if self.dns_on() {
+        if decisions::dns_on(self.cfg) {
             self.dns_redirect();
             self.dns_conntrack_zones();
         }
         // Envoy-aware apps and container-to-container traffic use localhost: left alone.
-        let loopback_v4 = self.loopback_v4();
+        let loopback_v4 = decisions::loopback(self.cfg, Family::V4);
         self.b.append(
             Table::Nat,
             Chain::IstioOutput,
@@ -405,7 +358,10 @@ impl Planner<'_> {
         self.append_v6(
             Table::Nat,
             Chain::IstioOutput,
-            rule(vec![daddr(ipv6_loopback())], ret()),
+            rule(
+                vec![daddr(decisions::loopback(self.cfg, Family::V6))],
+                ret(),
+            ),
         );
         // Exclusions before inclusions; all IPv4 ranges first, then IPv6 (Istio's
         // `SeparateV4V6`).
@@ -432,7 +388,7 @@ impl Planner<'_> {
             );
         }
         self.outbound_include();
-        if self.tproxy() {
+        if decisions::tproxy(self.cfg) {
             self.tproxy_marks();
         }
     }
@@ -440,7 +396,7 @@ impl Planner<'_> {
     fn short_circuit_exclude_interfaces(&mut self) {
         let cfg = self.cfg;
         let mut tables = vec![Table::Nat];
-        if self.tproxy() {
+        if decisions::tproxy(self.cfg) {
             tables.push(Table::Mangle);
         }
         for table in tables {
@@ -474,7 +430,7 @@ impl Planner<'_> {
         if self.cfg.inbound == InboundCapture::Off {
             return;
         }
-        if self.tproxy() {
+        if decisions::tproxy(self.cfg) {
             self.inbound_tproxy();
             return;
         }
@@ -536,7 +492,7 @@ impl Planner<'_> {
                 Statement::Accept,
             ]
         };
-        let loopback_v4 = self.loopback_v4();
+        let loopback_v4 = decisions::loopback(self.cfg, Family::V4);
         self.b.append(
             Table::Mangle,
             Chain::Tproxy,
@@ -546,7 +502,7 @@ impl Planner<'_> {
             Table::Mangle,
             Chain::Tproxy,
             rule(
-                vec![tcp(), not_daddr(ipv6_loopback())],
+                vec![tcp(), not_daddr(decisions::loopback(self.cfg, Family::V6))],
                 to_proxy(Family::V6),
             ),
         );
@@ -606,7 +562,7 @@ impl Planner<'_> {
             OwnerKind::Uid => &cfg.proxy_uids,
             OwnerKind::Gid => &cfg.proxy_gids,
         };
-        let dns_on = self.dns_on();
+        let dns_on = decisions::dns_on(self.cfg);
         let loopback_included = match &cfg.outbound_include {
             OutboundInclude::Only(nets) => nets.iter().any(|n| n.addr().is_loopback()),
             OutboundInclude::Off | OutboundInclude::All => false,
@@ -618,7 +574,7 @@ impl Planner<'_> {
         } else {
             vec![tunnel]
         };
-        let loopback_v4 = self.loopback_v4();
+        let loopback_v4 = decisions::loopback(self.cfg, Family::V4);
         for who in owners {
             let to_in_redirect = |net: IpNet| {
                 rule(
@@ -637,7 +593,7 @@ impl Planner<'_> {
             self.append_v6(
                 Table::Nat,
                 Chain::IstioOutput,
-                to_in_redirect(ipv6_loopback()),
+                to_in_redirect(decisions::loopback(self.cfg, Family::V6)),
             );
             if !loopback_included {
                 // With DNS capture, TCP DNS to a resolver on localhost must still be caught
@@ -686,23 +642,10 @@ impl Planner<'_> {
         }
     }
 
-    /// (capture all, v4 servers, v6 servers) as host networks.
-    fn dns_servers(&self) -> (bool, Vec<IpNet>, Vec<IpNet>) {
-        match &self.cfg.dns {
-            DnsCapture::Off => (false, vec![], vec![]),
-            DnsCapture::All => (true, vec![], vec![]),
-            DnsCapture::Servers { v4, v6 } => (
-                false,
-                v4.iter().map(|a| host_net(IpAddr::V4(*a))).collect(),
-                v6.iter().map(|a| host_net(IpAddr::V6(*a))).collect(),
-            ),
-        }
-    }
-
     /// `SetupDNSRedir`: queries from the app to the configured servers (or to anyone, with
     /// capture-all) go to the agent's DNS proxy.
     fn dns_redirect(&mut self) {
-        let (all, v4, v6) = self.dns_servers();
+        let DnsServers { all, v4, v6 } = decisions::dns_servers(self.cfg);
         let dns = fixed_port(DNS_PORT);
         let to_agent = || {
             counted(Statement::Redirect {
@@ -752,7 +695,7 @@ impl Planner<'_> {
     /// agent in separate conntrack zones (Istio's fix for UDP conntrack races).
     fn dns_conntrack_zones(&mut self) {
         let cfg = self.cfg;
-        let (all, v4, v6) = self.dns_servers();
+        let DnsServers { all, v4, v6 } = decisions::dns_servers(self.cfg);
         let dns = fixed_port(DNS_PORT);
         let uids = cfg.proxy_uids.iter().map(|o| (OwnerKind::Uid, o));
         let gids = cfg.proxy_gids.iter().map(|o| (OwnerKind::Gid, o));
@@ -891,7 +834,7 @@ impl Planner<'_> {
             Chain::Output,
             rule(vec![oif_lo(), tcp(), mark(tproxy_mark, false)], ret()),
         );
-        let loopback_v4 = self.loopback_v4();
+        let loopback_v4 = decisions::loopback(self.cfg, Family::V4);
         let uids = cfg.proxy_uids.iter().map(|o| (OwnerKind::Uid, o));
         let gids = cfg.proxy_gids.iter().map(|o| (OwnerKind::Gid, o));
         for (kind, who) in uids.chain(gids) {
@@ -903,7 +846,11 @@ impl Planner<'_> {
             };
             self.b
                 .append(Table::Mangle, Chain::Output, outbound_mark(loopback_v4));
-            self.append_v6(Table::Mangle, Chain::Output, outbound_mark(ipv6_loopback()));
+            self.append_v6(
+                Table::Mangle,
+                Chain::Output,
+                outbound_mark(decisions::loopback(self.cfg, Family::V6)),
+            );
         }
         self.b.append(
             Table::Mangle,
@@ -923,13 +870,27 @@ impl Planner<'_> {
             Table::Mangle,
             Chain::Inbound,
             1,
-            rule(vec![iif_lo(), tcp(), saddr(passthrough_v4())], ret()),
+            rule(
+                vec![
+                    iif_lo(),
+                    tcp(),
+                    saddr(decisions::passthrough_source(Family::V4)),
+                ],
+                ret(),
+            ),
         );
         self.insert_v6(
             Table::Mangle,
             Chain::Inbound,
             1,
-            rule(vec![iif_lo(), tcp(), saddr(passthrough_v6())], ret()),
+            rule(
+                vec![
+                    iif_lo(),
+                    tcp(),
+                    saddr(decisions::passthrough_source(Family::V6)),
+                ],
+                ret(),
+            ),
         );
         self.b.insert(
             Table::Mangle,
@@ -943,6 +904,8 @@ impl Planner<'_> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::config::{DnsCapture, InterceptionMode};
+    use crate::rules::model::{Interface, TproxyRouting};
     use crate::rules::nft::render::rule_text;
 
     fn port(p: u16) -> Port {
