@@ -1,6 +1,7 @@
 //! meshinit: Istio's `istio-init`, done as a small static binary.
 //!
-//! Layers, each unaware of the ones above it: `config` (flags, environment and annotations
+//! Layers, each unaware of the ones above it: `values` (the value types all share: a leaf),
+//! `config` (flags, environment and annotations
 //! → a validated `Config`), `rules` (`Config` → a typed ruleset → text), `apply` (ruleset →
 //! kernel, behind small traits), `engine` (the backend chosen once: plan, dry-run, install,
 //! remove), and on top the commands: `app` (dispatch), `explain`, `validate`, `cni`.
@@ -19,5 +20,6 @@ pub mod netlink;
 pub mod netns;
 pub mod rules;
 pub mod validate;
+pub mod values;
 
 pub use error::Error;

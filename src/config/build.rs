@@ -12,7 +12,7 @@ use super::error::{ConfigError, Origin};
 use super::host::HostFacts;
 use super::parse::{self, PortsOrAll, Reason};
 use super::{CaptureConfig, Config, DnsCapture, InboundCapture, OwnerGroups, RunOptions};
-use crate::rules::model::Owner;
+use crate::values::Owner;
 
 /// Every setting meshinit reads, Istio's and its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -25,7 +25,7 @@ pub use host::{HostFacts, SystemHost};
 /// Environment lookup, injectable so tests need not mutate the process environment.
 pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
-use crate::rules::model::{Interface, Owner, Port};
+use crate::values::{Interface, Owner, Port};
 
 /// How inbound connections reach the sidecar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

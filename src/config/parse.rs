@@ -7,8 +7,8 @@ use std::time::Duration;
 use ipnet::{IpNet, Ipv4Net};
 
 use super::{ForcedBackend, InterceptionMode, NftablesApply, OutboundInclude};
-use crate::rules::decisions::OUTBOUND_MARK;
-use crate::rules::model::{Interface, Owner, Port};
+use crate::values::OUTBOUND_MARK;
+use crate::values::{Interface, Owner, Port};
 
 pub type Reason = String;
 

@@ -13,9 +13,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use super::model::{Family, Interface, Owner, OwnerKind, Port, TproxyRouting, IPV6_PASSTHROUGH};
 use crate::config::{CaptureConfig, DnsCapture, InboundCapture, InterceptionMode};
 
-/// Envoy marks its connections back to the app with this in TPROXY mode (Istio's
-/// `OutboundMark`); the inbound rules let them through.
-pub const OUTBOUND_MARK: u32 = 1338;
+pub use crate::values::OUTBOUND_MARK;
 /// The agent's DNS proxy.
 pub const DNS_PROXY_PORT: u16 = 15053;
 pub const DNS_PORT: u16 = 53;
