@@ -1,10 +1,10 @@
 //! meshinit: Istio's `istio-init`, done as a small static binary.
 //!
 //! Layers, each unaware of the ones above it: `values` (the value types all share: a leaf),
-//! `config` (flags, environment and annotations
-//! → a validated `Config`), `rules` (`Config` → a typed ruleset → text), `apply` (ruleset →
-//! kernel, behind small traits), `engine` (the backend chosen once: plan, dry-run, install,
-//! remove), and on top the commands: `app` (dispatch), `explain`, `validate`, `cni`.
+//! `config` (flags, environment and annotations → a validated `Config`), `rules` (`Config`
+//! → a typed ruleset → text), `apply` (ruleset → kernel, behind small traits), `engine` (the
+//! backend chosen once: plan, dry-run, install, remove), and on top the commands: `app`
+//! (dispatch), `explain`, `validate`, `cni`.
 
 pub mod app;
 pub mod apply;
