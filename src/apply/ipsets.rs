@@ -8,7 +8,8 @@
 
 use std::sync::Arc;
 
-use crate::netlink::{attrs, Socket, Writer, NLA_F_NET_BYTEORDER};
+use crate::netlink::wire::{attrs, Writer, NLA_F_NET_BYTEORDER};
+use crate::netlink::Socket;
 use crate::rules::ipset::{IpSet, SetMembers, SET_PREFIX};
 use crate::rules::model::Family;
 

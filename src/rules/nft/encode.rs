@@ -23,7 +23,7 @@ use ipnet::IpNet;
 
 use super::model::{BaseChain, Chain, ChainType, Direction, Hook, Match, Position, Statement};
 use super::txn::Op;
-use crate::netlink::{
+use crate::netlink::wire::{
     Writer, NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, NFNL_SUBSYS_NFTABLES, NLM_F_ACK,
     NLM_F_APPEND, NLM_F_CREATE,
 };
