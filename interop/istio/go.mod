@@ -6,8 +6,10 @@ module meshinit.dev/interop/istio
 // every Istio package the oracle links (tools/istio-iptables, tools/istio-nftables,
 // tools/common, and the pkg/ packages they import) is byte for byte the same at both
 // commits, and the oracle reproduces all 55 of those goldens. golang.org/x/net,
-// golang.org/x/sys and grpc are raised to 86c9f01's versions, so every module linked is the
-// one that commit selects.
+// golang.org/x/sys and grpc are raised to 86c9f01's versions, so every module the rules
+// oracle links is the one that commit selects. The injector (inject/) is eed52ebb66ad's, not
+// 86c9f01's: its charts differ there (quoting in the injection template, GOMAXPROCS in
+// istio-proxy's env), and so do istio.io/api and others it links.
 
 go 1.26.0
 
