@@ -14,8 +14,8 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 case "${1:-rules}" in
-  rules) name=istio-oracle package=. ;;
-  inject) name=istio-inject-oracle package=./inject ;;
+  rules) name=istio-oracle package=. sources=("$here"/*.go) ;;
+  inject) name=istio-inject-oracle package=./inject sources=("$here"/inject/*.go) ;;
   *) echo "usage: build.sh [rules|inject]" >&2; exit 2 ;;
 esac
 repo="$(cd "$here/../.." && pwd)"
@@ -34,8 +34,8 @@ if [ -z "$version" ]; then
   exit 1
 fi
 # The pinned version names the directory; a digest of the sources tells builds within it
-# apart, so editing main.go never runs a stale binary.
-digest="$(cat "$here/go.mod" "$here/go.sum" "$here"/*.go "$here"/inject/*.go | sha256sum | cut -c1-16)"
+# apart, so editing a source never runs a stale binary (nor rebuilds the other oracle).
+digest="$(cat "$here/go.mod" "$here/go.sum" "${sources[@]}" | sha256sum | cut -c1-16)"
 
 if [ -n "${ISTIO_ORACLE_CACHE:-}" ]; then cache="$ISTIO_ORACLE_CACHE"
 elif [ "$(id -u)" = 0 ]; then cache=/var/lib/meshinit-test
