@@ -1501,3 +1501,30 @@ fn with_machine(args: &[String], dns: &[String]) -> Vec<String> {
     ]);
     all
 }
+
+/// The inject oracle is Istio's injection test: for the proxy_init image swap, Istio's own
+/// golden (`pkg/kube/inject/testdata/inject/hello.yaml.proxyInitImageName.injected`).
+#[test]
+fn inject_oracle_reproduces_istio_golden() {
+    let Some((inject, moddir)) = built("inject") else {
+        return;
+    };
+    let testdata = moddir.join("pkg/kube/inject/testdata/inject");
+    let pod = std::fs::read_to_string(testdata.join("hello.yaml")).expect("Istio's input");
+    let sample = InjectSample {
+        name: "hello",
+        annotations: &[],
+        set: &["values.global.proxy_init.image=proxyInitTest"],
+        // Istio's test runs on nodes that support native sidecars, so they are on.
+        native_sidecars: true,
+        proxy_run_as_user: None,
+        expect: &[],
+    };
+    let got = injected(&inject, &moddir, &sample, &pod, &[], &[]);
+    let want = std::fs::read_to_string(testdata.join("hello.yaml.proxyInitImageName.injected"))
+        .expect("Istio's golden");
+    assert!(
+        got == want,
+        "the inject oracle is not Istio's injection test:\n{got}"
+    );
+}
