@@ -77,16 +77,19 @@ if [ ! -x "$newer_nft/usr/sbin/nft" ]; then
   fi
 fi
 
-# Istio's own capture code as a command (interop/istio), which the parity tests ask what Istio
-# would program (tests/integration/istio_oracle.rs). Built once per pinned Istio version; the
-# first build fetches modules through the Go module proxy, later ones are offline.
-if ! bash interop/istio/build.sh >/dev/null; then
-  if [ "${CI:-}" = true ]; then
-    echo "test.sh: istio-oracle did not build (needs Go 1.26: go on PATH or /usr/local/go)" >&2
-    exit 1
+# Istio's own capture code and sidecar injector as commands (interop/istio), which the parity
+# tests ask what Istio would program and inject (tests/integration/istio_oracle.rs). Built
+# once per pinned Istio version; the first build fetches modules through the Go module proxy
+# (the injector's takes minutes), later ones are offline.
+for oracle in rules inject; do
+  if ! bash interop/istio/build.sh "$oracle" >/dev/null; then
+    if [ "${CI:-}" = true ]; then
+      echo "test.sh: the $oracle oracle did not build (needs Go 1.26: go on PATH or /usr/local/go)" >&2
+      exit 1
+    fi
+    echo "test.sh: the $oracle oracle did not build; the Istio parity tests will skip"
   fi
-  echo "test.sh: istio-oracle did not build; the Istio parity tests will skip"
-fi
+done
 
 cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings

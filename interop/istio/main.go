@@ -178,7 +178,11 @@ func cliConfig(req request) (*config.Config, error) {
 	}
 	defer os.Clearenv()
 
-	cmd := iptcmd.GetCommand(log.DefaultOptions())
+	// pilot-agent, which runs istio-iptables, adds its logging flags (--log_output_level,
+	// which Istio's injection template passes); they parse, and shape no rule.
+	logOpts := log.DefaultOptions()
+	cmd := iptcmd.GetCommand(logOpts)
+	logOpts.AttachCobraFlags(cmd)
 	if err := cmd.ParseFlags(req.Args); err != nil {
 		return nil, fmt.Errorf("flags: %w", err)
 	}
@@ -275,8 +279,8 @@ func configFromFlags(cmd *cobra.Command) (*config.Config, error) {
 		}
 		*field = v
 	}
-	// Every flag Istio binds must be read back above (or be one of the two that do not
-	// shape the rules), so a flag added in a newer Istio cannot be silently dropped.
+	// Every flag Istio binds must be read back above (or be one of those that do not shape
+	// the rules), so a flag added in a newer Istio cannot be silently dropped.
 	var unknown []string
 	fs.VisitAll(func(f *pflag.Flag) {
 		if _, ok := str[f.Name]; ok {
@@ -285,7 +289,8 @@ func configFromFlags(cmd *cobra.Command) (*config.Config, error) {
 		if _, ok := boolean[f.Name]; ok {
 			return
 		}
-		if f.Name == constants.IptablesProbePort || f.Name == constants.ProbeTimeout {
+		if f.Name == constants.IptablesProbePort || f.Name == constants.ProbeTimeout ||
+			strings.HasPrefix(f.Name, "log_") {
 			return
 		}
 		unknown = append(unknown, f.Name)

@@ -16,6 +16,10 @@
 //! - `kernel_lists_a_sample_alike` (root): a sample of those configurations, Istio's output
 //!   and meshinit's loaded into fresh namespaces, must read back alike from the kernel; the
 //!   proof that what the comparison sets aside as spelling is spelling.
+//! - `istio_injector_renders_meshinit_for_sample_pods`: Istio's real injector
+//!   (`istio-inject-oracle`, the same module) injects sample pods with Istio's template
+//!   (meshinit's image swapped in) and with meshinit's `injector-template/`; meshinit, run as
+//!   either pod's istio-init, must plan what Istio's code plans for Istio's istio-init.
 //!
 //! `MESHINIT_PARITY_SEED=N` replays a run (the seed is printed on failure),
 //! `MESHINIT_PARITY_CASES=N` asks for more (or fewer) than the default 2,000 configurations,
@@ -43,8 +47,13 @@ fn project_dir() -> PathBuf {
 /// built by `interop/istio/build.sh` (a no-op when already built). None when Go is missing
 /// outside CI; under CI a failed build fails the test.
 fn oracle() -> Option<(PathBuf, PathBuf)> {
+    built("rules")
+}
+
+/// `interop/istio/build.sh TARGET`: the binary and the Istio module's directory.
+fn built(target: &str) -> Option<(PathBuf, PathBuf)> {
     let script = project_dir().join("interop/istio/build.sh");
-    let output = Command::new("bash").arg(&script).output();
+    let output = Command::new("bash").arg(&script).arg(target).output();
     let failure = match output {
         Ok(out) if out.status.success() => {
             let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
@@ -57,7 +66,7 @@ fn oracle() -> Option<(PathBuf, PathBuf)> {
     };
     crate::support::skip(
         "Istio parity",
-        &format!("istio-oracle did not build ({failure}); Istio's code not consulted"),
+        &format!("the {target} oracle did not build ({failure}); Istio's code not consulted"),
     );
     None
 }
@@ -1206,4 +1215,368 @@ fn oracle_reproduces_istio_goldens() {
         .filter(|(case, _)| testdata("iptables", case).exists())
         .count();
     assert_eq!(ipt_cases, 27, "Istio's iptables golden cases, all covered");
+}
+
+// ---- Istio's real injector ----
+
+/// The image meshinit's template names, and the one Istio's template is given in its place
+/// (`values.global.proxy_init.image`, the one-value swap the README promises).
+const MESHINIT_IMAGE: &str = "registry.example/istio/meshinit:0.1.0";
+
+/// A sample pod for the injector: its annotations, istioctl `--set`s for the mesh, whether
+/// istiod runs with native sidecars, istio-proxy's runAsUser if the pod sets it, and rules
+/// that Istio's ruleset must show (the sample's point).
+struct InjectSample {
+    name: &'static str,
+    annotations: &'static [(&'static str, &'static str)],
+    set: &'static [&'static str],
+    native_sidecars: bool,
+    proxy_run_as_user: Option<u32>,
+    expect: &'static [&'static str],
+}
+
+#[rustfmt::skip]
+const INJECT_SAMPLES: &[InjectSample] = &[
+    InjectSample { name: "plain", annotations: &[], set: &[], native_sidecars: false, proxy_run_as_user: None,
+        expect: &["-A ISTIO_INBOUND -p tcp --dport 15020 -j RETURN"] },
+    InjectSample { name: "vault", annotations: &[
+            ("traffic.sidecar.istio.io/excludeOutboundIPRanges", "198.51.100.30/32"),
+            ("traffic.sidecar.istio.io/excludeOutboundPorts", "8200"),
+            ("traffic.sidecar.istio.io/includeInboundPorts", "8080,9090")],
+        set: &[], native_sidecars: false, proxy_run_as_user: None,
+        expect: &["-A ISTIO_OUTPUT -p tcp --dport 8200 -j RETURN", "-A ISTIO_OUTPUT -d 198.51.100.30/32 -j RETURN"] },
+    InjectSample { name: "tproxy-annotation", annotations: &[("sidecar.istio.io/interceptionMode", "TPROXY")],
+        set: &[], native_sidecars: false, proxy_run_as_user: None, expect: &["-j TPROXY"] },
+    InjectSample { name: "tproxy-mesh-default", annotations: &[],
+        set: &["meshConfig.defaultConfig.interceptionMode=TPROXY"], native_sidecars: false, proxy_run_as_user: None,
+        expect: &["-j TPROXY"] },
+    InjectSample { name: "interception-none", annotations: &[("sidecar.istio.io/interceptionMode", "NONE")],
+        set: &[], native_sidecars: false, proxy_run_as_user: None, expect: &[] },
+    InjectSample { name: "dns-capture", annotations: &[],
+        set: &["meshConfig.defaultConfig.proxyMetadata.ISTIO_META_DNS_CAPTURE=true"], native_sidecars: false,
+        proxy_run_as_user: None, expect: &["-j REDIRECT --to-ports 15053"] },
+    InjectSample { name: "native-sidecars", annotations: &[], set: &[], native_sidecars: true, proxy_run_as_user: None,
+        expect: &["-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001"] },
+    InjectSample { name: "exclude-interfaces", annotations: &[("traffic.sidecar.istio.io/excludeInterfaces", "eth1")],
+        set: &[], native_sidecars: false, proxy_run_as_user: None, expect: &["-i eth1"] },
+    InjectSample { name: "kube-virt", annotations: &[("traffic.sidecar.istio.io/kubevirtInterfaces", "net1")],
+        set: &[], native_sidecars: false, proxy_run_as_user: None, expect: &["-i net1"] },
+    InjectSample { name: "proxy-run-as-user", annotations: &[], set: &[], native_sidecars: false,
+        proxy_run_as_user: Some(2000), expect: &["--uid-owner 2000"] },
+];
+
+/// The sample as a Pod, with `extra` annotations.
+fn sample_pod(sample: &InjectSample, extra: &[(&str, &str)]) -> String {
+    let mut pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: default\n",
+        sample.name
+    );
+    let annotations: Vec<&(&str, &str)> = sample.annotations.iter().chain(extra).collect();
+    if !annotations.is_empty() {
+        pod.push_str("  annotations:\n");
+        for (key, value) in annotations {
+            pod.push_str(&format!("    {key}: {value:?}\n"));
+        }
+    }
+    pod.push_str("spec:\n  containers:\n  - name: app\n    image: registry.example/app:1.0\n");
+    if let Some(uid) = sample.proxy_run_as_user {
+        pod.push_str(&format!(
+            "  - name: istio-proxy\n    image: auto\n    securityContext:\n      runAsUser: {uid}\n"
+        ));
+    }
+    pod
+}
+
+/// The pod as Istio's injector injects it, with the charts' values and `set`, and
+/// IstioOperator `files` on top.
+fn injected(
+    bin: &PathBuf,
+    moddir: &std::path::Path,
+    sample: &InjectSample,
+    pod: &str,
+    set: &[&str],
+    files: &[PathBuf],
+) -> String {
+    let request = json!({
+        "yaml": pod,
+        "set": sample.set.iter().chain(set).collect::<Vec<_>>(),
+        "files": files,
+        "charts": moddir.join("manifests"),
+    });
+    let mut cmd = Command::new(bin);
+    // istiod reads this feature from its environment.
+    cmd.env("ENABLE_NATIVE_SIDECARS", sample.native_sidecars.to_string());
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start istio-inject-oracle");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(request.to_string().as_bytes())
+        .expect("write the request");
+    let out = child
+        .wait_with_output()
+        .expect("wait for istio-inject-oracle");
+    assert!(
+        out.status.success(),
+        "{}: Istio's injector failed: {}",
+        sample.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 YAML")
+}
+
+/// The injected pod's annotations, as the kubelet writes them into a Downward API file.
+fn pod_annotations(file: &std::path::Path) -> Vec<(String, String)> {
+    let script = "import sys, yaml, json\n\
+                  docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]\n\
+                  print(json.dumps(docs[0]['metadata'].get('annotations') or {}))";
+    let out = crate::support::run_bounded(
+        Command::new("python3").args(["-c", script]).arg(file),
+        std::time::Duration::from_secs(30),
+    );
+    let text = crate::support::expect_success("reading annotations", out);
+    let map: BTreeMap<String, String> = serde_json::from_str(&text).expect("annotations JSON");
+    map.into_iter().collect()
+}
+
+/// An environment: variables and their values.
+type Env = Vec<(String, String)>;
+
+/// The init container that captures traffic, if the injected pod has one: its image, args
+/// and plain environment.
+fn istio_init(file: &std::path::Path, name: &str) -> Option<(String, Vec<String>, Env)> {
+    let found = crate::support::k8s::containers(file);
+    let init = found.get(&format!("{name}/initContainers/istio-init"))?;
+    let args = crate::support::k8s::list(init, "args");
+    let env = (0..)
+        .map_while(|i| init.get(&format!("env.{i}.name")).map(|n| (i, n.clone())))
+        .filter_map(|(i, n)| init.get(&format!("env.{i}.value")).map(|v| (n, v.clone())))
+        .collect();
+    Some((init.get("image").cloned().unwrap_or_default(), args, env))
+}
+
+/// Istio's real injector renders each sample pod twice: with Istio's own template, given
+/// meshinit's image for istio-init; and with meshinit's template (injector-template/, by its
+/// IstioOperator overlay, opted in by annotation). Both pods must be valid Pods for the
+/// Kubernetes versions meshinit supports and run meshinit as istio-init. meshinit, given
+/// either init container's args (and environment, and for its template the pod's
+/// annotations as a Downward API file), must plan exactly what Istio's own code plans for
+/// the istio-init args Istio's template renders: iptables and nftables, the same comparison
+/// as `differential_parity`.
+#[test]
+fn istio_injector_renders_meshinit_for_sample_pods() {
+    let test = "istio_injector_renders_meshinit_for_sample_pods";
+    if !crate::support::k8s::require_kubernetes_validate(test) {
+        return;
+    }
+    let (Some((rules, _)), Some((inject, moddir))) = (oracle(), built("inject")) else {
+        return;
+    };
+    let dir = crate::support::scratch::ScratchDir::new("istio-injector");
+    let operator = project_dir().join("injector-template/istio-operator.yaml");
+    let swap = format!("values.global.proxy_init.image={MESHINIT_IMAGE}");
+    let mounted = crate::injector_template::MOUNTED_ANNOTATIONS;
+    let dns = ["10.96.0.10".to_owned()];
+    let mut failures = Vec::new();
+    for sample in INJECT_SAMPLES {
+        let what = format!("{test}: {}", sample.name);
+        let by_istio = injected(
+            &inject,
+            &moddir,
+            sample,
+            &sample_pod(sample, &[]),
+            &[&swap],
+            &[],
+        );
+        let by_meshinit = injected(
+            &inject,
+            &moddir,
+            sample,
+            &sample_pod(sample, &[("inject.istio.io/templates", "sidecar,meshinit")]),
+            &[],
+            std::slice::from_ref(&operator),
+        );
+        let mut plans = Vec::new();
+        for (template, yaml) in [
+            ("Istio's template", &by_istio),
+            ("meshinit's template", &by_meshinit),
+        ] {
+            let file = dir.write(&format!("{}-{}.yaml", sample.name, plans.len()), yaml);
+            for version in crate::support::k8s::VERSIONS {
+                let output = crate::support::k8s::validate(&file, version);
+                assert!(
+                    output.status.success(),
+                    "{what}: {template}: not a valid Pod for Kubernetes {version}:\n{}{}\n{yaml}",
+                    String::from_utf8_lossy(&output.stdout),
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            // Native sidecars: istio-proxy an init container (restartPolicy Always), after
+            // istio-init; otherwise a container.
+            let field = if sample.native_sidecars {
+                "initContainers"
+            } else {
+                "containers"
+            };
+            let proxy = format!("{}/{field}/istio-proxy", sample.name);
+            assert!(
+                crate::support::k8s::containers(&file).contains_key(&proxy),
+                "{what}: {template}: no {proxy}"
+            );
+            let Some((image, args, env)) = istio_init(&file, sample.name) else {
+                plans.push(None);
+                continue;
+            };
+            assert_eq!(
+                image, MESHINIT_IMAGE,
+                "{what}: {template}: istio-init's image"
+            );
+            assert_eq!(
+                args.first().map(String::as_str),
+                Some("istio-iptables"),
+                "{what}: {template}"
+            );
+            let annotations = dir.write(
+                &format!("{}-{}.annotations", sample.name, plans.len()),
+                &crate::support::k8s::downward_api_annotations(
+                    &pod_annotations(&file)
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect::<Vec<_>>(),
+                ),
+            );
+            let args: Vec<String> = args[1..]
+                .iter()
+                .map(|arg| {
+                    if arg == mounted {
+                        annotations.to_string_lossy().into_owned()
+                    } else {
+                        arg.clone()
+                    }
+                })
+                .collect();
+            plans.push(Some((args, env)));
+        }
+        let [istio_plan, meshinit_plan] = [plans[0].take(), plans[1].take()];
+        let Some((istio_args, istio_env)) = istio_plan else {
+            // Only interception mode NONE renders no istio-init; meshinit's template, merged
+            // onto that, must then plan nothing.
+            assert!(
+                sample.expect.is_empty(),
+                "{what}: Istio's template rendered no istio-init"
+            );
+            if let Some((args, env)) = meshinit_plan {
+                let config = Config {
+                    args: with_machine(&args, &dns),
+                    env,
+                    ..Config::default()
+                };
+                let ours = meshinit_print(&config.args, &config.env, false)
+                    .expect("meshinit accepts its template's args");
+                assert!(
+                    !ours.lines().any(|l| l.starts_with("-A")),
+                    "{what}: meshinit planned rules:\n{ours}"
+                );
+            }
+            continue;
+        };
+        let answer = ask(
+            &rules,
+            &[
+                json!({"args": istio_args, "env": istio_env.iter().cloned().collect::<BTreeMap<_, _>>(),
+            "ipv6": false, "dns_servers": dns}),
+            ],
+        );
+        let answer = &answer[0];
+        let istio = match (&answer.error, &answer.iptables) {
+            (None, Ok(istio)) => istio,
+            other => panic!(
+                "{what}: Istio's code refused its own template's args {istio_args:?}: {other:?}"
+            ),
+        };
+        for needle in sample.expect {
+            assert!(
+                istio.0.contains(needle),
+                "{what}: Istio's rules lack {needle:?}:\n{}",
+                istio.0
+            );
+        }
+        let candidates = [
+            (
+                "Istio's template",
+                Some((istio_args.clone(), istio_env.clone())),
+            ),
+            ("meshinit's template", meshinit_plan),
+        ];
+        for (template, plan) in candidates {
+            let Some((args, env)) = plan else {
+                failures.push(format!("{what}: {template} rendered no istio-init"));
+                continue;
+            };
+            let args = with_machine(&args, &dns);
+            let mut seen = BTreeSet::new();
+            let ipt = meshinit_print(&args, &env, false)
+                .map_err(|e| format!("refused: {e}"))
+                .and_then(|ours| compare_iptables(istio, &ours, &mut seen));
+            let nft = meshinit_print(&args, &env, true)
+                .map_err(|e| format!("refused: {e}"))
+                .and_then(|ours| {
+                    compare_nftables(
+                        answer.nftables.0.as_deref().unwrap_or_default(),
+                        answer.nftables.1.as_deref(),
+                        &ours,
+                        &mut seen,
+                    )
+                });
+            for (backend, result) in [("iptables", ipt), ("nftables", nft)] {
+                if let Err(diff) = result {
+                    failures.push(format!("{what}: {template}: meshinit {args:?} (env {env:?}) plans other {backend} than Istio for {istio_args:?}:\n{diff}"));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// `args` with what Istio would read off the machine made explicit, as in `Config`.
+fn with_machine(args: &[String], dns: &[String]) -> Vec<String> {
+    let mut all = args.to_vec();
+    all.extend([
+        "--no-ipv6".to_owned(),
+        "--dns-servers".to_owned(),
+        dns.join(","),
+    ]);
+    all
+}
+
+/// The inject oracle is Istio's injection test: for the proxy_init image swap, Istio's own
+/// golden (`pkg/kube/inject/testdata/inject/hello.yaml.proxyInitImageName.injected`).
+#[test]
+fn inject_oracle_reproduces_istio_golden() {
+    let Some((inject, moddir)) = built("inject") else {
+        return;
+    };
+    let testdata = moddir.join("pkg/kube/inject/testdata/inject");
+    let pod = std::fs::read_to_string(testdata.join("hello.yaml")).expect("Istio's input");
+    let sample = InjectSample {
+        name: "hello",
+        annotations: &[],
+        set: &["values.global.proxy_init.image=proxyInitTest"],
+        // Istio's test runs on nodes that support native sidecars, so they are on.
+        native_sidecars: true,
+        proxy_run_as_user: None,
+        expect: &[],
+    };
+    let got = injected(&inject, &moddir, &sample, &pod, &[], &[]);
+    let want = std::fs::read_to_string(testdata.join("hello.yaml.proxyInitImageName.injected"))
+        .expect("Istio's golden");
+    assert!(
+        got == want,
+        "the inject oracle is not Istio's injection test:\n{got}"
+    );
 }
