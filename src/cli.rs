@@ -423,8 +423,10 @@ pub struct CaptureArgs {
     #[arg(long = "dns-servers", value_name = "IPS")]
     pub dns_servers: Option<String>,
 
-    /// Seconds a restore waits for the xtables lock, which iptables-legacy shares across
-    /// every pod on the node. [default: 30] [env: MESHINIT_XTABLES_WAIT]
+    /// Seconds to wait for a lock another process holds: iptables-legacy's xtables lock
+    /// (XTABLES_LOCKFILE, shared by every pod of a node unless each has its own), or
+    /// another meshinit run in this network namespace. [default: 30]
+    /// [env: MESHINIT_XTABLES_WAIT]
     #[arg(long = "xtables-wait", value_name = "SECONDS")]
     pub xtables_wait: Option<String>,
 
