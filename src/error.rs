@@ -155,6 +155,27 @@ mod tests {
                 .into(),
                 cause.clone(),
             ),
+            (
+                ApplyError::LockFile {
+                    path: PathBuf::from("/run/xtables.lock"),
+                    error: not_found(),
+                }
+                .into(),
+                cause.clone(),
+            ),
+            (
+                ApplyError::Several(vec![
+                    ApplyError::Spawn {
+                        program: "iptables-save".into(),
+                        error: not_found(),
+                    },
+                    ApplyError::RunLock {
+                        errno: nix::errno::Errno::EPERM,
+                    },
+                ])
+                .into(),
+                cause.clone(),
+            ),
             (Error::Output(not_found()), cause),
         ]
     }

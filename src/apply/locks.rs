@@ -85,9 +85,9 @@ impl XtablesLock {
     /// Takes the lock at `path` (iptables' `XTABLES_LOCKFILE`, or its default), waiting at
     /// most `wait` for whoever holds it.
     pub fn acquire(path: &Path, wait: Duration) -> Result<XtablesLock, ApplyError> {
-        let file_error = |source| ApplyError::LockFile {
+        let file_error = |error| ApplyError::LockFile {
             path: path.to_owned(),
-            source,
+            error,
         };
         // As iptables opens it: created if missing, never written. Inherited by the
         // processes meshinit starts, so that a restore left running by a killed meshinit
@@ -130,7 +130,7 @@ impl PrivateLock {
         .map(|fd| PrivateLock { fd })
         .map_err(|errno| ApplyError::LockFile {
             path: PathBuf::from("memfd:meshinit-xtables-lock"),
-            source: std::io::Error::from(errno),
+            error: std::io::Error::from(errno),
         })
     }
 

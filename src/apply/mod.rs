@@ -155,13 +155,14 @@ pub enum ApplyError {
     Rejected { program: String, stderr: String },
 
     #[error(
-        "cannot open the xtables lock file {}: {source}; iptables-legacy needs a writable \
+        "cannot open the xtables lock file {}: {error}; iptables-legacy needs a writable \
          /run (or XTABLES_LOCKFILE pointing somewhere writable, such as /dev/shm/xtables.lock)",
         path.display()
     )]
     LockFile {
         path: PathBuf,
-        source: std::io::Error,
+        // In the message, not a `source`: `error::report` would print it twice.
+        error: std::io::Error,
     },
 
     #[error(
