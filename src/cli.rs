@@ -7,9 +7,9 @@ use std::path::PathBuf;
 
 use std::ffi::OsString;
 
-use clap::{Args, FromArgMatches, Parser, Subcommand, ValueEnum};
+use clap::{Arg, ArgAction, ArgMatches, Args, FromArgMatches, Parser, Subcommand, ValueEnum};
 
-use crate::config::build::{RawSettings, Setting};
+use crate::config::build::{RawSettings, Setting, SettingSpec, SETTINGS};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -226,285 +226,118 @@ pub struct LogArgs {
     pub istio_log_rotate_max_size: Option<String>,
 }
 
-/// Istio's `istio-iptables` flags. Each also reads the environment variable of its name
-/// upper-cased with '-' as '_' (not --envoy-port), as Istio does; a flag beats a value
-/// from --annotations, which beats the environment.
-#[derive(Debug, Default, Args)]
+/// Istio's `istio-iptables` flags, each with its help, default and environment variables
+/// from the one settings table (`config::build::SETTINGS`), plus meshinit's `--annotations`
+/// and `--no-ipv6`. Values are kept as given: `config` validates flags, environment and
+/// annotations alike. A flag beats a value from --annotations, which beats the environment.
+#[derive(Debug, Default, Clone)]
 pub struct CaptureArgs {
-    /// Envoy's outbound port: all captured outbound TCP is redirected here. [default: 15001]
-    #[arg(short = 'p', long = "envoy-port", value_name = "PORT")]
-    pub envoy_port: Option<String>,
-
-    /// Port that captured inbound TCP is redirected to. [default: 15006]
-    /// [env: INBOUND_CAPTURE_PORT]
-    #[arg(short = 'z', long = "inbound-capture-port", value_name = "PORT")]
-    pub inbound_capture_port: Option<String>,
-
-    /// Istio's inbound tunnel (HBONE) port, never captured. [default: 15008]
-    /// [env: INBOUND_TUNNEL_PORT]
-    #[arg(short = 'e', long = "inbound-tunnel-port", value_name = "PORT")]
-    pub inbound_tunnel_port: Option<String>,
-
-    /// Uid(s) whose traffic is never captured: the proxy's. [default: uid of ENVOY_USER,
-    /// else 1337] [env: PROXY_UID]
-    #[arg(short = 'u', long = "proxy-uid", value_name = "UIDS")]
-    pub proxy_uid: Option<String>,
-
-    /// Gid(s) whose traffic is never captured. [default: the proxy uid(s)] [env: PROXY_GID]
-    #[arg(short = 'g', long = "proxy-gid", value_name = "GIDS")]
-    pub proxy_gid: Option<String>,
-
-    /// Inbound interception mode: REDIRECT or TPROXY (exact case; anything else is an
-    /// error, where Istio would silently use REDIRECT). NONE captures nothing.
-    /// [env: ISTIO_INBOUND_INTERCEPTION_MODE]
-    #[arg(
-        short = 'm',
-        long = "istio-inbound-interception-mode",
-        value_name = "MODE"
-    )]
-    pub interception_mode: Option<String>,
-
-    /// Packet mark for TPROXY. [default: 1337] [env: ISTIO_INBOUND_TPROXY_MARK]
-    #[arg(short = 't', long = "istio-inbound-tproxy-mark", value_name = "MARK")]
-    pub tproxy_mark: Option<String>,
-
-    /// Routing table for TPROXY. [default: 133] [env: ISTIO_INBOUND_TPROXY_ROUTE_TABLE]
-    #[arg(
-        short = 'r',
-        long = "istio-inbound-tproxy-route-table",
-        value_name = "TABLE"
-    )]
-    pub tproxy_route_table: Option<String>,
-
-    /// Inbound ports to capture: a list, "*" for all, empty for none. [default: none]
-    /// [env: ISTIO_INBOUND_PORTS]
-    #[arg(short = 'b', long = "istio-inbound-ports", value_name = "PORTS")]
-    pub inbound_ports: Option<String>,
-
-    /// Inbound ports never captured; only with -b '*'. [env: ISTIO_LOCAL_EXCLUDE_PORTS]
-    #[arg(short = 'd', long = "istio-local-exclude-ports", value_name = "PORTS")]
-    pub local_exclude_ports: Option<String>,
-
-    /// Interfaces whose traffic is never captured, either way.
-    /// [env: ISTIO_EXCLUDE_INTERFACES]
-    #[arg(short = 'c', long = "istio-exclude-interfaces", value_name = "IFACES")]
-    pub exclude_interfaces: Option<String>,
-
-    /// Outbound destinations to capture: CIDRs (IPv4 and IPv6 mixed), "*" for all, empty
-    /// for none. [default: none] [env: ISTIO_SERVICE_CIDR]
-    #[arg(short = 'i', long = "istio-service-cidr", value_name = "CIDRS")]
-    pub service_cidr: Option<String>,
-
-    /// Outbound destinations never captured. [env: ISTIO_SERVICE_EXCLUDE_CIDR]
-    #[arg(short = 'x', long = "istio-service-exclude-cidr", value_name = "CIDRS")]
-    pub service_exclude_cidr: Option<String>,
-
-    /// Outbound TCP ports always captured, whatever the destination.
-    /// [env: ISTIO_OUTBOUND_PORTS]
-    #[arg(short = 'q', long = "istio-outbound-ports", value_name = "PORTS")]
-    pub outbound_ports: Option<String>,
-
-    /// Outbound ports never captured (TCP and UDP). This is the fix for an app init
-    /// container that must reach, say, Vault before the sidecar runs.
-    /// [env: ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE]
-    #[arg(
-        short = 'o',
-        long = "istio-local-outbound-ports-exclude",
-        value_name = "PORTS"
-    )]
-    pub local_outbound_ports_exclude: Option<String>,
-
-    /// Virtual interfaces (e.g. KubeVirt VMs) whose inbound traffic is treated as outbound.
-    /// [env: KUBE_VIRT_INTERFACES]
-    #[arg(short = 'k', long = "kube-virt-interfaces", value_name = "IFACES")]
-    pub kube_virt_interfaces: Option<String>,
-
-    /// Print what would be applied instead of applying it. [env: DRY_RUN]
-    #[arg(short = 'n', long = "dry-run", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_name = "BOOL")]
-    pub dry_run: Option<String>,
-
-    /// Capture DNS (UDP and TCP port 53) to the agent on 15053.
-    /// [env: REDIRECT_DNS, ISTIO_META_DNS_CAPTURE]
-    #[arg(long = "redirect-dns", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_name = "BOOL")]
-    pub redirect_dns: Option<String>,
-
-    /// With --redirect-dns: capture DNS to any server, not only resolv.conf's.
-    /// [env: CAPTURE_ALL_DNS]
-    #[arg(long = "capture-all-dns", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_name = "BOOL")]
-    pub capture_all_dns: Option<String>,
-
-    /// Drop conntrack-INVALID packets instead of letting them reset connections.
-    /// [env: DROP_INVALID, INVALID_DROP]
-    #[arg(long = "drop-invalid", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_name = "BOOL")]
-    pub drop_invalid: Option<String>,
-
-    /// Dual-stack pod: IPv6 rules when any address is IPv6. [env: DUAL_STACK, ISTIO_DUAL_STACK]
-    #[arg(long = "dual-stack", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_name = "BOOL")]
-    pub dual_stack: Option<String>,
-
-    /// After applying, check that the rules capture traffic (Istio's istio-validation).
-    /// [env: RUN_VALIDATION]
-    #[arg(long = "run-validation", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_name = "BOOL")]
-    pub run_validation: Option<String>,
-
-    /// Do not apply rules (with --run-validation: only validate). [env: SKIP_RULE_APPLY]
-    #[arg(long = "skip-rule-apply", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_name = "BOOL")]
-    pub skip_rule_apply: Option<String>,
-
-    /// Port the validation probe connects to. [default: 15002] [env: IPTABLES_PROBE_PORT]
-    #[arg(long = "iptables-probe-port", value_name = "PORT")]
-    pub iptables_probe_port: Option<String>,
-
-    /// How long validation waits, as a Go duration. [default: 5s] [env: PROBE_TIMEOUT]
-    #[arg(long = "probe-timeout", value_name = "DURATION")]
-    pub probe_timeout: Option<String>,
-
-    /// Network namespace to apply in (a path such as /var/run/netns/pod).
-    /// [env: NETWORK_NAMESPACE]
-    #[arg(long = "network-namespace", value_name = "PATH")]
-    pub network_namespace: Option<String>,
-
-    /// Running as a CNI plugin (a node-wide xtables lock is then shared). [env: CNI_MODE]
-    #[arg(long = "cni-mode", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_name = "BOOL")]
-    pub cni_mode: Option<String>,
-
-    /// Converge rules left by an earlier, different configuration. meshinit always does,
-    /// atomically, so this is accepted for compatibility. [env: RECONCILE]
-    #[arg(long = "reconcile", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_name = "BOOL")]
-    pub reconcile: Option<String>,
-
-    /// Only remove the rules (same as `meshinit cleanup`). [env: CLEANUP_ONLY]
-    #[arg(long = "cleanup-only", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_name = "BOOL")]
-    pub cleanup_only: Option<String>,
-
-    /// Apply even if the rules look in place. meshinit's apply always converges, so this
-    /// changes nothing. [env: FORCE_APPLY]
-    #[arg(long = "force-apply", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_name = "BOOL")]
-    pub force_apply: Option<String>,
-
-    /// Use native nftables instead of iptables. [env: NATIVE_NFTABLES]
-    #[arg(long = "native-nftables", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_name = "BOOL")]
-    pub native_nftables: Option<String>,
-
-    /// Force the iptables implementation: legacy or nft. [default: detect]
-    /// [env: FORCE_IPTABLES_BINARY]
-    #[arg(long = "force-iptables-binary", value_name = "legacy|nft")]
-    pub force_iptables_binary: Option<String>,
-
+    /// The flags given, by the setting each sets.
+    flags: RawSettings,
     /// Read pod annotations (a Downward API file) and derive the settings Istio's
-    /// injector would render from them; explicit flags still win.
-    #[arg(long = "annotations", value_name = "FILE")]
+    /// injector would render from them.
     pub annotations: Option<PathBuf>,
-
-    /// Plan IPv6 rules too, instead of detecting it from the pod's addresses as Istio
-    /// does. [env: MESHINIT_IPV6]
-    #[arg(long = "ipv6", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_name = "BOOL", overrides_with = "no_ipv6")]
-    pub ipv6: Option<String>,
-
-    /// Plan IPv4 rules only, instead of detecting.
-    #[arg(long = "no-ipv6", overrides_with = "ipv6")]
-    pub no_ipv6: bool,
-
-    /// DNS servers whose queries --redirect-dns captures, instead of resolv.conf's; empty
-    /// means none. [env: MESHINIT_DNS_SERVERS]
-    #[arg(long = "dns-servers", value_name = "IPS")]
-    pub dns_servers: Option<String>,
-
-    /// Seconds to wait for a lock another process holds: iptables-legacy's xtables lock
-    /// (XTABLES_LOCKFILE, shared by every pod of a node unless each has its own), or
-    /// another meshinit run in this network namespace. [default: 30]
-    /// [env: MESHINIT_XTABLES_WAIT]
-    #[arg(long = "xtables-wait", value_name = "SECONDS")]
-    pub xtables_wait: Option<String>,
-
-    /// How --native-nftables programs the kernel: auto, netlink or nft. [default: auto]
-    /// [env: MESHINIT_NFTABLES_APPLY]
-    ///
-    /// auto sends the transaction over netlink, with no nft binary needed, and falls back to
-    /// `nft -f` (logging why) if that fails; netlink never launches nft; nft always does.
-    #[arg(long = "nftables-apply", value_name = "auto|netlink|nft")]
-    pub nftables_apply: Option<String>,
-
-    /// Match long CIDR and port lists with one set each instead of one rule per entry.
-    /// [env: MESHINIT_MATCH_SETS]
-    ///
-    /// Each list of excluded or included CIDRs or ports becomes one rule, so what a new
-    /// connection costs does not grow with the lists; verdicts are the same. On iptables
-    /// the sets are ipsets, made over netlink (a kernel without ipset gets the plain
-    /// rules, with a warning); with --native-nftables, nftables sets.
-    #[arg(long = "match-sets", num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_name = "BOOL")]
-    pub match_sets: Option<String>,
 }
 
 impl CaptureArgs {
     /// The explicitly given flags, keyed by the setting they set.
     pub fn to_raw(&self) -> RawSettings {
-        let mut raw = RawSettings::default();
-        let fields: [(Setting, &Option<String>); 37] = [
-            (Setting::EnvoyPort, &self.envoy_port),
-            (Setting::InboundCapturePort, &self.inbound_capture_port),
-            (Setting::InboundTunnelPort, &self.inbound_tunnel_port),
-            (Setting::ProxyUid, &self.proxy_uid),
-            (Setting::ProxyGid, &self.proxy_gid),
-            (Setting::InterceptionMode, &self.interception_mode),
-            (Setting::TproxyMark, &self.tproxy_mark),
-            (Setting::TproxyRouteTable, &self.tproxy_route_table),
-            (Setting::InboundPorts, &self.inbound_ports),
-            (Setting::InboundPortsExclude, &self.local_exclude_ports),
-            (Setting::ExcludeInterfaces, &self.exclude_interfaces),
-            (Setting::OutboundCidrs, &self.service_cidr),
-            (Setting::OutboundCidrsExclude, &self.service_exclude_cidr),
-            (Setting::OutboundPorts, &self.outbound_ports),
-            (
-                Setting::OutboundPortsExclude,
-                &self.local_outbound_ports_exclude,
-            ),
-            (Setting::KubeVirtInterfaces, &self.kube_virt_interfaces),
-            (Setting::DryRun, &self.dry_run),
-            (Setting::RedirectDns, &self.redirect_dns),
-            (Setting::CaptureAllDns, &self.capture_all_dns),
-            (Setting::DropInvalid, &self.drop_invalid),
-            (Setting::DualStack, &self.dual_stack),
-            (Setting::RunValidation, &self.run_validation),
-            (Setting::SkipRuleApply, &self.skip_rule_apply),
-            (Setting::ProbePort, &self.iptables_probe_port),
-            (Setting::ProbeTimeout, &self.probe_timeout),
-            (Setting::NetworkNamespace, &self.network_namespace),
-            (Setting::CniMode, &self.cni_mode),
-            (Setting::Reconcile, &self.reconcile),
-            (Setting::CleanupOnly, &self.cleanup_only),
-            (Setting::ForceApply, &self.force_apply),
-            (Setting::NativeNftables, &self.native_nftables),
-            (Setting::ForceIptablesBinary, &self.force_iptables_binary),
-            (Setting::DnsServers, &self.dns_servers),
-            (Setting::Ipv6, &self.ipv6),
-            (Setting::XtablesWait, &self.xtables_wait),
-            (Setting::NftablesApply, &self.nftables_apply),
-            (Setting::MatchSets, &self.match_sets),
-        ];
-        for (setting, value) in fields {
-            if let Some(value) = value {
-                raw.set_flag(setting, value.clone());
+        self.flags.clone()
+    }
+
+    /// What the flag for `setting` was given as, if it was.
+    pub fn flag(&self, setting: Setting) -> Option<&str> {
+        self.flags.flag(setting)
+    }
+}
+
+/// The command-line argument for `spec`, if it has a flag.
+fn flag_arg(spec: &SettingSpec) -> Option<Arg> {
+    let long = spec.long?;
+    let default = match (spec.default_doc, spec.is_bool) {
+        ("", true) => "",
+        ("", false) => spec.default,
+        (stated, _) => stated,
+    };
+    let mut help = spec.help.to_owned();
+    if !default.is_empty() {
+        help.push_str(&format!(" [default: {default}]"));
+    }
+    if !spec.envs.is_empty() {
+        help.push_str(&format!(" [env: {}]", spec.envs.join(", ")));
+    }
+    let mut arg = Arg::new(long)
+        .long(long)
+        .value_name(spec.value_name)
+        .help(help.clone());
+    if let Some(short) = spec.short {
+        arg = arg.short(short);
+    }
+    if !spec.details.is_empty() {
+        arg = arg.long_help(format!("{help}\n\n{}", spec.details));
+    }
+    if spec.is_bool {
+        // pflag's booleans: `--flag` alone is true, a value needs `=`.
+        arg = arg
+            .num_args(0..=1)
+            .require_equals(true)
+            .default_missing_value("true");
+    }
+    Some(arg)
+}
+
+impl Args for CaptureArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        let cmd = SETTINGS
+            .iter()
+            .filter_map(flag_arg)
+            .fold(cmd, |cmd, arg| cmd.arg(arg));
+        cmd.arg(
+            Arg::new("annotations")
+                .long("annotations")
+                .value_name("FILE")
+                .value_parser(clap::value_parser!(PathBuf))
+                .help(
+                    "Read pod annotations (a Downward API file) and derive the settings \
+                     Istio's injector would render from them; explicit flags still win.",
+                ),
+        )
+        .arg(
+            Arg::new("no-ipv6")
+                .long("no-ipv6")
+                .action(ArgAction::SetTrue)
+                .overrides_with("ipv6")
+                .help("Plan IPv4 rules only, instead of detecting."),
+        )
+        .mut_arg("ipv6", |arg| arg.overrides_with("no-ipv6"))
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+impl FromArgMatches for CaptureArgs {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        let mut args = CaptureArgs::default();
+        args.update_from_arg_matches(matches)?;
+        Ok(args)
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        for spec in SETTINGS {
+            let given = spec.long.and_then(|long| matches.get_one::<String>(long));
+            if let Some(value) = given {
+                self.flags.set_flag(spec.setting, value.clone());
             }
         }
-        if self.no_ipv6 {
-            raw.set_flag(Setting::Ipv6, "false");
+        if matches.get_flag("no-ipv6") {
+            self.flags.set_flag(Setting::Ipv6, "false");
         }
-        raw
+        if let Some(path) = matches.get_one::<PathBuf>("annotations") {
+            self.annotations = Some(path.clone());
+        }
+        Ok(())
     }
 }
 
@@ -633,9 +466,9 @@ mod tests {
         let Command::IstioIptables(args) = cli.command else {
             panic!()
         };
-        assert_eq!(args.service_exclude_cidr.as_deref(), Some(""));
+        assert_eq!(args.flag(Setting::OutboundCidrsExclude), Some(""));
         assert_eq!(
-            args.local_exclude_ports.as_deref(),
+            args.flag(Setting::InboundPortsExclude),
             Some("15090,15021,15020")
         );
         assert_eq!(
@@ -656,9 +489,9 @@ mod tests {
         let Command::Apply(args) = cli.command else {
             panic!()
         };
-        assert_eq!(args.redirect_dns.as_deref(), Some("true"));
-        assert_eq!(args.dry_run.as_deref(), Some("true"));
-        assert_eq!(args.drop_invalid.as_deref(), Some("false"));
+        assert_eq!(args.flag(Setting::RedirectDns), Some("true"));
+        assert_eq!(args.flag(Setting::DryRun), Some("true"));
+        assert_eq!(args.flag(Setting::DropInvalid), Some("false"));
     }
 
     #[test]
@@ -667,7 +500,7 @@ mod tests {
         let Command::Apply(args) = cli.command else {
             panic!()
         };
-        assert_eq!(args.envoy_port.as_deref(), Some("2"));
+        assert_eq!(args.flag(Setting::EnvoyPort), Some("2"));
     }
 
     #[test]
@@ -676,6 +509,6 @@ mod tests {
         let Command::Print(args) = cli.command else {
             panic!()
         };
-        assert!(args.capture.no_ipv6);
+        assert_eq!(args.capture.flag(Setting::Ipv6), Some("false"));
     }
 }

@@ -4,7 +4,7 @@
 //! environment variable (Istio's alias variables beat the flag-named ones, as in Istio), the
 //! default. Validation runs over every value before the host is asked anything.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
@@ -72,6 +72,33 @@ pub struct SettingSpec {
     pub envs: &'static [&'static str],
     pub default: &'static str,
     pub is_bool: bool,
+    /// The value's name in `--help` (`PORTS`, `CIDRS`, `BOOL`).
+    pub value_name: &'static str,
+    /// One line for `--help`; the default and the environment variables are added to it.
+    pub help: &'static str,
+    /// The default as `--help` states it, where the literal default does not say it
+    /// (`""`: the literal default, if any).
+    pub default_doc: &'static str,
+    /// More for `--help` (not `-h`), where one line is not enough.
+    pub details: &'static str,
+}
+
+impl SettingSpec {
+    const fn doc(mut self, value_name: &'static str, help: &'static str) -> SettingSpec {
+        self.value_name = value_name;
+        self.help = help;
+        self
+    }
+
+    const fn default_doc(mut self, default_doc: &'static str) -> SettingSpec {
+        self.default_doc = default_doc;
+        self
+    }
+
+    const fn details(mut self, details: &'static str) -> SettingSpec {
+        self.details = details;
+        self
+    }
 }
 
 const fn spec(
@@ -89,6 +116,10 @@ const fn spec(
         envs,
         default,
         is_bool,
+        value_name: "",
+        help: "",
+        default_doc: "",
+        details: "",
     }
 }
 
@@ -98,50 +129,94 @@ use Setting as S;
 /// environment variables `flag.BindEnv` derives from them, then meshinit's additions.
 #[rustfmt::skip]
 pub const SETTINGS: &[SettingSpec] = &[
-    spec(S::EnvoyPort, Some("envoy-port"), Some('p'), &[], "15001", false),
-    spec(S::InboundCapturePort, Some("inbound-capture-port"), Some('z'), &["INBOUND_CAPTURE_PORT"], "15006", false),
-    spec(S::InboundTunnelPort, Some("inbound-tunnel-port"), Some('e'), &["INBOUND_TUNNEL_PORT"], "15008", false),
-    spec(S::ProxyUid, Some("proxy-uid"), Some('u'), &["PROXY_UID"], "", false),
-    spec(S::ProxyGid, Some("proxy-gid"), Some('g'), &["PROXY_GID"], "", false),
-    spec(S::InterceptionMode, Some("istio-inbound-interception-mode"), Some('m'), &["ISTIO_INBOUND_INTERCEPTION_MODE"], "", false),
-    spec(S::TproxyMark, Some("istio-inbound-tproxy-mark"), Some('t'), &["ISTIO_INBOUND_TPROXY_MARK"], "1337", false),
-    spec(S::TproxyRouteTable, Some("istio-inbound-tproxy-route-table"), Some('r'), &["ISTIO_INBOUND_TPROXY_ROUTE_TABLE"], "133", false),
-    spec(S::InboundPorts, Some("istio-inbound-ports"), Some('b'), &["ISTIO_INBOUND_PORTS"], "", false),
-    spec(S::InboundPortsExclude, Some("istio-local-exclude-ports"), Some('d'), &["ISTIO_LOCAL_EXCLUDE_PORTS"], "", false),
-    spec(S::ExcludeInterfaces, Some("istio-exclude-interfaces"), Some('c'), &["ISTIO_EXCLUDE_INTERFACES"], "", false),
-    spec(S::OutboundCidrs, Some("istio-service-cidr"), Some('i'), &["ISTIO_SERVICE_CIDR"], "", false),
-    spec(S::OutboundCidrsExclude, Some("istio-service-exclude-cidr"), Some('x'), &["ISTIO_SERVICE_EXCLUDE_CIDR"], "", false),
-    spec(S::OutboundPorts, Some("istio-outbound-ports"), Some('q'), &["ISTIO_OUTBOUND_PORTS"], "", false),
-    spec(S::OutboundPortsExclude, Some("istio-local-outbound-ports-exclude"), Some('o'), &["ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE"], "", false),
-    spec(S::KubeVirtInterfaces, Some("kube-virt-interfaces"), Some('k'), &["KUBE_VIRT_INTERFACES"], "", false),
-    spec(S::DryRun, Some("dry-run"), Some('n'), &["DRY_RUN"], "false", true),
-    spec(S::ProbePort, Some("iptables-probe-port"), None, &["IPTABLES_PROBE_PORT"], "15002", false),
-    spec(S::ProbeTimeout, Some("probe-timeout"), None, &["PROBE_TIMEOUT"], "5s", false),
-    spec(S::SkipRuleApply, Some("skip-rule-apply"), None, &["SKIP_RULE_APPLY"], "false", true),
-    spec(S::RunValidation, Some("run-validation"), None, &["RUN_VALIDATION"], "false", true),
-    spec(S::RedirectDns, Some("redirect-dns"), None, &["REDIRECT_DNS", "ISTIO_META_DNS_CAPTURE"], "false", true),
-    spec(S::DropInvalid, Some("drop-invalid"), None, &["DROP_INVALID", "INVALID_DROP"], "false", true),
-    spec(S::DualStack, Some("dual-stack"), None, &["DUAL_STACK", "ISTIO_DUAL_STACK"], "false", true),
-    spec(S::CaptureAllDns, Some("capture-all-dns"), None, &["CAPTURE_ALL_DNS"], "false", true),
-    spec(S::NetworkNamespace, Some("network-namespace"), None, &["NETWORK_NAMESPACE"], "", false),
-    spec(S::CniMode, Some("cni-mode"), None, &["CNI_MODE"], "false", true),
-    spec(S::Reconcile, Some("reconcile"), None, &["RECONCILE"], "false", true),
-    spec(S::CleanupOnly, Some("cleanup-only"), None, &["CLEANUP_ONLY"], "false", true),
-    spec(S::ForceApply, Some("force-apply"), None, &["FORCE_APPLY"], "false", true),
-    spec(S::NativeNftables, Some("native-nftables"), None, &["NATIVE_NFTABLES"], "false", true),
-    spec(S::ForceIptablesBinary, Some("force-iptables-binary"), None, &["FORCE_IPTABLES_BINARY"], "", false),
+    spec(S::EnvoyPort, Some("envoy-port"), Some('p'), &[], "15001", false)
+        .doc("PORT", "Envoy's outbound port: all captured outbound TCP is redirected here."),
+    spec(S::InboundCapturePort, Some("inbound-capture-port"), Some('z'), &["INBOUND_CAPTURE_PORT"], "15006", false)
+        .doc("PORT", "Port that captured inbound TCP is redirected to."),
+    spec(S::InboundTunnelPort, Some("inbound-tunnel-port"), Some('e'), &["INBOUND_TUNNEL_PORT"], "15008", false)
+        .doc("PORT", "Istio's inbound tunnel (HBONE) port, never captured."),
+    spec(S::ProxyUid, Some("proxy-uid"), Some('u'), &["PROXY_UID"], "", false)
+        .doc("UIDS", "Uid(s) whose traffic is never captured: the proxy's.")
+        .default_doc("uid of ENVOY_USER, else 1337"),
+    spec(S::ProxyGid, Some("proxy-gid"), Some('g'), &["PROXY_GID"], "", false)
+        .doc("GIDS", "Gid(s) whose traffic is never captured.")
+        .default_doc("the proxy uid(s)"),
+    spec(S::InterceptionMode, Some("istio-inbound-interception-mode"), Some('m'), &["ISTIO_INBOUND_INTERCEPTION_MODE"], "", false)
+        .doc("MODE", "Inbound interception mode: REDIRECT or TPROXY (exact case; anything else is an error, where Istio would silently use REDIRECT). NONE captures nothing."),
+    spec(S::TproxyMark, Some("istio-inbound-tproxy-mark"), Some('t'), &["ISTIO_INBOUND_TPROXY_MARK"], "1337", false)
+        .doc("MARK", "Packet mark for TPROXY."),
+    spec(S::TproxyRouteTable, Some("istio-inbound-tproxy-route-table"), Some('r'), &["ISTIO_INBOUND_TPROXY_ROUTE_TABLE"], "133", false)
+        .doc("TABLE", "Routing table for TPROXY."),
+    spec(S::InboundPorts, Some("istio-inbound-ports"), Some('b'), &["ISTIO_INBOUND_PORTS"], "", false)
+        .doc("PORTS", "Inbound ports to capture: a list, \"*\" for all, empty for none.")
+        .default_doc("none"),
+    spec(S::InboundPortsExclude, Some("istio-local-exclude-ports"), Some('d'), &["ISTIO_LOCAL_EXCLUDE_PORTS"], "", false)
+        .doc("PORTS", "Inbound ports never captured; only with -b '*'."),
+    spec(S::ExcludeInterfaces, Some("istio-exclude-interfaces"), Some('c'), &["ISTIO_EXCLUDE_INTERFACES"], "", false)
+        .doc("IFACES", "Interfaces whose traffic is never captured, either way."),
+    spec(S::OutboundCidrs, Some("istio-service-cidr"), Some('i'), &["ISTIO_SERVICE_CIDR"], "", false)
+        .doc("CIDRS", "Outbound destinations to capture: CIDRs (IPv4 and IPv6 mixed), \"*\" for all, empty for none.")
+        .default_doc("none"),
+    spec(S::OutboundCidrsExclude, Some("istio-service-exclude-cidr"), Some('x'), &["ISTIO_SERVICE_EXCLUDE_CIDR"], "", false)
+        .doc("CIDRS", "Outbound destinations never captured."),
+    spec(S::OutboundPorts, Some("istio-outbound-ports"), Some('q'), &["ISTIO_OUTBOUND_PORTS"], "", false)
+        .doc("PORTS", "Outbound TCP ports always captured, whatever the destination."),
+    spec(S::OutboundPortsExclude, Some("istio-local-outbound-ports-exclude"), Some('o'), &["ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE"], "", false)
+        .doc("PORTS", "Outbound ports never captured (TCP and UDP). This is the fix for an app init container that must reach, say, Vault before the sidecar runs."),
+    spec(S::KubeVirtInterfaces, Some("kube-virt-interfaces"), Some('k'), &["KUBE_VIRT_INTERFACES"], "", false)
+        .doc("IFACES", "Virtual interfaces (e.g. KubeVirt VMs) whose inbound traffic is treated as outbound."),
+    spec(S::DryRun, Some("dry-run"), Some('n'), &["DRY_RUN"], "false", true)
+        .doc("BOOL", "Print what would be applied instead of applying it."),
+    spec(S::ProbePort, Some("iptables-probe-port"), None, &["IPTABLES_PROBE_PORT"], "15002", false)
+        .doc("PORT", "Port the validation probe connects to."),
+    spec(S::ProbeTimeout, Some("probe-timeout"), None, &["PROBE_TIMEOUT"], "5s", false)
+        .doc("DURATION", "How long validation waits, as a Go duration."),
+    spec(S::SkipRuleApply, Some("skip-rule-apply"), None, &["SKIP_RULE_APPLY"], "false", true)
+        .doc("BOOL", "Do not apply rules (with --run-validation: only validate)."),
+    spec(S::RunValidation, Some("run-validation"), None, &["RUN_VALIDATION"], "false", true)
+        .doc("BOOL", "After applying, check that the rules capture traffic (Istio's istio-validation)."),
+    spec(S::RedirectDns, Some("redirect-dns"), None, &["REDIRECT_DNS", "ISTIO_META_DNS_CAPTURE"], "false", true)
+        .doc("BOOL", "Capture DNS (UDP and TCP port 53) to the agent on 15053."),
+    spec(S::DropInvalid, Some("drop-invalid"), None, &["DROP_INVALID", "INVALID_DROP"], "false", true)
+        .doc("BOOL", "Drop conntrack-INVALID packets instead of letting them reset connections."),
+    spec(S::DualStack, Some("dual-stack"), None, &["DUAL_STACK", "ISTIO_DUAL_STACK"], "false", true)
+        .doc("BOOL", "Dual-stack pod: IPv6 rules when any address is IPv6."),
+    spec(S::CaptureAllDns, Some("capture-all-dns"), None, &["CAPTURE_ALL_DNS"], "false", true)
+        .doc("BOOL", "With --redirect-dns: capture DNS to any server, not only resolv.conf's."),
+    spec(S::NetworkNamespace, Some("network-namespace"), None, &["NETWORK_NAMESPACE"], "", false)
+        .doc("PATH", "Network namespace to apply in (a path such as /var/run/netns/pod)."),
+    spec(S::CniMode, Some("cni-mode"), None, &["CNI_MODE"], "false", true)
+        .doc("BOOL", "Running as a CNI plugin (a node-wide xtables lock is then shared)."),
+    spec(S::Reconcile, Some("reconcile"), None, &["RECONCILE"], "false", true)
+        .doc("BOOL", "Converge rules left by an earlier, different configuration. meshinit always does, atomically, so this is accepted for compatibility."),
+    spec(S::CleanupOnly, Some("cleanup-only"), None, &["CLEANUP_ONLY"], "false", true)
+        .doc("BOOL", "Only remove the rules (same as `meshinit cleanup`)."),
+    spec(S::ForceApply, Some("force-apply"), None, &["FORCE_APPLY"], "false", true)
+        .doc("BOOL", "Apply even if the rules look in place. meshinit's apply always converges, so this changes nothing."),
+    spec(S::NativeNftables, Some("native-nftables"), None, &["NATIVE_NFTABLES"], "false", true)
+        .doc("BOOL", "Use native nftables instead of iptables."),
+    spec(S::ForceIptablesBinary, Some("force-iptables-binary"), None, &["FORCE_IPTABLES_BINARY"], "", false)
+        .doc("legacy|nft", "Force the iptables implementation: legacy or nft.")
+        .default_doc("detect"),
     spec(S::OwnerGroups, None, None, &["ISTIO_OUTBOUND_OWNER_GROUPS"], "*", false),
     spec(S::OwnerGroupsExclude, None, None, &["ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE"], "", false),
     spec(S::LoopbackCidr, None, None, &["ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR"], "127.0.0.1/32", false),
     spec(S::EnvoyUser, None, None, &["ENVOY_USER"], "istio-proxy", false),
     // meshinit's own: what Istio reads off the machine, made explicit.
-    spec(S::Ipv6, Some("ipv6"), None, &["MESHINIT_IPV6"], "", true),
-    spec(S::DnsServers, Some("dns-servers"), None, &["MESHINIT_DNS_SERVERS"], "", false),
-    spec(S::XtablesWait, Some("xtables-wait"), None, &["MESHINIT_XTABLES_WAIT"], "30", false),
+    spec(S::Ipv6, Some("ipv6"), None, &["MESHINIT_IPV6"], "", true)
+        .doc("BOOL", "Plan IPv6 rules too, instead of detecting it from the pod's addresses as Istio does."),
+    spec(S::DnsServers, Some("dns-servers"), None, &["MESHINIT_DNS_SERVERS"], "", false)
+        .doc("IPS", "DNS servers whose queries --redirect-dns captures, instead of resolv.conf's; empty means none."),
+    spec(S::XtablesWait, Some("xtables-wait"), None, &["MESHINIT_XTABLES_WAIT"], "30", false)
+        .doc("SECONDS", "Seconds to wait for a lock another process holds: iptables-legacy's xtables lock (XTABLES_LOCKFILE, shared by every pod of a node unless each has its own), or another meshinit run in this network namespace."),
     // iptables' own variable: meshinit takes the lock iptables-legacy would.
     spec(S::XtablesLockfile, None, None, &["XTABLES_LOCKFILE"], "/run/xtables.lock", false),
-    spec(S::NftablesApply, Some("nftables-apply"), None, &["MESHINIT_NFTABLES_APPLY"], "auto", false),
-    spec(S::MatchSets, Some("match-sets"), None, &["MESHINIT_MATCH_SETS"], "false", true),
+    spec(S::NftablesApply, Some("nftables-apply"), None, &["MESHINIT_NFTABLES_APPLY"], "auto", false)
+        .doc("auto|netlink|nft", "How --native-nftables programs the kernel: auto, netlink or nft.")
+        .details("auto sends the transaction over netlink, with no nft binary needed, and falls back to `nft -f` (logging why) if that fails; netlink never launches nft; nft always does."),
+    spec(S::MatchSets, Some("match-sets"), None, &["MESHINIT_MATCH_SETS"], "false", true)
+        .doc("BOOL", "Match long CIDR and port lists with one set each instead of one rule per entry.")
+        .details("Each list of excluded or included CIDRs or ports becomes one rule, so what a new connection costs does not grow with the lists; verdicts are the same. On iptables the sets are ipsets, made over netlink (a kernel without ipset gets the plain rules, with a warning); with --native-nftables, nftables sets."),
 ];
 
 /// The owner-group include list becomes one rule that returns when the socket's group is
@@ -169,13 +244,18 @@ pub fn spec_of(setting: Setting) -> &'static SettingSpec {
 /// The unvalidated inputs: explicit flags and annotation-derived values.
 #[derive(Debug, Clone, Default)]
 pub struct RawSettings {
-    flags: HashMap<Setting, String>,
-    annotations: HashMap<Setting, (String, String)>,
+    flags: BTreeMap<Setting, String>,
+    annotations: BTreeMap<Setting, (String, String)>,
 }
 
 impl RawSettings {
     pub fn set_flag(&mut self, setting: Setting, value: impl Into<String>) {
         self.flags.insert(setting, value.into());
+    }
+
+    /// The value given by flag for `setting`, if any.
+    pub fn flag(&self, setting: Setting) -> Option<&str> {
+        self.flags.get(&setting).map(String::as_str)
     }
 
     /// A value Istio's injector would have rendered from annotation `key`.
@@ -550,7 +630,7 @@ mod tests {
         if native_nftables {
             raw.set_flag(Setting::NativeNftables, "true");
         }
-        let env: HashMap<String, String> = env
+        let env: std::collections::HashMap<String, String> = env
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
