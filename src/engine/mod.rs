@@ -3,7 +3,11 @@
 //! it in the current network namespace, and removing everything meshinit added. The init
 //! container's commands and the CNI plugin both come through here.
 
+mod drift;
+
 use std::time::Instant;
+
+pub use drift::DriftError;
 
 use crate::apply::{
     IpSets, IptablesTools, Netfilter as _, NetlinkIpSets, NetlinkRouting, NftTool, Nftables as _,
@@ -47,6 +51,15 @@ impl Engine {
         match self {
             Engine::Iptables => install_iptables(config),
             Engine::Nftables => install_nftables(config),
+        }
+    }
+
+    /// Each difference between what is here and what installing `config` would leave
+    /// (meshinit's rules, tables and routing only); empty when there is none.
+    pub fn drift(self, config: &Config) -> Result<Vec<String>, DriftError> {
+        match self {
+            Engine::Iptables => drift::iptables_drift(config),
+            Engine::Nftables => drift::nftables_drift(config),
         }
     }
 
