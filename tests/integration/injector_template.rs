@@ -446,3 +446,99 @@ fn injector_template_renders_for_sample_pods() {
         }
     }
 }
+
+/// With Istio CNI, the init container as either template renders it is meshinit validate.
+/// Run as Istio runs istio-validation (the proxy's uid and gid, no capabilities) in a fresh
+/// pod namespace, with exactly the rendered args (meshinit's with the injected pod's
+/// annotations file): it programs nothing and fails with Istio's exit code, 126, while no
+/// rules capture traffic; once the rules the CNI plugin programs for the pod are in place
+/// (Istio's rendered config without the two flags), it passes.
+#[test]
+fn istio_cni_init_container_only_validates() {
+    let test = "istio_cni_init_container_only_validates";
+    if !crate::support::require_root(test) || !require_kubernetes_validate(test) {
+        return;
+    }
+    let Some(oracle) = inject_oracle() else {
+        return;
+    };
+    use crate::support::meshinit::{apply, command, dump_rules, run};
+    let sample = SAMPLES
+        .iter()
+        .find(|sample| sample.cni)
+        .expect("an Istio CNI sample")
+        .inject_sample();
+    let container = sample.init_container();
+    let dir = ScratchDir::new("cni-validation");
+    let swap = format!("values.global.proxy_init.image={MESHINIT_IMAGE}");
+    let by_istio = dir.write(
+        "istio.yaml",
+        &injected(
+            &oracle.0,
+            &oracle.1,
+            &sample,
+            &sample_pod(&sample, &[]),
+            &[&swap],
+            &[],
+        ),
+    );
+    let (_, istio_args, _) = istio_init(&by_istio, sample.name, container)
+        .unwrap_or_else(|| panic!("{test}: Istio's template rendered no {container}"));
+    let by_meshinit = inject_with_template(&oracle, &sample, &dir);
+    let (_, meshinit_args, _) = istio_init(&by_meshinit, sample.name, container)
+        .unwrap_or_else(|| panic!("{test}: meshinit's template rendered no {container}"));
+    let annotations = dir.write(
+        "annotations",
+        &downward_api_annotations(
+            &pod_annotations(&by_meshinit)
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect::<Vec<_>>(),
+        ),
+    );
+    let meshinit_args: Vec<String> = meshinit_args
+        .into_iter()
+        .map(|arg| {
+            if arg == MOUNTED_ANNOTATIONS {
+                annotations.to_string_lossy().into_owned()
+            } else {
+                arg
+            }
+        })
+        .collect();
+    let plugin_rules: Vec<&str> = istio_args[1..]
+        .iter()
+        .map(String::as_str)
+        .filter(|arg| !matches!(*arg, "--run-validation" | "--skip-rule-apply"))
+        .collect();
+    for (template, args) in [
+        ("Istio's template", &istio_args),
+        ("meshinit's template", &meshinit_args),
+    ] {
+        let what = format!("{test}: {template}");
+        let ns = crate::support::netns::NetNs::new("cnival");
+        ns.run(&["ip", "link", "set", "lo", "up"]);
+        // A pod's IPv4 address (documentation range): meshinit reads the family off it.
+        ns.run(&[
+            "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0",
+        ]);
+        ns.run(&["ip", "addr", "add", "192.0.2.10/24", "dev", "eth0"]);
+        ns.run(&["ip", "link", "set", "eth0", "up"]);
+        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+        args.push("--probe-timeout=1s");
+        let ran = run(command(&ns, crate::validate::AS_PROXY, &args));
+        assert_eq!(ran.code, Some(126), "{what}: without rules: {ran:?}");
+        let left = dump_rules(&ns);
+        assert!(
+            !left.contains("ISTIO"),
+            "{what}: the validation container programmed rules:\n{left}"
+        );
+        apply(&ns, &plugin_rules, &[]);
+        let ran = run(command(&ns, crate::validate::AS_PROXY, &args));
+        assert_eq!(
+            ran.code,
+            Some(0),
+            "{what}: with the plugin's rules: {ran:?}"
+        );
+    }
+}
