@@ -384,10 +384,9 @@ fn injector_template_renders_for_sample_pods() {
             .unwrap()
             .to_str()
             .unwrap();
-        assert!(
-            (0..)
-                .map_while(|i| init.get(&format!("volumeMounts.{i}.mountPath")))
-                .any(|path| path == mount_dir),
+        assert_eq!(
+            init.get("volumeMounts.0.mountPath").map(String::as_str),
+            Some(mount_dir),
             "{what}: {container} does not mount {mount_dir}:\n{pod}"
         );
 
