@@ -357,22 +357,30 @@ fn pod_legacy_backend_on_read_only_root() {
     );
 }
 
-/// The init container exactly as the injection template (injector-template/) renders it for
-/// a pod whose annotations exclude Vault's port and capture inbound 8080 only: meshinit
-/// reads them from the Downward API file, mounted where the template mounts it.
+/// The init container exactly as Istio's injector renders the injection template
+/// (injector-template/) for a pod whose annotations exclude Vault's port and capture inbound
+/// 8080 only: meshinit reads the injected pod's annotations from the Downward API file,
+/// mounted where the template mounts it.
 #[test]
 fn pod_with_injection_template() {
     let test = "pod_with_injection_template";
     if !require_podman(test) || !require_kubernetes_validate(test) {
         return;
     }
-    let annotations = [
+    const ANNOTATIONS: &[(&str, &str)] = &[
         ("kubectl.kubernetes.io/default-container", "app"),
         ("traffic.sidecar.istio.io/excludeOutboundPorts", "8200"),
         ("traffic.sidecar.istio.io/includeInboundPorts", "8080"),
     ];
-    let args = rendered_init_args(&annotations, "REDIRECT");
+    // Rendered by Istio's injector; the file holds the injected pod's annotations.
+    let Some((args, annotations)) = rendered_init_args(ANNOTATIONS) else {
+        return;
+    };
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let annotations: Vec<(&str, &str)> = annotations
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     let dir = ScratchDir::new("podinfo");
     let file = dir.write("annotations", &downward_api_annotations(&annotations));
     let mount = format!("--volume={}:{MOUNTED_ANNOTATIONS}:ro", file.display());

@@ -1,100 +1,72 @@
-//! The Istio injection template in `injector-template/`, rendered for sample pods.
+//! The Istio injection template in `injector-template/`, rendered for sample pods by Istio's
+//! real injector: `istio-inject-oracle` (interop/istio, `build.sh inject`) runs
+//! pkg/kube/inject with the charts' templates and values, Go's text/template and Istio's
+//! template functions, with the template installed by its IstioOperator overlay and opted
+//! in by annotation, as a cluster would. The same pod is also injected with Istio's own
+//! template, meshinit's image swapped in (`values.global.proxy_init.image`), which must
+//! render exactly the args Istio's template is known to render for it.
 //!
-//! Istio renders templates with Go's text/template, which cannot run here (no Go
-//! toolchain). The template therefore uses one construct only, Istio's
-//! `{{ annotation .ObjectMeta `KEY` DEFAULT }}`: the pod's annotation KEY if it has one
-//! (even empty), else DEFAULT, printed; [`render`] implements exactly that, for the two
-//! defaults the template names, and fails on any other action, so a template change that
-//! this stand-in cannot render honestly fails the test instead of passing untested.
+//! For each sample pod, the pod injected with meshinit's template must be a valid Pod
+//! (kubernetes-validate, strict), and meshinit must accept its init container's args with
+//! the injected pod's annotations in a Downward API file as the kubelet writes it, and plan
+//! exactly the ruleset it plans for the args Istio's own template renders for that pod,
+//! which must also show the sample's point (8200 excluded, TPROXY's mangle rules, nothing
+//! at all for mode NONE). With Istio CNI, the init container is istio-validation, and
+//! both templates give it `--run-validation --skip-rule-apply`.
 //!
-//! For each sample pod, the rendered container must be valid in a Pod (kubernetes-validate,
-//! strict), and meshinit must accept its args with the pod's annotations in a Downward API
-//! file as the kubelet writes it, and plan exactly the ruleset it plans for the args
-//! Istio's own template renders for that pod (pkg/kube/inject's istio-init, per the
-//! injector's rules), which must also show the sample's point (8200 excluded, TPROXY's
-//! mangle rules, nothing at all for mode NONE).
+//! The oracle needs Go (`scripts/test.sh` provides it); without it these tests skip, and
+//! fail under `CI=true` (`support::skip`).
 
 use std::path::{Path, PathBuf};
 
+use crate::istio_oracle::{
+    built, injected, istio_init, pod_annotations, sample_pod, Env, InjectSample, MESHINIT_IMAGE,
+};
 use crate::manifests::print_ruleset;
 use crate::support::k8s::{
-    containers, downward_api_annotations, list, require_kubernetes_validate, validate, VERSIONS,
+    containers, downward_api_annotations, require_kubernetes_validate, validate, Fields, VERSIONS,
 };
 use crate::support::scratch::ScratchDir;
 
 /// Where the template mounts the pod's Downward API annotations file.
 pub const MOUNTED_ANNOTATIONS: &str = "/etc/meshinit/pod/annotations";
 
+/// The annotation that opts a pod into meshinit's template.
+const OPT_IN: (&str, &str) = ("inject.istio.io/templates", "sidecar,meshinit");
+
 fn template_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("injector-template")
 }
 
-/// What the template can see of a pod and of the mesh.
-struct Context<'a> {
-    annotations: &'a [(&'a str, &'a str)],
-    /// `.ProxyConfig.InterceptionMode` (meshConfig.defaultConfig), as Go prints it.
-    mesh_interception_mode: &'a str,
-    /// `.Values.global.logging.level`.
-    log_level: &'a str,
-}
-
-/// Renders the template for `ctx`. See the module's documentation for what it knows.
-fn render(template: &str, ctx: &Context<'_>) -> String {
-    let mut out = String::with_capacity(template.len());
-    let mut rest = template;
-    while let Some(start) = rest.find("{{") {
-        out.push_str(&rest[..start]);
-        let len = rest[start..]
-            .find("}}")
-            .unwrap_or_else(|| panic!("unclosed action in the template: {}", &rest[start..]));
-        let action = &rest[start + 2..start + len];
-        out.push_str(&evaluate(action, ctx));
-        rest = &rest[start + len + 2..];
-    }
-    out.push_str(rest);
-    out
-}
-
-fn evaluate(action: &str, ctx: &Context<'_>) -> String {
-    let unknown = || -> ! {
-        panic!(
-            "the test's renderer knows only {{{{ annotation .ObjectMeta `KEY` DEFAULT }}}} \
-             with DEFAULT .ProxyConfig.InterceptionMode or .Values.global.logging.level; \
-             the template has {{{{{action}}}}}"
-        )
-    };
-    let words: Vec<&str> = action.split_whitespace().collect();
-    let ["annotation", ".ObjectMeta", key, default] = words.as_slice() else {
-        unknown()
-    };
-    let Some(key) = key.strip_prefix('`').and_then(|k| k.strip_suffix('`')) else {
-        unknown()
-    };
-    let default = match *default {
-        ".ProxyConfig.InterceptionMode" => ctx.mesh_interception_mode,
-        ".Values.global.logging.level" => ctx.log_level,
-        _ => unknown(),
-    };
-    // Istio's getAnnotation: presence wins, even with an empty value.
-    ctx.annotations
-        .iter()
-        .find(|(k, _)| *k == key)
-        .map_or(default, |(_, value)| value)
-        .to_owned()
-}
-
-/// A sample pod: its annotations, the mesh's defaults, the args Istio's template renders
-/// for istio-init (None: no istio-init at all), and what the ruleset must show.
+/// A sample pod: its annotations, istioctl `--set`s for the mesh, whether Istio CNI is on,
+/// the args Istio's template renders for its init container (None: no init container at
+/// all), and what the ruleset must show.
 struct Sample {
     name: &'static str,
     annotations: &'static [(&'static str, &'static str)],
-    mesh_interception_mode: &'static str,
+    set: &'static [&'static str],
+    cni: bool,
     istio_args: Option<&'static [&'static str]>,
     expect: &'static [&'static str],
 }
 
+impl Sample {
+    fn inject_sample(&self) -> InjectSample {
+        InjectSample {
+            name: self.name,
+            annotations: self.annotations,
+            set: self.set,
+            native_sidecars: false,
+            cni: self.cni,
+            proxy_run_as_user: None,
+            expect: self.expect,
+        }
+    }
+}
+
 /// Istio's istio-init args for a pod without traffic annotations, REDIRECT.
 const ISTIO_DEFAULT: &[&str] = &[
+    "istio-iptables",
     "-p",
     "15001",
     "-z",
@@ -116,6 +88,7 @@ const ISTIO_DEFAULT: &[&str] = &[
 
 /// Istio's istio-init args for a TPROXY pod (-u is then always 1337).
 const ISTIO_TPROXY: &[&str] = &[
+    "istio-iptables",
     "-p",
     "15001",
     "-z",
@@ -135,16 +108,12 @@ const ISTIO_TPROXY: &[&str] = &[
     "--log_output_level=default:info",
 ];
 
-const SIDECAR_STATUS: &str = r#"{"initContainers":["istio-init","istio-proxy"],"containers":null,"volumes":["istio-envoy","istio-data","istio-podinfo","istio-token","istiod-ca-cert"],"imagePullSecrets":null,"revision":"default"}"#;
-
 const SAMPLES: &[Sample] = &[
     Sample {
         name: "plain",
-        annotations: &[
-            ("kubectl.kubernetes.io/default-container", "app"),
-            ("sidecar.istio.io/status", SIDECAR_STATUS),
-        ],
-        mesh_interception_mode: "REDIRECT",
+        annotations: &[],
+        set: &[],
+        cni: false,
         istio_args: Some(ISTIO_DEFAULT),
         expect: &[
             "-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
@@ -154,9 +123,7 @@ const SAMPLES: &[Sample] = &[
     Sample {
         name: "vault",
         annotations: &[
-            ("kubectl.kubernetes.io/default-container", "app"),
             ("sidecar.istio.io/agentLogLevel", "default:debug"),
-            ("sidecar.istio.io/status", SIDECAR_STATUS),
             (
                 "traffic.sidecar.istio.io/excludeOutboundIPRanges",
                 "198.51.100.30/32",
@@ -164,8 +131,10 @@ const SAMPLES: &[Sample] = &[
             ("traffic.sidecar.istio.io/excludeOutboundPorts", "8200"),
             ("traffic.sidecar.istio.io/includeInboundPorts", "8080,9090"),
         ],
-        mesh_interception_mode: "REDIRECT",
+        set: &[],
+        cni: false,
         istio_args: Some(&[
+            "istio-iptables",
             "-p",
             "15001",
             "-z",
@@ -194,11 +163,9 @@ const SAMPLES: &[Sample] = &[
     },
     Sample {
         name: "tproxy-annotation",
-        annotations: &[
-            ("sidecar.istio.io/interceptionMode", "TPROXY"),
-            ("sidecar.istio.io/status", SIDECAR_STATUS),
-        ],
-        mesh_interception_mode: "REDIRECT",
+        annotations: &[("sidecar.istio.io/interceptionMode", "TPROXY")],
+        set: &[],
+        cni: false,
         istio_args: Some(ISTIO_TPROXY),
         expect: &[
             "*mangle",
@@ -208,40 +175,112 @@ const SAMPLES: &[Sample] = &[
     },
     Sample {
         name: "tproxy-mesh-default",
-        annotations: &[("sidecar.istio.io/status", SIDECAR_STATUS)],
-        mesh_interception_mode: "TPROXY",
+        annotations: &[],
+        set: &["meshConfig.defaultConfig.interceptionMode=TPROXY"],
+        cni: false,
         istio_args: Some(ISTIO_TPROXY),
         expect: &["*mangle", "-j TPROXY --tproxy-mark"],
     },
     Sample {
         name: "interception-none",
-        annotations: &[
-            ("sidecar.istio.io/interceptionMode", "NONE"),
-            ("sidecar.istio.io/status", SIDECAR_STATUS),
-        ],
-        mesh_interception_mode: "REDIRECT",
+        annotations: &[("sidecar.istio.io/interceptionMode", "NONE")],
+        set: &[],
+        cni: false,
         istio_args: None,
         expect: &[],
     },
+    Sample {
+        name: "istio-cni",
+        annotations: &[("traffic.sidecar.istio.io/excludeOutboundPorts", "8200")],
+        set: &[],
+        cni: true,
+        istio_args: Some(&[
+            "istio-iptables",
+            "-p",
+            "15001",
+            "-z",
+            "15006",
+            "-u",
+            "1337",
+            "-m",
+            "REDIRECT",
+            "-i",
+            "*",
+            "-x",
+            "",
+            "-b",
+            "*",
+            "-d",
+            "15090,15021,15020",
+            "-o",
+            "8200",
+            "--log_output_level=default:info",
+            "--run-validation",
+            "--skip-rule-apply",
+        ]),
+        expect: &[
+            "-A ISTIO_OUTPUT -p tcp --dport 8200 -j RETURN",
+            "-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
+        ],
+    },
 ];
 
-/// The init container's args (`istio-iptables …`) as the template renders them for a pod
-/// with `annotations`, in a mesh whose default interception mode is `mesh_mode`.
-pub fn rendered_init_args(annotations: &[(&str, &str)], mesh_mode: &str) -> Vec<String> {
-    let template =
-        std::fs::read_to_string(template_dir().join("meshinit.yaml")).expect("the template");
-    let rendered = render(
-        &template,
-        &Context {
-            annotations,
-            mesh_interception_mode: mesh_mode,
-            log_level: "default:info",
-        },
+/// The inject oracle and Istio's module directory, or None (skipped; fails under CI).
+fn inject_oracle() -> Option<(PathBuf, PathBuf)> {
+    built("inject")
+}
+
+/// `sample`'s pod injected by Istio's injector with meshinit's template (its IstioOperator
+/// overlay, opted in by annotation), written into `dir`.
+fn inject_with_template(
+    oracle: &(PathBuf, PathBuf),
+    sample: &InjectSample,
+    dir: &ScratchDir,
+) -> PathBuf {
+    let operator = template_dir().join("istio-operator.yaml");
+    let yaml = injected(
+        &oracle.0,
+        &oracle.1,
+        sample,
+        &sample_pod(sample, &[OPT_IN]),
+        &[],
+        std::slice::from_ref(&operator),
     );
+    dir.write(&format!("{}-meshinit.yaml", sample.name), &yaml)
+}
+
+/// The init container's fields in the injected pod `file`.
+fn init_fields(file: &Path, sample: &InjectSample) -> Option<Fields> {
+    containers(file).remove(&format!(
+        "{}/initContainers/{}",
+        sample.name,
+        sample.init_container()
+    ))
+}
+
+/// The init container's args (`istio-iptables …`) as Istio's injector renders meshinit's
+/// template for a pod with `annotations` in a mesh with the charts' defaults, and the
+/// injected pod's annotations (what the kubelet writes into the Downward API file), as
+/// pairs. None
+/// when the inject oracle is unavailable (a skip outside CI, a failure under it).
+pub fn rendered_init_args(
+    annotations: &'static [(&'static str, &'static str)],
+) -> Option<(Vec<String>, Env)> {
+    let oracle = inject_oracle()?;
+    let sample = InjectSample {
+        name: "rendered",
+        annotations,
+        set: &[],
+        native_sidecars: false,
+        cni: false,
+        proxy_run_as_user: None,
+        expect: &[],
+    };
     let dir = ScratchDir::new("rendered");
-    let file = dir.write("rendered.yaml", &rendered);
-    let found = containers(&file);
-    list(&found["-/initContainers/istio-init"], "args")
+    let file = inject_with_template(&oracle, &sample, &dir);
+    let (_, args, _) = istio_init(&file, sample.name, sample.init_container())
+        .expect("meshinit's template renders istio-init");
+    Some((args, pod_annotations(&file)))
 }
 
 #[test]
@@ -287,26 +326,43 @@ fn injector_template_renders_for_sample_pods() {
     if !require_kubernetes_validate(test) {
         return;
     }
-    let template =
-        std::fs::read_to_string(template_dir().join("meshinit.yaml")).expect("the template");
+    let Some(oracle) = inject_oracle() else {
+        return;
+    };
     let dir = ScratchDir::new("template");
+    let swap = format!("values.global.proxy_init.image={MESHINIT_IMAGE}");
     for sample in SAMPLES {
         let what = format!("{test}: {}", sample.name);
-        let rendered = render(
-            &template,
-            &Context {
-                annotations: sample.annotations,
-                mesh_interception_mode: sample.mesh_interception_mode,
-                log_level: "default:info",
-            },
+        let inject = sample.inject_sample();
+        let container = inject.init_container();
+
+        // Istio's own template, meshinit's image swapped in: the args it is known to render.
+        let by_istio = dir.write(
+            &format!("{}-istio.yaml", sample.name),
+            &injected(
+                &oracle.0,
+                &oracle.1,
+                &inject,
+                &sample_pod(&inject, &[]),
+                &[&swap],
+                &[],
+            ),
+        );
+        let istio_args = istio_init(&by_istio, sample.name, container).map(|(image, args, _)| {
+            assert_eq!(image, MESHINIT_IMAGE, "{what}: Istio's {container}'s image");
+            args
+        });
+        assert_eq!(
+            istio_args,
+            sample
+                .istio_args
+                .map(|args| args.iter().map(|a| a.to_string()).collect::<Vec<_>>()),
+            "{what}: the args Istio's template renders for {container}"
         );
 
-        // A valid container spec: in a Pod, with an app container beside it.
-        let pod = format!(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n{rendered}  containers:\n  - name: app\n    image: registry.example/app:1.0\n",
-            sample.name
-        );
-        let pod_file = dir.write(&format!("{}.yaml", sample.name), &pod);
+        // meshinit's template: a valid Pod, in every Kubernetes version meshinit supports.
+        let pod_file = inject_with_template(&oracle, &inject, &dir);
+        let pod = std::fs::read_to_string(&pod_file).expect("the injected pod");
         for version in VERSIONS {
             let output = validate(&pod_file, version);
             assert!(
@@ -316,26 +372,37 @@ fn injector_template_renders_for_sample_pods() {
                 String::from_utf8_lossy(&output.stderr)
             );
         }
-        let found = containers(&pod_file);
-        let init = &found[&format!("{}/initContainers/istio-init", sample.name)];
+        let init = init_fields(&pod_file, &inject)
+            .unwrap_or_else(|| panic!("{what}: meshinit's template rendered no {container}"));
         assert_eq!(
-            init.get("volumeMounts.0.mountPath").map(String::as_str),
-            Some(
-                Path::new(MOUNTED_ANNOTATIONS)
-                    .parent()
-                    .unwrap()
-                    .to_str()
-                    .unwrap()
-            ),
+            init.get("image").map(String::as_str),
+            Some(MESHINIT_IMAGE),
             "{what}"
         );
+        let mount_dir = Path::new(MOUNTED_ANNOTATIONS)
+            .parent()
+            .unwrap()
+            .to_str()
+            .unwrap();
+        assert_eq!(
+            init.get("volumeMounts.0.mountPath").map(String::as_str),
+            Some(mount_dir),
+            "{what}: {container} does not mount {mount_dir}:\n{pod}"
+        );
 
-        // meshinit with those args, the annotations file where the volume puts it.
+        // meshinit with those args, the injected pod's annotations file where the volume
+        // puts it.
+        let injected_annotations = pod_annotations(&pod_file);
         let annotations = dir.write(
             &format!("{}.annotations", sample.name),
-            &downward_api_annotations(sample.annotations),
+            &downward_api_annotations(
+                &injected_annotations
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect::<Vec<_>>(),
+            ),
         );
-        let args: Vec<String> = list(init, "args")
+        let args: Vec<String> = crate::support::k8s::list(&init, "args")
             .into_iter()
             .map(|arg| {
                 if arg == MOUNTED_ANNOTATIONS {
@@ -350,12 +417,19 @@ fn injector_template_renders_for_sample_pods() {
             Some("istio-iptables"),
             "{what}"
         );
+        // With Istio CNI, meshinit only validates, as Istio's istio-validation does.
+        for flag in ["--run-validation", "--skip-rule-apply"] {
+            assert_eq!(
+                args.iter().any(|arg| arg == flag),
+                sample.cni,
+                "{what}: {flag} in {args:?}"
+            );
+        }
         let ours = print_ruleset(&what, &args[1..]);
 
-        match sample.istio_args {
+        match istio_args {
             Some(istio_args) => {
-                let istio_args: Vec<String> = istio_args.iter().map(|a| a.to_string()).collect();
-                let istios = print_ruleset(&what, &istio_args);
+                let istios = print_ruleset(&what, &istio_args[1..]);
                 assert_eq!(
                     ours, istios,
                     "{what}: the template's args {args:?} plan another ruleset than Istio's {istio_args:?}"
@@ -372,28 +446,98 @@ fn injector_template_renders_for_sample_pods() {
     }
 }
 
+/// With Istio CNI, the init container as either template renders it is meshinit validate.
+/// Run as Istio runs istio-validation (the proxy's uid and gid, no capabilities) in a fresh
+/// pod namespace, with exactly the rendered args (meshinit's with the injected pod's
+/// annotations file): it programs nothing and fails with Istio's exit code, 126, while no
+/// rules capture traffic; once the rules the CNI plugin programs for the pod are in place
+/// (Istio's rendered config without the two flags), it passes.
 #[test]
-fn renderer_refuses_what_it_does_not_know() {
-    let ctx = Context {
-        annotations: &[("a", "")],
-        mesh_interception_mode: "REDIRECT",
-        log_level: "default:info",
+fn istio_cni_init_container_only_validates() {
+    let test = "istio_cni_init_container_only_validates";
+    if !crate::support::require_root(test) || !require_kubernetes_validate(test) {
+        return;
+    }
+    let Some(oracle) = inject_oracle() else {
+        return;
     };
-    assert_eq!(
-        render(
-            "x{{ annotation .ObjectMeta `a` .ProxyConfig.InterceptionMode }}y",
-            &ctx
+    use crate::support::meshinit::{apply, command, dump_rules, run};
+    let sample = SAMPLES
+        .iter()
+        .find(|sample| sample.cni)
+        .expect("an Istio CNI sample")
+        .inject_sample();
+    let container = sample.init_container();
+    let dir = ScratchDir::new("cni-validation");
+    let swap = format!("values.global.proxy_init.image={MESHINIT_IMAGE}");
+    let by_istio = dir.write(
+        "istio.yaml",
+        &injected(
+            &oracle.0,
+            &oracle.1,
+            &sample,
+            &sample_pod(&sample, &[]),
+            &[&swap],
+            &[],
         ),
-        "xy",
-        "an empty annotation still wins"
     );
-    assert_eq!(
-        render(
-            "{{ annotation .ObjectMeta `b` .Values.global.logging.level }}",
-            &ctx
+    let (_, istio_args, _) = istio_init(&by_istio, sample.name, container)
+        .unwrap_or_else(|| panic!("{test}: Istio's template rendered no {container}"));
+    let by_meshinit = inject_with_template(&oracle, &sample, &dir);
+    let (_, meshinit_args, _) = istio_init(&by_meshinit, sample.name, container)
+        .unwrap_or_else(|| panic!("{test}: meshinit's template rendered no {container}"));
+    let annotations = dir.write(
+        "annotations",
+        &downward_api_annotations(
+            &pod_annotations(&by_meshinit)
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect::<Vec<_>>(),
         ),
-        "default:info"
     );
-    let refused = std::panic::catch_unwind(|| render("{{ .Values.global.hub }}", &ctx));
-    assert!(refused.is_err());
+    let meshinit_args: Vec<String> = meshinit_args
+        .into_iter()
+        .map(|arg| {
+            if arg == MOUNTED_ANNOTATIONS {
+                annotations.to_string_lossy().into_owned()
+            } else {
+                arg
+            }
+        })
+        .collect();
+    let plugin_rules: Vec<&str> = istio_args[1..]
+        .iter()
+        .map(String::as_str)
+        .filter(|arg| !matches!(*arg, "--run-validation" | "--skip-rule-apply"))
+        .collect();
+    for (template, args) in [
+        ("Istio's template", &istio_args),
+        ("meshinit's template", &meshinit_args),
+    ] {
+        let what = format!("{test}: {template}");
+        let ns = crate::support::netns::NetNs::new("cnival");
+        ns.run(&["ip", "link", "set", "lo", "up"]);
+        // A pod's IPv4 address (documentation range): meshinit reads the family off it.
+        ns.run(&[
+            "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0",
+        ]);
+        ns.run(&["ip", "addr", "add", "192.0.2.10/24", "dev", "eth0"]);
+        ns.run(&["ip", "link", "set", "eth0", "up"]);
+        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+        args.push("--probe-timeout=1s");
+        let ran = run(command(&ns, crate::validate::AS_PROXY, &args));
+        assert_eq!(ran.code, Some(126), "{what}: without rules: {ran:?}");
+        let left = dump_rules(&ns);
+        assert!(
+            !left.contains("ISTIO"),
+            "{what}: the validation container programmed rules:\n{left}"
+        );
+        apply(&ns, &plugin_rules, &[]);
+        let ran = run(command(&ns, crate::validate::AS_PROXY, &args));
+        assert_eq!(
+            ran.code,
+            Some(0),
+            "{what}: with the plugin's rules: {ran:?}"
+        );
+    }
 }

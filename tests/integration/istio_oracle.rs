@@ -51,7 +51,7 @@ fn oracle() -> Option<(PathBuf, PathBuf)> {
 }
 
 /// `interop/istio/build.sh TARGET`: the binary and the Istio module's directory.
-fn built(target: &str) -> Option<(PathBuf, PathBuf)> {
+pub(crate) fn built(target: &str) -> Option<(PathBuf, PathBuf)> {
     let script = project_dir().join("interop/istio/build.sh");
     let output = Command::new("bash").arg(&script).arg(target).output();
     let failure = match output {
@@ -1221,52 +1221,73 @@ fn oracle_reproduces_istio_goldens() {
 
 /// The image meshinit's template names, and the one Istio's template is given in its place
 /// (`values.global.proxy_init.image`, the one-value swap the README promises).
-const MESHINIT_IMAGE: &str = "registry.example/istio/meshinit:0.1.0";
+pub(crate) const MESHINIT_IMAGE: &str = "registry.example/istio/meshinit:0.1.0";
 
 /// A sample pod for the injector: its annotations, istioctl `--set`s for the mesh, whether
-/// istiod runs with native sidecars, istio-proxy's runAsUser if the pod sets it, and rules
-/// that Istio's ruleset must show (the sample's point).
-struct InjectSample {
-    name: &'static str,
-    annotations: &'static [(&'static str, &'static str)],
-    set: &'static [&'static str],
-    native_sidecars: bool,
-    proxy_run_as_user: Option<u32>,
-    expect: &'static [&'static str],
+/// istiod runs with native sidecars, whether Istio CNI is installed (the sidecar template
+/// then renders istio-validation instead of istio-init), istio-proxy's runAsUser if the pod
+/// sets it, and rules that Istio's ruleset must show (the sample's point).
+pub(crate) struct InjectSample {
+    pub name: &'static str,
+    pub annotations: &'static [(&'static str, &'static str)],
+    pub set: &'static [&'static str],
+    pub native_sidecars: bool,
+    pub cni: bool,
+    pub proxy_run_as_user: Option<u32>,
+    pub expect: &'static [&'static str],
+}
+
+impl InjectSample {
+    /// The init container Istio's sidecar template renders: istio-validation with Istio CNI.
+    pub fn init_container(&self) -> &'static str {
+        if self.cni {
+            "istio-validation"
+        } else {
+            "istio-init"
+        }
+    }
 }
 
 #[rustfmt::skip]
 const INJECT_SAMPLES: &[InjectSample] = &[
-    InjectSample { name: "plain", annotations: &[], set: &[], native_sidecars: false, proxy_run_as_user: None,
+    InjectSample { name: "plain", annotations: &[], set: &[], native_sidecars: false, cni: false, proxy_run_as_user: None,
         expect: &["-A ISTIO_INBOUND -p tcp --dport 15020 -j RETURN"] },
     InjectSample { name: "vault", annotations: &[
             ("traffic.sidecar.istio.io/excludeOutboundIPRanges", "198.51.100.30/32"),
             ("traffic.sidecar.istio.io/excludeOutboundPorts", "8200"),
             ("traffic.sidecar.istio.io/includeInboundPorts", "8080,9090")],
-        set: &[], native_sidecars: false, proxy_run_as_user: None,
+        set: &[], native_sidecars: false, cni: false, proxy_run_as_user: None,
         expect: &["-A ISTIO_OUTPUT -p tcp --dport 8200 -j RETURN", "-A ISTIO_OUTPUT -d 198.51.100.30/32 -j RETURN"] },
     InjectSample { name: "tproxy-annotation", annotations: &[("sidecar.istio.io/interceptionMode", "TPROXY")],
-        set: &[], native_sidecars: false, proxy_run_as_user: None, expect: &["-j TPROXY"] },
+        set: &[], native_sidecars: false, cni: false, proxy_run_as_user: None, expect: &["-j TPROXY"] },
     InjectSample { name: "tproxy-mesh-default", annotations: &[],
-        set: &["meshConfig.defaultConfig.interceptionMode=TPROXY"], native_sidecars: false, proxy_run_as_user: None,
+        set: &["meshConfig.defaultConfig.interceptionMode=TPROXY"], native_sidecars: false, cni: false, proxy_run_as_user: None,
         expect: &["-j TPROXY"] },
     InjectSample { name: "interception-none", annotations: &[("sidecar.istio.io/interceptionMode", "NONE")],
-        set: &[], native_sidecars: false, proxy_run_as_user: None, expect: &[] },
+        set: &[], native_sidecars: false, cni: false, proxy_run_as_user: None, expect: &[] },
     InjectSample { name: "dns-capture", annotations: &[],
-        set: &["meshConfig.defaultConfig.proxyMetadata.ISTIO_META_DNS_CAPTURE=true"], native_sidecars: false,
+        set: &["meshConfig.defaultConfig.proxyMetadata.ISTIO_META_DNS_CAPTURE=true"], native_sidecars: false, cni: false,
         proxy_run_as_user: None, expect: &["-j REDIRECT --to-ports 15053"] },
-    InjectSample { name: "native-sidecars", annotations: &[], set: &[], native_sidecars: true, proxy_run_as_user: None,
+    InjectSample { name: "native-sidecars", annotations: &[], set: &[], native_sidecars: true, cni: false, proxy_run_as_user: None,
         expect: &["-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001"] },
     InjectSample { name: "exclude-interfaces", annotations: &[("traffic.sidecar.istio.io/excludeInterfaces", "eth1")],
-        set: &[], native_sidecars: false, proxy_run_as_user: None, expect: &["-i eth1"] },
+        set: &[], native_sidecars: false, cni: false, proxy_run_as_user: None, expect: &["-i eth1"] },
     InjectSample { name: "kube-virt", annotations: &[("traffic.sidecar.istio.io/kubevirtInterfaces", "net1")],
-        set: &[], native_sidecars: false, proxy_run_as_user: None, expect: &["-i net1"] },
-    InjectSample { name: "proxy-run-as-user", annotations: &[], set: &[], native_sidecars: false,
+        set: &[], native_sidecars: false, cni: false, proxy_run_as_user: None, expect: &["-i net1"] },
+    InjectSample { name: "proxy-run-as-user", annotations: &[], set: &[], native_sidecars: false, cni: false,
         proxy_run_as_user: Some(2000), expect: &["--uid-owner 2000"] },
+    // Istio CNI: the pod's rules come from the node's plugin; the init container is
+    // istio-validation (`--run-validation --skip-rule-apply`), with and without native sidecars.
+    InjectSample { name: "istio-cni", annotations: &[
+            ("traffic.sidecar.istio.io/excludeOutboundPorts", "8200")],
+        set: &[], native_sidecars: false, cni: true, proxy_run_as_user: None,
+        expect: &["-A ISTIO_OUTPUT -p tcp --dport 8200 -j RETURN"] },
+    InjectSample { name: "istio-cni-native-sidecars", annotations: &[], set: &[], native_sidecars: true, cni: true,
+        proxy_run_as_user: None, expect: &["-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001"] },
 ];
 
 /// The sample as a Pod, with `extra` annotations.
-fn sample_pod(sample: &InjectSample, extra: &[(&str, &str)]) -> String {
+pub(crate) fn sample_pod(sample: &InjectSample, extra: &[(&str, &str)]) -> String {
     let mut pod = format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: default\n",
         sample.name
@@ -1289,7 +1310,7 @@ fn sample_pod(sample: &InjectSample, extra: &[(&str, &str)]) -> String {
 
 /// The pod as Istio's injector injects it, with the charts' values and `set`, and
 /// IstioOperator `files` on top.
-fn injected(
+pub(crate) fn injected(
     bin: &PathBuf,
     moddir: &std::path::Path,
     sample: &InjectSample,
@@ -1299,7 +1320,7 @@ fn injected(
 ) -> String {
     let request = json!({
         "yaml": pod,
-        "set": sample.set.iter().chain(set).collect::<Vec<_>>(),
+        "set": sample.set.iter().chain(set).chain(sample.cni.then_some(&"components.cni.enabled=true")).collect::<Vec<_>>(),
         "files": files,
         "charts": moddir.join("manifests"),
     });
@@ -1331,7 +1352,7 @@ fn injected(
 }
 
 /// The injected pod's annotations, as the kubelet writes them into a Downward API file.
-fn pod_annotations(file: &std::path::Path) -> Vec<(String, String)> {
+pub(crate) fn pod_annotations(file: &std::path::Path) -> Vec<(String, String)> {
     let script = "import sys, yaml, json\n\
                   docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]\n\
                   print(json.dumps(docs[0]['metadata'].get('annotations') or {}))";
@@ -1345,13 +1366,17 @@ fn pod_annotations(file: &std::path::Path) -> Vec<(String, String)> {
 }
 
 /// An environment: variables and their values.
-type Env = Vec<(String, String)>;
+pub(crate) type Env = Vec<(String, String)>;
 
-/// The init container that captures traffic, if the injected pod has one: its image, args
-/// and plain environment.
-fn istio_init(file: &std::path::Path, name: &str) -> Option<(String, Vec<String>, Env)> {
+/// The init container that captures traffic (istio-validation with Istio CNI), if the
+/// injected pod has one: its image, args and plain environment.
+pub(crate) fn istio_init(
+    file: &std::path::Path,
+    name: &str,
+    container: &str,
+) -> Option<(String, Vec<String>, Env)> {
     let found = crate::support::k8s::containers(file);
-    let init = found.get(&format!("{name}/initContainers/istio-init"))?;
+    let init = found.get(&format!("{name}/initContainers/{container}"))?;
     let args = crate::support::k8s::list(init, "args");
     let env = (0..)
         .map_while(|i| init.get(&format!("env.{i}.name")).map(|n| (i, n.clone())))
@@ -1363,11 +1388,11 @@ fn istio_init(file: &std::path::Path, name: &str) -> Option<(String, Vec<String>
 /// Istio's real injector renders each sample pod twice: with Istio's own template, given
 /// meshinit's image for istio-init; and with meshinit's template (injector-template/, by its
 /// IstioOperator overlay, opted in by annotation). Both pods must be valid Pods for the
-/// Kubernetes versions meshinit supports and run meshinit as istio-init. meshinit, given
-/// either init container's args (and environment, and for its template the pod's
-/// annotations as a Downward API file), must plan exactly what Istio's own code plans for
-/// the istio-init args Istio's template renders: iptables and nftables, the same comparison
-/// as `differential_parity`.
+/// Kubernetes versions meshinit supports and run meshinit as istio-init (as istio-validation,
+/// `--run-validation --skip-rule-apply`, with Istio CNI). meshinit, given either init
+/// container's args (and environment, and for its template the pod's annotations as a
+/// Downward API file), must plan exactly what Istio's own code plans for the args Istio's
+/// template renders: iptables and nftables, the same comparison as `differential_parity`.
 #[test]
 fn istio_injector_renders_meshinit_for_sample_pods() {
     let test = "istio_injector_renders_meshinit_for_sample_pods";
@@ -1428,19 +1453,35 @@ fn istio_injector_renders_meshinit_for_sample_pods() {
                 crate::support::k8s::containers(&file).contains_key(&proxy),
                 "{what}: {template}: no {proxy}"
             );
-            let Some((image, args, env)) = istio_init(&file, sample.name) else {
+            let container = sample.init_container();
+            let Some((image, args, env)) = istio_init(&file, sample.name, container) else {
                 plans.push(None);
                 continue;
             };
             assert_eq!(
                 image, MESHINIT_IMAGE,
-                "{what}: {template}: istio-init's image"
+                "{what}: {template}: {container}'s image"
             );
             assert_eq!(
                 args.first().map(String::as_str),
                 Some("istio-iptables"),
                 "{what}: {template}"
             );
+            // With Istio CNI, the init container only validates (meshinit validate), and
+            // no istio-init programs rules beside the plugin.
+            let validates = ["--run-validation", "--skip-rule-apply"]
+                .iter()
+                .all(|flag| args.iter().any(|arg| arg == flag));
+            assert_eq!(
+                validates, sample.cni,
+                "{what}: {template}: {container}'s args {args:?}"
+            );
+            if sample.cni {
+                assert!(
+                    istio_init(&file, sample.name, "istio-init").is_none(),
+                    "{what}: {template}: istio-init beside istio-validation"
+                );
+            }
             let annotations = dir.write(
                 &format!("{}-{}.annotations", sample.name, plans.len()),
                 &crate::support::k8s::downward_api_annotations(
@@ -1569,6 +1610,7 @@ fn inject_oracle_reproduces_istio_golden() {
         set: &["values.global.proxy_init.image=proxyInitTest"],
         // Istio's test runs on nodes that support native sidecars, so they are on.
         native_sidecars: true,
+        cni: false,
         proxy_run_as_user: None,
         expect: &[],
     };

@@ -8,7 +8,7 @@ use crate::support::{injector_args, require_root};
 
 /// Runs as the proxy would in Istio's validation container: uid and gid 1337, no
 /// capabilities at all.
-const AS_PROXY: &[&str] = &[
+pub(crate) const AS_PROXY: &[&str] = &[
     "setpriv",
     "--reuid=1337",
     "--regid=1337",
