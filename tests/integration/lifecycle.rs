@@ -253,7 +253,7 @@ fn rerun_with_new_config_converges() {
         apply(&fresh, CONFIG_B, backend);
         // Exactly B: A's rules, its TPROXY ip rules and routes, and (on nft) the tables
         // only A used are gone. Legacy cannot unregister a table once used, so there the
-        // empty tables A instantiated are set aside (README, "Limits").
+        // empty tables A instantiated are set aside (docs/limits.md).
         let exact_on_nft = |state: State| match backend {
             Backend::Legacy => state.without_empty_tables(backend),
             Backend::Nft => state,
@@ -595,7 +595,7 @@ fn kernel_rejection_rolls_back_v6_failure() {
     }
     on_each_backend(|backend| {
         // A fresh pod: the IPv4 rules are taken out again. The tables the IPv4 restore
-        // instantiated stay, empty: legacy cannot unregister them (README); on nft that is
+        // instantiated stay, empty: legacy cannot unregister them (docs/limits.md); on nft that is
         // a bug, see kernel_rejection_on_fresh_nft_pod_leaves_no_tables.
         rejected_on_fresh_pod(backend, false);
 
@@ -613,7 +613,7 @@ fn kernel_rejection_rolls_back_v6_failure() {
     });
 }
 
-/// README: "If IPv6 fails after IPv4 succeeded, IPv4 is put back as it was", and cleanup on
+/// docs/design.md: "If IPv6 fails after IPv4 succeeded, IPv4 is put back as it was", and cleanup on
 /// nft removes the tables that held only meshinit's rules. After a rolled-back first apply
 /// on nft, though, the `ip mangle` and `ip nat` tables the IPv4 restore created remain.
 #[test]
