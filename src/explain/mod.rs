@@ -209,7 +209,7 @@ impl Walk<'_> {
             Match::Destination { net, negated } => net.contains(&p.destination) != *negated,
             Match::Protocol(proto) => *proto == p.protocol,
             Match::DestinationPort { port, negated } => {
-                (port.get() == p.destination_port) != *negated
+                port.contains(p.destination_port) != *negated
             }
             Match::SourcePort(port) => p.source_port == Some(port.get()),
             Match::DestinationPorts { ports, negated } => {
@@ -259,7 +259,7 @@ mod tests {
 
     /// The injector's default: everything captured but Istio's own inbound ports.
     fn injector_default() -> CaptureConfig {
-        let port = |p| Port::new(p).unwrap();
+        let port = |p| crate::values::PortRange::from(Port::new(p).unwrap());
         let mut cfg = crate::rules::plan::tests::base();
         cfg.inbound = InboundCapture::AllExcept(vec![port(15090), port(15021), port(15020)]);
         cfg.outbound_include = OutboundInclude::All;
@@ -334,7 +334,7 @@ mod tests {
     #[test]
     fn excluded_outbound_port_goes_direct() {
         let mut cfg = injector_default();
-        cfg.outbound_ports_exclude = vec![Port::new(8200).unwrap()];
+        cfg.outbound_ports_exclude = vec![Port::new(8200).unwrap().into()];
         let e = explain(&plan(&cfg).v4, &outbound("198.51.100.30", 8200, 1000));
         assert_eq!(e.verdict, Verdict::Direct);
         assert_eq!(
