@@ -721,4 +721,40 @@ mod tests {
         let c = capture(&[(Setting::InboundPorts, "")]);
         assert_eq!(c.inbound, InboundCapture::Off);
     }
+
+    #[test]
+    fn every_port_list_takes_ranges_and_refuses_bad_ones_by_name() {
+        let range = crate::rules::plan::tests::range;
+        let c = capture(&[
+            (Setting::InboundPorts, "8080-8081,9000"),
+            (Setting::OutboundPorts, "3000-3100"),
+            (Setting::OutboundPortsExclude, "8200-8300"),
+        ]);
+        assert_eq!(
+            c.inbound,
+            InboundCapture::Only(vec![range(8080, 8081), range(9000, 9000)])
+        );
+        assert_eq!(c.outbound_ports_include, vec![range(3000, 3100)]);
+        assert_eq!(c.outbound_ports_exclude, vec![range(8200, 8300)]);
+        let c = capture(&[
+            (Setting::InboundPorts, "*"),
+            (Setting::InboundPortsExclude, "15020-15021"),
+        ]);
+        assert_eq!(
+            c.inbound,
+            InboundCapture::AllExcept(vec![range(15020, 15021)])
+        );
+        for setting in [
+            Setting::InboundPorts,
+            Setting::InboundPortsExclude,
+            Setting::OutboundPorts,
+            Setting::OutboundPortsExclude,
+        ] {
+            let mut raw = RawSettings::default();
+            raw.set_flag(setting, "80,8300-8200");
+            let err = validate(&raw, &|_| None).expect_err("refused").to_string();
+            assert!(err.contains("8300-8200"), "{err}");
+            assert!(err.contains("port range"), "{err}");
+        }
+    }
 }

@@ -344,6 +344,32 @@ mod tests {
     }
 
     #[test]
+    fn excluded_outbound_port_range_goes_direct_at_its_edges_only() {
+        let range = crate::rules::plan::tests::range;
+        for sets in [false, true] {
+            let mut cfg = injector_default();
+            cfg.outbound_ports_exclude = vec![range(8200, 8300), range(9000, 9000)];
+            let rules =
+                crate::rules::plan::plan_with(&cfg, crate::rules::PlanOptions { match_sets: sets });
+            for (port, direct) in [(8199, false), (8200, true), (8300, true), (8301, false)] {
+                let e = explain(&rules.v4, &outbound("198.51.100.30", port, 1000));
+                assert_eq!(
+                    e.verdict == Verdict::Direct,
+                    direct,
+                    "port {port}, sets {sets}"
+                );
+            }
+        }
+        let mut cfg = injector_default();
+        cfg.outbound_ports_exclude = vec![range(8200, 8300)];
+        let e = explain(&plan(&cfg).v4, &outbound("198.51.100.30", 8250, 1000));
+        assert_eq!(
+            e.steps.last().unwrap().rule,
+            "-p tcp --dport 8200:8300 -j RETURN"
+        );
+    }
+
+    #[test]
     fn inbound_redirect_and_exclusions() {
         let rules = plan(&injector_default());
         assert_eq!(
