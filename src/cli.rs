@@ -276,12 +276,13 @@ pub struct CaptureArgs {
     )]
     pub tproxy_route_table: Option<String>,
 
-    /// Inbound ports to capture: a list, "*" for all, empty for none. [default: none]
-    /// [env: ISTIO_INBOUND_PORTS]
+    /// Inbound ports to capture: a list of ports and ranges (80,8000-8100), "*" for all,
+    /// empty for none. [default: none] [env: ISTIO_INBOUND_PORTS]
     #[arg(short = 'b', long = "istio-inbound-ports", value_name = "PORTS")]
     pub inbound_ports: Option<String>,
 
-    /// Inbound ports never captured; only with -b '*'. [env: ISTIO_LOCAL_EXCLUDE_PORTS]
+    /// Inbound ports (and ranges, 8000-8100) never captured; only with -b '*'.
+    /// [env: ISTIO_LOCAL_EXCLUDE_PORTS]
     #[arg(short = 'd', long = "istio-local-exclude-ports", value_name = "PORTS")]
     pub local_exclude_ports: Option<String>,
 
@@ -299,13 +300,13 @@ pub struct CaptureArgs {
     #[arg(short = 'x', long = "istio-service-exclude-cidr", value_name = "CIDRS")]
     pub service_exclude_cidr: Option<String>,
 
-    /// Outbound TCP ports always captured, whatever the destination.
+    /// Outbound TCP ports (and ranges, 8000-8100) always captured, whatever the destination.
     /// [env: ISTIO_OUTBOUND_PORTS]
     #[arg(short = 'q', long = "istio-outbound-ports", value_name = "PORTS")]
     pub outbound_ports: Option<String>,
 
-    /// Outbound ports never captured (TCP and UDP). This is the fix for an app init
-    /// container that must reach, say, Vault before the sidecar runs.
+    /// Outbound ports (and ranges, 8000-8100) never captured (TCP and UDP). This is the
+    /// fix for an app init container that must reach, say, Vault before the sidecar runs.
     /// [env: ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE]
     #[arg(
         short = 'o',
