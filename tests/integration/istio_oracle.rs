@@ -1691,10 +1691,43 @@ fn edge_ports(ranges: &[(u16, u16)]) -> Vec<u16> {
     ports
 }
 
-/// Loads `rules` into a fresh pod (iptables restore input for IPv4, or an nft transaction)
-/// with an app, a fake sidecar and a peer listening, makes the app's connections to the peer
-/// and the peer's to the pod on each of `ports`, and says who answered each.
-fn verdicts_at(rules: &str, nft: bool, ports: &[u16]) -> Vec<String> {
+/// Istio's IPv4 restore input, loaded into `ns`.
+fn load_iptables(ns: &crate::support::netns::NetNs, rules: &str) {
+    let mut child = ns
+        .command(&["iptables-nft-restore", "--noflush"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn iptables-nft-restore");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(rules.as_bytes())
+        .expect("write restore input");
+    let out = child.wait_with_output().expect("wait for restore");
+    assert!(
+        out.status.success(),
+        "iptables-nft-restore failed: {}\ninput:\n{rules}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// How a pod's rules get there.
+enum Load<'a> {
+    /// Istio's iptables restore input for IPv4, through `iptables-nft-restore`.
+    Iptables(&'a str),
+    /// Istio's nftables transaction, through `nft -f`.
+    Nft(&'a str),
+    /// `meshinit apply` with these arguments and environment.
+    Meshinit(Vec<String>, &'a [(String, String)]),
+}
+
+/// Loads the rules into a fresh pod with an app, a fake sidecar and a peer listening, makes
+/// the app's connections to the peer and the peer's to the pod on each of `ports`, and
+/// says who answered each.
+fn verdicts_at(load: Load<'_>, ports: &[u16]) -> Vec<String> {
     use crate::support::lab::{APP, PROXY};
     use crate::support::procs::{connect, Background, Proto};
     let topo = crate::support::topology::Topology::builder().build();
@@ -1715,29 +1748,15 @@ fn verdicts_at(rules: &str, nft: bool, ports: &[u16]) -> Vec<String> {
         ),
     ];
     let _groups = crate::support::groups::GroupOverlay::new(topo.pod.name());
-    if nft {
-        crate::nft_golden::nft_load(&topo.pod, rules, "range check");
-    } else {
-        let mut child = topo
-            .pod
-            .command(&["iptables-nft-restore", "--noflush"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn iptables-nft-restore");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(rules.as_bytes())
-            .expect("write restore input");
-        let out = child.wait_with_output().expect("wait for restore");
-        assert!(
-            out.status.success(),
-            "iptables-nft-restore failed: {}\ninput:\n{rules}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    match load {
+        Load::Nft(rules) => crate::nft_golden::nft_load(&topo.pod, rules, "range check"),
+        Load::Meshinit(args, env) => {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let env: Vec<(&str, &str)> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            crate::support::meshinit::apply(&topo.pod, &args, &env);
+        }
+        Load::Iptables(rules) => load_iptables(&topo.pod, rules),
     }
     let targets: Vec<(bool, String)> = ports
         .iter()
@@ -1817,10 +1836,8 @@ fn kernel_judges_port_ranges_at_their_edges() {
             continue;
         };
         let args = config.meshinit_args();
-        let mut v4_args: Vec<String> = vec!["--family".into(), "ipv4".into()];
-        v4_args.extend(args.iter().cloned());
-        let (Ok(ours), Ok(ours_nft)) = (
-            meshinit_print(&v4_args, &config.env, false),
+        let (Ok(_), Ok(_)) = (
+            meshinit_print(&args, &config.env, false),
             meshinit_print(&args, &config.env, true),
         ) else {
             failures.push(format!(
@@ -1831,18 +1848,36 @@ fn kernel_judges_port_ranges_at_their_edges() {
         };
         loaded += 1;
         let ports = edge_ports(&config.ranges);
-        for (backend, want, got) in [
+        let istio_iptables = verdicts_at(Load::Iptables(&istio.0), &ports);
+        let istio_nftables = verdicts_at(Load::Nft(istio_nft), &ports);
+        // meshinit as it installs itself, on every engine.
+        let engines: [(&str, &[&str], &Vec<String>); 5] = [
+            ("iptables", &[], &istio_iptables),
+            ("iptables --match-sets", &["--match-sets"], &istio_iptables),
             (
-                "iptables",
-                verdicts_at(&istio.0, false, &ports),
-                verdicts_at(&ours, false, &ports),
+                "nftables over netlink",
+                &["--native-nftables", "--nftables-apply=netlink"],
+                &istio_nftables,
             ),
             (
-                "nftables",
-                verdicts_at(istio_nft, true, &ports),
-                verdicts_at(&ours_nft, true, &ports),
+                "nftables via nft",
+                &["--native-nftables", "--nftables-apply=nft"],
+                &istio_nftables,
             ),
-        ] {
+            (
+                "nftables over netlink --match-sets",
+                &[
+                    "--native-nftables",
+                    "--nftables-apply=netlink",
+                    "--match-sets",
+                ],
+                &istio_nftables,
+            ),
+        ];
+        for (backend, extra, want) in engines {
+            let mut with: Vec<String> = args.clone();
+            with.extend(extra.iter().map(|s| (*s).to_owned()));
+            let got = verdicts_at(Load::Meshinit(with, &config.env), &ports);
             let differ: Vec<String> = want
                 .iter()
                 .zip(&got)
