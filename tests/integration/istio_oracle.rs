@@ -16,6 +16,9 @@
 //! - `kernel_lists_a_sample_alike` (root): a sample of those configurations, Istio's output
 //!   and meshinit's loaded into fresh namespaces, must read back alike from the kernel; the
 //!   proof that what the comparison sets aside as spelling is spelling.
+//! - `kernel_judges_port_ranges_at_their_edges` (root): configurations whose port lists hold
+//!   ranges (meshinit's superset; Istio is given them expanded) are not compared as text;
+//!   a sample is judged on real connections at the ranges' edges instead.
 //! - `istio_injector_renders_meshinit_for_sample_pods`: Istio's real injector
 //!   (`istio-inject-oracle`, the same module) injects sample pods with Istio's template
 //!   (meshinit's image swapped in) and with meshinit's `injector-template/`; meshinit, run as
@@ -1791,10 +1794,11 @@ fn verdicts_at(load: Load<'_>, ports: &[u16]) -> Vec<String> {
 }
 
 /// As root: generated configurations whose port lists hold ranges (REDIRECT, so that no
-/// TPROXY routing is needed), Istio's rules for the lists with the ranges expanded and
-/// meshinit's with one match per range (iptables and nftables), each loaded into a fresh
-/// pod; real connections at each range's edges (a-1, a, b, b+1), outbound from the app and
-/// inbound from a peer, must be answered by the same listener under both.
+/// TPROXY routing is needed), Istio's rules for the lists with the ranges expanded (loaded
+/// from its output) and meshinit's with one match per range (installed by `meshinit apply`
+/// on every engine), each in a fresh pod; real connections at each range's edges (a-1, a,
+/// b, b+1), outbound from the app and inbound from a peer, must be answered by the same
+/// listener under both.
 #[test]
 fn kernel_judges_port_ranges_at_their_edges() {
     if !crate::support::require_root("istio_oracle::kernel_judges_port_ranges_at_their_edges") {
