@@ -159,21 +159,31 @@ fn write_member(w: &mut Writer, member: Member) {
             w.end_nest(ip);
             w.attr(ATTR_CIDR, &[net.prefix_len()]);
         }
-        Member::Port(port) => be16(w, ATTR_PORT, port),
+        Member::Ports(first, last) => {
+            be16(w, ATTR_PORT, first);
+            // A range is one member, `ipset add NAME 8000-8100`'s attributes.
+            if last != first {
+                be16(w, ATTR_PORT_TO, last);
+            }
+        }
     }
 }
 
 #[derive(Clone, Copy)]
 enum Member {
     Net(ipnet::IpNet),
-    Port(u16),
+    /// A port, or a range of ports (first, last).
+    Ports(u16, u16),
 }
 
 /// `add NAME MEMBER` for every member, as few messages as the attribute size allows.
 pub fn add_messages(set: &IpSet) -> Vec<Vec<u8>> {
     let members: Vec<Member> = match set.members() {
         SetMembers::Nets(nets) => nets.iter().map(|n| Member::Net(*n)).collect(),
-        SetMembers::Ports(ports) => ports.iter().map(|p| Member::Port(p.get())).collect(),
+        SetMembers::Ports(ports) => ports
+            .iter()
+            .map(|p| Member::Ports(p.first().get(), p.last().get()))
+            .collect(),
     };
     members
         .chunks(MEMBERS_PER_MESSAGE)
@@ -424,9 +434,9 @@ mod tests {
 
     #[test]
     fn port_sets_are_family_agnostic_bitmaps_of_their_range() {
-        let ports: Vec<Port> = [9000, 8200]
+        let ports: Vec<crate::values::PortRange> = [9000, 8200]
             .iter()
-            .map(|p| Port::new(*p).unwrap())
+            .map(|p| Port::new(*p).unwrap().into())
             .collect();
         let set = IpSet::ports(SetList::ExcludedOutboundPorts, Family::V6, &ports);
         let attributes = top(&create_message(&set));
@@ -445,6 +455,31 @@ mod tests {
             })
             .collect();
         assert_eq!(members, [8200u16.to_be_bytes(), 9000u16.to_be_bytes()]);
+    }
+
+    #[test]
+    fn a_port_range_is_one_member_with_port_to() {
+        let range = crate::rules::plan::tests::range;
+        let set = IpSet::ports(
+            SetList::ExcludedOutboundPorts,
+            Family::V4,
+            &[range(8000, 8100), range(80, 80)],
+        );
+        let adds = add_messages(&set);
+        let adt = top(&adds[0]).pop().unwrap();
+        let members: Vec<Vec<(u16, Vec<u8>)>> = attrs(&adt.1)
+            .map(|(_, data)| attrs(data).map(|(k, v)| (k, v.to_vec())).collect())
+            .collect();
+        assert_eq!(
+            members,
+            [
+                vec![(ATTR_PORT, 80u16.to_be_bytes().to_vec())],
+                vec![
+                    (ATTR_PORT, 8000u16.to_be_bytes().to_vec()),
+                    (ATTR_PORT_TO, 8100u16.to_be_bytes().to_vec())
+                ],
+            ]
+        );
     }
 
     #[test]

@@ -450,6 +450,38 @@ mod tests {
     }
 
     #[test]
+    fn port_annotations_take_ranges() {
+        use crate::config::build::validate;
+        let mut raw = RawSettings::default();
+        parse(
+            "traffic.sidecar.istio.io/excludeInboundPorts=\"9000-9010\"\n\
+             traffic.sidecar.istio.io/excludeOutboundPorts=\"8200-8300\"\n\
+             traffic.sidecar.istio.io/includeOutboundPorts=\"3000-3001\"",
+        )
+        .derive(&mut raw)
+        .unwrap();
+        let text = format!("{:?}", validate(&raw, &|_| None).unwrap());
+        assert!(text.contains("Ports(9000-9010)"), "{text}");
+        assert!(
+            text.contains("outbound_ports_exclude: [Ports(8200-8300)]"),
+            "{text}"
+        );
+        assert!(
+            text.contains("outbound_ports_include: [Ports(3000-3001)]"),
+            "{text}"
+        );
+        let mut raw = RawSettings::default();
+        parse("traffic.sidecar.istio.io/excludeOutboundPorts=\"8300-8200\"")
+            .derive(&mut raw)
+            .unwrap();
+        let err = validate(&raw, &|_| None).unwrap_err().to_string();
+        assert!(
+            err.contains(EXCLUDE_OUTBOUND_PORTS) && err.contains("8300-8200"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn bad_status_port_names_the_annotation() {
         let err = parse("status.sidecar.istio.io/port=\"http\"")
             .derive(&mut RawSettings::default())

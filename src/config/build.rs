@@ -148,10 +148,10 @@ pub const SETTINGS: &[SettingSpec] = &[
     spec(S::TproxyRouteTable, Some("istio-inbound-tproxy-route-table"), Some('r'), &["ISTIO_INBOUND_TPROXY_ROUTE_TABLE"], "133", false)
         .doc("TABLE", "Routing table for TPROXY."),
     spec(S::InboundPorts, Some("istio-inbound-ports"), Some('b'), &["ISTIO_INBOUND_PORTS"], "", false)
-        .doc("PORTS", "Inbound ports to capture: a list, \"*\" for all, empty for none.")
+        .doc("PORTS", "Inbound ports to capture: a list of ports and ranges (80,8000-8100), \"*\" for all, empty for none.")
         .default_doc("none"),
     spec(S::InboundPortsExclude, Some("istio-local-exclude-ports"), Some('d'), &["ISTIO_LOCAL_EXCLUDE_PORTS"], "", false)
-        .doc("PORTS", "Inbound ports never captured; only with -b '*'."),
+        .doc("PORTS", "Inbound ports (and ranges, 8000-8100) never captured; only with -b '*'."),
     spec(S::ExcludeInterfaces, Some("istio-exclude-interfaces"), Some('c'), &["ISTIO_EXCLUDE_INTERFACES"], "", false)
         .doc("IFACES", "Interfaces whose traffic is never captured, either way."),
     spec(S::OutboundCidrs, Some("istio-service-cidr"), Some('i'), &["ISTIO_SERVICE_CIDR"], "", false)
@@ -160,9 +160,9 @@ pub const SETTINGS: &[SettingSpec] = &[
     spec(S::OutboundCidrsExclude, Some("istio-service-exclude-cidr"), Some('x'), &["ISTIO_SERVICE_EXCLUDE_CIDR"], "", false)
         .doc("CIDRS", "Outbound destinations never captured."),
     spec(S::OutboundPorts, Some("istio-outbound-ports"), Some('q'), &["ISTIO_OUTBOUND_PORTS"], "", false)
-        .doc("PORTS", "Outbound TCP ports always captured, whatever the destination."),
+        .doc("PORTS", "Outbound TCP ports (and ranges, 8000-8100) always captured, whatever the destination."),
     spec(S::OutboundPortsExclude, Some("istio-local-outbound-ports-exclude"), Some('o'), &["ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE"], "", false)
-        .doc("PORTS", "Outbound ports never captured (TCP and UDP). This is the fix for an app init container that must reach, say, Vault before the sidecar runs."),
+        .doc("PORTS", "Outbound ports (and ranges, 8000-8100) never captured (TCP and UDP). This is the fix for an app init container that must reach, say, Vault before the sidecar runs."),
     spec(S::KubeVirtInterfaces, Some("kube-virt-interfaces"), Some('k'), &["KUBE_VIRT_INTERFACES"], "", false)
         .doc("IFACES", "Virtual interfaces (e.g. KubeVirt VMs) whose inbound traffic is treated as outbound."),
     spec(S::DryRun, Some("dry-run"), Some('n'), &["DRY_RUN"], "false", true)
@@ -800,5 +800,41 @@ mod tests {
         assert_eq!(c.inbound, InboundCapture::Only(vec![]));
         let c = capture(&[(Setting::InboundPorts, "")]);
         assert_eq!(c.inbound, InboundCapture::Off);
+    }
+
+    #[test]
+    fn every_port_list_takes_ranges_and_refuses_bad_ones_by_name() {
+        let range = crate::rules::plan::tests::range;
+        let c = capture(&[
+            (Setting::InboundPorts, "8080-8081,9000"),
+            (Setting::OutboundPorts, "3000-3100"),
+            (Setting::OutboundPortsExclude, "8200-8300"),
+        ]);
+        assert_eq!(
+            c.inbound,
+            InboundCapture::Only(vec![range(8080, 8081), range(9000, 9000)])
+        );
+        assert_eq!(c.outbound_ports_include, vec![range(3000, 3100)]);
+        assert_eq!(c.outbound_ports_exclude, vec![range(8200, 8300)]);
+        let c = capture(&[
+            (Setting::InboundPorts, "*"),
+            (Setting::InboundPortsExclude, "15020-15021"),
+        ]);
+        assert_eq!(
+            c.inbound,
+            InboundCapture::AllExcept(vec![range(15020, 15021)])
+        );
+        for setting in [
+            Setting::InboundPorts,
+            Setting::InboundPortsExclude,
+            Setting::OutboundPorts,
+            Setting::OutboundPortsExclude,
+        ] {
+            let mut raw = RawSettings::default();
+            raw.set_flag(setting, "80,8300-8200");
+            let err = validate(&raw, &|_| None).expect_err("refused").to_string();
+            assert!(err.contains("8300-8200"), "{err}");
+            assert!(err.contains("port range"), "{err}");
+        }
     }
 }

@@ -25,7 +25,7 @@ pub use host::{HostFacts, SystemHost};
 /// Environment lookup, injectable so tests need not mutate the process environment.
 pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
-use crate::values::{Interface, Owner, Port};
+use crate::values::{Interface, Owner, Port, PortRange};
 
 /// How inbound connections reach the sidecar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,9 +41,9 @@ pub enum InterceptionMode {
 pub enum InboundCapture {
     Off,
     /// `-b '*'`: every port but these (`-d`).
-    AllExcept(Vec<Port>),
+    AllExcept(Vec<PortRange>),
     /// `-b LIST`: only these ports (`-d` is then ignored, as in Istio).
-    Only(Vec<Port>),
+    Only(Vec<PortRange>),
 }
 
 /// Which outbound destinations go to the sidecar.
@@ -89,8 +89,8 @@ pub struct CaptureConfig {
     pub inbound: InboundCapture,
     pub outbound_include: OutboundInclude,
     pub outbound_exclude: Vec<IpNet>,
-    pub outbound_ports_include: Vec<Port>,
-    pub outbound_ports_exclude: Vec<Port>,
+    pub outbound_ports_include: Vec<PortRange>,
+    pub outbound_ports_exclude: Vec<PortRange>,
     pub kube_virt_interfaces: Vec<Interface>,
     pub exclude_interfaces: Vec<Interface>,
     pub dns: DnsCapture,

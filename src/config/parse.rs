@@ -8,7 +8,7 @@ use ipnet::{IpNet, Ipv4Net};
 
 use super::{ForcedBackend, InterceptionMode, NftablesApply, OutboundInclude};
 use crate::values::OUTBOUND_MARK;
-use crate::values::{Interface, Owner, Port};
+use crate::values::{Interface, Owner, Port, PortRange};
 
 pub type Reason = String;
 
@@ -38,15 +38,40 @@ pub fn parse_port(value: &str) -> Result<Port, Reason> {
         .ok_or_else(|| format!("port {number} is out of range (expected 1-65535)"))
 }
 
-pub fn parse_port_list(value: &str) -> Result<Vec<Port>, Reason> {
-    split_list(value).map(parse_port).collect()
+/// One entry of a port list: a port, or a range `first-last` with
+/// 1 <= first <= last <= 65535 (meshinit's superset of Istio's lists, as Linkerd's).
+pub fn parse_port_range(value: &str) -> Result<PortRange, Reason> {
+    let value = value.trim();
+    let Some((first, last)) = value.split_once('-') else {
+        return parse_port(value).map(PortRange::from);
+    };
+    let bad = || {
+        format!(
+            "{value:?} is not a port range (expected FIRST-LAST, with 1 <= FIRST <= LAST <= 65535)"
+        )
+    };
+    let bound = |text: &str| -> Result<Port, Reason> {
+        if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        parse_port(text).map_err(|_| bad())
+    };
+    let (first, last) = (bound(first)?, bound(last)?);
+    PortRange::new(first, last).ok_or_else(|| {
+        format!("{value:?} is not a port range: {first} is greater than {last} (expected FIRST-LAST, with 1 <= FIRST <= LAST <= 65535)")
+    })
+}
+
+/// A port list: ports and ranges (`80,8000-8100`).
+pub fn parse_port_list(value: &str) -> Result<Vec<PortRange>, Reason> {
+    split_list(value).map(parse_port_range).collect()
 }
 
 /// `*` or a port list, as `-b` takes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PortsOrAll {
     All,
-    List(Vec<Port>),
+    List(Vec<PortRange>),
 }
 
 pub fn parse_ports_or_all(value: &str) -> Result<PortsOrAll, Reason> {
@@ -342,11 +367,64 @@ mod tests {
     fn port_lists_drop_empty_items_like_istio() {
         let ports = parse_port_list("6000,7000,").unwrap();
         assert_eq!(
-            ports.iter().map(|p| p.get()).collect::<Vec<_>>(),
+            ports
+                .iter()
+                .filter_map(|p| p.single())
+                .map(|p| p.get())
+                .collect::<Vec<_>>(),
             [6000, 7000]
         );
         assert_eq!(parse_port_list(" 80 , 443").unwrap().len(), 2);
         assert!(parse_port_list("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn port_lists_take_ranges() {
+        let ports = parse_port_list("80, 8000-8100,9000-9000,1-65535").unwrap();
+        let shown: Vec<String> = ports.iter().map(|p| p.to_string()).collect();
+        assert_eq!(shown, ["80", "8000-8100", "9000", "1-65535"]);
+        assert_eq!(ports[1].first().get(), 8000);
+        assert_eq!(ports[1].last().get(), 8100);
+        assert_eq!(
+            parse_ports_or_all("8080-8081"),
+            Ok(PortsOrAll::List(vec![ports_range(8080, 8081)]))
+        );
+    }
+
+    fn ports_range(a: u16, b: u16) -> PortRange {
+        PortRange::new(Port::new(a).unwrap(), Port::new(b).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn port_ranges_reject_anything_but_first_to_last() {
+        for bad in [
+            "8100-8000",
+            "0-10",
+            "10-0",
+            "1-65536",
+            "70000-70001",
+            "-80",
+            "80-",
+            "8000--8100",
+            "8000-8100-8200",
+            "a-b",
+            "80 - 90",
+            "+1-2",
+            "1-+2",
+            "-",
+            "*-80",
+        ] {
+            let err = parse_port_list(bad).unwrap_err();
+            assert!(
+                err.contains("port range")
+                    || err.contains("port number")
+                    || err.contains("out of range"),
+                "{bad}: {err}"
+            );
+        }
+        assert!(parse_port_list("8100-8000")
+            .unwrap_err()
+            .contains("8100 is greater than 8000"));
     }
 
     #[test]

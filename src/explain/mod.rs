@@ -209,7 +209,7 @@ impl Walk<'_> {
             Match::Destination { net, negated } => net.contains(&p.destination) != *negated,
             Match::Protocol(proto) => *proto == p.protocol,
             Match::DestinationPort { port, negated } => {
-                (port.get() == p.destination_port) != *negated
+                port.contains(p.destination_port) != *negated
             }
             Match::SourcePort(port) => p.source_port == Some(port.get()),
             Match::DestinationPorts { ports, negated } => {
@@ -259,7 +259,7 @@ mod tests {
 
     /// The injector's default: everything captured but Istio's own inbound ports.
     fn injector_default() -> CaptureConfig {
-        let port = |p| Port::new(p).unwrap();
+        let port = |p| crate::values::PortRange::from(Port::new(p).unwrap());
         let mut cfg = crate::rules::plan::tests::base();
         cfg.inbound = InboundCapture::AllExcept(vec![port(15090), port(15021), port(15020)]);
         cfg.outbound_include = OutboundInclude::All;
@@ -334,12 +334,38 @@ mod tests {
     #[test]
     fn excluded_outbound_port_goes_direct() {
         let mut cfg = injector_default();
-        cfg.outbound_ports_exclude = vec![Port::new(8200).unwrap()];
+        cfg.outbound_ports_exclude = vec![Port::new(8200).unwrap().into()];
         let e = explain(&plan(&cfg).v4, &outbound("198.51.100.30", 8200, 1000));
         assert_eq!(e.verdict, Verdict::Direct);
         assert_eq!(
             e.steps.last().unwrap().rule,
             "-p tcp --dport 8200 -j RETURN"
+        );
+    }
+
+    #[test]
+    fn excluded_outbound_port_range_goes_direct_at_its_edges_only() {
+        let range = crate::rules::plan::tests::range;
+        for sets in [false, true] {
+            let mut cfg = injector_default();
+            cfg.outbound_ports_exclude = vec![range(8200, 8300), range(9000, 9000)];
+            let rules =
+                crate::rules::plan::plan_with(&cfg, crate::rules::PlanOptions { match_sets: sets });
+            for (port, direct) in [(8199, false), (8200, true), (8300, true), (8301, false)] {
+                let e = explain(&rules.v4, &outbound("198.51.100.30", port, 1000));
+                assert_eq!(
+                    e.verdict == Verdict::Direct,
+                    direct,
+                    "port {port}, sets {sets}"
+                );
+            }
+        }
+        let mut cfg = injector_default();
+        cfg.outbound_ports_exclude = vec![range(8200, 8300)];
+        let e = explain(&plan(&cfg).v4, &outbound("198.51.100.30", 8250, 1000));
+        assert_eq!(
+            e.steps.last().unwrap().rule,
+            "-p tcp --dport 8200:8300 -j RETURN"
         );
     }
 

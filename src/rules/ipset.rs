@@ -15,7 +15,8 @@ use std::sync::Arc;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use super::model::{Family, Port};
+use super::model::{Family, PortRange};
+use crate::values::merge_port_ranges;
 
 /// Every set meshinit creates starts with this, so cleanup finds exactly its own.
 pub const SET_PREFIX: &str = "meshinit-";
@@ -58,8 +59,9 @@ pub enum SetMembers {
     /// Truncated to their prefix, sorted, without duplicates; never a /0 (`hash:net`
     /// refuses it; it is held as its two halves).
     Nets(Vec<IpNet>),
-    /// Sorted, without duplicates.
-    Ports(Vec<Port>),
+    /// Sorted, without duplicates; with a range among them, merged (sorted, overlapping and
+    /// adjacent ranges joined), since the kernel refuses to add a port a set holds already.
+    Ports(Vec<PortRange>),
 }
 
 /// One named set: what `-m set --match-set NAME dst` looks up.
@@ -80,10 +82,15 @@ impl IpSet {
     }
 
     /// The set of `ports` for `list`, in `family`'s rules.
-    pub fn ports(list: SetList, family: Family, ports: &[Port]) -> Arc<IpSet> {
-        let mut members = ports.to_vec();
-        members.sort();
-        members.dedup();
+    pub fn ports(list: SetList, family: Family, ports: &[PortRange]) -> Arc<IpSet> {
+        let members = if ports.iter().any(|p| p.single().is_none()) {
+            merge_port_ranges(ports)
+        } else {
+            let mut members = ports.to_vec();
+            members.sort();
+            members.dedup();
+            members
+        };
         IpSet::named(list, family, SetMembers::Ports(members))
     }
 
@@ -141,8 +148,8 @@ impl IpSet {
     pub fn port_range(&self) -> Option<(u16, u16)> {
         match &self.members {
             SetMembers::Ports(ports) => Some((
-                ports.first().map_or(1, |p| p.get()),
-                ports.last().map_or(1, |p| p.get()),
+                ports.first().map_or(1, |p| p.first().get()),
+                ports.last().map_or(1, |p| p.last().get()),
             )),
             SetMembers::Nets(_) => None,
         }
@@ -161,7 +168,7 @@ impl IpSet {
     pub fn contains(&self, address: std::net::IpAddr, port: u16) -> bool {
         match &self.members {
             SetMembers::Nets(nets) => nets.iter().any(|n| n.contains(&address)),
-            SetMembers::Ports(ports) => ports.iter().any(|p| p.get() == port),
+            SetMembers::Ports(ports) => ports.iter().any(|p| p.contains(port)),
         }
     }
 
@@ -268,8 +275,8 @@ mod tests {
         list.iter().map(|n| n.parse().unwrap()).collect()
     }
 
-    fn port(p: u16) -> Port {
-        Port::new(p).unwrap()
+    fn port(p: u16) -> PortRange {
+        crate::values::Port::new(p).unwrap().into()
     }
 
     #[test]
@@ -354,5 +361,22 @@ mod tests {
         );
         assert!(ports.contains("192.0.2.1".parse().unwrap(), 8300));
         assert!(!ports.contains("192.0.2.1".parse().unwrap(), 8250));
+        // A range is one member, `ipset restore` syntax; overlapping ones are merged (the
+        // kernel refuses to add a port twice).
+        let range = crate::rules::plan::tests::range;
+        let ranged = IpSet::ports(
+            SetList::ExcludedOutboundPorts,
+            Family::V4,
+            &[range(8200, 8300), port(80), range(8250, 8400)],
+        );
+        let name = ranged.name();
+        assert_eq!(
+            ranged.restore_text(),
+            format!(
+                "create {name} bitmap:port range 80-8400\nadd {name} 80\nadd {name} 8200-8400\n"
+            )
+        );
+        assert!(ranged.contains("192.0.2.1".parse().unwrap(), 8400));
+        assert!(!ranged.contains("192.0.2.1".parse().unwrap(), 8199));
     }
 }

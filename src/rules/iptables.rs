@@ -100,7 +100,11 @@ fn push_match(out: &mut String, m: &Match) {
         }
         Match::DestinationPort { port, negated } => {
             push_flag(out, *negated, "--dport");
-            push_num(out, u32::from(port.get()));
+            push_num(out, u32::from(port.first().get()));
+            if port.single().is_none() {
+                out.push(':');
+                push_num(out, u32::from(port.last().get()));
+            }
         }
         Match::SourcePort(port) => {
             push_flag(out, false, "--sport");

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use super::ipset::IpSet;
-pub use crate::values::{Family, Interface, Owner, OwnerKind, Port, Protocol};
+pub use crate::values::{Family, Interface, Owner, OwnerKind, Port, PortRange, Protocol};
 
 /// The netfilter tables Istio uses. Declaration order is the render order (Istio sorts table
 /// names alphabetically; keeping that order keeps diffs against its goldens readable).
@@ -147,8 +147,9 @@ pub enum Match {
         negated: bool,
     },
     Protocol(Protocol),
+    /// `--dport PORT`, or `--dport FIRST:LAST` for a range (meshinit's superset).
     DestinationPort {
-        port: Port,
+        port: PortRange,
         negated: bool,
     },
     SourcePort(Port),

@@ -15,7 +15,7 @@ use super::decisions::{
 };
 use super::ipset::{IpSet, SetList};
 use super::model::{
-    BuiltinChain, Chain, CtState, Family, IstioChain, Match, Owner, OwnerKind, Port, Protocol,
+    BuiltinChain, Chain, CtState, Family, IstioChain, Match, Owner, OwnerKind, PortRange, Protocol,
     Rule, Ruleset, Table, Target,
 };
 use crate::config::OwnerGroups;
@@ -67,7 +67,7 @@ struct Planner<'a> {
 /// `--match-sets`, the whole list's set for the rule's family.
 #[derive(Debug, Clone)]
 enum PortMatch {
-    One(Port),
+    One(PortRange),
     Sets { v4: Arc<IpSet>, v6: Arc<IpSet> },
 }
 
@@ -87,16 +87,16 @@ fn proto(p: Protocol) -> Match {
     Match::Protocol(p)
 }
 
-fn dport(port: Port) -> Match {
+fn dport(port: impl Into<PortRange>) -> Match {
     Match::DestinationPort {
-        port,
+        port: port.into(),
         negated: false,
     }
 }
 
-fn not_dport(port: Port) -> Match {
+fn not_dport(port: impl Into<PortRange>) -> Match {
     Match::DestinationPort {
-        port,
+        port: port.into(),
         negated: true,
     }
 }
@@ -125,9 +125,10 @@ fn rule(matches: Vec<Match>, target: Target) -> Rule {
 }
 
 impl Planner<'_> {
-    /// The rules' port matches for `ports`: one per port, or with `--match-sets` one set
-    /// match for the whole list once it holds two different ports.
-    fn port_matches(&self, list: SetList, ports: &[Port]) -> Vec<PortMatch> {
+    /// The rules' port matches for `ports`: one per port or range (Istio's, for lists
+    /// without ranges), or with `--match-sets` one set match for the whole list once it
+    /// holds two different entries.
+    fn port_matches(&self, list: SetList, ports: &[PortRange]) -> Vec<PortMatch> {
         let distinct = ports
             .iter()
             .collect::<std::collections::BTreeSet<_>>()
@@ -864,16 +865,21 @@ pub(crate) mod tests {
     use crate::rules::iptables::rule_spec;
     use crate::rules::model::{ChainRules, FamilyRuleset, Interface, TproxyRouting};
 
-    fn port(p: u16) -> Port {
-        Port::new(p).unwrap()
+    pub(crate) fn port(p: u16) -> PortRange {
+        crate::values::Port::new(p).unwrap().into()
+    }
+
+    pub(crate) fn range(a: u16, b: u16) -> PortRange {
+        use crate::values::Port;
+        PortRange::new(Port::new(a).unwrap(), Port::new(b).unwrap()).unwrap()
     }
 
     /// Istio's base test configuration: proxy 1337, nothing captured.
     pub(crate) fn base() -> CaptureConfig {
         CaptureConfig {
-            proxy_port: port(15001),
-            inbound_capture_port: port(15006),
-            inbound_tunnel_port: port(15008),
+            proxy_port: crate::values::Port::new(15001).unwrap(),
+            inbound_capture_port: crate::values::Port::new(15006).unwrap(),
+            inbound_tunnel_port: crate::values::Port::new(15008).unwrap(),
             proxy_uids: vec![Owner::Id(1337)],
             proxy_gids: vec![Owner::Id(1337)],
             interception: InterceptionMode::Redirect,
@@ -954,6 +960,58 @@ pub(crate) mod tests {
             ]
         );
         assert_eq!(output.last().map(String::as_str), Some("-j ISTIO_REDIRECT"));
+    }
+
+    #[test]
+    fn a_port_range_is_one_rule_in_every_list() {
+        let mut cfg = base();
+        cfg.outbound_ports_exclude = vec![range(8200, 8300), port(9000)];
+        cfg.outbound_ports_include = vec![range(3000, 3001)];
+        cfg.inbound = InboundCapture::AllExcept(vec![range(15020, 15021)]);
+        cfg.outbound_include = OutboundInclude::All;
+        let planned = plan(&cfg);
+        let output = specs(chain(&planned.v4, Table::Nat, ISTIO_OUTPUT));
+        assert_eq!(
+            output[..4],
+            [
+                "-p tcp --dport 8200:8300 -j RETURN",
+                "-p udp --dport 8200:8300 -j RETURN",
+                "-p tcp --dport 9000 -j RETURN",
+                "-p udp --dport 9000 -j RETURN",
+            ]
+        );
+        assert!(output.contains(&"-p tcp --dport 3000:3001 -j ISTIO_REDIRECT".to_owned()));
+        let inbound = specs(chain(&planned.v4, Table::Nat, INBOUND));
+        assert!(inbound.contains(&"-p tcp --dport 15020:15021 -j RETURN".to_owned()));
+
+        cfg.interception = InterceptionMode::Tproxy;
+        cfg.inbound = InboundCapture::Only(vec![range(8080, 8081)]);
+        let planned = plan(&cfg);
+        let inbound = specs(chain(&planned.v4, Table::Mangle, INBOUND));
+        assert!(inbound.contains(
+            &"-p tcp --dport 8080:8081 -m conntrack --ctstate RELATED,ESTABLISHED -j ISTIO_DIVERT"
+                .to_owned()
+        ), "{inbound:?}");
+        assert!(inbound.contains(&"-p tcp --dport 8080:8081 -j ISTIO_TPROXY".to_owned()));
+    }
+
+    #[test]
+    fn match_sets_hold_ranges_merged() {
+        let mut cfg = base();
+        cfg.outbound_ports_exclude =
+            vec![range(8200, 8300), port(8301), range(8250, 8260), port(80)];
+        let planned = plan_with(&cfg, sets());
+        let set = set_named(&planned.v4, "excl-oports4");
+        assert_eq!(
+            set.members(),
+            &crate::rules::ipset::SetMembers::Ports(vec![port(80), range(8200, 8301)])
+        );
+        assert_eq!(set.port_range(), Some((80, 8301)));
+        assert!(set.contains("192.0.2.1".parse().unwrap(), 8301));
+        assert!(!set.contains("192.0.2.1".parse().unwrap(), 8302));
+        // One range alone is a plain match, as one port is.
+        cfg.outbound_ports_exclude = vec![range(8200, 8300)];
+        assert_eq!(plan_with(&cfg, sets()), plan(&cfg));
     }
 
     #[test]

@@ -528,7 +528,74 @@ fn app_init_container_without_sidecar(test: &str, backend: Backend) {
     );
 }
 
+/// Port ranges (meshinit's superset of Istio's lists): each list captures or leaves alone
+/// exactly the range, judged at its edges (a-1, a, b, b+1). Each list has a second entry,
+/// so that `--match-sets` makes a set holding the range.
+fn port_ranges(test: &str, backend: Backend) {
+    const VAULT_8199: &str = "198.51.100.30:8199";
+    const VAULT_8301: &str = "198.51.100.30:8301";
+    run(
+        test,
+        &[
+            (
+                Setup::new(backend.args(&["-o", "8100,8200-8300"])),
+                &[
+                    tcp(App, VAULT_8199, outbound(VAULT_8199)),
+                    tcp(App, VAULT, peer(VAULT)),
+                    tcp(App, VAULT_8300, peer(VAULT_8300)),
+                    tcp(App, VAULT_8301, outbound(VAULT_8301)),
+                ],
+            ),
+            (
+                Setup::new(backend.args(&["-i", "", "-q", "8200-8300,8100"])),
+                &[
+                    tcp(App, VAULT_8199, peer(VAULT_8199)),
+                    tcp(App, VAULT, outbound(VAULT)),
+                    tcp(App, VAULT_8300, outbound(VAULT_8300)),
+                    tcp(App, VAULT_8301, peer(VAULT_8301)),
+                ],
+            ),
+            (
+                Setup::new(backend.args(&["-b", "8080-8081,9443"])),
+                &[
+                    tcp(Peer, "192.0.2.2:8079", app("192.0.2.2:8079")),
+                    tcp(Peer, POD_8080, inbound(POD_8080)),
+                    tcp(Peer, "192.0.2.2:8081", inbound("192.0.2.2:8081")),
+                    tcp(Peer, "192.0.2.2:8082", app("192.0.2.2:8082")),
+                ],
+            ),
+            (
+                Setup::new(backend.args(&["-d", "15090,8080-8081"])),
+                &[
+                    tcp(Peer, "192.0.2.2:8079", inbound("192.0.2.2:8079")),
+                    tcp(Peer, POD_8080, app(POD_8080)),
+                    tcp(Peer, "192.0.2.2:8081", app("192.0.2.2:8081")),
+                    tcp(Peer, "192.0.2.2:8082", inbound("192.0.2.2:8082")),
+                ],
+            ),
+            (
+                Setup::new(backend.args(&["-m", "TPROXY", "-b", "8080-8081,9443"]))
+                    .sidecar(Sidecar::Tproxy),
+                &[
+                    tcp(Peer, "192.0.2.2:8079", app("192.0.2.2:8079")),
+                    tcp(
+                        Peer,
+                        "192.0.2.2:8081",
+                        Expect::Transparent {
+                            port: 15006,
+                            local: "192.0.2.2:8081",
+                            client_ip: "192.0.2.1",
+                        },
+                    ),
+                    tcp(Peer, "192.0.2.2:8082", app("192.0.2.2:8082")),
+                ],
+            ),
+        ],
+    );
+}
+
 on_every_backend! {
+    port_ranges,
     outbound_cidrs_include_and_exclude,
     outbound_ports_include_and_exclude,
     inbound_ports_include,

@@ -16,6 +16,9 @@
 //! - `kernel_lists_a_sample_alike` (root): a sample of those configurations, Istio's output
 //!   and meshinit's loaded into fresh namespaces, must read back alike from the kernel; the
 //!   proof that what the comparison sets aside as spelling is spelling.
+//! - `kernel_judges_port_ranges_at_their_edges` (root): configurations whose port lists hold
+//!   ranges (meshinit's superset; Istio is given them expanded) are not compared as text;
+//!   a sample is judged on real connections at the ranges' edges instead.
 //! - `istio_injector_renders_meshinit_for_sample_pods`: Istio's real injector
 //!   (`istio-inject-oracle`, the same module) injects sample pods with Istio's template
 //!   (meshinit's image swapped in) and with meshinit's `injector-template/`; meshinit, run as
@@ -154,6 +157,7 @@ const REJECTS_BOOLEAN: &str = "rejects-boolean";
 const ACCEPTS_BLANKS: &str = "accepts-blanks";
 const MODE_NONE: &str = "mode-none";
 const REJECTS_GROUPS: &str = "rejects-owner-groups-beyond-one-rule";
+const PORT_RANGES: &str = "port-ranges";
 
 /// Every id this test knows how to allow; must be exactly the documented ones.
 const KNOWN: &[&str] = &[
@@ -170,6 +174,7 @@ const KNOWN: &[&str] = &[
     ACCEPTS_BLANKS,
     MODE_NONE,
     REJECTS_GROUPS,
+    PORT_RANGES,
 ];
 
 #[test]
@@ -354,6 +359,41 @@ struct Config {
     blanks: bool,
     /// Interception mode NONE, which meshinit takes as "capture nothing".
     mode_none: bool,
+    /// Port ranges (first, last) its port lists hold: meshinit's superset of Istio's lists
+    /// (deliberate difference `port-ranges`). Istio is asked about the lists with each range
+    /// expanded to its ports; the rulesets then differ in shape, so the kernel judges them
+    /// on real traffic at the ranges' edges (`kernel_judges_port_ranges_at_their_edges`).
+    ranges: Vec<(u16, u16)>,
+}
+
+/// The settings that hold port lists, by flag and by environment variable.
+const PORT_LIST_SETTINGS: &[&str] = &[
+    "-b",
+    "-d",
+    "-q",
+    "-o",
+    "ISTIO_INBOUND_PORTS",
+    "ISTIO_LOCAL_EXCLUDE_PORTS",
+    "ISTIO_OUTBOUND_PORTS",
+    "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE",
+];
+
+/// A port list with each range `a-b` written out as its ports (`a,a+1,...,b`): what Istio,
+/// which has no ranges, is given for meshinit's list. Other items are kept as they are.
+fn expand_ranges(list: &str) -> String {
+    list.split(',')
+        .map(|item| {
+            let range = item.trim().split_once('-').and_then(|(a, b)| {
+                let (a, b) = (a.parse::<u16>().ok()?, b.parse::<u16>().ok()?);
+                (a <= b).then_some((a, b))
+            });
+            match range {
+                Some((a, b)) => (a..=b).map(|p| p.to_string()).collect::<Vec<_>>().join(","),
+                None => item.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 impl Config {
@@ -415,7 +455,28 @@ impl Config {
             "80", "443", "8080", "15001", "15006", "15008", "15020", "53", "1", "65535", "9090",
             "31000", "32000", "3306",
         ];
+        // Ranges meshinit takes and Istio does not: small ones (Istio gets them expanded,
+        // one rule per port), at the ends of the port space, of one port, around Istio's
+        // own ports.
+        const RANGES: &[(u16, u16)] = &[
+            (8000, 8020),
+            (15000, 15010),
+            (1, 20),
+            (65520, 65535),
+            (80, 80),
+            (3306, 3307),
+            (31000, 31005),
+            (15006, 15008),
+        ];
         let mut list = self.list(rng, PORTS, 4);
+        if rng.chance(12) {
+            let (a, b) = RANGES[rng.below(RANGES.len())];
+            if !list.is_empty() || rng.chance(50) {
+                list.push(',');
+            }
+            list.push_str(&format!("{a}-{b}"));
+            self.ranges.push((a, b));
+        }
         if rng.chance(3) {
             list.push(',');
             list.push_str(self.refuse(REJECTS_PORT, rng.pick(&["0", "70000", "http", "*"])));
@@ -676,13 +737,27 @@ fn case(seed: u64, index: usize) -> Config {
 }
 
 impl Config {
+    /// What Istio is asked: the configuration, with port ranges expanded.
     fn request(&self) -> Value {
-        let env: BTreeMap<&str, &str> = self
+        let env: BTreeMap<&str, String> = self
             .env
             .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .map(|(k, v)| {
+                let v = if PORT_LIST_SETTINGS.contains(&k.as_str()) {
+                    expand_ranges(v)
+                } else {
+                    v.clone()
+                };
+                (k.as_str(), v)
+            })
             .collect();
-        json!({"args": self.args, "env": env, "ipv6": self.ipv6, "dns_servers": self.dns})
+        let mut args = self.args.clone();
+        for i in 1..args.len() {
+            if PORT_LIST_SETTINGS.contains(&args[i - 1].as_str()) {
+                args[i] = expand_ranges(&args[i]);
+            }
+        }
+        json!({"args": args, "env": env, "ipv6": self.ipv6, "dns_servers": self.dns})
     }
 
     /// meshinit's arguments: the same flags, plus what Istio would have read off the machine.
@@ -857,6 +932,11 @@ fn check(config: &Config, answer: &Answer, observed: &mut Observed) -> Vec<Strin
                 istio_error,
                 &ours,
                 |ours, seen| {
+                    if !config.ranges.is_empty() {
+                        // Judged by the kernel instead (`kernel_judges_port_ranges_...`).
+                        seen.insert(PORT_RANGES);
+                        return Ok(());
+                    }
                     compare_iptables(answer.iptables.as_ref().expect("no error"), ours, seen)
                 },
                 seen,
@@ -883,6 +963,10 @@ fn check(config: &Config, answer: &Answer, observed: &mut Observed) -> Vec<Strin
                 istio_error,
                 &ours,
                 |ours, seen| {
+                    if !config.ranges.is_empty() {
+                        seen.insert(PORT_RANGES);
+                        return Ok(());
+                    }
                     compare_nftables(nft.as_deref().unwrap_or_default(), nft_error, ours, seen)
                 },
                 seen,
@@ -1620,5 +1704,251 @@ fn inject_oracle_reproduces_istio_golden() {
     assert!(
         got == want,
         "the inject oracle is not Istio's injection test:\n{got}"
+    );
+}
+
+// ---- Port ranges, judged by the kernel on real traffic ----
+
+/// How many generated configurations with port ranges are judged on real traffic per run
+/// (`MESHINIT_PARITY_RANGE_SAMPLE` asks for more).
+const RANGE_SAMPLE: usize = 6;
+
+/// Who answered a connection (the server's name and listening port), or that none did.
+fn verdict(outcome: &crate::support::procs::Outcome) -> String {
+    match outcome {
+        crate::support::procs::Outcome::Answered(reply) => format!("{}:{}", reply.by, reply.port),
+        crate::support::procs::Outcome::Failed(_) => "nobody".to_owned(),
+    }
+}
+
+/// The ports at and around each range's edges: a-1, a, b, b+1 (within 1-65535), without
+/// the sidecar's own ports (the fake sidecar listens there).
+fn edge_ports(ranges: &[(u16, u16)]) -> Vec<u16> {
+    const SIDECAR: [u16; 4] = [15001, 15006, 15101, 15106];
+    let mut ports: Vec<u16> = ranges
+        .iter()
+        .flat_map(|&(a, b)| [a.checked_sub(1), Some(a), Some(b), b.checked_add(1)])
+        .flatten()
+        .filter(|p| *p != 0 && !SIDECAR.contains(p))
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// Istio's IPv4 restore input, loaded into `ns`.
+fn load_iptables(ns: &crate::support::netns::NetNs, rules: &str) {
+    let mut child = ns
+        .command(&["iptables-nft-restore", "--noflush"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn iptables-nft-restore");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(rules.as_bytes())
+        .expect("write restore input");
+    let out = child.wait_with_output().expect("wait for restore");
+    assert!(
+        out.status.success(),
+        "iptables-nft-restore failed: {}\ninput:\n{rules}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// How a pod's rules get there.
+enum Load<'a> {
+    /// Istio's iptables restore input for IPv4, through `iptables-nft-restore`.
+    Iptables(&'a str),
+    /// Istio's nftables transaction, through `nft -f`.
+    Nft(&'a str),
+    /// `meshinit apply` with these arguments and environment.
+    Meshinit(Vec<String>, &'a [(String, String)]),
+}
+
+/// Loads the rules into a fresh pod with an app, a fake sidecar and a peer listening, makes
+/// the app's connections to the peer and the peer's to the pod on each of `ports`, and
+/// says who answered each.
+fn verdicts_at(load: Load<'_>, ports: &[u16]) -> Vec<String> {
+    use crate::support::lab::{APP, PROXY};
+    use crate::support::procs::{connect, Background, Proto};
+    let topo = crate::support::topology::Topology::builder().build();
+    // The app (uid 1000) listens on ports below 1024 too (ranges such as 1-20).
+    topo.pod
+        .run(&["sysctl", "-qw", "net.ipv4.ip_unprivileged_port_start=0"]);
+    let listen = |ports: &[u16]| -> Vec<String> {
+        ports.iter().map(|p| format!("tcp:0.0.0.0:{p}")).collect()
+    };
+    let _servers = [
+        Background::serve(&topo.peer, None, "peer", &listen(ports)),
+        Background::serve(&topo.pod, Some(APP), "app", &listen(ports)),
+        Background::serve(
+            &topo.pod,
+            Some(PROXY),
+            "sidecar",
+            &listen(&[15001, 15006, 15101, 15106]),
+        ),
+    ];
+    let _groups = crate::support::groups::GroupOverlay::new(topo.pod.name());
+    match load {
+        Load::Nft(rules) => crate::nft_golden::nft_load(&topo.pod, rules, "range check"),
+        Load::Meshinit(args, env) => {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let env: Vec<(&str, &str)> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            crate::support::meshinit::apply(&topo.pod, &args, &env);
+        }
+        Load::Iptables(rules) => load_iptables(&topo.pod, rules),
+    }
+    let targets: Vec<(bool, String)> = ports
+        .iter()
+        .flat_map(|p| {
+            [
+                (true, format!("198.51.100.30:{p}")),
+                (false, format!("{}:{p}", crate::support::topology::POD_IP)),
+            ]
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        let running: Vec<_> = targets
+            .iter()
+            .map(|(outbound, to)| {
+                let topo = &topo;
+                scope.spawn(move || {
+                    let outcome = if *outbound {
+                        connect(&topo.pod, Some(APP), Proto::Tcp, to)
+                    } else {
+                        connect(&topo.peer, None, Proto::Tcp, to)
+                    };
+                    let who = if *outbound { "app" } else { "peer" };
+                    format!("{who} → {to}: {}", verdict(&outcome))
+                })
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|t| t.join().expect("client thread"))
+            .collect()
+    })
+}
+
+/// As root: generated configurations whose port lists hold ranges (REDIRECT, so that no
+/// TPROXY routing is needed), Istio's rules for the lists with the ranges expanded (loaded
+/// from its output) and meshinit's with one match per range (installed by `meshinit apply`
+/// on every engine), each in a fresh pod; real connections at each range's edges (a-1, a,
+/// b, b+1), outbound from the app and inbound from a peer, must be answered by the same
+/// listener under both.
+#[test]
+fn kernel_judges_port_ranges_at_their_edges() {
+    if !crate::support::require_root("istio_oracle::kernel_judges_port_ranges_at_their_edges") {
+        return;
+    }
+    let Some((bin, _)) = oracle() else { return };
+    let seed = seed();
+    let sample = env_number("MESHINIT_PARITY_RANGE_SAMPLE").map_or(RANGE_SAMPLE, |n| n as usize);
+    let judged = |c: &Config| {
+        let mut values = c.args.iter().chain(c.env.iter().map(|(_, v)| v));
+        !c.ranges.is_empty()
+            && c.rejects.is_empty()
+            && !c.mode_none
+            && values.all(|v| {
+                !v.contains("nobody")
+                    && !v.contains("istio-proxy")
+                    && !v.contains("TPROXY")
+                    // Istio's nft reads `eth+` as a literal name (`nft-interface-wildcard`)
+                    // and then refuses the transaction.
+                    && !v.contains('+')
+                    && v.matches(',').count() < 40
+            })
+    };
+    let candidates: Vec<(usize, Config)> = (0..sample * 60)
+        .map(|i| (i, case(seed, i)))
+        .filter(|(_, c)| judged(c))
+        .collect();
+    let requests: Vec<Value> = candidates.iter().map(|(_, c)| c.request()).collect();
+    let answers = ask(&bin, &requests);
+    let mut failures = Vec::new();
+    let mut loaded = 0;
+    for ((index, config), answer) in candidates.iter().zip(&answers) {
+        if loaded == sample {
+            break;
+        }
+        let (Ok(istio), (Some(istio_nft), None), None) =
+            (&answer.iptables, &answer.nftables, &answer.error)
+        else {
+            continue;
+        };
+        let args = config.meshinit_args();
+        let (Ok(_), Ok(_)) = (
+            meshinit_print(&args, &config.env, false),
+            meshinit_print(&args, &config.env, true),
+        ) else {
+            failures.push(format!(
+                "case {index}: {}\n  meshinit refused what Istio accepts expanded",
+                config.describe()
+            ));
+            continue;
+        };
+        loaded += 1;
+        let ports = edge_ports(&config.ranges);
+        let istio_iptables = verdicts_at(Load::Iptables(&istio.0), &ports);
+        let istio_nftables = verdicts_at(Load::Nft(istio_nft), &ports);
+        // meshinit as it installs itself, on every engine.
+        let engines: [(&str, &[&str], &Vec<String>); 5] = [
+            ("iptables", &[], &istio_iptables),
+            ("iptables --match-sets", &["--match-sets"], &istio_iptables),
+            (
+                "nftables over netlink",
+                &["--native-nftables", "--nftables-apply=netlink"],
+                &istio_nftables,
+            ),
+            (
+                "nftables via nft",
+                &["--native-nftables", "--nftables-apply=nft"],
+                &istio_nftables,
+            ),
+            (
+                "nftables over netlink --match-sets",
+                &[
+                    "--native-nftables",
+                    "--nftables-apply=netlink",
+                    "--match-sets",
+                ],
+                &istio_nftables,
+            ),
+        ];
+        for (backend, extra, want) in engines {
+            let mut with: Vec<String> = args.clone();
+            with.extend(extra.iter().map(|s| (*s).to_owned()));
+            let got = verdicts_at(Load::Meshinit(with, &config.env), &ports);
+            let differ: Vec<String> = want
+                .iter()
+                .zip(&got)
+                .filter(|(w, g)| w != g)
+                .map(|(w, g)| format!("    istio {w}\n    meshinit {g}"))
+                .collect();
+            if !differ.is_empty() {
+                failures.push(format!(
+                    "case {index} ({backend}): {}\n{}",
+                    config.describe(),
+                    differ.join("\n")
+                ));
+            }
+        }
+    }
+    eprintln!(
+        "kernel_judges_port_ranges_at_their_edges: seed {seed}, {loaded} configurations with ranges judged"
+    );
+    assert!(
+        loaded >= sample / 2,
+        "only {loaded} configurations with ranges of seed {seed} could be judged"
+    );
+    assert!(
+        failures.is_empty(),
+        "real connections at port ranges' edges went differently under Istio's rules for the expanded lists (MESHINIT_PARITY_SEED={seed}):\n{}",
+        failures.join("\n\n")
     );
 }

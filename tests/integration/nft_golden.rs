@@ -716,3 +716,75 @@ fn nft_stale_batch_is_refused() {
     current.expect("a batch on the current generation goes in");
     assert_eq!(tables(&ns), ["table inet other"]);
 }
+
+/// Port ranges (meshinit's superset of Istio's lists): the netlink batch (a range as two
+/// comparisons, a set with a range as an interval set) leaves exactly what `nft -f` of the
+/// printed text (`tcp dport 8200-8300`, `tcp dport { 8100, 8200-8300 }`) leaves, with and
+/// without `--match-sets`, and another nft version reads it alike.
+#[test]
+fn nft_port_ranges_over_netlink_as_nft_reads_them() {
+    let name = "nft_port_ranges_over_netlink_as_nft_reads_them";
+    let args: &[&str] = &[
+        "-i",
+        "*",
+        "-o",
+        "8100,8200-8300,8250-8310,65000-65535",
+        "-q",
+        "1-20",
+        "-b",
+        "8080-8081,9443",
+        "-m",
+        "TPROXY",
+    ];
+    let text = print_case(&[], &with_native(args), None);
+    assert!(
+        text.contains("tcp dport 8200-8300 counter return"),
+        "{text}"
+    );
+    if !require_root(&format!("nft_golden::{name}")) {
+        return;
+    }
+    let (_, want) = loaded("nr", &text, "meshinit's ranges");
+    for mode in [NETLINK, VIA_NFT] {
+        let (_, by_apply) = applied(&[], args, &[mode]);
+        assert!(
+            by_apply == want,
+            "{mode}: apply leaves something else than nft -f of its print:\n{}",
+            diff(&want, &by_apply)
+        );
+    }
+    let with_sets: Vec<&str> = with_native(args).into_iter().chain([MATCH_SETS]).collect();
+    let sets_text = print_case(&[], &with_sets, None);
+    assert!(
+        sets_text.contains("tcp dport { 8100, 8200-8310, 65000-65535 }"),
+        "{sets_text}"
+    );
+    let (_, want) = loaded("nrs", &sets_text, "meshinit's ranges with sets");
+    let (_, by_netlink) = applied(&[], args, &[NETLINK, MATCH_SETS]);
+    assert!(
+        by_netlink == want,
+        "with --match-sets, the netlink batch leaves something else than nft -f:\n{}",
+        diff(&want, &by_netlink)
+    );
+    // The expressions themselves: nft's `cmp gte`/`cmp lte` pair, and its interval set's
+    // elements, exactly as nft -f makes them.
+    for (extra, input) in [
+        (&[NETLINK][..], &text),
+        (&[NETLINK, MATCH_SETS][..], &sets_text),
+    ] {
+        let expressions = |ns: &NetNs| ns.run(&["nft", "--debug=netlink", "list", "ruleset"]);
+        let by_nft = NetNs::new("nrx");
+        let _groups = GroupOverlay::new(by_nft.name());
+        nft_load(&by_nft, input, "meshinit's ranges");
+        let (by_netlink, _netlink_groups) = applied_in(&[], args, extra);
+        let (want, got) = (expressions(&by_nft), expressions(&by_netlink));
+        assert!(want.contains("cmp gte reg 1"), "{want}");
+        assert!(
+            want == got,
+            "{extra:?}: the netlink batch's expressions differ from nft -f's:\n{}",
+            diff(&want, &got)
+        );
+    }
+    newer_nft_reads_netlink_alike(name, &[], args, &[NETLINK], &text);
+    newer_nft_reads_netlink_alike(name, &[], args, &[NETLINK, MATCH_SETS], &sets_text);
+}

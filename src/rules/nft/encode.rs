@@ -27,7 +27,7 @@ use crate::netlink::wire::{
     Writer, NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, NFNL_SUBSYS_NFTABLES, NLM_F_ACK,
     NLM_F_APPEND, NLM_F_CREATE,
 };
-use crate::rules::model::{CtState, Family, Interface, Owner, OwnerKind, Port, Protocol};
+use crate::rules::model::{CtState, Family, Interface, Owner, OwnerKind, PortRange, Protocol};
 
 /// `linux/netfilter/nf_tables.h` and friends: only what meshinit's rules use.
 mod sys {
@@ -93,6 +93,13 @@ mod sys {
     pub const NFTA_CMP_DATA: u16 = 3;
     pub const NFT_CMP_EQ: u32 = 0;
     pub const NFT_CMP_NEQ: u32 = 1;
+    pub const NFT_CMP_LTE: u32 = 3;
+    pub const NFT_CMP_GTE: u32 = 5;
+    pub const NFTA_RANGE_SREG: u16 = 1;
+    pub const NFTA_RANGE_OP: u16 = 2;
+    pub const NFTA_RANGE_FROM_DATA: u16 = 3;
+    pub const NFTA_RANGE_TO_DATA: u16 = 4;
+    pub const NFT_RANGE_NEQ: u32 = 1;
 
     pub const NFTA_PAYLOAD_DREG: u16 = 1;
     pub const NFTA_PAYLOAD_BASE: u16 = 2;
@@ -370,7 +377,7 @@ enum AnonSet<'a> {
     Ports {
         protocol: Protocol,
         direction: Direction,
-        ports: &'a [Port],
+        ports: &'a [PortRange],
     },
     Nets {
         direction: Direction,
@@ -504,10 +511,10 @@ fn key_bytes(value: u128, len: usize) -> Vec<u8> {
 /// the first range starts there, then each range's start and the end one past its last
 /// address, except for a range running to the last address, whose start is marked open.
 fn interval_elements(ranges: &[(u128, u128)], len: usize) -> Vec<Element> {
-    let max = if len == 4 {
-        u128::from(u32::MAX)
-    } else {
+    let max = if len >= 16 {
         u128::MAX
+    } else {
+        (1u128 << (8 * len)) - 1
     };
     let mut elements = Vec::with_capacity(1 + 2 * ranges.len());
     if ranges.first().is_some_and(|(first, _)| *first != 0) {
@@ -680,22 +687,41 @@ impl Encoder<'_> {
                     Direction::Source => sys::TH_SPORT,
                     Direction::Destination => sys::TH_DPORT,
                 };
-                let elements: Vec<Element> = ports
-                    .iter()
-                    .map(|p| Element {
-                        key: p.get().to_be_bytes().to_vec(),
-                        interval_end: false,
-                        open: false,
-                    })
-                    .collect();
-                (
-                    sys::NFT_SET_ANONYMOUS | sys::NFT_SET_CONSTANT,
-                    sys::TYPE_INET_SERVICE,
-                    2,
-                    ports.len(),
-                    set_userdata(false, desc, field),
-                    elements,
-                )
+                if ports.iter().any(|p| p.single().is_none()) {
+                    // With a range, an interval set, as nft makes for `{ 80, 8000-8100 }`:
+                    // the same elements and metadata as for networks, over 2-byte keys.
+                    let ranges: Vec<(u128, u128)> = crate::values::merge_port_ranges(ports)
+                        .iter()
+                        .map(|r| (u128::from(r.first().get()), u128::from(r.last().get())))
+                        .collect();
+                    let starts_at_zero = ranges.first().is_some_and(|(first, _)| *first == 0);
+                    let size = usize::from(!starts_at_zero) + 2 * ranges.len();
+                    (
+                        sys::NFT_SET_ANONYMOUS | sys::NFT_SET_CONSTANT | sys::NFT_SET_INTERVAL,
+                        sys::TYPE_INET_SERVICE,
+                        2,
+                        size,
+                        set_userdata(true, desc, field),
+                        interval_elements(&ranges, 2),
+                    )
+                } else {
+                    let elements: Vec<Element> = ports
+                        .iter()
+                        .map(|p| Element {
+                            key: p.first().get().to_be_bytes().to_vec(),
+                            interval_end: false,
+                            open: false,
+                        })
+                        .collect();
+                    (
+                        sys::NFT_SET_ANONYMOUS | sys::NFT_SET_CONSTANT,
+                        sys::TYPE_INET_SERVICE,
+                        2,
+                        ports.len(),
+                        set_userdata(false, desc, field),
+                        elements,
+                    )
+                }
             }
             AnonSet::Nets { direction, nets } => {
                 let family = nets.first().map_or(Family::V4, family_of);
@@ -845,7 +871,19 @@ impl Encoder<'_> {
                     };
                     x.payload(sys::NFT_PAYLOAD_TRANSPORT_HEADER, offset, 2);
                     match ports.as_slice() {
-                        [port] => x.cmp(*negated, &port.get().to_be_bytes()),
+                        [port] => match port.single() {
+                            Some(port) => x.cmp(*negated, &port.get().to_be_bytes()),
+                            // nft's encoding of `tcp dport 8000-8100`: two comparisons;
+                            // of `tcp dport != 8000-8100`: one range expression.
+                            None if *negated => x.range_neq(
+                                &port.first().get().to_be_bytes(),
+                                &port.last().get().to_be_bytes(),
+                            ),
+                            None => {
+                                x.cmp_op(sys::NFT_CMP_GTE, &port.first().get().to_be_bytes());
+                                x.cmp_op(sys::NFT_CMP_LTE, &port.last().get().to_be_bytes());
+                            }
+                        },
                         _ => x.lookup(sets.next().unwrap_or_default(), *negated),
                     }
                 }
@@ -981,18 +1019,36 @@ impl Expressions {
     }
 
     fn cmp(&mut self, negated: bool, value: &[u8]) {
+        self.cmp_op(
+            if negated {
+                sys::NFT_CMP_NEQ
+            } else {
+                sys::NFT_CMP_EQ
+            },
+            value,
+        );
+    }
+
+    fn cmp_op(&mut self, op: u32, value: &[u8]) {
         self.expr("cmp", |w| {
             w.attr_be32(sys::NFTA_CMP_SREG, sys::NFT_REG_1);
-            w.attr_be32(
-                sys::NFTA_CMP_OP,
-                if negated {
-                    sys::NFT_CMP_NEQ
-                } else {
-                    sys::NFT_CMP_EQ
-                },
-            );
+            w.attr_be32(sys::NFTA_CMP_OP, op);
             let data = w.begin_nest(sys::NFTA_CMP_DATA);
             w.attr(sys::NFTA_DATA_VALUE, value);
+            w.end_nest(data);
+        });
+    }
+
+    /// `range neq reg 1 FROM TO`: the register is outside [FROM, TO].
+    fn range_neq(&mut self, from: &[u8], to: &[u8]) {
+        self.expr("range", |w| {
+            w.attr_be32(sys::NFTA_RANGE_SREG, sys::NFT_REG_1);
+            w.attr_be32(sys::NFTA_RANGE_OP, sys::NFT_RANGE_NEQ);
+            let data = w.begin_nest(sys::NFTA_RANGE_FROM_DATA);
+            w.attr(sys::NFTA_DATA_VALUE, from);
+            w.end_nest(data);
+            let data = w.begin_nest(sys::NFTA_RANGE_TO_DATA);
+            w.attr(sys::NFTA_DATA_VALUE, to);
             w.end_nest(data);
         });
     }
@@ -1198,6 +1254,126 @@ mod tests {
         );
         assert_eq!(batch.op_index(batch.begin_seq() + 3), Some(2));
         assert_eq!(batch.op_index(batch.begin_seq()), None);
+    }
+
+    /// Each `cmp` of a rule's expressions as (op, value).
+    fn comparisons(payload: &[u8]) -> Vec<(u32, Vec<u8>)> {
+        let list = attr(&payload[4..], sys::NFTA_RULE_EXPRESSIONS).expect("expressions");
+        attrs(list)
+            .into_iter()
+            .filter(|(_, expr)| attr(expr, sys::NFTA_EXPR_NAME) == Some(&b"cmp\0"[..]))
+            .map(|(_, expr)| {
+                let data = attr(expr, sys::NFTA_EXPR_DATA).expect("data");
+                let op = attr(data, sys::NFTA_CMP_OP).expect("op");
+                let value = attr(
+                    attr(data, sys::NFTA_CMP_DATA).expect("value"),
+                    sys::NFTA_DATA_VALUE,
+                )
+                .expect("value");
+                (u32::from_be_bytes(op.try_into().unwrap()), value.to_vec())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_port_range_is_two_comparisons_as_nft_encodes_it() {
+        // `nft --debug=netlink` for `tcp dport 8000-8100`: payload, cmp gte 0x1f40,
+        // cmp lte 0x1fa4.
+        let mut cfg = base();
+        cfg.outbound_ports_exclude = vec![crate::rules::plan::tests::range(8000, 8100)];
+        let ruleset = plan(&cfg);
+        let ops = transaction(&ruleset, Some(&ExistingTables::default()));
+        let batch = encode(&ops, &no_names, None).unwrap();
+        let msgs = messages(batch.bytes());
+        let ranged: Vec<_> = msgs
+            .iter()
+            .filter(|m| kind(m.0) == sys::NFT_MSG_NEWRULE)
+            .map(|m| comparisons(m.3))
+            .filter(|c| c.iter().any(|(op, _)| *op == sys::NFT_CMP_GTE))
+            .collect();
+        assert_eq!(ranged.len(), 2, "tcp and udp");
+        for cmps in ranged {
+            assert_eq!(
+                cmps[1..],
+                [
+                    (sys::NFT_CMP_GTE, vec![0x1f, 0x40]),
+                    (sys::NFT_CMP_LTE, vec![0x1f, 0xa4])
+                ]
+            );
+        }
+        assert!(msgs.iter().all(|m| kind(m.0) != sys::NFT_MSG_NEWSET));
+    }
+
+    #[test]
+    fn a_set_with_a_range_is_an_interval_set_as_nft_makes_it() {
+        // `nft --debug=netlink` for `tcp dport { 80, 8000-8100 }`: set flags 7, size 5,
+        // elements 0 [end], 80, 81 [end], 8000, 8101 [end].
+        let range = crate::rules::plan::tests::range;
+        let mut cfg = base();
+        cfg.outbound_ports_exclude = vec![range(8000, 8050), range(80, 80), range(8040, 8100)];
+        let ruleset = plan_with(&cfg, PlanOptions { match_sets: true });
+        let ops = transaction(&ruleset, Some(&ExistingTables::default()));
+        let batch = encode(&ops, &no_names, None).unwrap();
+        let msgs = messages(batch.bytes());
+        let set_at = msgs
+            .iter()
+            .position(|m| kind(m.0) == sys::NFT_MSG_NEWSET)
+            .expect("an anonymous set");
+        let set = &msgs[set_at].3[4..];
+        assert_eq!(
+            attr(set, sys::NFTA_SET_FLAGS),
+            Some(&7u32.to_be_bytes()[..])
+        );
+        assert_eq!(
+            attr(set, sys::NFTA_SET_KEY_LEN),
+            Some(&2u32.to_be_bytes()[..])
+        );
+        let desc = attr(set, sys::NFTA_SET_DESC).unwrap();
+        assert_eq!(
+            attr(desc, sys::NFTA_SET_DESC_SIZE),
+            Some(&5u32.to_be_bytes()[..])
+        );
+        let list = attr(&msgs[set_at + 1].3[4..], sys::NFTA_SET_ELEM_LIST_ELEMENTS).unwrap();
+        let elements: Vec<(u16, bool)> = attrs(list)
+            .into_iter()
+            .map(|(_, element)| {
+                let key = attr(
+                    attr(element, sys::NFTA_SET_ELEM_KEY).unwrap(),
+                    sys::NFTA_DATA_VALUE,
+                )
+                .unwrap();
+                (
+                    u16::from_be_bytes(key.try_into().unwrap()),
+                    attr(element, sys::NFTA_SET_ELEM_FLAGS).is_some(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            elements,
+            [
+                (0, true),
+                (80, false),
+                (81, true),
+                (8000, false),
+                (8101, true)
+            ]
+        );
+    }
+
+    #[test]
+    fn interval_elements_of_ports_run_to_65535() {
+        let elements = interval_elements(&[(65000, 65535)], 2);
+        let keys: Vec<(Vec<u8>, bool, bool)> = elements
+            .into_iter()
+            .map(|e| (e.key, e.interval_end, e.open))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                (vec![0, 0], true, false),
+                (65000u16.to_be_bytes().to_vec(), false, true)
+            ]
+        );
     }
 
     #[test]

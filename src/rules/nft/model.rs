@@ -10,7 +10,9 @@
 
 use ipnet::IpNet;
 
-use crate::rules::model::{CtState, Family, Interface, Owner, OwnerKind, Port, Protocol};
+use crate::rules::model::{
+    CtState, Family, Interface, Owner, OwnerKind, Port, PortRange, Protocol,
+};
 pub use crate::rules::model::{TproxyRouting, IPV6_PASSTHROUGH};
 
 /// Istio's tables (`constants.IstioProxy*Table`), all of family `inet`. Declaration order is
@@ -186,11 +188,13 @@ pub enum Match {
         direction: Direction,
         nets: Vec<IpNet>,
     },
-    /// `tcp dport [!=] PORT`, or a set `{ 53, 15008 }` when there are several.
+    /// `tcp dport [!=] PORT` (or a range `8000-8100`), or a set `{ 53, 15008 }` when there
+    /// are several (an interval set once one is a range: `{ 80, 8000-8100 }`, its ranges
+    /// merged so that none overlap).
     Port {
         protocol: Protocol,
         direction: Direction,
-        ports: Vec<Port>,
+        ports: Vec<PortRange>,
         negated: bool,
     },
     /// `skuid` / `skgid [!=] OWNER`.

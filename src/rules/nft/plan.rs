@@ -19,8 +19,9 @@ use crate::rules::decisions::{
     self, fixed_port, lo, DnsServers, CT_ZONE_CLIENT, CT_ZONE_UPSTREAM, DNS_PORT, DNS_PROXY_PORT,
     OUTBOUND_MARK,
 };
-use crate::rules::model::{CtState, Family, Owner, OwnerKind, Port, Protocol};
+use crate::rules::model::{CtState, Family, Owner, OwnerKind, Port, PortRange, Protocol};
 pub use crate::rules::PlanOptions;
+use crate::values::merge_port_ranges;
 
 /// Plans the nftables ruleset for `cfg`: Istio's, one rule per list entry.
 pub fn plan(cfg: &CaptureConfig) -> NftRuleset {
@@ -134,7 +135,12 @@ fn tcp() -> Match {
     Match::L4Proto(Protocol::Tcp)
 }
 
-fn port_match(protocol: Protocol, direction: Direction, ports: Vec<Port>, negated: bool) -> Match {
+fn port_match(
+    protocol: Protocol,
+    direction: Direction,
+    ports: Vec<PortRange>,
+    negated: bool,
+) -> Match {
     Match::Port {
         protocol,
         direction,
@@ -144,19 +150,20 @@ fn port_match(protocol: Protocol, direction: Direction, ports: Vec<Port>, negate
 }
 
 /// `tcp dport PORT`, or `tcp dport { PORTS }` for several.
-fn tcp_dports(ports: Vec<Port>) -> Match {
+fn tcp_dports(ports: Vec<PortRange>) -> Match {
     port_match(Protocol::Tcp, Direction::Destination, ports, false)
 }
 
 fn dport(protocol: Protocol, port: Port) -> Match {
-    port_match(protocol, Direction::Destination, vec![port], false)
+    port_match(protocol, Direction::Destination, vec![port.into()], false)
 }
 
 fn sport(protocol: Protocol, port: Port) -> Match {
-    port_match(protocol, Direction::Source, vec![port], false)
+    port_match(protocol, Direction::Source, vec![port.into()], false)
 }
 
 fn not_dport(ports: Vec<Port>) -> Match {
+    let ports = ports.into_iter().map(PortRange::from).collect();
     port_match(Protocol::Tcp, Direction::Destination, ports, true)
 }
 
@@ -209,11 +216,17 @@ fn is_v4(net: &IpNet) -> bool {
 }
 
 impl Planner<'_> {
-    /// The port lists to write one rule for each: one list per port (Istio's), or with
-    /// `--match-sets` a single list of them all, duplicates dropped (a set once it has two).
-    fn port_groups(&self, ports: &[Port]) -> Vec<Vec<Port>> {
+    /// The port lists to write one rule for each: one list per port or range (Istio's, for
+    /// lists without ranges), or with `--match-sets` a single list of them all, duplicates
+    /// dropped (a set once it has two). A list with a range becomes an interval set, whose
+    /// elements may not overlap: its ranges are merged (sorted, overlapping and adjacent
+    /// ones joined).
+    fn port_groups(&self, ports: &[PortRange]) -> Vec<Vec<PortRange>> {
         if !self.options.match_sets || ports.is_empty() {
             return ports.iter().map(|p| vec![*p]).collect();
+        }
+        if ports.iter().any(|p| p.single().is_none()) {
+            return vec![merge_port_ranges(ports)];
         }
         let mut seen = std::collections::HashSet::new();
         vec![ports.iter().copied().filter(|p| seen.insert(*p)).collect()]
@@ -908,9 +921,7 @@ pub(crate) mod tests {
     use crate::rules::model::{Interface, TproxyRouting};
     use crate::rules::nft::render::rule_text;
 
-    fn port(p: u16) -> Port {
-        Port::new(p).unwrap()
-    }
+    use crate::rules::plan::tests::{port, range};
 
     /// Istio's base case: proxy uid and gid 1337, nothing captured (the same for both
     /// planners).
@@ -1147,6 +1158,40 @@ pub(crate) mod tests {
         }] {
             assert_eq!(plan_with(&cfg, sets()), super::plan(&cfg));
         }
+    }
+
+    #[test]
+    fn port_ranges_are_one_match_and_sets_merge_them() {
+        let mut cfg = base();
+        cfg.outbound_ports_exclude = vec![range(8200, 8300), port(9000)];
+        cfg.inbound = InboundCapture::AllExcept(vec![range(15020, 15021)]);
+        let planned = plan(&cfg);
+        let nat = planned.table(Table::Nat).unwrap();
+        let output = texts(nat, Chain::IstioOutput);
+        for line in [
+            "tcp dport 8200-8300 counter return",
+            "udp dport 8200-8300 counter return",
+            "tcp dport 9000 counter return",
+        ] {
+            assert!(output.iter().any(|l| l == line), "{line} in {output:?}");
+        }
+        let inbound = texts(nat, Chain::Inbound);
+        assert!(
+            inbound
+                .iter()
+                .any(|l| l.ends_with("tcp dport 15020-15021 counter return")),
+            "{inbound:?}"
+        );
+        cfg.outbound_ports_exclude =
+            vec![range(8200, 8300), port(8301), port(80), range(8250, 8260)];
+        let planned = plan_with(&cfg, sets());
+        let output = texts(planned.table(Table::Nat).unwrap(), Chain::IstioOutput);
+        assert!(
+            output
+                .iter()
+                .any(|l| l == "tcp dport { 80, 8200-8301 } counter return"),
+            "{output:?}"
+        );
     }
 
     #[test]

@@ -18,10 +18,12 @@ pub const PROXY: Creds = Creds::user(1337, 1337);
 
 /// TCP ports the sidecar listens on: outbound, inbound, DNS (also over UDP).
 const SIDECAR_PORTS: [u16; 3] = [15001, 15006, 15053];
-/// The pod's app serves these (8080/8081 inbound, 15021 excluded by Istio, 9090 local).
-const APP_PORTS: [u16; 4] = [8080, 8081, 15021, 9090];
-/// The peer's TCP servers: remote services and DNS.
-const PEER_PORTS: [u16; 3] = [8200, 8300, 53];
+/// The pod's app serves these (8080/8081 inbound, 15021 excluded by Istio, 9090 local;
+/// 8079 and 8082 just outside the range 8080-8081).
+const APP_PORTS: [u16; 6] = [8079, 8080, 8081, 8082, 15021, 9090];
+/// The peer's TCP servers: remote services and DNS (8199 and 8301 just outside the range
+/// 8200-8300).
+const PEER_PORTS: [u16; 5] = [8199, 8200, 8300, 8301, 53];
 /// The peer's UDP DNS servers, each bound to its address so its answer names it.
 const PEER_UDP_DNS: [&str; 2] = ["192.0.2.1:53", "203.0.113.53:53"];
 
