@@ -23,7 +23,6 @@ pub use nft::{
 };
 pub use routing::NetlinkRouting;
 
-use crate::rules::ipset::sets_of;
 use crate::rules::iptables::{
     parse_existing, render_restore, render_restore_chunks, render_rollback,
     tables_holding_only_ours, tables_in_save, ExistingState,
@@ -343,7 +342,7 @@ pub fn apply(
         }
     }
 
-    let planned_sets: Vec<_> = ruleset.families().flat_map(sets_of).collect();
+    let planned_sets: Vec<_> = ruleset.families().flat_map(FamilyRuleset::sets).collect();
     let sets_created = if planned_sets.is_empty() {
         0
     } else {

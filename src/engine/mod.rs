@@ -82,7 +82,7 @@ pub fn render_plan(ruleset: &Ruleset) -> String {
         };
         match ruleset.family(family) {
             Some(rules) => {
-                let sets = crate::rules::ipset::render_sets(rules);
+                let sets = crate::rules::ipset::render_sets(&rules.sets());
                 if !sets.is_empty() {
                     text.push_str(&format!(
                         "# {family}: ipsets first (created over netlink; `ipset restore` input)\n"

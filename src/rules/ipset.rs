@@ -15,8 +15,7 @@ use std::sync::Arc;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use super::model::{Family, PortRange};
-use crate::values::merge_port_ranges;
+use crate::values::{merge_port_ranges, Family, PortRange};
 
 /// Every set meshinit creates starts with this, so cleanup finds exactly its own.
 pub const SET_PREFIX: &str = "meshinit-";
@@ -243,28 +242,9 @@ fn fnv1a(text: &str) -> u32 {
     hash
 }
 
-/// The sets a family's rules look up, each once, in first-use order.
-pub fn sets_of(rules: &super::model::FamilyRuleset) -> Vec<Arc<IpSet>> {
-    let mut sets: Vec<Arc<IpSet>> = Vec::new();
-    let all = rules
-        .tables
-        .iter()
-        .flat_map(|t| t.chains.iter())
-        .flat_map(|c| c.all_rules())
-        .flat_map(|r| r.matches.iter());
-    for m in all {
-        if let super::model::Match::InSet(set) = m {
-            if !sets.iter().any(|s| s.name == set.name) {
-                sets.push(Arc::clone(set));
-            }
-        }
-    }
-    sets
-}
-
-/// `ipset restore` input for every set of the family's rules; empty when there are none.
-pub fn render_sets(rules: &super::model::FamilyRuleset) -> String {
-    sets_of(rules).iter().map(|s| s.restore_text()).collect()
+/// `ipset restore` input for `sets`; empty when there are none.
+pub fn render_sets(sets: &[Arc<IpSet>]) -> String {
+    sets.iter().map(|s| s.restore_text()).collect()
 }
 
 #[cfg(test)]

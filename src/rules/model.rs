@@ -272,6 +272,25 @@ pub struct FamilyRuleset {
 }
 
 impl FamilyRuleset {
+    /// The sets the family's rules look up, each once, in the order the rules name them.
+    pub fn sets(&self) -> Vec<Arc<IpSet>> {
+        let mut sets: Vec<Arc<IpSet>> = Vec::new();
+        let all = self
+            .tables
+            .iter()
+            .flat_map(|t| t.chains.iter())
+            .flat_map(|c| c.all_rules())
+            .flat_map(|r| r.matches.iter());
+        for m in all {
+            if let Match::InSet(set) = m {
+                if !sets.iter().any(|s| s.name() == set.name()) {
+                    sets.push(Arc::clone(set));
+                }
+            }
+        }
+        sets
+    }
+
     pub fn table(&self, table: Table) -> Option<&TableRules> {
         self.tables.iter().find(|t| t.table == table)
     }

@@ -1085,7 +1085,8 @@ pub(crate) mod tests {
 
     /// The set a rule spec names, by its name's list token.
     fn set_named(rules: &FamilyRuleset, token: &str) -> Arc<IpSet> {
-        crate::rules::ipset::sets_of(rules)
+        rules
+            .sets()
             .into_iter()
             .find(|s| s.name().contains(token))
             .unwrap_or_else(|| panic!("no {token} set"))
