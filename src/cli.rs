@@ -368,6 +368,27 @@ mod tests {
         }
     }
 
+    /// The settings table is the one definition of the flags: each one has its help and
+    /// value name there, and `--help` shows its environment variables and default.
+    #[test]
+    fn every_flag_is_documented_from_the_settings_table() {
+        let cmd = Cli::command();
+        let apply = cmd.find_subcommand("apply").unwrap();
+        for spec in SETTINGS {
+            let Some(long) = spec.long else { continue };
+            assert!(!spec.help.is_empty(), "--{long} has no help");
+            assert!(!spec.value_name.is_empty(), "--{long} has no value name");
+            let arg = apply
+                .get_arguments()
+                .find(|a| a.get_long() == Some(long))
+                .unwrap();
+            let help = arg.get_help().unwrap().to_string();
+            for env in spec.envs {
+                assert!(help.contains(env), "--{long}'s help lacks {env}: {help}");
+            }
+        }
+    }
+
     fn parse(args: &[&str]) -> Cli {
         Cli::try_parse_from(args).unwrap()
     }
