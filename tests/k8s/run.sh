@@ -333,7 +333,29 @@ start_component kube-scheduler kube-scheduler \
 for plugin in bridge host-local loopback; do
   ln -s "/usr/lib/cni/$plugin" "$WORK/cni/bin/$plugin"
 done
-cat >"$WORK/cni/net.d/10-node.conflist" <<EOF
+# meshinit-cni: the binary cargo builds, under the name that makes it the CNI plugin.
+MESHINIT_EXE="$(cd "$repo" && cargo build --quiet --bin meshinit --message-format=json \
+  | python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        print(m["executable"])')"
+[ -x "$MESHINIT_EXE" ] || die "could not build meshinit"
+ln -s "$MESHINIT_EXE" "$WORK/cni/bin/meshinit-cni"
+# The node's CNI network: the bridge (with host-local addresses), and, with `with-meshinit`,
+# meshinit-cni chained after it, taking each pod's annotations from containerd. Written
+# whole and renamed into place: containerd reloads the directory when it changes.
+node_cni_config() { # with-meshinit | without-meshinit
+  local chained=
+  if [ "$1" = with-meshinit ]; then
+    chained=',
+    {
+      "type": "meshinit-cni",
+      "capabilities": {"io.kubernetes.cri.pod-annotations": true},
+      "exclude_namespaces": ["kube-system"]
+    }'
+  fi
+  cat >"$WORK/cni/10-node.conflist.tmp" <<EOF
 {
   "cniVersion": "1.0.0",
   "name": "node",
@@ -350,10 +372,15 @@ cat >"$WORK/cni/net.d/10-node.conflist" <<EOF
         "routes": [{"dst": "0.0.0.0/0"}],
         "dataDir": "$WORK/cni/ipam"
       }
-    }
+    }$chained
   ]
 }
 EOF
+  mv "$WORK/cni/10-node.conflist.tmp" "$WORK/cni/net.d/10-node.conflist"
+  # containerd's watcher reloads it within a moment.
+  sleep 2
+}
+node_cni_config without-meshinit
 PAUSE_IMAGE=localhost/meshinit-k8s-pause:catatonit
 cat >"$WORK/containerd.toml" <<EOF
 version = 3

@@ -40,18 +40,12 @@ check() { # WHAT EXPECTED-REGEX ANSWER
 # istio-init's arguments, as Istio's injector renders them for a pod without annotations.
 ISTIO_INIT_ARGS='["istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020", "--log_output_level=default:info"]'
 
-meshed_pod() { # NAME CAPABILITIES-ADD (a JSON list)
-  cat <<EOF
-apiVersion: v1
-kind: Pod
-metadata:
-  name: $1
-  namespace: meshed
-  labels: {app: $1}
-spec:
-  automountServiceAccountToken: false
-  terminationGracePeriodSeconds: 1
-  initContainers:
+# The sidecar.istio.io/status Istio's injector writes, in each mode.
+INIT_MODE_STATUS='{"initContainers":["istio-init"],"containers":["istio-proxy"],"volumes":["istio-envoy"]}'
+CNI_MODE_STATUS='{"initContainers":["istio-validation"],"containers":["istio-proxy"],"volumes":["istio-envoy"]}'
+
+meshed_pod() { # NAME CAPABILITIES-ADD (a JSON list): init-container mode
+  pod_with_init "$1" "$INIT_MODE_STATUS" <<EOF
   - name: istio-init
     image: $MESHINIT_IMAGE
     imagePullPolicy: Never
@@ -67,6 +61,47 @@ spec:
       runAsGroup: 0
       runAsNonRoot: false
       runAsUser: 0
+EOF
+}
+
+cni_pod() { # NAME: CNI mode, istio-validation as Istio's injector renders it
+  local args="${ISTIO_INIT_ARGS%]}, \"--run-validation\", \"--skip-rule-apply\"]"
+  pod_with_init "$1" "$CNI_MODE_STATUS" <<EOF
+  - name: istio-validation
+    image: $MESHINIT_IMAGE
+    imagePullPolicy: Never
+    args: $args
+    resources:
+      requests: {cpu: 10m, memory: 16Mi}
+      limits: {cpu: "1", memory: 16Mi}
+    securityContext:
+      allowPrivilegeEscalation: false
+      capabilities: {drop: [ALL]}
+      privileged: false
+      readOnlyRootFilesystem: true
+      runAsGroup: 1337
+      runAsNonRoot: true
+      runAsUser: 1337
+EOF
+}
+
+pod_with_init() { # NAME STATUS-ANNOTATION, the init container's YAML on stdin
+  local init
+  init="$(cat)"
+  cat <<EOF
+apiVersion: v1
+kind: Pod
+metadata:
+  name: $1
+  namespace: meshed
+  labels: {app: $1}
+  annotations:
+    sidecar.istio.io/status: '$2'
+spec:
+  automountServiceAccountToken: false
+  terminationGracePeriodSeconds: 1
+  initContainers:
+$init
   containers:
   - name: app
     image: $HELPER_IMAGE
@@ -125,70 +160,119 @@ EOF
 
 pod_ip() { kubectl get pod -n "$1" "$2" -o jsonpath='{.status.podIP}'; }
 
-scenario_init_container_mode() {
-  kubectl create namespace meshed >/dev/null
-  kubectl create namespace outside >/dev/null
-  vault_pod | kubectl apply -f - >/dev/null
-  local start=$SECONDS
-  meshed_pod meshed '[NET_ADMIN, NET_RAW]' | kubectl apply -f - >/dev/null
+ensure_namespaces() {
+  kubectl get namespace meshed >/dev/null 2>&1 || kubectl create namespace meshed >/dev/null
+  kubectl get namespace outside >/dev/null 2>&1 || kubectl create namespace outside >/dev/null
+  if ! kubectl get pod -n outside vault >/dev/null 2>&1; then
+    vault_pod | kubectl apply -f - >/dev/null
+  fi
   kubectl wait --timeout=180s -n outside pod/vault --for=condition=Ready >/dev/null \
     || die "the vault pod did not become Ready: $(kubectl describe pod -n outside vault)"
-  if ! kubectl wait --timeout=180s -n meshed pod/meshed --for=condition=Ready >/dev/null; then
-    kubectl describe pod -n meshed meshed >&2
-    kubectl logs -n meshed meshed -c istio-init >&2 || true
-    die "the meshed pod did not become Ready"
-  fi
-  log "meshed pod Ready $((SECONDS - start))s after it was applied"
-  local init_exit
-  init_exit="$(kubectl get pod -n meshed meshed \
-    -o jsonpath='{.status.initContainerStatuses[0].state.terminated.exitCode}')"
-  check "istio-init (meshinit's image) exit code" '^0$' "$init_exit"
-  log "istio-init's log:"
-  kubectl logs -n meshed meshed -c istio-init | sed 's/^/    /' >&2
+}
 
+start_pod() { # NAME INIT-CONTAINER, the manifest on stdin: applies it, waits until Ready
+  local start=$SECONDS
+  kubectl apply -f - >/dev/null
+  if ! kubectl wait --timeout=180s -n meshed "pod/$1" --for=condition=Ready >/dev/null; then
+    kubectl describe pod -n meshed "$1" >&2
+    kubectl logs -n meshed "$1" -c "$2" >&2 || true
+    die "pod $1 did not become Ready"
+  fi
+  log "pod $1 Ready $((SECONDS - start))s after it was applied"
+  check "$1: $2 (meshinit's image) exit code" '^0$' "$(kubectl get pod -n meshed "$1" \
+    -o jsonpath='{.status.initContainerStatuses[0].state.terminated.exitCode}')"
+  log "$1: $2's log:"
+  kubectl logs -n meshed "$1" -c "$2" | sed 's/^/    /' >&2
+}
+
+# The init container's exit code once it has exited (possibly restarted since).
+init_exit_code() { # POD
+  kubectl get pod -n meshed "$1" -o jsonpath='{.status.initContainerStatuses[0].lastState.terminated.exitCode}{.status.initContainerStatuses[0].state.terminated.exitCode}'
+}
+
+# A pod that must never get past its init container: it exits EXPECTED, the app never runs.
+check_blocked() { # POD INIT-CONTAINER EXPECTED-EXIT WHY LOG-REGEX
+  local start=$SECONDS code=
+  while [ $((SECONDS - start)) -lt 120 ]; do
+    code="$(init_exit_code "$1")"
+    [ -n "$code" ] && break
+    sleep 1
+  done
+  check "$1: $2 exits $3 ($4)" "^$3" "$code"
+  check "$1: $2's log says why" "$5" "$(kubectl logs -n meshed "$1" -c "$2" 2>&1 | tr '\n' ' ')"
+  check "$1: the app never started" '^$' \
+    "$(kubectl get pod -n meshed "$1" -o jsonpath='{.status.containerStatuses[?(@.name=="app")].state.running}')"
+}
+
+# The traffic checks of a meshed pod, with real connections.
+check_traffic() { # POD
   local vault pod
   vault="$(pod_ip outside vault)"
-  pod="$(pod_ip meshed meshed)"
-  log "pod $pod, vault $vault"
-  local ip_re='[0-9.]+'
-  check "app (uid 1000) → vault $vault:8200 is captured by istio-proxy's 15001, original destination kept" \
-    "^REPLY by=sidecar:15001 local=$ip_re:15001 orig=${vault//./\\.}:8200 client=${pod//./\\.}:[0-9]+$" \
-    "$(helper_in meshed meshed app client tcp "$vault:8200" | answer)"
-  check "istio-proxy (uid 1337) → vault $vault:8200 goes out directly" \
-    "^REPLY by=vault:8200 local=${vault//./\\.}:8200 orig=${vault//./\\.}:8200 client=${pod//./\\.}:[0-9]+$" \
-    "$(helper_in meshed meshed istio-proxy client tcp "$vault:8200" | answer)"
-  check "vault → app $pod:8080 is captured by istio-proxy's 15006, original destination kept" \
-    "^REPLY by=sidecar:15006 local=${pod//./\\.}:15006 orig=${pod//./\\.}:8080 client=${vault//./\\.}:[0-9]+$" \
+  pod="$(pod_ip meshed "$1")"
+  local v="${vault//./\\.}" p="${pod//./\\.}" ip_re='[0-9.]+'
+  log "$1: pod $pod, vault $vault"
+  check "$1: app (uid 1000) → vault $vault:8200 is captured by istio-proxy's 15001, original destination kept" \
+    "^REPLY by=sidecar:15001 local=$ip_re:15001 orig=$v:8200 client=$p:[0-9]+$" \
+    "$(helper_in meshed "$1" app client tcp "$vault:8200" | answer)"
+  check "$1: istio-proxy (uid 1337) → vault $vault:8200 goes out directly" \
+    "^REPLY by=vault:8200 local=$v:8200 orig=$v:8200 client=$p:[0-9]+$" \
+    "$(helper_in meshed "$1" istio-proxy client tcp "$vault:8200" | answer)"
+  check "$1: vault → app $pod:8080 is captured by istio-proxy's 15006, original destination kept" \
+    "^REPLY by=sidecar:15006 local=$p:15006 orig=$p:8080 client=$v:[0-9]+$" \
     "$(helper_in outside vault vault client tcp "$pod:8080" | answer)"
-  check "node → app $pod:8080 is captured by istio-proxy's 15006" \
-    "^REPLY by=sidecar:15006 local=${pod//./\\.}:15006 orig=${pod//./\\.}:8080 client=$ip_re:[0-9]+$" \
+  check "$1: node → app $pod:8080 is captured by istio-proxy's 15006" \
+    "^REPLY by=sidecar:15006 local=$p:15006 orig=$p:8080 client=$ip_re:[0-9]+$" \
     "$(in_node env MESHINIT_TEST_ROLE="client tcp $pod:8080" "$HELPER_EXE" \
       support::roles::helper_entrypoint --exact --nocapture --test-threads=1 | answer)"
-  check "vault → istio-proxy's 15021 (excluded inbound) is not captured" \
-    "^REPLY by=sidecar:15021 local=${pod//./\\.}:15021 " \
+  check "$1: vault → istio-proxy's 15021 (excluded inbound) is not captured" \
+    "^REPLY by=sidecar:15021 local=$p:15021 orig=$p:15021 " \
     "$(helper_in outside vault vault client tcp "$pod:15021" | answer)"
-  kubectl delete pod -n meshed meshed --wait=true --timeout=60s >/dev/null
+}
+
+delete_pod() { kubectl delete pod -n meshed "$1" --wait=true --timeout=60s >/dev/null; }
+
+scenario_init_container_mode() {
+  meshed_pod meshed '[NET_ADMIN, NET_RAW]' | start_pod meshed istio-init
+  check_traffic meshed
+  delete_pod meshed
 }
 
 scenario_init_container_without_capabilities() {
   meshed_pod denied '[]' | kubectl apply -f - >/dev/null
-  local start=$SECONDS exit_code=
-  while [ $((SECONDS - start)) -lt 120 ]; do
-    exit_code="$(kubectl get pod -n meshed denied -o jsonpath='{.status.initContainerStatuses[0].lastState.terminated.exitCode}{.status.initContainerStatuses[0].state.terminated.exitCode}')"
-    [ -n "$exit_code" ] && break
-    sleep 1
-  done
-  check "istio-init without NET_ADMIN/NET_RAW exits 2 (the container lacks something)" '^2' "$exit_code"
-  check "its log names the missing capability" 'NET_ADMIN' \
-    "$(kubectl logs -n meshed denied -c istio-init 2>&1 | tr '\n' ' ')"
-  check "the app never started" '^$' \
-    "$(kubectl get pod -n meshed denied -o jsonpath='{.status.containerStatuses[?(@.name=="app")].state.running}')"
-  kubectl delete pod -n meshed denied --wait=true --timeout=60s >/dev/null
+  check_blocked denied istio-init 2 "the container lacks NET_ADMIN/NET_RAW" NET_ADMIN
+  delete_pod denied
+}
+
+# CNI mode: meshinit-cni chained after the bridge; containerd passes the pod's annotations
+# (io.kubernetes.cri.pod-annotations), from which it takes the pod to be in CNI mode.
+scenario_cni_mode() {
+  node_cni_config with-meshinit
+  cni_pod cni | start_pod cni istio-validation
+  check "cni: istio-validation (uid 1337, no capabilities) says it passed" 'validation passed' \
+    "$(kubectl logs -n meshed cni -c istio-validation 2>&1 | tr '\n' ' ')"
+  check_traffic cni
+  # An init-container-mode pod on the same node: the plugin leaves it to istio-init.
+  meshed_pod meshed-on-cni-node '[NET_ADMIN, NET_RAW]' | start_pod meshed-on-cni-node istio-init
+  check_traffic meshed-on-cni-node
+  delete_pod meshed-on-cni-node
+  delete_pod cni
+}
+
+# The same pod on a node without the plugin: istio-validation finds no capture and exits
+# 126, so the app never starts.
+scenario_cni_mode_without_plugin() {
+  node_cni_config without-meshinit
+  cni_pod unplugged | kubectl apply -f - >/dev/null
+  check_blocked unplugged istio-validation 126 "traffic is not captured" 'captur'
+  delete_pod unplugged
 }
 
 run_scenarios() {
+  ensure_namespaces
   scenario_init_container_mode
   scenario_init_container_without_capabilities
+  scenario_cni_mode
+  scenario_cni_mode_without_plugin
   if [ "$failures" -gt 0 ]; then
     die "$failures check(s) failed"
   fi
