@@ -3,13 +3,14 @@
 # meshinit's pods on it under a real kubelet and containerd:
 #
 #   bash tests/k8s/run.sh             # build (cached), bring the node up, run the scenarios, tear down
-#   bash tests/k8s/run.sh --keep      # the same, but leave the node up afterwards (until Enter)
+#   bash tests/k8s/run.sh --keep      # the same, but keep the node up afterwards, until
+#                                     # WORK/release exists or run.sh gets SIGINT/SIGTERM
 #
 # The node: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, containerd 2.x with
 # Debian's runc, the kubelet, and Debian's CNI plugins (bridge + host-local, loopback). All of
 # it runs inside a network namespace and a mount namespace that this script makes:
-#   - the network namespace (NODE_NETNS) holds the node's addresses (NODE_IP on a dummy
-#     device, the default route into it, so nothing routed there goes anywhere), the CNI
+#   - the network namespace (NODE_NETNS) holds the node's addresses (NODE_IP on a bridge
+#     with no port, the default route into it, so nothing routed there goes anywhere), the CNI
 #     bridge with the pod range POD_CIDR, and every iptables rule and sysctl the kubelet and
 #     the bridge plugin set; the API server, etcd and the kubelet listen there only;
 #   - the mount namespace (a child of the host's, mounts from the host propagate in, none go
@@ -56,7 +57,8 @@ KERNEL_TUNABLES=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_
   kernel.keys.root_maxkeys kernel.keys.root_maxbytes)
 
 log() { echo "run.sh: $*" >&2; }
-die() { log "$*"; exit 1; }
+failure=
+die() { failure="$*"; log "$*"; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "needs root"
 for tool in go cargo podman mmdebstrap runc openssl nsenter unshare ip python3 catatonit; do
@@ -80,6 +82,30 @@ timed() { # NAME COMMAND...: runs it, logs how long it took
 # --- the components ---------------------------------------------------------------------
 bin="$(timed "build.sh" bash "$here/build.sh")"
 export PATH="$bin:$PATH"
+
+# --- the components' processes ---------------------------------------------------------
+# A command in the node's namespaces (the holder's, see below).
+in_node() { nsenter --target "$holder" --mount --net -- "$@"; }
+declare -A component_pid=()
+start_component() { # NAME COMMAND...: in the node's namespaces, logging to logs/NAME.log
+  local name="$1"
+  shift
+  in_node "$@" >"$WORK/logs/$name.log" 2>&1 9>&- &
+  component_pid[$name]=$!
+}
+stop_component() {
+  local name="$1" pid="${component_pid[$1]:-}"
+  [ -n "$pid" ] || return 0
+  kill -TERM "$pid" 2>/dev/null || return 0
+  local _
+  for _ in $(seq 100); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  kill -KILL "$pid" 2>/dev/null
+  wait "$pid" 2>/dev/null
+  return 0
+}
 
 # --- teardown -----------------------------------------------------------------------------
 holder=
@@ -112,19 +138,23 @@ teardown() {
     for f in "$WORK"/logs/*.log; do
       [ -f "$f" ] || continue
       echo "----- $(basename "$f")" >&2
-      tail -n 25 "$f" >&2
+      tail -n 15 "$f" >&2
     done
+    [ -z "$failure" ] || log "failed: $failure"
   fi
   if [ -n "$keep" ] && [ -n "$holder" ]; then
-    log "--keep: the node is up (kubectl: $WORK/kubectl.sh); press Enter to tear it down"
-    read -r _ || true
+    log "--keep: the node stays up (kubectl: $WORK/kubectl.sh) until $WORK/release exists or run.sh gets SIGINT/SIGTERM"
+    local released=
+    trap 'released=1' INT TERM
+    while [ -z "$released" ] && [ ! -e "$WORK/release" ]; do sleep 1; done
+    trap - INT TERM
   fi
   log "tearing down"
   # The kubelet first, so that it restarts nothing; then every pod (their CNI DEL runs).
   for name in kubelet; do stop_component "$name"; done
   if [ -S "$WORK/containerd.sock" ] && [ -n "$holder" ]; then
-    timeout 60 in_node crictl --runtime-endpoint "unix://$WORK/containerd.sock" rmp -fa >/dev/null 2>&1 \
-      || log "crictl rmp -fa failed"
+    timeout 60 nsenter --target "$holder" --mount --net -- crictl --runtime-endpoint "unix://$WORK/containerd.sock" rmp -fa \
+      >"$WORK/logs/teardown-crictl.out" 2>&1 || log "crictl rmp -fa failed: $(cat "$WORK/logs/teardown-crictl.out")"
   fi
   for name in containerd kube-scheduler kube-controller-manager kube-apiserver etcd; do
     stop_component "$name"
@@ -182,7 +212,9 @@ mkdir -p "$WORK"/{logs,pki,etcd,kubelet,pod-logs,containerd/root,containerd/stat
 ip netns add "$NODE_NETNS"
 node_net="/run/netns/$NODE_NETNS"
 ip -n "$NODE_NETNS" link set lo up
-ip -n "$NODE_NETNS" link add node0 type dummy
+# The node's interface: a bridge with no port (this kernel has no dummy devices), so what is
+# routed to it goes nowhere.
+ip -n "$NODE_NETNS" link add node0 type bridge
 ip -n "$NODE_NETNS" addr add "$NODE_IP/32" dev node0
 ip -n "$NODE_NETNS" link set node0 up
 ip -n "$NODE_NETNS" route add default dev node0
@@ -191,37 +223,17 @@ ip -n "$NODE_NETNS" route add default dev node0
 # which every component joins; mounts made there stay there.
 nsenter --net="$node_net" unshare --mount --propagation slave sleep infinity 9>&- &
 holder=$!
+disown "$holder"
 for _ in $(seq 50); do
   [ "$(readlink "/proc/$holder/ns/mnt")" != "$(readlink /proc/self/ns/mnt)" ] && break
   sleep 0.1
 done
 [ "$(readlink "/proc/$holder/ns/mnt")" != "$(readlink /proc/self/ns/mnt)" ] \
   || die "the holder did not get a mount namespace of its own"
-in_node() { nsenter --target "$holder" --mount --net -- "$@"; }
 # Mounts made in the node's namespace are shared among its mounts (the kubelet wants that for
 # its volumes); none propagates to the host, whose mounts stay the masters.
 in_node mount --make-rshared /
 
-declare -A component_pid=()
-start_component() { # NAME COMMAND...: in the node's namespaces, logging to logs/NAME.log
-  local name="$1"
-  shift
-  in_node "$@" >"$WORK/logs/$name.log" 2>&1 9>&- &
-  component_pid[$name]=$!
-}
-stop_component() {
-  local name="$1" pid="${component_pid[$1]:-}"
-  [ -n "$pid" ] || return 0
-  kill -TERM "$pid" 2>/dev/null || return 0
-  local _
-  for _ in $(seq 100); do
-    kill -0 "$pid" 2>/dev/null || return 0
-    sleep 0.1
-  done
-  kill -KILL "$pid" 2>/dev/null
-  wait "$pid" 2>/dev/null
-  return 0
-}
 alive() { kill -0 "${component_pid[$1]}" 2>/dev/null || die "$1 exited; see its log above"; }
 wait_for() { # WHAT SECONDS COMPONENT COMMAND...: until COMMAND succeeds, COMPONENT staying up
   local what="$1" seconds="$2" component="$3" start=$SECONDS
@@ -309,6 +321,7 @@ start_component kube-apiserver kube-apiserver \
   --client-ca-file "$pki/ca.crt" \
   --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
   --kubelet-client-certificate "$pki/admin.crt" --kubelet-client-key "$pki/admin.key" \
+  --kubelet-preferred-address-types InternalIP \
   --service-account-issuer https://kubernetes.default.svc.cluster.local \
   --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
   --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction \
@@ -321,7 +334,7 @@ start_component kube-controller-manager kube-controller-manager \
   --authorization-kubeconfig "$WORK/controller-manager.kubeconfig" \
   --leader-elect=false --bind-address 127.0.0.1 --secure-port 10257 \
   --service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
-  --use-service-account-credentials=false --controllers '*,-nodeipam,-cloud-node-lifecycle' \
+  --use-service-account-credentials=true --controllers '*,-nodeipam,-cloud-node-lifecycle' \
   --profiling=false --v=1
 start_component kube-scheduler kube-scheduler \
   --kubeconfig "$WORK/scheduler.kubeconfig" \
@@ -343,8 +356,9 @@ for line in sys.stdin:
 [ -x "$MESHINIT_EXE" ] || die "could not build meshinit"
 ln -s "$MESHINIT_EXE" "$WORK/cni/bin/meshinit-cni"
 # The node's CNI network: the bridge (with host-local addresses), and, with `with-meshinit`,
-# meshinit-cni chained after it, taking each pod's annotations from containerd. Written
-# whole and renamed into place: containerd reloads the directory when it changes.
+# meshinit-cni chained after it, taking each pod's annotations from containerd. containerd
+# reloads the directory on a write (not on a file created or renamed into it), so the file
+# is rewritten in place, and the change waited for.
 node_cni_config() { # with-meshinit | without-meshinit
   local chained=
   if [ "$1" = with-meshinit ]; then
@@ -376,9 +390,22 @@ node_cni_config() { # with-meshinit | without-meshinit
   ]
 }
 EOF
-  mv "$WORK/cni/10-node.conflist.tmp" "$WORK/cni/net.d/10-node.conflist"
-  # containerd's watcher reloads it within a moment.
-  sleep 2
+  cat "$WORK/cni/10-node.conflist.tmp" >"$WORK/cni/net.d/10-node.conflist"
+  rm "$WORK/cni/10-node.conflist.tmp"
+  if [ -n "${component_pid[containerd]:-}" ]; then
+    wait_for "containerd's CNI configuration ($1)" 30 containerd cni_config_is "$1"
+  fi
+}
+cni_config_is() { # with-meshinit | without-meshinit: what containerd has loaded
+  local loaded
+  loaded="$(crictl info | python3 -c 'import json,sys
+d = json.load(sys.stdin)
+c = d.get("cniconfig") or d.get("config", {}).get("cniconfig") or {}
+print(" ".join(p["Network"]["type"] for n in c.get("Networks", []) for p in n["Config"]["Plugins"]))')"
+  case "$1" in
+    with-meshinit) [[ " $loaded " == *" meshinit-cni "* ]] ;;
+    *) [[ " $loaded " == *" bridge "* && " $loaded " != *" meshinit-cni "* ]] ;;
+  esac
 }
 node_cni_config without-meshinit
 PAUSE_IMAGE=localhost/meshinit-k8s-pause:catatonit
@@ -410,12 +437,17 @@ state = "$WORK/containerd/state"
       sandbox = "$PAUSE_IMAGE"
   [plugins.'io.containerd.cri.v1.runtime']
     netns_mounts_under_state_dir = true
+    # This machine's root lacks CAP_SYS_RESOURCE (it is not in the bounding set), so no
+    # process may lower its oom_score_adj below its parent's: runc would fail to give the
+    # sandbox containerd's -998 ("failed to update /proc/self/oom_score_adj: Permission
+    # denied"). Keep every container at or above containerd's own, as rootless setups do.
+    restrict_oom_score_adj = true
     [plugins.'io.containerd.cri.v1.runtime'.containerd]
       default_runtime_name = "runc"
       [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
         runtime_type = "io.containerd.runc.v2"
         [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
-          BinaryName = "$(command -v runc)"
+          BinaryName = "${MESHINIT_K8S_RUNC:-$(command -v runc)}"
           Root = "$WORK/runc"
           SystemdCgroup = false
     [plugins.'io.containerd.cri.v1.runtime'.cni]
@@ -437,7 +469,9 @@ podman() { command podman "${podman_opts[@]}" "$@"; }
 MESHINIT_IMAGE=localhost/meshinit:k8s
 HELPER_IMAGE=localhost/meshinit-k8s-helper:test
 build_images() {
-  PODMAN_OPTS="${podman_opts[*]}" bash "$repo/tests/podman/build-offline.sh" "$MESHINIT_IMAGE" >"$WORK/logs/image-build.out"
+  PODMAN_OPTS="${podman_opts[*]}" bash "$repo/tests/podman/build-offline.sh" "$MESHINIT_IMAGE" \
+    >"$WORK/logs/image-build.out" 2>"$WORK/logs/image-build.err" \
+    || die "tests/podman/build-offline.sh failed: $(tail -n 30 "$WORK/logs/image-build.err")"
   # The helper: the integration tests' binary (its roles: support::roles), env, and the
   # libraries they load, nothing else.
   local rootfs
@@ -483,6 +517,7 @@ for hierarchy in /sys/fs/cgroup/*/; do
     cat "${hierarchy}cpuset.mems" >"$hierarchy$CGROUP_ROOT/cpuset.mems"
   fi
 done
+echo "nameserver $NODE_IP" >"$WORK/resolv.conf"
 cat >"$WORK/kubelet.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
@@ -507,13 +542,18 @@ authentication:
   x509: {clientCAFile: $pki/ca.crt}
 authorization: {mode: AlwaysAllow}
 registerNode: true
-resolvConf: /etc/resolv.conf
+# The pods' resolv.conf: the node's address, where no DNS server listens (the machine's
+# own resolver is not for pods that only talk to each other).
+resolvConf: $WORK/resolv.conf
 # The machine's disk is shared with everything else: evict nothing, collect no images.
 evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%", nodefs.inodesFree: "1%"}
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 serializeImagePulls: false
 maxPods: 110
+# Its own oom_score_adj: it cannot lower it here (no CAP_SYS_RESOURCE, see containerd's
+# restrict_oom_score_adj).
+oomScoreAdj: 0
 EOF
 start_component kubelet kubelet --config "$WORK/kubelet.yaml" \
   --kubeconfig "$WORK/kubelet.kubeconfig" --root-dir "$WORK/kubelet" --cert-dir "$WORK/pki/kubelet" \
