@@ -22,7 +22,7 @@
 # the kernel settings the kubelet changes (vm.overcommit_memory, kernel.panic, ...).
 #
 # Addresses are documentation ones, reached only inside the node's namespace: pods in
-# 203.0.113.0/25, the node at 203.0.113.254, services in 198.51.100.0/24.
+# 203.0.113.0/25, the node at 203.0.113.254, services in 198.51.100.128/25.
 #
 # Images are built offline (tests/podman/build-offline.sh, into the podman tests' storage)
 # and imported into containerd: meshinit's image, a helper image for the stand-in sidecar and
@@ -46,8 +46,9 @@ NODE_NAME=mi-node
 NODE_IP=203.0.113.254
 POD_CIDR=203.0.113.0/25
 POD_GATEWAY=203.0.113.1
-SERVICE_CIDR=198.51.100.0/24
-SERVICE_IP=198.51.100.1
+# Services: the upper half of 198.51.100.0/24; the manifests' "Vault" is 198.51.100.30.
+SERVICE_CIDR=198.51.100.128/25
+SERVICE_IP=198.51.100.129
 CGROUP_ROOT=meshinit-k8s
 STATE=/var/lib/meshinit-test
 WORK="$STATE/k8s-node"

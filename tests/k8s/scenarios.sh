@@ -18,14 +18,15 @@
 # The helper roles (support::roles) are the integration tests' binary: `/mi-helper` in the
 # helper image, run with its role in MESHINIT_TEST_ROLE.
 HELPER_ARGS='["/mi-helper", "support::roles::helper_entrypoint", "--exact", "--nocapture", "--test-threads=1"]'
-# Prints the client's answer line (REPLY ... or FAIL ...). Should `kubectl exec` itself fail
-# (the helper never ran: no answer line), it is tried again, twice at most, and what it
-# printed is shown; that is the exec machinery, not what the check is about.
+# Prints the client's answer line (REPLY ... or FAIL ...). The role runs with
+# MESHINIT_TEST_NO_PDEATHSIG: the parent runc gives an exec'd process exits while it runs.
+# Should `kubectl exec` itself fail (the helper never ran: no answer line), it is tried
+# again, twice at most, and what it printed is shown.
 helper_in() { # NAMESPACE POD CONTAINER ROLE...: runs a helper role in that container
   local ns="$1" pod="$2" container="$3" out try
   shift 3
   for try in 1 2 3; do
-    out="$(kubectl exec -n "$ns" "$pod" -c "$container" -- /usr/bin/env MESHINIT_TEST_ROLE="$*" \
+    out="$(kubectl exec -n "$ns" "$pod" -c "$container" -- /usr/bin/env MESHINIT_TEST_NO_PDEATHSIG=1 MESHINIT_TEST_ROLE="$*" \
       /mi-helper support::roles::helper_entrypoint --exact --nocapture --test-threads=1 2>&1)"
     if answer <<<"$out" | grep -q .; then
       answer <<<"$out"
@@ -118,7 +119,7 @@ $init
     image: $HELPER_IMAGE
     imagePullPolicy: Never
     command: $HELPER_ARGS
-    env: [{name: MESHINIT_TEST_ROLE, value: "serve app tcp:0.0.0.0:8080"}]
+    env: [{name: MESHINIT_TEST_NO_PDEATHSIG, value: "1"}, {name: MESHINIT_TEST_ROLE, value: "serve app tcp:0.0.0.0:8080"}]
     ports: [{containerPort: 8080}]
     securityContext:
       allowPrivilegeEscalation: false
@@ -129,7 +130,7 @@ $init
     image: $HELPER_IMAGE
     imagePullPolicy: Never
     command: $HELPER_ARGS
-    env: [{name: MESHINIT_TEST_ROLE, value: "serve sidecar tcp:0.0.0.0:15001 tcp:0.0.0.0:15006 tcp:0.0.0.0:15021"}]
+    env: [{name: MESHINIT_TEST_NO_PDEATHSIG, value: "1"}, {name: MESHINIT_TEST_ROLE, value: "serve sidecar tcp:0.0.0.0:15001 tcp:0.0.0.0:15006 tcp:0.0.0.0:15021"}]
     readinessProbe:
       tcpSocket: {port: 15021}
       periodSeconds: 1
@@ -159,7 +160,7 @@ spec:
     image: $HELPER_IMAGE
     imagePullPolicy: Never
     command: $HELPER_ARGS
-    env: [{name: MESHINIT_TEST_ROLE, value: "serve vault tcp:0.0.0.0:8200"}]
+    env: [{name: MESHINIT_TEST_NO_PDEATHSIG, value: "1"}, {name: MESHINIT_TEST_ROLE, value: "serve vault tcp:0.0.0.0:8200"}]
     readinessProbe:
       tcpSocket: {port: 8200}
       periodSeconds: 1
@@ -220,29 +221,30 @@ check_blocked() { # POD INIT-CONTAINER EXPECTED-EXIT WHY LOG-REGEX
 }
 
 # The traffic checks of a meshed pod, with real connections.
-check_traffic() { # POD
+check_traffic() { # POD [NAMESPACE [APP-CONTAINER [APP-PORT]]]
+  local name="$1" ns="${2:-meshed}" app="${3:-app}" port="${4:-8080}"
   local vault pod
   vault="$(pod_ip outside vault)"
-  pod="$(pod_ip meshed "$1")"
+  pod="$(pod_ip "$ns" "$name")"
   local v="${vault//./\\.}" p="${pod//./\\.}" ip_re='[0-9.]+'
-  log "$1: pod $pod, vault $vault"
-  check "$1: app (uid 1000) → vault $vault:8200 is captured by istio-proxy's 15001, original destination kept" \
+  log "$name: pod $pod, vault $vault"
+  check "$name: $app → vault $vault:8200 is captured by istio-proxy's 15001, original destination kept" \
     "^REPLY by=sidecar:15001 local=127\\.0\\.0\\.1:15001 orig=$v:8200 client=$p:[0-9]+$" \
-    "$(helper_in meshed "$1" app client tcp "$vault:8200" | answer)"
-  check "$1: istio-proxy (uid 1337) → vault $vault:8200 goes out directly" \
+    "$(helper_in "$ns" "$name" "$app" client tcp "$vault:8200")"
+  check "$name: istio-proxy (uid 1337) → vault $vault:8200 goes out directly" \
     "^REPLY by=vault:8200 local=$v:8200 orig=- client=$p:[0-9]+$" \
-    "$(helper_in meshed "$1" istio-proxy client tcp "$vault:8200" | answer)"
-  check "$1: vault → app $pod:8080 is captured by istio-proxy's 15006, original destination kept" \
-    "^REPLY by=sidecar:15006 local=$p:15006 orig=$p:8080 client=$v:[0-9]+$" \
-    "$(helper_in outside vault vault client tcp "$pod:8080" | answer)"
-  check "$1: node → app $pod:8080 is captured by istio-proxy's 15006" \
-    "^REPLY by=sidecar:15006 local=$p:15006 orig=$p:8080 client=$ip_re:[0-9]+$" \
-    "$(in_node env MESHINIT_TEST_ROLE="client tcp $pod:8080" "$HELPER_EXE" \
+    "$(helper_in "$ns" "$name" istio-proxy client tcp "$vault:8200")"
+  check "$name: vault → $app $pod:$port is captured by istio-proxy's 15006, original destination kept" \
+    "^REPLY by=sidecar:15006 local=$p:15006 orig=$p:$port client=$v:[0-9]+$" \
+    "$(helper_in outside vault vault client tcp "$pod:$port")"
+  check "$name: node → $app $pod:$port is captured by istio-proxy's 15006" \
+    "^REPLY by=sidecar:15006 local=$p:15006 orig=$p:$port client=$ip_re:[0-9]+$" \
+    "$(in_node env MESHINIT_TEST_NO_PDEATHSIG=1 MESHINIT_TEST_ROLE="client tcp $pod:$port" "$HELPER_EXE" \
       support::roles::helper_entrypoint --exact --nocapture --test-threads=1 | answer)"
   # (Not NATed: its original destination, if conntrack has one, is where it went.)
-  check "$1: vault → istio-proxy's 15021 (excluded inbound) is not captured" \
+  check "$name: vault → istio-proxy's 15021 (excluded inbound) is not captured" \
     "^REPLY by=sidecar:15021 local=$p:15021 orig=($p:15021|-) client=$v:[0-9]+$" \
-    "$(helper_in outside vault vault client tcp "$pod:15021" | answer)"
+    "$(helper_in outside vault vault client tcp "$pod:15021")"
 }
 
 delete_pod() { kubectl delete pod -n meshed "$1" --wait=true --timeout=60s >/dev/null; }
@@ -283,12 +285,65 @@ scenario_cni_mode_without_plugin() {
   delete_pod unplugged
 }
 
+# The repository's manifests, applied as a user applies them, adapted to this node by
+# adapt.py (local images; istio-proxy and the apps played by the helper roles).
+apply_manifest() { # FILE CONTAINER=ROLE...
+  python3 "$here/adapt.py" "$repo/manifests/$1" "$MESHINIT_IMAGE" "$HELPER_IMAGE" "${@:2}" \
+    | kubectl apply -f - >/dev/null
+}
+deployment_pod() { # NAMESPACE DEPLOYMENT: its pod (the first)
+  kubectl get pods -n "$1" -l "app=$2" -o jsonpath='{.items[0].metadata.name}'
+}
+rollout() { # NAMESPACE DEPLOYMENT
+  local start=$SECONDS
+  if ! kubectl rollout status -n "$1" "deployment/$2" --timeout=180s >/dev/null; then
+    kubectl describe pods -n "$1" -l "app=$2" >&2
+    die "deployment $1/$2 did not become available"
+  fi
+  log "deployment $1/$2 available $((SECONDS - start))s after it was applied"
+}
+
+# manifests/namespace.yaml and manifests/deployment.yaml: Istio's injected Deployment with
+# meshinit as istio-init (its resources, its read-only root filesystem), istio-proxy as a
+# regular container.
+scenario_manifests_deployment() {
+  kubectl apply -f "$repo/manifests/namespace.yaml" >/dev/null
+  # The configMap istio-proxy mounts (istiod publishes it; nothing reads it here).
+  kubectl create configmap -n meshed-apps istio-ca-root-cert --from-literal=root-cert.pem= >/dev/null
+  apply_manifest deployment.yaml 'hello=serve app tcp:0.0.0.0:80'
+  rollout meshed-apps hello
+  local pod
+  pod="$(deployment_pod meshed-apps hello)"
+  check "deployment.yaml: istio-init exit code" '^0$' "$(kubectl get pod -n meshed-apps "$pod" \
+    -o jsonpath='{.status.initContainerStatuses[0].state.terminated.exitCode}')"
+  check_traffic "$pod" meshed-apps hello 80
+}
+
+# manifests/vault-app-native-sidecar.yaml: istio-proxy as a native sidecar, started before
+# the app's own init container, whose connection to Vault (198.51.100.30:8200) the sidecar
+# must take.
+scenario_manifests_vault_native_sidecar() {
+  kubectl create configmap -n meshed-apps vault-agent-config >/dev/null
+  apply_manifest vault-app-native-sidecar.yaml \
+    'vault-agent-init=client tcp 198.51.100.30:8200' 'vault-app=serve app tcp:0.0.0.0:8080'
+  rollout meshed-apps vault-app
+  local pod ip
+  pod="$(deployment_pod meshed-apps vault-app)"
+  ip="$(pod_ip meshed-apps "$pod")"
+  check "vault-app-native-sidecar.yaml: vault-agent-init (an init container after the native sidecar) reached Vault through istio-proxy's 15001" \
+    "^REPLY by=sidecar:15001 local=127\\.0\\.0\\.1:15001 orig=198\\.51\\.100\\.30:8200 client=${ip//./\\.}:[0-9]+$" \
+    "$(kubectl logs -n meshed-apps "$pod" -c vault-agent-init | answer)"
+  check_traffic "$pod" meshed-apps vault-app 8080
+}
+
 run_scenarios() {
   ensure_namespaces
   scenario_init_container_mode
   scenario_init_container_without_capabilities
   scenario_cni_mode
   scenario_cni_mode_without_plugin
+  scenario_manifests_deployment
+  scenario_manifests_vault_native_sidecar
   if [ "$failures" -gt 0 ]; then
     die "$failures check(s) failed"
   fi
