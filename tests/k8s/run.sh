@@ -110,10 +110,20 @@ stop_component() {
 
 # --- teardown -----------------------------------------------------------------------------
 holder=
+left=
+# The values before any run: kept in a file until restored, so that a run killed before it
+# could restore them leaves the next run the machine's values, not the kubelet's.
+TUNABLES_FILE=/run/meshinit-test/k8s-kernel-tunables
 declare -A saved_tunables=()
-for tunable in "${KERNEL_TUNABLES[@]}"; do
-  saved_tunables[$tunable]="$(sysctl -n "$tunable")"
-done
+if [ ! -f "$TUNABLES_FILE" ]; then
+  for tunable in "${KERNEL_TUNABLES[@]}"; do
+    echo "$tunable=$(sysctl -n "$tunable")"
+  done >"$TUNABLES_FILE.tmp"
+  mv "$TUNABLES_FILE.tmp" "$TUNABLES_FILE"
+fi
+while IFS='=' read -r tunable value; do
+  saved_tunables[$tunable]="$value"
+done <"$TUNABLES_FILE"
 run_containerd_existed=
 [ -e /run/containerd ] && run_containerd_existed=1
 
@@ -128,6 +138,26 @@ node_processes() {
     [ "$(readlink "/proc/$pid/ns/mnt" 2>/dev/null)" = "$ns" ] && echo "$pid"
   done
   echo "$holder"
+}
+
+# The node's processes outside that mount namespace: the containers (runc gives each its
+# own mount namespace; all are in the node's cgroups) and containerd's shims (which run on
+# after containerd; found by the socket they serve).
+node_strays() {
+  find /sys/fs/cgroup/*/"$CGROUP_ROOT" -name cgroup.procs -exec cat {} + 2>/dev/null
+  pgrep -f -- "-address $WORK/containerd.sock" || true
+}
+kill_node() { # every process of the node, until none is left (10 rounds at most)
+  local pids
+  for _ in 1 2 3 4 5 6 7 8 9 10; do
+    pids="$(node_processes; node_strays)"
+    [ -n "$pids" ] || return 0
+    # shellcheck disable=SC2086
+    kill -KILL $pids 2>/dev/null
+    sleep 0.5
+  done
+  log "processes of the node left: $(node_processes; node_strays)"
+  left=1
 }
 
 teardown() {
@@ -161,18 +191,10 @@ teardown() {
     stop_component "$name"
   done
   # Shims, containers, anything left in the mount namespace, then the holder.
-  local pids tries
-  for tries in 1 2 3 4 5 6 7 8 9 10; do
-    pids="$(node_processes)"
-    [ -n "$pids" ] || break
-    # shellcheck disable=SC2086
-    kill -KILL $pids 2>/dev/null
-    sleep 0.5
-  done
-  [ -z "$(node_processes)" ] || log "processes left in the node's mount namespace: $(node_processes)"
+  kill_node
   holder=
   # cgroups: deepest first, in every hierarchy.
-  local root
+  local root tries
   for root in /sys/fs/cgroup/*/"$CGROUP_ROOT" /sys/fs/cgroup/"$CGROUP_ROOT"; do
     [ -d "$root" ] || continue
     for tries in 1 2 3 4 5 6 7 8 9 10; do
@@ -180,18 +202,25 @@ teardown() {
       [ -d "$root" ] || break
       sleep 0.5
     done
-    [ -d "$root" ] && log "could not remove cgroup $root"
+    [ -d "$root" ] && { log "could not remove cgroup $root"; left=1; }
   done
   ip netns del "$NODE_NETNS" 2>/dev/null
-  local tunable
+  local tunable restored=1
   for tunable in "${!saved_tunables[@]}"; do
-    sysctl -qw "$tunable=${saved_tunables[$tunable]}" >/dev/null || log "could not restore $tunable"
+    sysctl -qw "$tunable=${saved_tunables[$tunable]}" >/dev/null \
+      || { log "could not restore $tunable"; restored=; }
   done
+  [ -z "$restored" ] || rm -f "$TUNABLES_FILE"
   [ -n "$run_containerd_existed" ] || rm -rf /run/containerd
   if mount | grep -qF " $WORK"; then
     log "mounts left under $WORK in the host's namespace; not removing it"
   else
     rm -rf "$WORK"
+  fi
+  if mount | grep -qF " $WORK" || [ -e "$WORK" ]; then left=1; fi
+  if [ -n "$left" ] && [ "$status" = 0 ]; then
+    log "the teardown left something behind (see above)"
+    status=1
   fi
   if [ "$status" = 0 ]; then log "done"; fi
   exit "$status"
@@ -201,7 +230,25 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # --- a clean start ------------------------------------------------------------------------
-# A run killed hard (SIGKILL, a reboot) may have left its namespace or directory behind.
+# A run killed hard (SIGKILL) may have left its processes, namespace, cgroups or directory
+# behind: its holder's pid is in WORK/holder.pid; everything in that holder's mount
+# namespace goes, then the rest as the teardown removes it.
+if [ -f "$WORK/holder.pid" ]; then
+  old="$(cat "$WORK/holder.pid")"
+  if [ "$(cat "/proc/$old/comm" 2>/dev/null)" = sleep ] \
+    && [ "$(readlink "/proc/$old/ns/mnt")" != "$(readlink /proc/self/ns/mnt)" ]; then
+    log "stopping what an earlier run left running (holder $old)"
+    holder="$old"
+  fi
+fi
+kill_node
+holder=
+for root in /sys/fs/cgroup/*/"$CGROUP_ROOT" /sys/fs/cgroup/"$CGROUP_ROOT"; do
+  if [ -d "$root" ]; then
+    find "$root" -depth -type d -exec rmdir {} + 2>/dev/null || true
+    [ ! -d "$root" ] || die "cannot remove $root, left by an earlier run"
+  fi
+done
 ip netns del "$NODE_NETNS" 2>/dev/null || true
 if [ -e "$WORK" ]; then
   log "removing $WORK, left by an earlier run"
@@ -225,6 +272,7 @@ ip -n "$NODE_NETNS" route add default dev node0
 nsenter --net="$node_net" unshare --mount --propagation slave sleep infinity 9>&- &
 holder=$!
 disown "$holder"
+echo "$holder" >"$WORK/holder.pid"
 for _ in $(seq 50); do
   [ "$(readlink "/proc/$holder/ns/mnt")" != "$(readlink /proc/self/ns/mnt)" ] && break
   sleep 0.1

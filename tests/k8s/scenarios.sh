@@ -39,9 +39,11 @@ helper_in() { # NAMESPACE POD CONTAINER ROLE...: runs a helper role in that cont
 # The answer line of a client role (REPLY ... or FAIL ...).
 answer() { grep -E '^(REPLY|FAIL) ' | head -n1; }
 
+passes=0
 failures=0
 check() { # WHAT EXPECTED-REGEX ANSWER
   if [[ "$3" =~ $2 ]]; then
+    passes=$((passes + 1))
     log "ok: $1: $3"
   else
     log "FAILED: $1: expected /$2/, got: ${3:-nothing}"
@@ -344,6 +346,7 @@ run_scenarios() {
   scenario_cni_mode_without_plugin
   scenario_manifests_deployment
   scenario_manifests_vault_native_sidecar
+  echo "k8s: $passes passed, $failures failed"
   if [ "$failures" -gt 0 ]; then
     die "$failures check(s) failed"
   fi
