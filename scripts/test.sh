@@ -30,6 +30,7 @@ declare -A package_of=(
   [podman]=podman [runc]=runc [mmdebstrap]=mmdebstrap
   [/usr/lib/cni/bridge]=containernetworking-plugins [/usr/lib/cni/host-local]=containernetworking-plugins
   [nsenter]=util-linux [/usr/libexec/podman/catatonit]=catatonit [ipset]=ipset
+  [openssl]=openssl [flock]=util-linux
 )
 missing=()
 for tool in "${!package_of[@]}"; do
@@ -80,3 +81,19 @@ fi
 cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test "$@"
+
+# A single-node Kubernetes built from pinned Go modules (etcd, the API server, the
+# controllers, the kubelet, containerd), with meshinit's pods on it in both modes
+# (tests/k8s/run.sh; the first run builds the components, about 10 to 17 minutes on 2
+# cores, later runs take them from the cache and last about a minute). As root; not when
+# test.sh was given arguments (those select cargo tests).
+if [ "$#" -gt 0 ]; then
+  echo "test.sh: arguments given (a selection of cargo tests): not running tests/k8s/run.sh" >&2
+elif [ "$(id -u)" != 0 ]; then
+  cannot "tests/k8s/run.sh needs root" "the Kubernetes node scenarios will skip"
+elif ! command -v go >/dev/null; then
+  cannot "tests/k8s/run.sh needs go (the components are built from Go modules)" \
+    "the Kubernetes node scenarios will skip"
+else
+  bash tests/k8s/run.sh
+fi

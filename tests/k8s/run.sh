@@ -223,6 +223,12 @@ teardown() {
     status=1
   fi
   if [ "$status" = 0 ]; then log "done"; fi
+  # The closing line: the scenarios' checks (a failure outside them counts as one more).
+  if [ -n "${passes:-}" ]; then
+    local failed="${failures:-0}"
+    [ "$status" = 0 ] || [ "$failed" != 0 ] || failed=1
+    echo "k8s: $passes passed, $failed failed"
+  fi
   exit "$status"
 }
 trap teardown EXIT
