@@ -91,7 +91,7 @@ declare -A component_pid=()
 start_component() { # NAME COMMAND...: in the node's namespaces, logging to logs/NAME.log
   local name="$1"
   shift
-  in_node "$@" >"$WORK/logs/$name.log" 2>&1 9>&- &
+  in_node "$@" >>"$WORK/logs/$name.log" 2>&1 9>&- &
   component_pid[$name]=$!
 }
 stop_component() {
@@ -610,12 +610,15 @@ maxPods: 110
 # restrict_oom_score_adj).
 oomScoreAdj: 0
 EOF
-start_component kubelet kubelet --config "$WORK/kubelet.yaml" \
-  --kubeconfig "$WORK/kubelet.kubeconfig" --root-dir "$WORK/kubelet" --cert-dir "$WORK/pki/kubelet" \
-  --hostname-override "$NODE_NAME" --node-ip "$NODE_IP" --v=1
+start_kubelet() {
+  start_component kubelet kubelet --config "$WORK/kubelet.yaml" \
+    --kubeconfig "$WORK/kubelet.kubeconfig" --root-dir "$WORK/kubelet" --cert-dir "$WORK/pki/kubelet" \
+    --hostname-override "$NODE_NAME" --node-ip "$NODE_IP" --v=1
+}
 node_ready() {
   [ "$(kubectl get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ]
 }
+start_kubelet
 wait_for "node $NODE_NAME" 180 kubelet node_ready
 
 # --- scenarios ----------------------------------------------------------------------------

@@ -58,12 +58,17 @@ ISTIO_INIT_ARGS='["istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337", 
 INIT_MODE_STATUS='{"initContainers":["istio-init"],"containers":["istio-proxy"],"volumes":["istio-envoy"]}'
 CNI_MODE_STATUS='{"initContainers":["istio-validation"],"containers":["istio-proxy"],"volumes":["istio-envoy"]}'
 
+# The pod generators below read, besides their arguments: MODE, the interception mode
+# (REDIRECT, the default, or TPROXY: istio-init's -m, and istio-proxy as Istio runs it in
+# that mode: uid 0, gid 1337, NET_ADMIN, a transparent inbound listener); POD_NS, the
+# namespace (default meshed); POD_SECURITY, the pod's securityContext (default {}).
 meshed_pod() { # NAME CAPABILITIES-ADD (a JSON list): init-container mode
+  local args="${ISTIO_INIT_ARGS/\"REDIRECT\"/\"${MODE:-REDIRECT}\"}"
   pod_with_init "$1" "$INIT_MODE_STATUS" <<EOF
   - name: istio-init
     image: $MESHINIT_IMAGE
     imagePullPolicy: Never
-    args: $ISTIO_INIT_ARGS
+    args: $args
     resources:
       requests: {cpu: 10m, memory: 16Mi}
       limits: {cpu: "1", memory: 16Mi}
@@ -100,20 +105,27 @@ EOF
 }
 
 pod_with_init() { # NAME STATUS-ANNOTATION, the init container's YAML on stdin
-  local init
+  local init proxy_security inbound=tcp
   init="$(cat)"
+  if [ "${MODE:-REDIRECT}" = TPROXY ]; then
+    inbound=tproxy
+    proxy_security='{allowPrivilegeEscalation: false, capabilities: {add: [NET_ADMIN], drop: [ALL]}, privileged: false, readOnlyRootFilesystem: true, runAsGroup: 1337, runAsNonRoot: false, runAsUser: 0}'
+  else
+    proxy_security='{allowPrivilegeEscalation: false, capabilities: {drop: [ALL]}, privileged: false, readOnlyRootFilesystem: true, runAsGroup: 1337, runAsNonRoot: true, runAsUser: 1337}'
+  fi
   cat <<EOF
 apiVersion: v1
 kind: Pod
 metadata:
   name: $1
-  namespace: meshed
+  namespace: ${POD_NS:-meshed}
   labels: {app: $1}
   annotations:
     sidecar.istio.io/status: '$2'
 spec:
   automountServiceAccountToken: false
   terminationGracePeriodSeconds: 1
+  securityContext: ${POD_SECURITY:-{\}}
   initContainers:
 $init
   containers:
@@ -126,24 +138,18 @@ $init
     securityContext:
       allowPrivilegeEscalation: false
       capabilities: {drop: [ALL]}
+      runAsNonRoot: true
       runAsUser: 1000
       runAsGroup: 1000
   - name: istio-proxy
     image: $HELPER_IMAGE
     imagePullPolicy: Never
     command: $HELPER_ARGS
-    env: [{name: MESHINIT_TEST_NO_PDEATHSIG, value: "1"}, {name: MESHINIT_TEST_ROLE, value: "serve sidecar tcp:0.0.0.0:15001 tcp:0.0.0.0:15006 tcp:0.0.0.0:15021"}]
+    env: [{name: MESHINIT_TEST_NO_PDEATHSIG, value: "1"}, {name: MESHINIT_TEST_ROLE, value: "serve sidecar tcp:0.0.0.0:15001 $inbound:0.0.0.0:15006 tcp:0.0.0.0:15021"}]
     readinessProbe:
       tcpSocket: {port: 15021}
       periodSeconds: 1
-    securityContext:
-      allowPrivilegeEscalation: false
-      capabilities: {drop: [ALL]}
-      privileged: false
-      readOnlyRootFilesystem: true
-      runAsGroup: 1337
-      runAsNonRoot: true
-      runAsUser: 1337
+    securityContext: $proxy_security
 EOF
 }
 
@@ -188,21 +194,21 @@ ensure_namespaces() {
 start_pod() { # NAME INIT-CONTAINER, the manifest on stdin: applies it, waits until Ready
   local start=$SECONDS
   kubectl apply -f - >/dev/null
-  if ! kubectl wait --timeout=180s -n meshed "pod/$1" --for=condition=Ready >/dev/null; then
-    kubectl describe pod -n meshed "$1" >&2
-    kubectl logs -n meshed "$1" -c "$2" >&2 || true
+  if ! kubectl wait --timeout=180s -n "${POD_NS:-meshed}" "pod/$1" --for=condition=Ready >/dev/null; then
+    kubectl describe pod -n "${POD_NS:-meshed}" "$1" >&2
+    kubectl logs -n "${POD_NS:-meshed}" "$1" -c "$2" >&2 || true
     die "pod $1 did not become Ready"
   fi
   log "pod $1 Ready $((SECONDS - start))s after it was applied"
-  check "$1: $2 (meshinit's image) exit code" '^0$' "$(kubectl get pod -n meshed "$1" \
+  check "$1: $2 (meshinit's image) exit code" '^0$' "$(kubectl get pod -n "${POD_NS:-meshed}" "$1" \
     -o jsonpath='{.status.initContainerStatuses[0].state.terminated.exitCode}')"
   log "$1: $2's log:"
-  kubectl logs -n meshed "$1" -c "$2" | sed 's/^/    /' >&2
+  kubectl logs -n "${POD_NS:-meshed}" "$1" -c "$2" | sed 's/^/    /' >&2
 }
 
 # The init container's exit code once it has exited (possibly restarted since).
 init_exit_code() { # POD
-  kubectl get pod -n meshed "$1" -o jsonpath='{.status.initContainerStatuses[0].lastState.terminated.exitCode}{.status.initContainerStatuses[0].state.terminated.exitCode}'
+  kubectl get pod -n "${POD_NS:-meshed}" "$1" -o jsonpath='{.status.initContainerStatuses[0].lastState.terminated.exitCode}{.status.initContainerStatuses[0].state.terminated.exitCode}'
 }
 
 # A pod that must never get past its init container: it exits EXPECTED, the app never runs.
@@ -216,11 +222,11 @@ check_blocked() { # POD INIT-CONTAINER EXPECTED-EXIT WHY LOG-REGEX
   check "$1: $2 exits $3 ($4)" "^$3" "$code"
   # The log of the run that exited: the previous one once the kubelet has restarted it.
   local logs
-  logs="$(kubectl logs -n meshed "$1" -c "$2" --previous 2>/dev/null \
-    || kubectl logs -n meshed "$1" -c "$2" 2>&1)"
+  logs="$(kubectl logs -n "${POD_NS:-meshed}" "$1" -c "$2" --previous 2>/dev/null \
+    || kubectl logs -n "${POD_NS:-meshed}" "$1" -c "$2" 2>&1)"
   check "$1: $2's log says why" "$5" "$(tr '\n' ' ' <<<"$logs")"
   check "$1: the app never started" '^$' \
-    "$(kubectl get pod -n meshed "$1" -o jsonpath='{.status.containerStatuses[?(@.name=="app")].state.running}')"
+    "$(kubectl get pod -n "${POD_NS:-meshed}" "$1" -o jsonpath='{.status.containerStatuses[?(@.name=="app")].state.running}')"
 }
 
 # The traffic checks of a meshed pod, with real connections.
@@ -234,14 +240,19 @@ check_traffic() { # POD [NAMESPACE [APP-CONTAINER [APP-PORT]]]
   check "$name: $app → vault $vault:8200 is captured by istio-proxy's 15001, original destination kept" \
     "^REPLY by=sidecar:15001 local=127\\.0\\.0\\.1:15001 orig=$v:8200 client=$p:[0-9]+$" \
     "$(helper_in "$ns" "$name" "$app" client tcp "$vault:8200")"
-  check "$name: istio-proxy (uid 1337) → vault $vault:8200 goes out directly" \
+  check "$name: istio-proxy ($([ "${MODE:-}" = TPROXY ] && echo "uid 0, gid 1337" || echo "uid 1337")) → vault $vault:8200 goes out directly" \
     "^REPLY by=vault:8200 local=$v:8200 orig=- client=$p:[0-9]+$" \
     "$(helper_in "$ns" "$name" istio-proxy client tcp "$vault:8200")"
-  check "$name: vault → $app $pod:$port is captured by istio-proxy's 15006, original destination kept" \
-    "^REPLY by=sidecar:15006 local=$p:15006 orig=$p:$port client=$v:[0-9]+$" \
+  # Inbound, REDIRECT: to 15006's own address, the original destination from conntrack;
+  # TPROXY: the listener on 15006 accepts it with the app's address and port as its local
+  # address, the client's address kept.
+  local inbound_re="local=$p:15006 orig=$p:$port"
+  [ "${MODE:-REDIRECT}" != TPROXY ] || inbound_re="local=$p:$port orig=[^ ]+"
+  check "$name: vault → $app $pod:$port is captured by istio-proxy's 15006 (${MODE:-REDIRECT}), original destination kept" \
+    "^REPLY by=sidecar:15006 $inbound_re client=$v:[0-9]+$" \
     "$(helper_in outside vault vault client tcp "$pod:$port")"
-  check "$name: node → $app $pod:$port is captured by istio-proxy's 15006" \
-    "^REPLY by=sidecar:15006 local=$p:15006 orig=$p:$port client=$ip_re:[0-9]+$" \
+  check "$name: node → $app $pod:$port is captured by istio-proxy's 15006 (${MODE:-REDIRECT})" \
+    "^REPLY by=sidecar:15006 $inbound_re client=$ip_re:[0-9]+$" \
     "$(in_node env MESHINIT_TEST_NO_PDEATHSIG=1 MESHINIT_TEST_ROLE="client tcp $pod:$port" "$HELPER_EXE" \
       support::roles::helper_entrypoint --exact --nocapture --test-threads=1 | answer)"
   # (Not NATed: its original destination, if conntrack has one, is where it went.)
@@ -250,12 +261,20 @@ check_traffic() { # POD [NAMESPACE [APP-CONTAINER [APP-PORT]]]
     "$(helper_in outside vault vault client tcp "$pod:15021")"
 }
 
-delete_pod() { kubectl delete pod -n meshed "$1" --wait=true --timeout=60s >/dev/null; }
+delete_pod() { kubectl delete pod -n "${POD_NS:-meshed}" "$1" --wait=true --timeout=60s >/dev/null; }
 
 scenario_init_container_mode() {
   start_pod meshed istio-init < <(meshed_pod meshed '[NET_ADMIN, NET_RAW]')
   check_traffic meshed
   delete_pod meshed
+}
+
+# TPROXY: istio-init with -m TPROXY (the TPROXY rules, the fwmark routing in table 133),
+# istio-proxy as uid 0, gid 1337, with NET_ADMIN for its transparent inbound listener.
+scenario_init_container_mode_tproxy() {
+  MODE=TPROXY start_pod tproxy istio-init < <(MODE=TPROXY meshed_pod tproxy '[NET_ADMIN, NET_RAW]')
+  MODE=TPROXY check_traffic tproxy
+  delete_pod tproxy
 }
 
 scenario_init_container_without_capabilities() {
@@ -277,6 +296,114 @@ scenario_cni_mode() {
   check_traffic meshed-on-cni-node
   delete_pod meshed-on-cni-node
   delete_pod cni
+}
+
+# Pod Security Admission (the API server's own): a namespace enforcing "baseline" refuses an
+# init-container-mode pod (istio-init adds NET_ADMIN and NET_RAW); a CNI-mode pod passes
+# "restricted" (the pod runs as non-root with the runtime's default seccomp profile; no
+# container adds a capability) and is captured. Needs meshinit-cni chained.
+scenario_pod_security() {
+  kubectl create namespace psa-baseline >/dev/null
+  kubectl label namespace psa-baseline pod-security.kubernetes.io/enforce=baseline >/dev/null
+  local out
+  out="$(POD_NS=psa-baseline meshed_pod refused '[NET_ADMIN, NET_RAW]' | kubectl apply -f - 2>&1)" \
+    && out="accepted: $out"
+  check "baseline refuses the init-container-mode pod, with the API server's message" \
+    'violates PodSecurity "baseline:latest": non-default capabilities \(container "istio-init" must not include "NET_ADMIN", "NET_RAW" in securityContext.capabilities.add\)' \
+    "$out"
+  kubectl create namespace psa-restricted >/dev/null
+  kubectl label namespace psa-restricted pod-security.kubernetes.io/enforce=restricted >/dev/null
+  local restricted='{runAsNonRoot: true, seccompProfile: {type: RuntimeDefault}}'
+  POD_NS=psa-restricted start_pod restricted istio-validation \
+    < <(POD_NS=psa-restricted POD_SECURITY="$restricted" cni_pod restricted)
+  check "restricted admits the CNI-mode pod" '^Running$' \
+    "$(kubectl get pod -n psa-restricted restricted -o jsonpath='{.status.phase}')"
+  check_traffic restricted psa-restricted
+  POD_NS=psa-restricted delete_pod restricted
+}
+
+# The pod's sandbox id (the ready one).
+sandbox_of() { # POD
+  crictl pods --name "^$1\$" --namespace "${POD_NS:-meshed}" --state ready -q 2>/dev/null | head -n1
+}
+# Waits until POD runs in a sandbox other than OLD and is Ready again.
+wait_new_sandbox() { # POD OLD-SANDBOX
+  local start=$SECONDS now
+  while [ $((SECONDS - start)) -lt 120 ]; do
+    now="$(sandbox_of "$1")"
+    if [ -n "$now" ] && [ "$now" != "$2" ] \
+      && kubectl wait --timeout=5s -n "${POD_NS:-meshed}" "pod/$1" --for=condition=Ready >/dev/null 2>&1; then
+      log "$1: running in a new sandbox, Ready, $((SECONDS - start))s after the old one stopped"
+      return 0
+    fi
+    sleep 1
+  done
+  die "$1 did not come back in a new sandbox"
+}
+restarts_of() { # POD: each container's restart count
+  kubectl get pod -n "${POD_NS:-meshed}" "$1" \
+    -o jsonpath='{range .status.initContainerStatuses[*]}{.name}={.restartCount} {end}{range .status.containerStatuses[*]}{.name}={.restartCount} {end}'
+}
+init_started_at() { # POD
+  kubectl get pod -n "${POD_NS:-meshed}" "$1" \
+    -o jsonpath='{.status.initContainerStatuses[0].state.terminated.startedAt}'
+}
+
+# Restarts, in both modes on the node with meshinit-cni chained: the kubelet restarted
+# leaves running pods alone (no init container runs again, nothing restarts) and they stay
+# captured; a pod whose sandbox is stopped (`crictl stopp`: CNI DEL, the network namespace
+# gone) gets a new one from the kubelet, its init container runs again (CNI mode: ADD
+# again, istio-validation passes) and it is captured again; deleted, the pods leave no
+# address reserved and no network namespace on the node.
+scenario_restarts() {
+  node_cni_config with-meshinit
+  start_pod cni-r istio-validation < <(cni_pod cni-r)
+  start_pod init-r istio-init < <(meshed_pod init-r '[NET_ADMIN, NET_RAW]')
+  local pod before_restarts before_init
+  declare -A before_restarts=() before_init=()
+  for pod in cni-r init-r; do
+    before_restarts[$pod]="$(restarts_of "$pod")"
+    before_init[$pod]="$(init_started_at "$pod")"
+  done
+  stop_component kubelet
+  log "kubelet stopped; starting it again"
+  start_kubelet
+  wait_for "node $NODE_NAME (kubelet restarted)" 120 kubelet node_ready
+  sleep 5 # a few of its sync loops
+  for pod in cni-r init-r; do
+    check "$pod: after the kubelet's restart, nothing restarted" "^${before_restarts[$pod]}\$" \
+      "$(restarts_of "$pod")"
+    check "$pod: after the kubelet's restart, the init container did not run again" \
+      "^${before_init[$pod]}\$" "$(init_started_at "$pod")"
+    check_traffic "$pod"
+  done
+  local old init_before
+  for pod in cni-r init-r; do
+    init_before="$(init_started_at "$pod")"
+    old="$(sandbox_of "$pod")"
+    [ -n "$old" ] || die "no sandbox for $pod"
+    crictl stopp "$old" >/dev/null 2>&1 || die "crictl stopp $old failed"
+    wait_new_sandbox "$pod" "$old"
+    check "$pod: in its new sandbox, its init container ran again (it started at $init_before)" \
+      "^[0-9TZ:-]+\$" "$(init_started_at "$pod" | grep -vxF "$init_before")"
+    check "$pod: and exited 0" '^0$' \
+      "$(kubectl get pod -n meshed "$pod" -o jsonpath='{.status.initContainerStatuses[0].state.terminated.exitCode}')"
+    check_traffic "$pod"
+  done
+  delete_pod cni-r
+  delete_pod init-r
+  # What is left on the node: the addresses host-local reserved, the network namespaces
+  # containerd made: only the vault pod's.
+  local ips netns start=$SECONDS
+  while :; do
+    ips="$(find "$WORK/cni/ipam" -type f -name '203.0.113.*' -printf '%f ')"
+    netns="$(find "$WORK/containerd/state/io.containerd.grpc.v1.cri/netns" -mindepth 1 -printf '%f\n' 2>/dev/null | wc -l)"
+    if [ "$ips" = "$(pod_ip outside vault) " ] && [ "$netns" = 1 ]; then break; fi
+    [ $((SECONDS - start)) -lt 30 ] || break
+    sleep 1
+  done
+  check "deleted pods leave no reserved address (only vault's is)" "^$(pod_ip outside vault) \$" "$ips"
+  check "deleted pods leave no network namespace (only vault's is)" '^1$' "$netns"
 }
 
 # The same pod on a node without the plugin: istio-validation finds no capture and exits
@@ -342,8 +469,11 @@ scenario_manifests_vault_native_sidecar() {
 run_scenarios() {
   ensure_namespaces
   scenario_init_container_mode
+  scenario_init_container_mode_tproxy
   scenario_init_container_without_capabilities
   scenario_cni_mode
+  scenario_pod_security
+  scenario_restarts
   scenario_cni_mode_without_plugin
   scenario_manifests_deployment
   scenario_manifests_vault_native_sidecar
