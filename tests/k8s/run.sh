@@ -600,6 +600,8 @@ registerNode: true
 # The pods' resolv.conf: the node's address, where no DNS server listens (the machine's
 # own resolver is not for pods that only talk to each other).
 resolvConf: $WORK/resolv.conf
+clusterDNS: [$NODE_IP]
+clusterDomain: cluster.local
 # The machine's disk is shared with everything else: evict nothing, collect no images.
 evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%", nodefs.inodesFree: "1%"}
 imageGCHighThresholdPercent: 100
