@@ -437,6 +437,58 @@ scenario_user_namespaces() {
   delete_pod userns
 }
 
+# A pod manifest (stdin) as the template of a Deployment of REPLICAS.
+as_deployment() { # NAME REPLICAS
+  python3 -c 'import sys, yaml
+pod = yaml.safe_load(sys.stdin)
+name, replicas = sys.argv[1], int(sys.argv[2])
+meta = pod["metadata"]
+print(yaml.safe_dump({
+    "apiVersion": "apps/v1", "kind": "Deployment",
+    "metadata": {"name": name, "namespace": meta["namespace"]},
+    "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
+             "template": {"metadata": {"labels": {"app": name},
+                                       "annotations": meta.get("annotations", {})},
+                          "spec": pod["spec"]}}}))' "$1" "$2"
+}
+
+# A node's worth of pods: a Deployment of SCALE_REPLICAS (default 50) in each mode; every
+# pod reaches Ready, and every one's app is captured (its connection to Vault reaches its
+# own istio-proxy's 15001 with Vault as original destination).
+scenario_scale() {
+  local replicas="${SCALE_REPLICAS:-50}" mode name manifest start pods pod ip vault bad re
+  vault="$(pod_ip outside vault)"
+  for mode in init cni; do
+    name="scale-$mode"
+    if [ "$mode" = cni ]; then
+      node_cni_config with-meshinit
+      manifest="$(cni_pod "$name" | as_deployment "$name" "$replicas")"
+    else
+      manifest="$(meshed_pod "$name" '[NET_ADMIN, NET_RAW]' | as_deployment "$name" "$replicas")"
+    fi
+    start=$SECONDS
+    kubectl apply -f - <<<"$manifest" >/dev/null
+    if kubectl rollout status -n meshed "deployment/$name" --timeout=600s >/dev/null; then
+      check "$name: all $replicas pods Ready ($((SECONDS - start))s)" "^$replicas\$" \
+        "$(kubectl get deployment -n meshed "$name" -o jsonpath='{.status.readyReplicas}')"
+    else
+      check "$name: all $replicas pods Ready within 600s" "^$replicas\$" \
+        "$(kubectl get deployment -n meshed "$name" -o jsonpath='{.status.readyReplicas}')"
+    fi
+    pods="$(kubectl get pods -n meshed -l "app=$name" -o jsonpath='{range .items[*]}{.metadata.name}={.status.podIP}{"\n"}{end}')"
+    bad=
+    while IFS='=' read -r pod ip; do
+      [ -n "$pod" ] || continue
+      re="^REPLY by=sidecar:15001 local=127\\.0\\.0\\.1:15001 orig=${vault//./\\.}:8200 client=${ip//./\\.}:[0-9]+\$"
+      [[ "$(helper_in meshed "$pod" app client tcp "$vault:8200")" =~ $re ]] || bad="$bad $pod"
+    done <<<"$pods"
+    check "$name: every pod's app is captured ($(wc -l <<<"$pods") pods checked; not captured:${bad:- none})" \
+      '^$' "$bad"
+    kubectl delete deployment -n meshed "$name" --wait=true >/dev/null
+    kubectl wait --for=delete pod -n meshed -l "app=$name" --timeout=300s >/dev/null 2>&1 || true
+  done
+}
+
 # The same pod on a node without the plugin: istio-validation finds no capture and exits
 # 126, so the app never starts.
 scenario_cni_mode_without_plugin() {
@@ -506,6 +558,7 @@ run_scenarios() {
   scenario_pod_security
   scenario_restarts
   scenario_user_namespaces
+  scenario_scale
   scenario_cni_mode_without_plugin
   scenario_manifests_deployment
   scenario_manifests_vault_native_sidecar
