@@ -3,6 +3,7 @@
 # meshinit's pods on it under a real kubelet and containerd:
 #
 #   bash tests/k8s/run.sh             # build (cached), bring the node up, run the scenarios, tear down
+#   bash tests/k8s/run.sh --bench     # instead of the scenarios, the pod-start benchmark (bench.sh)
 #   bash tests/k8s/run.sh --keep      # the same, but keep the node up afterwards, until
 #                                     # WORK/release exists or run.sh gets SIGINT/SIGTERM
 #
@@ -35,11 +36,14 @@ here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 
 keep=
-case "${1:-}" in
-  --keep) keep=1 ;;
-  "") ;;
-  *) echo "usage: run.sh [--keep]" >&2; exit 2 ;;
-esac
+bench=
+for arg in "$@"; do
+  case "$arg" in
+    --keep) keep=1 ;;
+    --bench) bench=1 ;;
+    *) echo "usage: run.sh [--keep] [--bench]" >&2; exit 2 ;;
+  esac
+done
 
 NODE_NETNS=mi-k8s-node
 NODE_NAME=mi-node
@@ -626,4 +630,12 @@ wait_for "node $NODE_NAME" 180 kubelet node_ready
 # --- scenarios ----------------------------------------------------------------------------
 # shellcheck source=tests/k8s/scenarios.sh
 . "$here/scenarios.sh"
-run_scenarios
+if [ -n "$bench" ]; then
+  # shellcheck source=tests/k8s/bench.sh
+  . "$here/bench.sh"
+  unset passes # no checks: no closing line
+  ensure_namespaces
+  run_bench
+else
+  run_scenarios
+fi
