@@ -30,6 +30,7 @@ declare -A package_of=(
   [podman]=podman [runc]=runc [mmdebstrap]=mmdebstrap
   [/usr/lib/cni/bridge]=containernetworking-plugins [/usr/lib/cni/host-local]=containernetworking-plugins
   [nsenter]=util-linux [/usr/libexec/podman/catatonit]=catatonit [ipset]=ipset
+  [openssl]=openssl [flock]=util-linux
 )
 missing=()
 for tool in "${!package_of[@]}"; do
@@ -94,3 +95,8 @@ done
 cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test "$@"
+
+# The single-node Kubernetes (tests/k8s/run.sh: etcd, the API server, the controllers, the
+# kubelet and containerd built from pinned Go modules, meshinit's pods on it in both modes)
+# runs on its own, as root: `bash tests/k8s/run.sh`. It is not part of this script yet: it
+# has not had a full `.ci/run` with it behind it (docs/k8s.md).

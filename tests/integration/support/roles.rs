@@ -26,6 +26,8 @@ use nix::sys::socket::{
 
 /// The environment variable that turns the helper test into a role.
 pub const ROLE_ENV: &str = "MESHINIT_TEST_ROLE";
+/// Set (to anything) where the role must not die with its parent process.
+pub const NO_PDEATHSIG_ENV: &str = "MESHINIT_TEST_NO_PDEATHSIG";
 /// The full libtest name of [`helper_entrypoint`], for `--exact`.
 pub const ENTRYPOINT: &str = "support::roles::helper_entrypoint";
 /// What a server prints once it accepts connections.
@@ -38,8 +40,12 @@ fn helper_entrypoint() {
     let Ok(spec) = std::env::var(ROLE_ENV) else {
         return;
     };
-    // Never outlive the test that started us, even if it is killed.
-    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    // Never outlive the test that started us, even if it is killed. Not where the parent
+    // is a runtime's short-lived process (`kubectl exec` under a kubelet: runc's exec parent
+    // exits while the role runs, which would kill it): tests/k8s sets NO_PDEATHSIG_ENV.
+    if std::env::var_os(NO_PDEATHSIG_ENV).is_none() {
+        let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    }
     // End libtest's "test … " line, so that our output starts on lines of its own.
     println!();
     let words: Vec<&str> = spec.split_whitespace().collect();
