@@ -220,7 +220,9 @@ fn ip_show(ns: &NetNs, args: &[&str]) -> String {
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
     if output.status.success() {
-        stdout
+        // An address is "tentative" for a moment after it is added, while the kernel runs
+        // duplicate address detection: a timing, not a difference in what meshinit set up.
+        stdout.replace(" tentative", "")
     } else if stderr.contains("table does not exist") {
         String::new()
     } else {
