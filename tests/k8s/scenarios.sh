@@ -549,6 +549,60 @@ scenario_manifests_vault_native_sidecar() {
   check_traffic "$pod" meshed-apps vault-app 8080
 }
 
+# "Vault" outside the pods, where manifests/ put it: 198.51.100.30:8200, on the node (its
+# namespace has the address; the pods' default route leads there). Answers as node-vault.
+start_node_vault() {
+  ip -n "$NODE_NETNS" addr add 198.51.100.30/32 dev node0
+  in_node env MESHINIT_TEST_ROLE="serve node-vault tcp:198.51.100.30:8200" "$HELPER_EXE" \
+    support::roles::helper_entrypoint --exact --nocapture --test-threads=1 \
+    >"$WORK/logs/node-vault.log" 2>&1 9>&- &
+  local _
+  for _ in $(seq 50); do
+    grep -qx ready "$WORK/logs/node-vault.log" && return 0
+    sleep 0.1
+  done
+  die "the node's Vault did not start: $(cat "$WORK/logs/node-vault.log")"
+}
+
+# manifests/vault-app-alternatives.yaml, in CNI mode as it is written: the pods' annotations
+# reach meshinit-cni from containerd. vault-app-excluded excludes Vault
+# (excludeOutboundPorts 8200, excludeOutboundIPRanges 198.51.100.30/32): its init
+# container reaches the node's Vault directly, and the app's other outbound is still
+# captured. vault-app-proxy-uid runs that init container as uid 1337: directly too, and the
+# pod is captured as any other.
+scenario_manifests_vault_alternatives() {
+  node_cni_config with-meshinit
+  start_node_vault
+  apply_manifest vault-app-alternatives.yaml \
+    'vault-agent-init=client tcp 198.51.100.30:8200' 'vault-app=serve app tcp:0.0.0.0:8080'
+  rollout meshed-apps vault-app-excluded
+  rollout meshed-apps vault-app-proxy-uid
+  local name pod ip vault p v
+  vault="$(pod_ip outside vault)"
+  v="${vault//./\\.}"
+  for name in vault-app-excluded vault-app-proxy-uid; do
+    pod="$(deployment_pod meshed-apps "$name")"
+    ip="$(pod_ip meshed-apps "$pod")"
+    p="${ip//./\\.}"
+    check "$name: vault-agent-init reached the node's Vault directly, not through the sidecar" \
+      "^REPLY by=node-vault:8200 local=198\\.51\\.100\\.30:8200 orig=[^ ]+ client=$p:[0-9]+\$" \
+      "$(kubectl logs -n meshed-apps "$pod" -c vault-agent-init | answer)"
+  done
+  pod="$(deployment_pod meshed-apps vault-app-excluded)"
+  ip="$(pod_ip meshed-apps "$pod")"
+  p="${ip//./\\.}"
+  check "vault-app-excluded: the app's connection to port 8200 anywhere goes out directly (excludeOutboundPorts)" \
+    "^REPLY by=vault:8200 local=$v:8200 orig=[^ ]+ client=$p:[0-9]+\$" \
+    "$(helper_in meshed-apps "$pod" vault-app client tcp "$vault:8200")"
+  check "vault-app-excluded: the app's connection to another port is captured by istio-proxy's 15001" \
+    "^REPLY by=sidecar:15001 local=127\\.0\\.0\\.1:15001 orig=$v:8300 client=$p:[0-9]+\$" \
+    "$(helper_in meshed-apps "$pod" vault-app client tcp "$vault:8300")"
+  check "vault-app-excluded: inbound to the app's 8080 is captured by istio-proxy's 15006" \
+    "^REPLY by=sidecar:15006 local=$p:15006 orig=$p:8080 client=$v:[0-9]+\$" \
+    "$(helper_in outside vault vault client tcp "$ip:8080")"
+  check_traffic "$(deployment_pod meshed-apps vault-app-proxy-uid)" meshed-apps vault-app 8080
+}
+
 run_scenarios() {
   ensure_namespaces
   scenario_init_container_mode
@@ -562,6 +616,7 @@ run_scenarios() {
   scenario_cni_mode_without_plugin
   scenario_manifests_deployment
   scenario_manifests_vault_native_sidecar
+  scenario_manifests_vault_alternatives
   if [ "$failures" -gt 0 ]; then
     die "$failures check(s) failed"
   fi
