@@ -1,19 +1,23 @@
 # The scenarios run.sh runs on the node once it is Ready (sourced by run.sh, which defines
-# kubectl, crictl, in_node, log, die, and the images).
+# kubectl, crictl, in_node, log, die, here, repo, WORK, and the images).
+# shellcheck disable=SC2154 # here, repo, WORK, NODE_NAME...: run.sh's
 #
-# Init-container mode: a pod whose init container is meshinit's image with the arguments
-# Istio's injector renders for istio-init (REDIRECT, every port and address captured), a
-# stand-in istio-proxy (uid 1337, listeners on 15001 and 15006 that answer with the
-# connection's SO_ORIGINAL_DST, and 15021 for its readiness probe) and an app (uid 1000,
-# serving 8080). A "Vault" pod outside the mesh serves 8200. Checked with real connections,
-# made from inside the containers with `kubectl exec`:
+# The pods: meshinit's image as the init container (istio-init with the arguments Istio's
+# injector renders, or istio-validation in CNI mode), a stand-in istio-proxy (listeners on
+# 15001 and 15006 that answer with the connection's SO_ORIGINAL_DST, and 15021 for its
+# readiness probe) and an app (uid 1000, serving 8080); a "Vault" pod outside the mesh
+# serves 8200. Each traffic check is a real connection, made from inside the containers
+# with `kubectl exec` or from the node (check_traffic):
 #   - the app's connection to Vault reaches istio-proxy's 15001, Vault as its original
 #     destination;
 #   - istio-proxy's own connection to Vault reaches Vault, from the pod's address;
-#   - Vault's connection to the app's 8080 reaches istio-proxy's 15006, 8080 as its
-#     original destination; so does the node's (the kubelet's side of the bridge).
-# And the same pod with NET_ADMIN and NET_RAW not granted: istio-init exits 2 and the app
-# never starts.
+#   - Vault's and the node's connections to the app's 8080 reach istio-proxy's 15006, 8080
+#     as their original destination;
+#   - 15021 (excluded inbound) is not captured.
+# The scenarios (run_scenarios, at the end, runs them in order): init-container mode
+# (REDIRECT, TPROXY, without capabilities), CNI mode (meshinit-cni chained, annotations
+# from containerd), Pod Security Admission, restarts, user namespaces (refused here), 50
+# replicas of each mode, a node without the plugin, and the repository's manifests/.
 
 # The helper roles (support::roles) are the integration tests' binary: `/mi-helper` in the
 # helper image, run with its role in MESHINIT_TEST_ROLE.
