@@ -441,6 +441,37 @@ scenario_user_namespaces() {
   delete_pod userns
 }
 
+# meshinit's injection template (injector-template/meshinit.yaml), applied to the pod as the
+# injector merges it (template.py; no istiod here): istio-init reads the pod's annotations
+# from the Downward API file the kubelet writes. excludeOutboundPorts 8200: the app's 8200
+# goes out directly, its 8300 is captured; interceptionMode TPROXY: the template renders
+# -m TPROXY and inbound arrives as TPROXY delivers it.
+scenario_injection_template() {
+  local pod vault ip v p
+  vault="$(pod_ip outside vault)"
+  v="${vault//./\\.}"
+  start_pod templated istio-init < <(meshed_pod templated '[NET_ADMIN, NET_RAW]' \
+    | python3 "$here/template.py" "$MESHINIT_IMAGE" traffic.sidecar.istio.io/excludeOutboundPorts=8200)
+  ip="$(pod_ip meshed templated)"
+  p="${ip//./\\.}"
+  check "templated: the app's 8200 goes out directly (excludeOutboundPorts, read from the Downward API file)" \
+    "^REPLY by=vault:8200 local=$v:8200 orig=[^ ]+ client=$p:[0-9]+\$" \
+    "$(helper_in meshed templated app client tcp "$vault:8200")"
+  check "templated: the app's 8300 is captured by istio-proxy's 15001" \
+    "^REPLY by=sidecar:15001 local=127\\.0\\.0\\.1:15001 orig=$v:8300 client=$p:[0-9]+\$" \
+    "$(helper_in meshed templated app client tcp "$vault:8300")"
+  check "templated: inbound to the app's 8080 is captured by istio-proxy's 15006" \
+    "^REPLY by=sidecar:15006 local=$p:15006 orig=$p:8080 client=$v:[0-9]+\$" \
+    "$(helper_in outside vault vault client tcp "$ip:8080")"
+  delete_pod templated
+  MODE=TPROXY start_pod templated-tproxy istio-init < <(MODE=TPROXY meshed_pod templated-tproxy '[NET_ADMIN, NET_RAW]' \
+    | python3 "$here/template.py" "$MESHINIT_IMAGE" sidecar.istio.io/interceptionMode=TPROXY)
+  check "templated-tproxy: the template rendered -m TPROXY from the annotation" '"TPROXY"' \
+    "$(kubectl get pod -n meshed templated-tproxy -o jsonpath='{.spec.initContainers[0].args}')"
+  MODE=TPROXY check_traffic templated-tproxy
+  delete_pod templated-tproxy
+}
+
 # A pod manifest (stdin) as the template of a Deployment of REPLICAS.
 as_deployment() { # NAME REPLICAS
   python3 -c 'import sys, yaml
@@ -612,6 +643,7 @@ run_scenarios() {
   scenario_init_container_mode
   scenario_init_container_mode_tproxy
   scenario_init_container_without_capabilities
+  scenario_injection_template
   scenario_cni_mode
   scenario_pod_security
   scenario_restarts
