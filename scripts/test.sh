@@ -84,8 +84,8 @@ cargo test "$@"
 
 # A single-node Kubernetes built from pinned Go modules (etcd, the API server, the
 # controllers, the kubelet, containerd), with meshinit's pods on it in both modes
-# (tests/k8s/run.sh; the first run builds the components, about 10 to 17 minutes on 2
-# cores; later runs take them from the cache, and the scenarios take about 3 minutes). As
+# (tests/k8s/run.sh; the first run builds the components, 7.5 to 17 minutes on 2 cores;
+# later runs take them from the cache, and the scenarios take about 3.5 minutes). As
 # root; not when test.sh was given arguments (those select cargo tests).
 if [ "$#" -gt 0 ]; then
   echo "test.sh: arguments given (a selection of cargo tests): not running tests/k8s/run.sh" >&2
