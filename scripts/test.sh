@@ -78,25 +78,22 @@ if [ ! -x "$newer_nft/usr/sbin/nft" ]; then
   fi
 fi
 
-# Istio's own capture code and sidecar injector as commands (interop/istio), which the parity
-# tests ask what Istio would program and inject (tests/integration/istio_oracle.rs). Built
-# once per pinned Istio version; the first build fetches modules through the Go module proxy
-# (the injector's takes minutes), later ones are offline.
-for oracle in rules inject; do
-  if ! bash interop/istio/build.sh "$oracle" >/dev/null; then
-    if [ "${CI:-}" = true ]; then
-      echo "test.sh: the $oracle oracle did not build (needs Go 1.26: go on PATH or /usr/local/go)" >&2
-      exit 1
-    fi
-    echo "test.sh: the $oracle oracle did not build; the Istio parity tests will skip"
-  fi
-done
-
 cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test "$@"
 
-# The single-node Kubernetes (tests/k8s/run.sh: etcd, the API server, the controllers, the
-# kubelet and containerd built from pinned Go modules, meshinit's pods on it in both modes)
-# runs on its own, as root: `bash tests/k8s/run.sh`. It is not part of this script yet: it
-# has not had a full `.ci/run` with it behind it (docs/k8s.md).
+# A single-node Kubernetes built from pinned Go modules (etcd, the API server, the
+# controllers, the kubelet, containerd), with meshinit's pods on it in both modes
+# (tests/k8s/run.sh; the first run builds the components, 7.5 to 17 minutes on 2 cores;
+# later runs take them from the cache, and the scenarios take about 3.5 minutes). As
+# root; not when test.sh was given arguments (those select cargo tests).
+if [ "$#" -gt 0 ]; then
+  echo "test.sh: arguments given (a selection of cargo tests): not running tests/k8s/run.sh" >&2
+elif [ "$(id -u)" != 0 ]; then
+  cannot "tests/k8s/run.sh needs root" "the Kubernetes node scenarios will skip"
+elif ! command -v go >/dev/null; then
+  cannot "tests/k8s/run.sh needs go (the components are built from Go modules)" \
+    "the Kubernetes node scenarios will skip"
+else
+  bash tests/k8s/run.sh
+fi

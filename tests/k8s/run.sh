@@ -186,7 +186,7 @@ teardown() {
   fi
   log "tearing down"
   # The kubelet first, so that it restarts nothing; then every pod (their CNI DEL runs).
-  for name in kubelet; do stop_component "$name"; done
+  stop_component kubelet
   if [ -S "$WORK/containerd.sock" ] && [ -n "$holder" ]; then
     timeout 60 nsenter --target "$holder" --mount --net -- crictl --runtime-endpoint "unix://$WORK/containerd.sock" rmp -fa \
       >"$WORK/logs/teardown-crictl.out" 2>&1 || log "crictl rmp -fa failed: $(cat "$WORK/logs/teardown-crictl.out")"
@@ -198,10 +198,10 @@ teardown() {
   kill_node
   holder=
   # cgroups: deepest first, in every hierarchy.
-  local root tries
+  local root
   for root in /sys/fs/cgroup/*/"$CGROUP_ROOT" /sys/fs/cgroup/"$CGROUP_ROOT"; do
     [ -d "$root" ] || continue
-    for tries in 1 2 3 4 5 6 7 8 9 10; do
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
       find "$root" -depth -type d -exec rmdir {} + 2>/dev/null
       [ -d "$root" ] || break
       sleep 0.5

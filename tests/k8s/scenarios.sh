@@ -1,19 +1,23 @@
 # The scenarios run.sh runs on the node once it is Ready (sourced by run.sh, which defines
-# kubectl, crictl, in_node, log, die, and the images).
+# kubectl, crictl, in_node, log, die, here, repo, WORK, and the images).
+# shellcheck disable=SC2154 # here, repo, WORK, NODE_NAME...: run.sh's
 #
-# Init-container mode: a pod whose init container is meshinit's image with the arguments
-# Istio's injector renders for istio-init (REDIRECT, every port and address captured), a
-# stand-in istio-proxy (uid 1337, listeners on 15001 and 15006 that answer with the
-# connection's SO_ORIGINAL_DST, and 15021 for its readiness probe) and an app (uid 1000,
-# serving 8080). A "Vault" pod outside the mesh serves 8200. Checked with real connections,
-# made from inside the containers with `kubectl exec`:
+# The pods: meshinit's image as the init container (istio-init with the arguments Istio's
+# injector renders, or istio-validation in CNI mode), a stand-in istio-proxy (listeners on
+# 15001 and 15006 that answer with the connection's SO_ORIGINAL_DST, and 15021 for its
+# readiness probe) and an app (uid 1000, serving 8080); a "Vault" pod outside the mesh
+# serves 8200. Each traffic check is a real connection, made from inside the containers
+# with `kubectl exec` or from the node (check_traffic):
 #   - the app's connection to Vault reaches istio-proxy's 15001, Vault as its original
 #     destination;
 #   - istio-proxy's own connection to Vault reaches Vault, from the pod's address;
-#   - Vault's connection to the app's 8080 reaches istio-proxy's 15006, 8080 as its
-#     original destination; so does the node's (the kubelet's side of the bridge).
-# And the same pod with NET_ADMIN and NET_RAW not granted: istio-init exits 2 and the app
-# never starts.
+#   - Vault's and the node's connections to the app's 8080 reach istio-proxy's 15006, 8080
+#     as their original destination;
+#   - 15021 (excluded inbound) is not captured.
+# The scenarios (run_scenarios, at the end, runs them in order): init-container mode
+# (REDIRECT, TPROXY, without capabilities), CNI mode (meshinit-cni chained, annotations
+# from containerd), Pod Security Admission, restarts, user namespaces (refused here), 50
+# replicas of each mode, a node without the plugin, and the repository's manifests/.
 
 # The helper roles (support::roles) are the integration tests' binary: `/mi-helper` in the
 # helper image, run with its role in MESHINIT_TEST_ROLE.
@@ -437,6 +441,37 @@ scenario_user_namespaces() {
   delete_pod userns
 }
 
+# meshinit's injection template (injector-template/meshinit.yaml), applied to the pod as the
+# injector merges it (template.py; no istiod here): istio-init reads the pod's annotations
+# from the Downward API file the kubelet writes. excludeOutboundPorts 8200: the app's 8200
+# goes out directly, its 8300 is captured; interceptionMode TPROXY: the template renders
+# -m TPROXY and inbound arrives as TPROXY delivers it.
+scenario_injection_template() {
+  local pod vault ip v p
+  vault="$(pod_ip outside vault)"
+  v="${vault//./\\.}"
+  start_pod templated istio-init < <(meshed_pod templated '[NET_ADMIN, NET_RAW]' \
+    | python3 "$here/template.py" "$MESHINIT_IMAGE" traffic.sidecar.istio.io/excludeOutboundPorts=8200)
+  ip="$(pod_ip meshed templated)"
+  p="${ip//./\\.}"
+  check "templated: the app's 8200 goes out directly (excludeOutboundPorts, read from the Downward API file)" \
+    "^REPLY by=vault:8200 local=$v:8200 orig=[^ ]+ client=$p:[0-9]+\$" \
+    "$(helper_in meshed templated app client tcp "$vault:8200")"
+  check "templated: the app's 8300 is captured by istio-proxy's 15001" \
+    "^REPLY by=sidecar:15001 local=127\\.0\\.0\\.1:15001 orig=$v:8300 client=$p:[0-9]+\$" \
+    "$(helper_in meshed templated app client tcp "$vault:8300")"
+  check "templated: inbound to the app's 8080 is captured by istio-proxy's 15006" \
+    "^REPLY by=sidecar:15006 local=$p:15006 orig=$p:8080 client=$v:[0-9]+\$" \
+    "$(helper_in outside vault vault client tcp "$ip:8080")"
+  delete_pod templated
+  MODE=TPROXY start_pod templated-tproxy istio-init < <(MODE=TPROXY meshed_pod templated-tproxy '[NET_ADMIN, NET_RAW]' \
+    | python3 "$here/template.py" "$MESHINIT_IMAGE" sidecar.istio.io/interceptionMode=TPROXY)
+  check "templated-tproxy: the template rendered -m TPROXY from the annotation" '"TPROXY"' \
+    "$(kubectl get pod -n meshed templated-tproxy -o jsonpath='{.spec.initContainers[0].args}')"
+  MODE=TPROXY check_traffic templated-tproxy
+  delete_pod templated-tproxy
+}
+
 # A pod manifest (stdin) as the template of a Deployment of REPLICAS.
 as_deployment() { # NAME REPLICAS
   python3 -c 'import sys, yaml
@@ -608,6 +643,7 @@ run_scenarios() {
   scenario_init_container_mode
   scenario_init_container_mode_tproxy
   scenario_init_container_without_capabilities
+  scenario_injection_template
   scenario_cni_mode
   scenario_pod_security
   scenario_restarts
