@@ -19,6 +19,10 @@
 # from containerd), Pod Security Admission, restarts, user namespaces (refused here), 50
 # replicas of each mode, a node without the plugin, and the repository's manifests/.
 
+# istiod, installed with helm, and the pods its webhook injects.
+# shellcheck source=tests/k8s/istio.sh
+. "$here/istio.sh"
+
 # The helper roles (support::roles) are the integration tests' binary: `/mi-helper` in the
 # helper image, run with its role in MESHINIT_TEST_ROLE.
 HELPER_ARGS='["/mi-helper", "support::roles::helper_entrypoint", "--exact", "--nocapture", "--test-threads=1"]'
@@ -441,37 +445,6 @@ scenario_user_namespaces() {
   delete_pod userns
 }
 
-# meshinit's injection template (injector-template/meshinit.yaml), applied to the pod as the
-# injector merges it (template.py; no istiod here): istio-init reads the pod's annotations
-# from the Downward API file the kubelet writes. excludeOutboundPorts 8200: the app's 8200
-# goes out directly, its 8300 is captured; interceptionMode TPROXY: the template renders
-# -m TPROXY and inbound arrives as TPROXY delivers it.
-scenario_injection_template() {
-  local pod vault ip v p
-  vault="$(pod_ip outside vault)"
-  v="${vault//./\\.}"
-  start_pod templated istio-init < <(meshed_pod templated '[NET_ADMIN, NET_RAW]' \
-    | python3 "$here/template.py" "$MESHINIT_IMAGE" traffic.sidecar.istio.io/excludeOutboundPorts=8200)
-  ip="$(pod_ip meshed templated)"
-  p="${ip//./\\.}"
-  check "templated: the app's 8200 goes out directly (excludeOutboundPorts, read from the Downward API file)" \
-    "^REPLY by=vault:8200 local=$v:8200 orig=[^ ]+ client=$p:[0-9]+\$" \
-    "$(helper_in meshed templated app client tcp "$vault:8200")"
-  check "templated: the app's 8300 is captured by istio-proxy's 15001" \
-    "^REPLY by=sidecar:15001 local=127\\.0\\.0\\.1:15001 orig=$v:8300 client=$p:[0-9]+\$" \
-    "$(helper_in meshed templated app client tcp "$vault:8300")"
-  check "templated: inbound to the app's 8080 is captured by istio-proxy's 15006" \
-    "^REPLY by=sidecar:15006 local=$p:15006 orig=$p:8080 client=$v:[0-9]+\$" \
-    "$(helper_in outside vault vault client tcp "$ip:8080")"
-  delete_pod templated
-  MODE=TPROXY start_pod templated-tproxy istio-init < <(MODE=TPROXY meshed_pod templated-tproxy '[NET_ADMIN, NET_RAW]' \
-    | python3 "$here/template.py" "$MESHINIT_IMAGE" sidecar.istio.io/interceptionMode=TPROXY)
-  check "templated-tproxy: the template rendered -m TPROXY from the annotation" '"TPROXY"' \
-    "$(kubectl get pod -n meshed templated-tproxy -o jsonpath='{.spec.initContainers[0].args}')"
-  MODE=TPROXY check_traffic templated-tproxy
-  delete_pod templated-tproxy
-}
-
 # A pod manifest (stdin) as the template of a Deployment of REPLICAS.
 as_deployment() { # NAME REPLICAS
   python3 -c 'import sys, yaml
@@ -546,6 +519,8 @@ rollout() { # NAMESPACE DEPLOYMENT
   local start=$SECONDS
   if ! kubectl rollout status -n "$1" "deployment/$2" --timeout=180s >/dev/null; then
     kubectl describe pods -n "$1" -l "app=$2" >&2
+    # (Pods the API server refused, a webhook's refusal among them, are only in events.)
+    kubectl get events -n "$1" --field-selector involvedObject.kind=ReplicaSet >&2 || true
     die "deployment $1/$2 did not become available"
   fi
   log "deployment $1/$2 available $((SECONDS - start))s after it was applied"
@@ -587,6 +562,8 @@ scenario_manifests_vault_native_sidecar() {
 # "Vault" outside the pods, where manifests/ put it: 198.51.100.30:8200, on the node (its
 # namespace has the address; the pods' default route leads there). Answers as node-vault.
 start_node_vault() {
+  # (Once per run: later scenarios find it serving.)
+  ! grep -qsx ready "$WORK/logs/node-vault.log" || return 0
   ip -n "$NODE_NETNS" addr add 198.51.100.30/32 dev node0
   in_node env MESHINIT_TEST_ROLE="serve node-vault tcp:198.51.100.30:8200" "$HELPER_EXE" \
     support::roles::helper_entrypoint --exact --nocapture --test-threads=1 \
@@ -638,21 +615,21 @@ scenario_manifests_vault_alternatives() {
   check_traffic "$(deployment_pod meshed-apps vault-app-proxy-uid)" meshed-apps vault-app 8080
 }
 
+# Every scenario, in this order; K8S_SCENARIOS (names without "scenario_", blank-separated)
+# runs only those, in the order given, for work on one of them.
+SCENARIOS="init_container_mode init_container_mode_tproxy init_container_without_capabilities
+  cni_mode pod_security restarts user_namespaces scale
+  cni_mode_without_plugin manifests_deployment manifests_vault_native_sidecar
+  manifests_vault_alternatives $ISTIOD_SCENARIOS"
+
 run_scenarios() {
   ensure_namespaces
-  scenario_init_container_mode
-  scenario_init_container_mode_tproxy
-  scenario_init_container_without_capabilities
-  scenario_injection_template
-  scenario_cni_mode
-  scenario_pod_security
-  scenario_restarts
-  scenario_user_namespaces
-  scenario_scale
-  scenario_cni_mode_without_plugin
-  scenario_manifests_deployment
-  scenario_manifests_vault_native_sidecar
-  scenario_manifests_vault_alternatives
+  local scenario
+  for scenario in ${K8S_SCENARIOS:-$SCENARIOS}; do
+    declare -F "scenario_$scenario" >/dev/null || die "no scenario $scenario (K8S_SCENARIOS)"
+    log "scenario $scenario"
+    "scenario_$scenario"
+  done
   if [ "$failures" -gt 0 ]; then
     die "$failures check(s) failed"
   fi
