@@ -1,9 +1,9 @@
 # shellcheck shell=bash
-# istiod on the node, installed as a user installs it: helm (built by build-mesh.sh) with
+# istiod on the node, installed as a user installs it: helm (built by build-addons.sh) with
 # Istio's charts from the pinned istio.io/istio module (base, then istio-discovery), and the
 # pods its webhook injects into a namespace labelled istio-injection=enabled. Sourced by
 # scenarios.sh, whose helpers (check, check_traffic, helper_in, ...) it uses.
-# shellcheck disable=SC2154 # here, WORK, mesh_bin, the images...: run.sh's
+# shellcheck disable=SC2154 # here, WORK, addons, the images...: run.sh's
 
 ISTIOD_SCENARIOS="istiod_install istio_template istio_template_annotations
   meshinit_template_by_istiod istio_template_cni_mode"
@@ -18,7 +18,7 @@ istio_charts() {
   echo "$dir/manifests/charts"
 }
 
-helm() { in_node env HOME="$WORK/helm" "$mesh_bin/helm" --kubeconfig "$WORK/admin.kubeconfig" "$@"; }
+helm() { in_node env HOME="$WORK/helm" "$addons/helm" --kubeconfig "$WORK/admin.kubeconfig" "$@"; }
 
 # The values a user of this node gives istiod's chart. The one that matters here is
 # global.proxy_init.image: meshinit's image as istio-init (and istio-validation). The rest

@@ -86,7 +86,7 @@ timed() { # NAME COMMAND...: runs it, logs how long it took
 
 # --- the components ---------------------------------------------------------------------
 bin="$(timed "build.sh" bash "$here/build.sh")"
-mesh_bin="$(timed "build-mesh.sh" bash "$here/build-mesh.sh")"
+addons="$(timed "build-addons.sh" bash "$here/build-addons.sh")"
 export PATH="$bin:$PATH"
 
 # --- the components' processes ---------------------------------------------------------
@@ -265,6 +265,10 @@ if [ -e "$WORK" ]; then
   log "removing $WORK, left by an earlier run"
   rm -rf "$WORK"
 fi
+# A pod with hostUsers: false runs as an unprivileged uid of the node, which must be able
+# to pass through the directories above its root filesystem (containerd's state) to reach
+# it: search permission only, no listing.
+chmod 0711 "$STATE"
 mkdir -p "$WORK"/{logs,pki,etcd,kubelet,pod-logs,containerd/root,containerd/state,runc,cni/bin,cni/net.d,cni/ipam,images}
 
 # --- namespaces ---------------------------------------------------------------------------
@@ -514,7 +518,7 @@ state = "$WORK/containerd/state"
       [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
         runtime_type = "io.containerd.runc.v2"
         [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
-          BinaryName = "${MESHINIT_K8S_RUNC:-$(command -v runc)}"
+          BinaryName = "${MESHINIT_K8S_RUNC:-$addons/runc}"
           Root = "$WORK/runc"
           SystemdCgroup = false
     [plugins.'io.containerd.cri.v1.runtime'.cni]
@@ -536,7 +540,7 @@ podman() { command podman "${podman_opts[@]}" "$@"; }
 MESHINIT_IMAGE=localhost/meshinit:k8s
 HELPER_IMAGE=localhost/meshinit-k8s-helper:test
 # Istio's images, as istiod's chart and injector name them: istiod (pilot-discovery, built
-# from the pinned module by build-mesh.sh) and a stand-in for istio-proxy (proxyv2).
+# from the pinned module by build-addons.sh) and a stand-in for istio-proxy (proxyv2).
 ISTIOD_IMAGE=localhost/meshinit-k8s-istiod:test
 PROXY_IMAGE=localhost/meshinit-k8s-proxy:test
 build_images() {
@@ -579,7 +583,7 @@ for line in sys.stdin:
   rootfs="$WORK/images/istiod"
   mkdir -p "$rootfs/usr/local/bin" "$rootfs/tmp" "$rootfs/etc"
   chmod 1777 "$rootfs/tmp"
-  cp "$mesh_bin/pilot-discovery" "$rootfs/usr/local/bin/"
+  cp "$addons/pilot-discovery" "$rootfs/usr/local/bin/"
   echo "istio-proxy:x:1337:1337::/tmp:/nonexistent" >"$rootfs/etc/passwd"
   tar -C "$rootfs" -cf "$WORK/images/istiod.tar" .
   podman import --quiet --change 'ENTRYPOINT=["/usr/local/bin/pilot-discovery"]' --change 'USER=1337:1337' \
