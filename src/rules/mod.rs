@@ -3,6 +3,7 @@
 //! same for Istio's native nftables backend.
 
 mod builder;
+pub mod capture;
 pub mod decisions;
 pub mod ipset;
 pub mod iptables;
