@@ -504,10 +504,7 @@ pub(crate) mod tests {
 
     #[test]
     fn only_unowned_targets_in_builtin_chains_are_tagged() {
-        let mut cfg = base();
-        cfg.interception = InterceptionMode::Tproxy;
-        cfg.inbound = InboundCapture::AllExcept(vec![]);
-        let plan = plan(&cfg);
+        let plan = plan(&tproxy_config());
         for table in &plan.v4.tables {
             for c in &table.chains {
                 for rule in c.all_rules() {

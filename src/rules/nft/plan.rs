@@ -226,10 +226,6 @@ fn owner((kind, who): &(OwnerKind, Owner), negated: bool) -> Match {
     }
 }
 
-fn mark(mark: u32, negated: bool) -> Match {
-    Match::Mark { mark, negated }
-}
-
 fn family_of(net: &IpNet) -> Family {
     match net {
         IpNet::V4(_) => Family::V4,
@@ -243,6 +239,10 @@ fn layout(rule: &capture::Rule) -> Rule {
     let oif_lo = || Match::OutInterface(lo());
     let iif_lo = || Match::InInterface(lo());
     let established = || Match::ConntrackState(CtState::RelatedEstablished);
+    let marked = |mark| Match::Mark {
+        mark,
+        negated: false,
+    };
     let dns = fixed_port(DNS_PORT);
     let to_agent = || {
         counted(Statement::Redirect {
@@ -360,10 +360,10 @@ fn layout(rule: &capture::Rule) -> Rule {
         }
         R::Destination { nets, then: next } => (vec![to(nets)], then(*next)),
         R::SaveMark(value) => (
-            vec![tcp(), mark(*value, false)],
+            vec![tcp(), marked(*value)],
             counted(Statement::ConnMarkFromMark),
         ),
-        R::MarkedOutReturn(value) => (vec![oif_lo(), tcp(), mark(*value, false)], ret()),
+        R::MarkedOutReturn(value) => (vec![oif_lo(), tcp(), marked(*value)], ret()),
         R::ProxyOutboundMark { owner: who, not_to } => (
             vec![oif_lo(), tcp(), not_daddr(*not_to), owner(who, false)],
             counted(Statement::SetMark(OUTBOUND_MARK)),
@@ -372,9 +372,19 @@ fn layout(rule: &capture::Rule) -> Rule {
             vec![tcp(), Match::ConnMark(*value)],
             counted(Statement::MarkFromConnMark),
         ),
-        R::MarkedReturn(value) => (vec![tcp(), mark(*value, false)], ret()),
+        R::MarkedReturn(value) => (vec![tcp(), marked(*value)], ret()),
         R::PassthroughInReturn(source) => (vec![iif_lo(), tcp(), saddr(*source)], ret()),
-        R::UnmarkedLoopbackReturn => (vec![iif_lo(), tcp(), mark(OUTBOUND_MARK, true)], ret()),
+        R::UnmarkedLoopbackReturn => (
+            vec![
+                iif_lo(),
+                tcp(),
+                Match::Mark {
+                    mark: OUTBOUND_MARK,
+                    negated: true,
+                },
+            ],
+            ret(),
+        ),
     };
     Rule::new(matches, statements)
 }
@@ -386,7 +396,7 @@ pub(crate) mod tests {
     use crate::rules::model::{Interface, TproxyRouting};
     use crate::rules::nft::render::rule_text;
 
-    use crate::rules::plan::tests::{port, range};
+    use crate::rules::plan::tests::{port, range, tproxy_config};
 
     /// Istio's base case: proxy uid and gid 1337, nothing captured (the same for both
     /// planners).
@@ -422,9 +432,7 @@ pub(crate) mod tests {
 
     #[test]
     fn ipv6_off_plans_no_ipv6_match() {
-        let mut cfg = base();
-        cfg.interception = InterceptionMode::Tproxy;
-        cfg.inbound = InboundCapture::AllExcept(vec![]);
+        let mut cfg = tproxy_config();
         cfg.outbound_include = OutboundInclude::Only(vec![
             "10.0.0.0/8".parse().unwrap(),
             "2001:db8::/32".parse().unwrap(),
@@ -477,9 +485,7 @@ pub(crate) mod tests {
 
     #[test]
     fn tproxy_inserts_land_where_nft_puts_them() {
-        let mut cfg = base();
-        cfg.interception = InterceptionMode::Tproxy;
-        cfg.inbound = InboundCapture::AllExcept(vec![]);
+        let mut cfg = tproxy_config();
         cfg.ipv6 = true;
         let plan = plan(&cfg);
         let mangle = plan.table(Table::Mangle).unwrap();
