@@ -202,11 +202,17 @@ pub enum OwnerKind {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn range(a: u16, b: u16) -> PortRange {
+    /// `a..=b` as a port range (tests everywhere build their lists with it).
+    pub(crate) fn range(a: u16, b: u16) -> PortRange {
         PortRange::new(Port::new(a).unwrap(), Port::new(b).unwrap()).unwrap()
+    }
+
+    /// One port as a range.
+    pub(crate) fn port(p: u16) -> PortRange {
+        range(p, p)
     }
 
     #[test]

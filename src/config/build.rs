@@ -804,7 +804,7 @@ mod tests {
 
     #[test]
     fn every_port_list_takes_ranges_and_refuses_bad_ones_by_name() {
-        let range = crate::rules::plan::tests::range;
+        let range = crate::values::tests::range;
         let c = capture(&[
             (Setting::InboundPorts, "8080-8081,9000"),
             (Setting::OutboundPorts, "3000-3100"),

@@ -1,8 +1,8 @@
 //! What Istio decides for a configuration, whatever the backend: its fixed ports, marks and
 //! conntrack zones, which addresses mean "loopback" and "the proxy's passthrough" in each
 //! family, the proxy's owners, the DNS servers to capture per family, and whether TPROXY
-//! needs policy routing. Both planners (iptables, `nft`) lay these decisions out in their
-//! backend's order; what Istio decides is changed here, once.
+//! needs policy routing. `capture.rs` builds Istio's steps from these values; what Istio
+//! decides is changed there or here, once.
 //!
 //! Pure: no I/O, no text.
 

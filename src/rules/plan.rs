@@ -321,14 +321,7 @@ pub(crate) mod tests {
     use crate::rules::iptables::rule_spec;
     use crate::rules::model::{ChainRules, FamilyRuleset, Interface, TproxyRouting};
 
-    pub(crate) fn port(p: u16) -> PortRange {
-        crate::values::Port::new(p).unwrap().into()
-    }
-
-    pub(crate) fn range(a: u16, b: u16) -> PortRange {
-        use crate::values::Port;
-        PortRange::new(Port::new(a).unwrap(), Port::new(b).unwrap()).unwrap()
-    }
+    pub(crate) use crate::values::tests::{port, range};
 
     /// Istio's base test configuration: proxy 1337, nothing captured.
     pub(crate) fn base() -> CaptureConfig {
