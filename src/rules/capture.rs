@@ -696,3 +696,39 @@ impl Steps<'_> {
             .push(inbound(2, Families::Both, Rule::UnmarkedLoopbackReturn));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::InboundCapture;
+    use crate::rules::plan::tests::{base, lists_config, tproxy_config};
+    use crate::rules::{nft, plan, PlanOptions};
+    use crate::values::tests::port;
+
+    const SETS: PlanOptions = PlanOptions { match_sets: true };
+
+    #[test]
+    fn match_sets_save_the_lists_rules_and_no_other_on_both_backends() {
+        let cfg = lists_config();
+        // Ports x2 protocols, IPv4 networks, inbound ports.
+        let saved = (2 * 3 - 2) + (3 - 1) + (3 - 1);
+        let (chains, sets) = (plan::plan(&cfg), plan::plan_with(&cfg, SETS));
+        assert_eq!(chains.v4.rule_count() - sets.v4.rule_count(), saved);
+        let (chains, sets) = (nft::plan(&cfg), nft::plan_with(&cfg, SETS));
+        assert_eq!(chains.rule_count() - sets.rule_count(), saved);
+    }
+
+    #[test]
+    fn match_sets_change_nothing_without_lists() {
+        let mut one_port = tproxy_config();
+        one_port.inbound = InboundCapture::Only(vec![port(8080)]);
+        one_port.outbound_exclude = vec!["10.0.0.0/8".parse().unwrap()];
+        for cfg in [base(), one_port.clone()] {
+            assert_eq!(plan::plan_with(&cfg, SETS), plan::plan(&cfg));
+            assert_eq!(nft::plan_with(&cfg, SETS), nft::plan(&cfg));
+        }
+        // A port given twice is no list either to an ipset: Istio's rule for each entry.
+        let mut twice = one_port;
+        twice.inbound = InboundCapture::Only(vec![port(8080), port(8080)]);
+        assert_eq!(plan::plan_with(&twice, SETS), plan::plan(&twice));
+    }
+}

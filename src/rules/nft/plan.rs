@@ -396,7 +396,7 @@ pub(crate) mod tests {
     use crate::rules::model::{Interface, TproxyRouting};
     use crate::rules::nft::render::rule_text;
 
-    use crate::rules::plan::tests::{port, range, tproxy_config};
+    use crate::rules::plan::tests::{kube_virt_config, port, range, tproxy_config};
 
     /// Istio's base case: proxy uid and gid 1337, nothing captured (the same for both
     /// planners).
@@ -609,26 +609,7 @@ pub(crate) mod tests {
                 "meta l4proto tcp counter jump istio-in-redirect",
             ]
         );
-        // The same rules in the same places otherwise.
-        let chains = super::plan(&cfg);
-        assert_eq!(
-            chains.rule_count() - plan.rule_count(),
-            (2 * 3 - 2) + (3 - 1) + (3 - 1),
-            "ports x2 protocols, v4 networks, inbound ports"
-        );
-    }
-
-    #[test]
-    fn match_sets_change_nothing_without_lists() {
-        for cfg in [base(), {
-            let mut cfg = base();
-            cfg.interception = InterceptionMode::Tproxy;
-            cfg.inbound = InboundCapture::Only(vec![port(8080)]);
-            cfg.outbound_exclude = vec!["10.0.0.0/8".parse().unwrap()];
-            cfg
-        }] {
-            assert_eq!(plan_with(&cfg, sets()), super::plan(&cfg));
-        }
+        // The same rules in the same places otherwise: `capture::tests`.
     }
 
     #[test]
@@ -690,12 +671,7 @@ pub(crate) mod tests {
 
     #[test]
     fn match_sets_with_kube_virt_interfaces() {
-        let mut cfg = base();
-        cfg.kube_virt_interfaces = vec![Interface::new_unchecked("eth1".into())];
-        cfg.outbound_include = OutboundInclude::Only(vec![
-            "10.0.0.0/8".parse().unwrap(),
-            "192.0.2.0/24".parse().unwrap(),
-        ]);
+        let cfg = kube_virt_config();
         let plan = plan_with(&cfg, sets());
         let nat = plan.table(Table::Nat).unwrap();
         assert_eq!(
