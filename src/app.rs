@@ -54,7 +54,7 @@ pub fn run(cli: &Cli, env: Env<'_>) -> Result<(), Error> {
         Command::Apply(args) | Command::IstioIptables(args) => apply(args, env, &mut out),
         Command::Cleanup(args) => cleanup(args, env),
         Command::Explain(args) => match configured(&args.capture, env)? {
-            Some(config) => crate::explain::command::run(args, &config, &mut out),
+            Some(config) => crate::explain::command::run(&args.query, &config, &mut out),
             None => Ok(()),
         },
         Command::Cni => match crate::cni::run_stdin(env, &mut std::io::stdin(), &mut out) {

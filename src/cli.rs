@@ -10,6 +10,7 @@ use std::ffi::OsString;
 use clap::{Arg, ArgAction, ArgMatches, Args, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::config::build::{RawSettings, Setting, SettingSpec, SETTINGS};
+use crate::explain::command::Query;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -106,54 +107,11 @@ pub enum Command {
     Cni,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ProtoArg {
-    Tcp,
-    Udp,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum OutputFormat {
-    Text,
-    Json,
-}
-
+/// `explain`'s arguments: the connection asked about, then the pod's capture settings.
 #[derive(Debug, Args)]
 pub struct ExplainArgs {
-    /// Destination address and port (outbound; with --inbound, the pod's address).
-    #[arg(long, value_name = "ADDR:PORT")]
-    pub dst: Option<String>,
-
-    /// The connection arrives at the pod instead of leaving it.
-    #[arg(long)]
-    pub inbound: bool,
-
-    /// With --inbound: the pod's port, when the pod's address does not matter.
-    #[arg(long, value_name = "PORT")]
-    pub port: Option<String>,
-
-    /// Source address (inbound: the client's).
-    #[arg(long, value_name = "ADDR")]
-    pub src: Option<String>,
-
-    /// The uid of the process opening an outbound connection. [default: 1000, an app]
-    #[arg(long, value_name = "UID")]
-    pub uid: Option<String>,
-
-    /// Its gid. [default: the uid]
-    #[arg(long, value_name = "GID")]
-    pub gid: Option<String>,
-
-    #[arg(long, value_enum, default_value = "tcp")]
-    pub proto: ProtoArg,
-
-    /// The interface it leaves by (or arrives on). [default: lo for loopback
-    /// destinations, else eth0]
-    #[arg(long, value_name = "IFACE")]
-    pub iface: Option<String>,
-
-    #[arg(long, value_enum, default_value = "text")]
-    pub format: OutputFormat,
+    #[command(flatten)]
+    pub query: Query,
 
     #[command(flatten)]
     pub capture: CaptureArgs,
