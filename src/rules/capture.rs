@@ -95,8 +95,7 @@ pub enum Then {
     Jump(Chain),
 }
 
-/// A proxy uid or gid.
-pub type ProxyOwner = (OwnerKind, Owner);
+pub use super::decisions::ProxyOwner;
 
 /// The ports one rule matches: one entry of a list (Istio's), or with `--match-sets` the
 /// whole list, as given (each backend makes its own kind of set of it).
@@ -529,10 +528,7 @@ impl Steps<'_> {
             OutboundInclude::Only(nets) => nets.iter().any(|n| n.addr().is_loopback()),
             OutboundInclude::Off | OutboundInclude::All => false,
         };
-        let owners: Vec<ProxyOwner> = decisions::proxy_owners(cfg)
-            .map(|(kind, who)| (kind, who.clone()))
-            .collect();
-        for owner in owners {
+        for owner in decisions::proxy_owners(cfg) {
             // Istio skips DNS in this rule for uids only; gids keep the plain form.
             let except = if dns_on && owner.0 == OwnerKind::Uid {
                 vec![fixed_port(DNS_PORT), cfg.inbound_tunnel_port]
@@ -607,10 +603,7 @@ impl Steps<'_> {
     /// the agent in separate conntrack zones (Istio's fix for UDP conntrack races).
     fn dns_conntrack_zones(&mut self) {
         let DnsServers { all, v4, v6 } = decisions::dns_servers(self.cfg);
-        let owners: Vec<ProxyOwner> = decisions::proxy_owners(self.cfg)
-            .map(|(kind, who)| (kind, who.clone()))
-            .collect();
-        for owner in owners {
+        for owner in decisions::proxy_owners(self.cfg) {
             let rule = Rule::ProxyQueryZone(owner.clone());
             self.append(Table::Raw, Chain::OutputDns, rule);
             self.append(Table::Raw, Chain::OutputDns, Rule::ProxyAnswerZone(owner));
@@ -667,10 +660,7 @@ impl Steps<'_> {
         let mark = cfg.tproxy_mark;
         self.append(Table::Mangle, Chain::Prerouting, Rule::SaveMark(mark));
         self.append(Table::Mangle, Chain::Output, Rule::MarkedOutReturn(mark));
-        let owners: Vec<ProxyOwner> = decisions::proxy_owners(cfg)
-            .map(|(kind, who)| (kind, who.clone()))
-            .collect();
-        for owner in owners {
+        for owner in decisions::proxy_owners(cfg) {
             self.append_versioned(Table::Mangle, Chain::Output, |family| {
                 Rule::ProxyOutboundMark {
                     owner: owner.clone(),
@@ -699,12 +689,60 @@ impl Steps<'_> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
     use crate::config::InboundCapture;
-    use crate::rules::plan::tests::{base, lists_config, tproxy_config};
+    use crate::rules::plan::tests::{base, ipv6_dns_servers_only, lists_config, tproxy_config};
     use crate::rules::{nft, plan, PlanOptions};
     use crate::values::tests::port;
 
     const SETS: PlanOptions = PlanOptions { match_sets: true };
+
+    #[test]
+    fn only_families_with_dns_servers_jump_to_dns_capture() {
+        let cfg = ipv6_dns_servers_only();
+        let jumps: Vec<(Table, Families)> = steps(&cfg, PlanOptions::default(), SetStyle::Ipset)
+            .into_iter()
+            .filter(|step| matches!(step.rule, Rule::DnsJump(_)))
+            .map(|step| (step.table, step.families))
+            .collect();
+        // nftables writes them as one inet rule all the same, IPv6 off (see nft/plan.rs).
+        assert_eq!(
+            jumps,
+            [(Table::Nat, Families::V6), (Table::Raw, Families::V6)]
+        );
+    }
+
+    #[test]
+    fn without_match_sets_the_set_styles_make_the_same_steps() {
+        let cfg = lists_config();
+        let options = PlanOptions::default();
+        assert_eq!(
+            steps(&cfg, options, SetStyle::Ipset),
+            steps(&cfg, options, SetStyle::Interval)
+        );
+    }
+
+    #[test]
+    fn a_port_given_twice_is_a_set_only_to_nftables() {
+        let mut cfg = base();
+        cfg.outbound_ports_exclude = vec![port(8200), port(8200)];
+        let excluded = |sets| {
+            steps(&cfg, SETS, sets)
+                .into_iter()
+                .filter(|step| {
+                    matches!(
+                        step.rule,
+                        Rule::OutboundPorts {
+                            then: Then::Return,
+                            ..
+                        }
+                    )
+                })
+                .count()
+        };
+        assert_eq!(excluded(SetStyle::Ipset), 4, "each entry, TCP and UDP");
+        assert_eq!(excluded(SetStyle::Interval), 2, "one set, TCP and UDP");
+    }
 
     #[test]
     fn match_sets_save_the_lists_rules_and_no_other_on_both_backends() {

@@ -64,12 +64,14 @@ pub fn dns_on(cfg: &CaptureConfig) -> bool {
     cfg.dns != DnsCapture::Off
 }
 
-/// The proxy's uids then gids, each with its owner-match kind (Istio handles them in two
-/// identical loops).
-pub fn proxy_owners(cfg: &CaptureConfig) -> impl Iterator<Item = (OwnerKind, &Owner)> {
-    let uids = cfg.proxy_uids.iter().map(|o| (OwnerKind::Uid, o));
-    let gids = cfg.proxy_gids.iter().map(|o| (OwnerKind::Gid, o));
-    uids.chain(gids)
+/// A proxy uid or gid, with its owner-match kind.
+pub type ProxyOwner = (OwnerKind, Owner);
+
+/// The proxy's uids then gids (Istio handles them in two identical loops).
+pub fn proxy_owners(cfg: &CaptureConfig) -> Vec<ProxyOwner> {
+    let uids = cfg.proxy_uids.iter().map(|o| (OwnerKind::Uid, o.clone()));
+    let gids = cfg.proxy_gids.iter().map(|o| (OwnerKind::Gid, o.clone()));
+    uids.chain(gids).collect()
 }
 
 /// Which DNS traffic is captured: everything on port 53, or queries to these servers of

@@ -537,6 +537,16 @@ pub(crate) mod tests {
         cfg
     }
 
+    /// DNS capture of one IPv6 server, IPv6 off. Shared by both planners.
+    pub(crate) fn ipv6_dns_servers_only() -> CaptureConfig {
+        let mut cfg = base();
+        cfg.dns = DnsCapture::Servers {
+            v4: vec![],
+            v6: vec!["2001:db8::53".parse().unwrap()],
+        };
+        cfg
+    }
+
     fn sets() -> PlanOptions {
         PlanOptions { match_sets: true }
     }

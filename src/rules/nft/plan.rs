@@ -396,7 +396,9 @@ pub(crate) mod tests {
     use crate::rules::model::{Interface, TproxyRouting};
     use crate::rules::nft::render::rule_text;
 
-    use crate::rules::plan::tests::{kube_virt_config, port, range, tproxy_config};
+    use crate::rules::plan::tests::{
+        ipv6_dns_servers_only, kube_virt_config, port, range, tproxy_config,
+    };
 
     /// Istio's base case: proxy uid and gid 1337, nothing captured (the same for both
     /// planners).
@@ -537,11 +539,7 @@ pub(crate) mod tests {
     #[test]
     fn every_jump_target_is_declared() {
         // IPv6 DNS servers only, IPv6 off: the jumps are planned, the rules are not.
-        let mut cfg = base();
-        cfg.dns = DnsCapture::Servers {
-            v4: vec![],
-            v6: vec!["2001:db8::53".parse().unwrap()],
-        };
+        let cfg = ipv6_dns_servers_only();
         let plan = plan(&cfg);
         for table in &plan.tables {
             for op in &table.ops {
