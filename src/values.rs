@@ -19,6 +19,14 @@ pub enum Family {
 impl Family {
     pub const ALL: [Family; 2] = [Family::V4, Family::V6];
 
+    /// The family of a network's addresses.
+    pub fn of(net: &ipnet::IpNet) -> Family {
+        match net {
+            ipnet::IpNet::V4(_) => Family::V4,
+            ipnet::IpNet::V6(_) => Family::V6,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Family::V4 => "ipv4",

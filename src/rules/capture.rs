@@ -263,13 +263,6 @@ struct Steps<'a> {
     out: Vec<Step>,
 }
 
-fn family_of(net: &IpNet) -> Family {
-    match net {
-        IpNet::V4(_) => Family::V4,
-        IpNet::V6(_) => Family::V6,
-    }
-}
-
 impl Steps<'_> {
     fn add(&mut self, families: Families, table: Table, chain: Chain, at: At, rule: Rule) {
         self.out.push(Step {
@@ -319,7 +312,7 @@ impl Steps<'_> {
     fn destinations(&self, list: SetList, family: Family, nets: &[IpNet]) -> Vec<Nets> {
         let nets: Vec<IpNet> = nets
             .iter()
-            .filter(|n| family_of(n) == family)
+            .filter(|n| Family::of(n) == family)
             .copied()
             .collect();
         let each = |nets: Vec<IpNet>| nets.into_iter().map(Nets::One).collect();
@@ -591,7 +584,7 @@ impl Steps<'_> {
                 continue;
             }
             for server in v4.iter().chain(&v6) {
-                let families = Families::only(family_of(server));
+                let families = Families::only(Family::of(server));
                 let server = Some(*server);
                 let rule = Rule::DnsRedirect { protocol, server };
                 self.add(families, Table::Nat, Chain::OutputDns, At::Append, rule);
@@ -618,7 +611,7 @@ impl Steps<'_> {
             return;
         }
         for server in v4.iter().chain(&v6) {
-            let families = Families::only(family_of(server));
+            let families = Families::only(Family::of(server));
             let rule = Rule::QueryZone(Some(*server));
             self.add(families, Table::Raw, Chain::OutputDns, At::Append, rule);
             let rule = Rule::AnswerZone(Some(*server));

@@ -226,13 +226,6 @@ fn owner((kind, who): &(OwnerKind, Owner), negated: bool) -> Match {
     }
 }
 
-fn family_of(net: &IpNet) -> Family {
-    match net {
-        IpNet::V4(_) => Family::V4,
-        IpNet::V6(_) => Family::V6,
-    }
-}
-
 /// `rule` as Istio's nftables backend writes it.
 fn layout(rule: &capture::Rule) -> Rule {
     use capture::Rule as R;
@@ -281,7 +274,7 @@ fn layout(rule: &capture::Rule) -> Rule {
         R::Tproxy { not_to, mark, port } => {
             let statements = vec![
                 Statement::Tproxy {
-                    family: family_of(not_to),
+                    family: Family::of(not_to),
                     port: *port,
                 },
                 Statement::SetMark(*mark),
