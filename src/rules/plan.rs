@@ -20,13 +20,6 @@ use super::model::{
 use crate::config::CaptureConfig;
 use crate::rules::PlanOptions;
 
-#[cfg(test)]
-const PREROUTING: Chain = Chain::Builtin(BuiltinChain::Prerouting);
-#[cfg(test)]
-const INBOUND: Chain = Chain::Istio(IstioChain::Inbound);
-#[cfg(test)]
-const ISTIO_OUTPUT: Chain = Chain::Istio(IstioChain::Output);
-
 /// Plans the complete ruleset for `cfg`: Istio's, one rule per list entry.
 pub fn plan(cfg: &CaptureConfig) -> Ruleset {
     plan_with(cfg, PlanOptions::default())
@@ -320,6 +313,10 @@ pub(crate) mod tests {
     };
     use crate::rules::iptables::rule_spec;
     use crate::rules::model::{ChainRules, FamilyRuleset, Interface, TproxyRouting};
+
+    const PREROUTING: Chain = Chain::Builtin(BuiltinChain::Prerouting);
+    const INBOUND: Chain = Chain::Istio(IstioChain::Inbound);
+    const ISTIO_OUTPUT: Chain = Chain::Istio(IstioChain::Output);
 
     pub(crate) use crate::values::tests::{port, range};
 
