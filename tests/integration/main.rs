@@ -5,6 +5,7 @@
 
 mod cni;
 mod cni_runtime;
+mod cni_userns;
 mod e2e;
 mod faults;
 mod golden;
