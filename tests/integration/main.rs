@@ -13,6 +13,7 @@ mod image;
 mod image_nftables;
 mod injector_template;
 mod istio_oracle;
+mod layers;
 mod lifecycle;
 mod lock;
 mod manifests;
