@@ -57,6 +57,80 @@ t1 += float("0." + (frac or "0"))
 print(round((t1 - t0) * 1000))' "$t0" "$t1"
 }
 
+# meshinit's init container under the kubelet's own cgroups (cgroup v1, the cgroupfs
+# driver). Its CPU time: the container's cgroup goes soon after it exits, but its pod's
+# stays and counts dead children's CPU time (cpuacct is hierarchical); between istio-init's
+# exit and the app's start (the kubelet's next relist, most of a second) only the pause
+# container and istio-init have run in the pod, so istio-init's is the pod's cpuacct.usage
+# less the pause container's. Its memory peak: memory.max_usage_in_bytes of its own cgroup,
+# read over and over while it exists (it only grows; the last reading is taken after the
+# container exits, before the runtime removes the cgroup). Both count runc's init, which
+# runs in the container's cgroup before it execs meshinit, as the podman figures do. Prints
+# "PEAK-KIB CPU-MS", or nothing if the app started before the reading (the pod is then left
+# out).
+watch_peaks() { # POD-MEMORY-CGROUP STOP-FILE: prints "CGROUP PEAK-BYTES" for each child seen
+  declare -A peak=()
+  local dir value
+  while [ ! -e "$2" ]; do
+    for dir in "$1"/*/; do
+      read -r value 2>/dev/null <"${dir}memory.max_usage_in_bytes" || continue
+      [ "$value" -gt "${peak[$dir]:-0}" ] && peak[$dir]=$value
+    done
+  done
+  for dir in "${!peak[@]}"; do echo "$(basename "$dir") ${peak[$dir]}"; done
+}
+
+init_resources() { # POD
+  local pod="$1" uid qos code="" _ pod_mem pod_cpu pause_id app cpu pause_cpu peak stop watcher
+  uid="$(kubectl get pod -n meshed "$pod" -o jsonpath='{.metadata.uid}')"
+  qos="$(kubectl get pod -n meshed "$pod" -o jsonpath='{.status.qosClass}' | tr '[:upper:]' '[:lower:]')"
+  pod_mem="/sys/fs/cgroup/memory/$CGROUP_ROOT/kubepods/$qos/pod$uid"
+  pod_cpu="/sys/fs/cgroup/cpuacct/$CGROUP_ROOT/kubepods/$qos/pod$uid"
+  stop="$WORK/$pod.stop"
+  watch_peaks "$pod_mem" "$stop" >"$WORK/$pod.peaks" &
+  watcher=$!
+  for _ in $(seq 400); do
+    code="$(kubectl get pod -n meshed "$pod" -o jsonpath='{.status.initContainerStatuses[0].state.terminated.exitCode}')"
+    [ -n "$code" ] && break
+    sleep 0.02
+  done
+  pause_id="$(crictl pods --namespace meshed --name "$pod" -q | head -n1)"
+  cpu="$(cat "$pod_cpu/cpuacct.usage")"
+  pause_cpu="$(cat "$pod_cpu/$pause_id/cpuacct.usage")"
+  app="$(kubectl get pod -n meshed "$pod" -o jsonpath='{.status.containerStatuses[?(@.name=="app")].state.running}')"
+  touch "$stop"
+  wait "$watcher"
+  [ "$code" = 0 ] && [ -z "$app" ] || return 0
+  # The peak of the one child that is not the pause container (nor the app: not started).
+  peak="$(awk -v pause="$pause_id" '$1 != pause { print $2 }' "$WORK/$pod.peaks" | sort -n | tail -n1)"
+  [ -n "$peak" ] || return 0
+  echo "$((peak / 1024)) $(((cpu - pause_cpu) / 1000000))"
+}
+
+# BENCH_RESOURCE_PODS init-container-mode pods (default 21), one at a time: meshinit's
+# memory peak and CPU time as istio-init, against the manifests' requests and limits.
+run_resources() {
+  local pods="${BENCH_RESOURCE_PODS:-21}" i name out peaks="" cpus=""
+  node_cni_config without-meshinit
+  for i in $(seq "$pods"); do
+    name="res-$i"
+    kubectl create -f - <<<"$(meshed_pod "$name" '[NET_ADMIN, NET_RAW]')" >/dev/null
+    out="$(init_resources "$name")"
+    if [ -n "$out" ]; then
+      peaks+="${out% *} "
+      cpus+="${out#* } "
+    fi
+    kubectl delete pod -n meshed "$name" --wait=true >/dev/null
+  done
+  echo "istio-init (meshinit's image) under the kubelet's cgroups, $(wc -w <<<"$peaks") of $pods pods read before the app started (requests: cpu 10m, memory 16Mi; limits: cpu 1, memory 16Mi):"
+  python3 -c 'import statistics, sys
+for what, unit, values in (("memory peak", "KiB", sys.argv[1]), ("CPU time", "ms", sys.argv[2])):
+    v = sorted(int(x) for x in values.split())
+    q1, median, q3 = statistics.quantiles(v, n=4)
+    print(f"  {what:26} median {median:6.0f} {unit}  quartiles {q1:6.0f} {q3:6.0f}  min {v[0]:6}  max {v[-1]:6}")' \
+    "$peaks" "$cpus"
+}
+
 run_bench() {
   local pods="${BENCH_PODS:-21}" i mode
   node_cni_config with-meshinit
@@ -69,6 +143,7 @@ run_bench() {
   done
   kubectl wait --for=delete pod -n meshed --all --timeout=120s >/dev/null 2>&1 || true
   echo "pod creation to the app's start (ms), $pods pods each, $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg):"
+  run_resources
   for mode in none init cni; do
     python3 -c 'import statistics, sys
 mode, values = sys.argv[1], sorted(int(v) for v in sys.argv[2].split())
