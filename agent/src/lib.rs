@@ -1,0 +1,8 @@
+//! meshinit-cni's node agent: installs the plugin and its CNI configuration entry on a
+//! node, keeps the entry there while the primary CNI rewrites its file, removes both on
+//! termination, and repairs pods that started before it was ready (docs/cni-agent.md).
+
+pub mod conflist;
+pub mod error;
+pub mod files;
+pub mod install;
