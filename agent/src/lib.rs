@@ -5,4 +5,7 @@
 pub mod conflist;
 pub mod error;
 pub mod files;
+pub mod http;
 pub mod install;
+pub mod metrics;
+pub mod repair;
