@@ -59,10 +59,10 @@ pub enum RepairError {
         action: &'static str,
         namespace: String,
         name: String,
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
     #[error("connecting to the Kubernetes API: {0}")]
-    Client(#[source] kube::Error),
+    Client(#[source] Box<kube::Error>),
 }
 
 /// The metrics and readiness endpoint.

@@ -53,10 +53,8 @@ pub fn primary_config(dir: &Path, configured: Option<&str>) -> Result<PathBuf, I
             Some(stem) => dir.join(format!("{stem}.conf")),
             None => dir.join(format!("{name}list")),
         };
-        if name.ends_with(".conf") || name.ends_with(".conflist") {
-            if sibling.exists() {
-                return Ok(sibling);
-            }
+        if (name.ends_with(".conf") || name.ends_with(".conflist")) && sibling.exists() {
+            return Ok(sibling);
         }
         return Err(InstallError::ConfiguredMissing { path });
     }

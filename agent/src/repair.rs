@@ -171,7 +171,7 @@ fn api_error(action: &'static str, pod: &Pod) -> impl FnOnce(kube::Error) -> Rep
         action,
         namespace,
         name,
-        source,
+        source: Box::new(source),
     }
 }
 

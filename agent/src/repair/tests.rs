@@ -186,9 +186,9 @@ impl PodActions for Recorder {
         let name = pod.metadata.name.clone().unwrap_or_default();
         self.record(format!("delete {name}"));
         if self.fail_deletes {
-            return Err(RepairError::Client(
+            return Err(RepairError::Client(Box::new(
                 kube::Error::LinesCodecMaxLineLengthExceeded,
-            ));
+            )));
         }
         Ok(())
     }
