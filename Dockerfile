@@ -18,6 +18,8 @@ FROM ${RUST_IMAGE} AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# A member of the workspace: cargo reads its manifest even when building meshinit alone.
+COPY agent ./agent
 # glibc, statically linked: the binary needs no library, not even the image's libc.
 RUN RUSTFLAGS="-C target-feature=+crt-static" \
       cargo build --release --locked --bin meshinit \
