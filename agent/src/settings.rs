@@ -250,6 +250,30 @@ mod tests {
         Args::command().debug_assert();
     }
 
+    /// Every environment variable the Helm chart sets is one the agent reads: a renamed
+    /// flag cannot silently drop a setting.
+    #[test]
+    fn the_charts_environment_is_read_by_the_agent() {
+        let template = include_str!("../../charts/meshinit-cni/templates/daemonset.yaml");
+        let read: Vec<String> = Args::command()
+            .get_arguments()
+            .filter_map(|a| a.get_env())
+            .map(|e| e.to_string_lossy().into_owned())
+            .collect();
+        let set: Vec<&str> = template
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("- name: "))
+            .filter(|n| n.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+            .collect();
+        assert!(set.len() >= 10, "env of the chart: {set:?}");
+        for name in set {
+            assert!(
+                read.iter().any(|r| r == name),
+                "the chart sets {name}, which the agent does not read"
+            );
+        }
+    }
+
     #[test]
     fn defaults_are_istios() {
         let s = parse(&[]).expect("valid");
