@@ -10,7 +10,9 @@ fn main() -> ExitCode {
         Ok(settings) => settings,
         Err(err) => return fail(&err, 2),
     };
+    // Colours only on a terminal: `kubectl logs` shows escape codes as they are.
     let builder = tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_max_level(settings.log_level)
         .with_writer(std::io::stderr);
     if settings.log_json {

@@ -83,6 +83,13 @@ agent_install() { # [--wait] [helm args...]
     --set metricsPort="$AGENT_PORT" "$@" >"$WORK/logs/helm-agent.log" 2>&1 \
     || die "helm install $AGENT_RELEASE failed: $(cat "$WORK/logs/helm-agent.log")"
 }
+# Until the agent's pod is Ready: helm's --wait can return before a DaemonSet recreated
+# right after an uninstall has its new pod, so readiness is waited for here.
+agent_wait_ready() {
+  wait_until 120 agent_is_ready >/dev/null \
+    || log "the agent is not Ready after 120 s: $(kubectl describe pods -n kube-system -l app.kubernetes.io/name=meshinit-cni | tail -n 20) $(agent_logs)"
+}
+agent_is_ready() { [ "$(agent_ready)" = true ]; }
 agent_pod() { kubectl get pods -n kube-system -l app.kubernetes.io/name=meshinit-cni -o jsonpath='{.items[0].metadata.name}'; }
 agent_ready() {
   kubectl get pods -n kube-system -l app.kubernetes.io/name=meshinit-cni \
@@ -121,8 +128,9 @@ entry_present() { [ "$(conflist_types)" = "bridge meshinit-cni" ]; }
 scenario_agent_install() {
   agent_image
   agent_save_node
-  agent_install --wait --timeout 120s
-  check "agent: Ready once installed (helm install --wait)" '^true$' "$(agent_ready)"
+  agent_install
+  agent_wait_ready
+  check "agent: Ready once installed" '^true$' "$(agent_ready)"
   check "agent: the plugin is in the node's CNI bin dir, a file (not run.sh's symlink) that answers VERSION" \
     '"supportedVersions"' \
     "$([ -f "$WORK/cni/bin/meshinit-cni" ] && [ ! -L "$WORK/cni/bin/meshinit-cni" ] \
@@ -181,7 +189,8 @@ scenario_agent_repair() {
   check "repair: the pod started before the agent fails validation" '^126' "$(init_exit_code "$raced")"
   local uid
   uid="$(kubectl get pod -n meshed "$raced" -o jsonpath='{.metadata.uid}')"
-  agent_install --wait --timeout 120s
+  agent_install
+  agent_wait_ready
   wait_until 60 pod_gone meshed "$raced" >/dev/null || log "$raced still there; the agent's log: $(agent_logs)"
   check "repair: the agent deleted $raced" '^gone$' "$(pod_gone meshed "$raced" && echo gone)"
   rollout meshed raced
