@@ -75,12 +75,12 @@ agent_logs() { # the agent's log, for a failure's message
   kubectl logs -n kube-system -l app.kubernetes.io/name=meshinit-cni --tail=40 2>&1 || true
 }
 
-agent_install() { # [--wait] [helm args...]
+agent_install() {
   agent_helm install "$AGENT_RELEASE" "$repo/charts/meshinit-cni" -n kube-system \
     --set image.repository="${AGENT_IMAGE%:*}" --set image.tag="${AGENT_IMAGE##*:}" \
     --set image.pullPolicy=Never \
     --set cniBinDir="$WORK/cni/bin" --set cniConfDir="$WORK/cni/net.d" \
-    --set metricsPort="$AGENT_PORT" "$@" >"$WORK/logs/helm-agent.log" 2>&1 \
+    --set metricsPort="$AGENT_PORT" >"$WORK/logs/helm-agent.log" 2>&1 \
     || die "helm install $AGENT_RELEASE failed: $(cat "$WORK/logs/helm-agent.log")"
 }
 # Until the agent's pod is Ready: helm's --wait can return before a DaemonSet recreated
