@@ -23,18 +23,19 @@ cannot() {
 # The CNI plugins (bridge, host-local), nsenter and catatonit (podman's pause image) run
 # those pods on podman's CNI backend with meshinit-cni chained (tests/integration/cni_runtime.rs).
 # ipset only reads the sets meshinit makes over netlink, as an independent check
-# (tests/integration/support/state.rs).
+# (tests/integration/support/state.rs). libseccomp's header: the Kubernetes node's runc is
+# built from its Go module with seccomp (tests/k8s/build-addons.sh).
 declare -A package_of=(
   [iptables-legacy-restore]=iptables [iptables-nft-restore]=iptables
   [ip6tables-legacy-restore]=iptables [ip]=iproute2 [setpriv]=util-linux [nft]=nftables
   [podman]=podman [runc]=runc [mmdebstrap]=mmdebstrap
   [/usr/lib/cni/bridge]=containernetworking-plugins [/usr/lib/cni/host-local]=containernetworking-plugins
   [nsenter]=util-linux [/usr/libexec/podman/catatonit]=catatonit [ipset]=ipset
-  [openssl]=openssl [flock]=util-linux
+  [openssl]=openssl [flock]=util-linux [/usr/include/seccomp.h]=libseccomp-dev
 )
 missing=()
 for tool in "${!package_of[@]}"; do
-  command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || missing+=("$tool")
+  command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || [ -f "$tool" ] || missing+=("$tool")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
   packages=$(for tool in "${missing[@]}"; do echo "${package_of[$tool]}"; done | sort -u | tr '\n' ' ')

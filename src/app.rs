@@ -5,13 +5,12 @@ use std::io::Write;
 
 use crate::cli::{CaptureArgs, Cli, Command, FamilyArg, PrintArgs};
 use crate::config::{
-    validate, Annotations, AnnotationsVerdict, Config, ConfigError, ConfigOutcome, Env, RunOptions,
-    SystemHost, Validated,
+    validate, Annotations, AnnotationsVerdict, Config, ConfigOutcome, Env, RunOptions, SystemHost,
+    Validated,
 };
-use crate::engine::{iptables_plan, Engine};
+use crate::engine::Engine;
 use crate::error::Error;
-use crate::rules::iptables::render_fresh;
-use crate::rules::model::Family;
+use crate::values::Family;
 
 pub fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
@@ -55,7 +54,7 @@ pub fn run(cli: &Cli, env: Env<'_>) -> Result<(), Error> {
         Command::Apply(args) | Command::IstioIptables(args) => apply(args, env, &mut out),
         Command::Cleanup(args) => cleanup(args, env),
         Command::Explain(args) => match configured(&args.capture, env)? {
-            Some(config) => crate::explain::command::run(args, &config, &mut out),
+            Some(config) => crate::explain::command::run(&args.query, &config, &mut out),
             None => Ok(()),
         },
         Command::Cni => match crate::cni::run_stdin(env, &mut std::io::stdin(), &mut out) {
@@ -74,32 +73,12 @@ fn print(args: &PrintArgs, env: Env<'_>, out: &mut dyn Write) -> Result<(), Erro
         return Ok(());
     };
     let engine = Engine::of(&config.run);
-    let text =
-        match (args.family, engine) {
-            (None, _) => engine.dry_run(&config),
-            (Some(family), Engine::Nftables) => return Err(ConfigError::invalid_flag(
-                "family",
-                family_name(family),
-                "--native-nftables plans one inet ruleset for both families; leave --family out",
-            )
-            .into()),
-            (Some(family), Engine::Iptables) => {
-                let family = match family {
-                    FamilyArg::Ipv4 => Family::V4,
-                    FamilyArg::Ipv6 => Family::V6,
-                };
-                let ruleset = iptables_plan(&config);
-                render_fresh(ruleset.family(family).ok_or(Error::Ipv6Disabled)?)
-            }
-        };
+    let text = match args.family {
+        None => engine.dry_run(&config),
+        Some(FamilyArg::Ipv4) => engine.dry_run_family(&config, Family::V4)?,
+        Some(FamilyArg::Ipv6) => engine.dry_run_family(&config, Family::V6)?,
+    };
     out.write_all(text.as_bytes()).map_err(Error::Output)
-}
-
-fn family_name(family: FamilyArg) -> &'static str {
-    match family {
-        FamilyArg::Ipv4 => "ipv4",
-        FamilyArg::Ipv6 => "ipv6",
-    }
 }
 
 /// Prepare and resolve in one go, for commands with nothing to do in between.

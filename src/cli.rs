@@ -10,6 +10,8 @@ use std::ffi::OsString;
 use clap::{Arg, ArgAction, ArgMatches, Args, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::config::build::{RawSettings, Setting, SettingSpec, SETTINGS};
+use crate::explain::command::Query;
+pub use crate::logging::{LogArgs, LogFormat};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -106,54 +108,11 @@ pub enum Command {
     Cni,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ProtoArg {
-    Tcp,
-    Udp,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum OutputFormat {
-    Text,
-    Json,
-}
-
+/// `explain`'s arguments: the connection asked about, then the pod's capture settings.
 #[derive(Debug, Args)]
 pub struct ExplainArgs {
-    /// Destination address and port (outbound; with --inbound, the pod's address).
-    #[arg(long, value_name = "ADDR:PORT")]
-    pub dst: Option<String>,
-
-    /// The connection arrives at the pod instead of leaving it.
-    #[arg(long)]
-    pub inbound: bool,
-
-    /// With --inbound: the pod's port, when the pod's address does not matter.
-    #[arg(long, value_name = "PORT")]
-    pub port: Option<String>,
-
-    /// Source address (inbound: the client's).
-    #[arg(long, value_name = "ADDR")]
-    pub src: Option<String>,
-
-    /// The uid of the process opening an outbound connection. [default: 1000, an app]
-    #[arg(long, value_name = "UID")]
-    pub uid: Option<String>,
-
-    /// Its gid. [default: the uid]
-    #[arg(long, value_name = "GID")]
-    pub gid: Option<String>,
-
-    #[arg(long, value_enum, default_value = "tcp")]
-    pub proto: ProtoArg,
-
-    /// The interface it leaves by (or arrives on). [default: lo for loopback
-    /// destinations, else eth0]
-    #[arg(long, value_name = "IFACE")]
-    pub iface: Option<String>,
-
-    #[arg(long, value_enum, default_value = "text")]
-    pub format: OutputFormat,
+    #[command(flatten)]
+    pub query: Query,
 
     #[command(flatten)]
     pub capture: CaptureArgs,
@@ -174,56 +133,6 @@ pub struct PrintArgs {
 
     #[command(flatten)]
     pub capture: CaptureArgs,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Plain,
-    Json,
-}
-
-#[derive(Debug, Args)]
-pub struct LogArgs {
-    /// Log level: error, warn, info, debug or trace.
-    ///
-    /// The full restore input is logged at debug. Logs go to stderr; data to stdout.
-    #[arg(long, global = true, env = "MESHINIT_LOG_LEVEL", value_name = "LEVEL")]
-    pub log_level: Option<String>,
-
-    /// Log format: plain for people, json for log pipelines.
-    #[arg(
-        long,
-        global = true,
-        env = "MESHINIT_LOG_FORMAT",
-        value_enum,
-        value_name = "FORMAT"
-    )]
-    pub log_format: Option<LogFormat>,
-
-    /// pilot-agent's log level flag ("default:info", "info"), mapped onto --log-level.
-    #[arg(long = "log_output_level", global = true, value_name = "SCOPES")]
-    pub istio_log_output_level: Option<String>,
-
-    /// pilot-agent's JSON logging flag, mapped onto --log-format=json.
-    #[arg(long = "log_as_json", global = true, num_args = 0..=1, require_equals = true,
-          default_missing_value = "true", value_name = "BOOL")]
-    pub istio_log_as_json: Option<String>,
-
-    /// Other pilot-agent logging flags: accepted so Istio's templates work, and ignored.
-    #[arg(long = "log_caller", global = true, hide = true)]
-    pub istio_log_caller: Option<String>,
-    #[arg(long = "log_stacktrace_level", global = true, hide = true)]
-    pub istio_log_stacktrace_level: Option<String>,
-    #[arg(long = "log_target", global = true, hide = true)]
-    pub istio_log_target: Option<String>,
-    #[arg(long = "log_rotate", global = true, hide = true)]
-    pub istio_log_rotate: Option<String>,
-    #[arg(long = "log_rotate_max_age", global = true, hide = true)]
-    pub istio_log_rotate_max_age: Option<String>,
-    #[arg(long = "log_rotate_max_backups", global = true, hide = true)]
-    pub istio_log_rotate_max_backups: Option<String>,
-    #[arg(long = "log_rotate_max_size", global = true, hide = true)]
-    pub istio_log_rotate_max_size: Option<String>,
 }
 
 /// Istio's `istio-iptables` flags, each with its help, default and environment variables

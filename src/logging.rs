@@ -2,9 +2,58 @@
 
 use std::io::IsTerminal;
 
+use clap::{Args, ValueEnum};
 use tracing::Level;
 
-use crate::cli::{LogArgs, LogFormat};
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// Log level: error, warn, info, debug or trace.
+    ///
+    /// The full restore input is logged at debug. Logs go to stderr; data to stdout.
+    #[arg(long, global = true, env = "MESHINIT_LOG_LEVEL", value_name = "LEVEL")]
+    pub log_level: Option<String>,
+
+    /// Log format: plain for people, json for log pipelines.
+    #[arg(
+        long,
+        global = true,
+        env = "MESHINIT_LOG_FORMAT",
+        value_enum,
+        value_name = "FORMAT"
+    )]
+    pub log_format: Option<LogFormat>,
+
+    /// pilot-agent's log level flag ("default:info", "info"), mapped onto --log-level.
+    #[arg(long = "log_output_level", global = true, value_name = "SCOPES")]
+    pub istio_log_output_level: Option<String>,
+
+    /// pilot-agent's JSON logging flag, mapped onto --log-format=json.
+    #[arg(long = "log_as_json", global = true, num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_name = "BOOL")]
+    pub istio_log_as_json: Option<String>,
+
+    /// Other pilot-agent logging flags: accepted so Istio's templates work, and ignored.
+    #[arg(long = "log_caller", global = true, hide = true)]
+    pub istio_log_caller: Option<String>,
+    #[arg(long = "log_stacktrace_level", global = true, hide = true)]
+    pub istio_log_stacktrace_level: Option<String>,
+    #[arg(long = "log_target", global = true, hide = true)]
+    pub istio_log_target: Option<String>,
+    #[arg(long = "log_rotate", global = true, hide = true)]
+    pub istio_log_rotate: Option<String>,
+    #[arg(long = "log_rotate_max_age", global = true, hide = true)]
+    pub istio_log_rotate_max_age: Option<String>,
+    #[arg(long = "log_rotate_max_backups", global = true, hide = true)]
+    pub istio_log_rotate_max_backups: Option<String>,
+    #[arg(long = "log_rotate_max_size", global = true, hide = true)]
+    pub istio_log_rotate_max_size: Option<String>,
+}
 
 /// The level from `--log-level`, else pilot-agent's `--log_output_level` ("default:info",
 /// "info", "all:debug,default:warn"), else info. Unknown words fall back to info with a

@@ -19,6 +19,14 @@ pub enum Family {
 impl Family {
     pub const ALL: [Family; 2] = [Family::V4, Family::V6];
 
+    /// The family of a network's addresses.
+    pub fn of(net: &ipnet::IpNet) -> Family {
+        match net {
+            ipnet::IpNet::V4(_) => Family::V4,
+            ipnet::IpNet::V6(_) => Family::V6,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Family::V4 => "ipv4",
@@ -202,11 +210,17 @@ pub enum OwnerKind {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn range(a: u16, b: u16) -> PortRange {
+    /// `a..=b` as a port range (tests everywhere build their lists with it).
+    pub(crate) fn range(a: u16, b: u16) -> PortRange {
         PortRange::new(Port::new(a).unwrap(), Port::new(b).unwrap()).unwrap()
+    }
+
+    /// One port as a range.
+    pub(crate) fn port(p: u16) -> PortRange {
+        range(p, p)
     }
 
     #[test]

@@ -2,26 +2,19 @@
 //! `istio-init` args, so the injection template can pass `--annotations` and keep no logic.
 //!
 //! The file is the Kubernetes Downward API format: `key="value"` lines, values quoted like
-//! Go's `strconv.Quote`. The derivation follows Istio's `injection-template.yaml`.
+//! Go's `strconv.Quote`. The derivation follows Istio's `injection-template.yaml`. Which
+//! annotation sets which setting, and the defaults, are in the settings table
+//! (`build::SETTINGS`); what is here is what no table row can say (whether to capture at all,
+//! the excluded inbound ports each component works out its own way, the fixed uids).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::build::{RawSettings, Setting};
+use super::build::{
+    Annotation, RawSettings, Setting, EXCLUDE_INBOUND_PORTS, INJECT, INTERCEPTION_MODE, SETTINGS,
+    STATUS_PORT,
+};
 use super::error::{ConfigError, Origin};
-
-pub const INJECT: &str = "sidecar.istio.io/inject";
-pub const INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
-pub const INCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/includeOutboundIPRanges";
-pub const EXCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
-pub const INCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeInboundPorts";
-pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
-pub const INCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeOutboundPorts";
-pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
-pub const EXCLUDE_INTERFACES: &str = "traffic.sidecar.istio.io/excludeInterfaces";
-pub const KUBEVIRT_INTERFACES: &str = "traffic.sidecar.istio.io/kubevirtInterfaces";
-pub const REROUTE_VIRTUAL_INTERFACES: &str = "istio.io/reroute-virtual-interfaces";
-pub const STATUS_PORT: &str = "status.sidecar.istio.io/port";
 
 /// The injector's chart default for `global.proxy.statusPort`.
 const DEFAULT_STATUS_PORT: &str = "15020";
@@ -95,45 +88,32 @@ impl Annotations {
                 "annotation {INTERCEPTION_MODE} is \"NONE\": traffic is not captured"
             )));
         }
-        if let Some(mode) = self.get(INTERCEPTION_MODE) {
-            raw.set_annotation(Setting::InterceptionMode, INTERCEPTION_MODE, mode);
+        for spec in SETTINGS {
+            if let Some(Annotation::Keys { keys, injector, .. }) = spec.annotation {
+                self.set_first(raw, spec.setting, keys, injector);
+            }
         }
         // The injector always renders -u; under TPROXY it is the literal 1337.
         raw.set_annotation(Setting::ProxyUid, "(sidecar injector's -u)", "1337");
-        raw.set_annotation(
-            Setting::OutboundCidrs,
-            INCLUDE_OUTBOUND_IP_RANGES,
-            self.get(INCLUDE_OUTBOUND_IP_RANGES).unwrap_or("*"),
-        );
-        raw.set_annotation(
-            Setting::OutboundCidrsExclude,
-            EXCLUDE_OUTBOUND_IP_RANGES,
-            self.get(EXCLUDE_OUTBOUND_IP_RANGES).unwrap_or(""),
-        );
-        raw.set_annotation(
-            Setting::InboundPorts,
-            INCLUDE_INBOUND_PORTS,
-            self.get(INCLUDE_INBOUND_PORTS).unwrap_or("*"),
-        );
         let (excluded, origin_key) = self.excluded_inbound_ports()?;
         raw.set_annotation(Setting::InboundPortsExclude, origin_key, excluded);
-        for (setting, key) in [
-            (Setting::OutboundPorts, INCLUDE_OUTBOUND_PORTS),
-            (Setting::OutboundPortsExclude, EXCLUDE_OUTBOUND_PORTS),
-            (Setting::ExcludeInterfaces, EXCLUDE_INTERFACES),
-        ] {
-            if let Some(value) = self.get(key) {
-                raw.set_annotation(setting, key, value);
-            }
-        }
-        // The newer annotation wins whenever present, even if empty.
-        for key in [REROUTE_VIRTUAL_INTERFACES, KUBEVIRT_INTERFACES] {
-            if let Some(value) = self.get(key) {
-                raw.set_annotation(Setting::KubeVirtInterfaces, key, value);
-                break;
-            }
-        }
         Ok(AnnotationsVerdict::Capture)
+    }
+
+    /// Sets `setting` from the first of `keys` present, else to `default` (if any) under the
+    /// first key's name.
+    fn set_first(
+        &self,
+        raw: &mut RawSettings,
+        setting: Setting,
+        keys: &[&str],
+        default: Option<&str>,
+    ) {
+        let present = keys.iter().find_map(|key| Some((*key, self.get(key)?)));
+        let first = keys.first().copied().unwrap_or("annotation");
+        if let Some((key, value)) = present.or(default.map(|value| (first, value))) {
+            raw.set_annotation(setting, key, value);
+        }
     }
 
     /// `-d`: 15090 and 15021, the user's exclusions, then the status port unless it is 0 or
@@ -188,24 +168,11 @@ impl Annotations {
     /// and 15090 always excluded inbound), and DNS, dual-stack and invalid-drop from the
     /// proxy's environment.
     pub fn derive_cni(&self, raw: &mut RawSettings, proxy_env: &BTreeMap<String, String>) {
-        let mut set = |setting, key: &str, default: &str| {
-            raw.set_annotation(setting, key, self.get(key).unwrap_or(default));
-        };
-        set(Setting::InterceptionMode, INTERCEPTION_MODE, "REDIRECT");
-        set(Setting::OutboundCidrs, INCLUDE_OUTBOUND_IP_RANGES, "*");
-        set(
-            Setting::OutboundCidrsExclude,
-            EXCLUDE_OUTBOUND_IP_RANGES,
-            "",
-        );
-        set(Setting::InboundPorts, INCLUDE_INBOUND_PORTS, "*");
-        set(
-            Setting::OutboundPortsExclude,
-            EXCLUDE_OUTBOUND_PORTS,
-            CNI_DEFAULT_EXCLUDED_OUTBOUND,
-        );
-        set(Setting::OutboundPorts, INCLUDE_OUTBOUND_PORTS, "");
-        set(Setting::ExcludeInterfaces, EXCLUDE_INTERFACES, "");
+        for spec in SETTINGS {
+            if let Some(Annotation::Keys { keys, cni, .. }) = spec.annotation {
+                self.set_first(raw, spec.setting, keys, cni);
+            }
+        }
         let excluded = self
             .get(EXCLUDE_INBOUND_PORTS)
             .unwrap_or(CNI_DEFAULT_EXCLUDED_OUTBOUND);
@@ -225,12 +192,6 @@ impl Annotations {
             EXCLUDE_INBOUND_PORTS,
             ports.join(","),
         );
-        for key in [REROUTE_VIRTUAL_INTERFACES, KUBEVIRT_INTERFACES] {
-            if let Some(value) = self.get(key) {
-                raw.set_annotation(Setting::KubeVirtInterfaces, key, value);
-                break;
-            }
-        }
         raw.set_annotation(Setting::ProxyUid, "(CNI default)", "1337");
         raw.set_annotation(Setting::ProxyGid, "(CNI default)", "1337");
         for (variable, settings) in [
@@ -334,6 +295,7 @@ fn push_char(bytes: &mut Vec<u8>, code: u32) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::build::*;
 
     fn parse(text: &str) -> Annotations {
         Annotations::parse(Path::new("annotations"), text).unwrap()

@@ -81,7 +81,37 @@ pub struct SettingSpec {
     pub default_doc: &'static str,
     /// More for `--help` (not `-h`), where one line is not enough.
     pub details: &'static str,
+    /// The pod annotations that set it, as Istio's injector and CNI plugin read them.
+    pub annotation: Option<Annotation>,
 }
+
+/// How pod annotations give a setting (`--annotations`, and the CNI plugin's pod).
+#[derive(Debug, Clone, Copy)]
+pub enum Annotation {
+    /// The first of `keys` the pod has; without any, the default Istio's sidecar injector
+    /// renders (`injector`) or its CNI plugin uses (`cni`), where it sets one.
+    Keys {
+        keys: &'static [&'static str],
+        injector: Option<&'static str>,
+        cni: Option<&'static str>,
+    },
+    /// Worked out from `keys` (and fixed ports) in `annotations.rs`, as each of Istio's
+    /// components does in its own way.
+    Derived { keys: &'static [&'static str] },
+}
+
+pub const INJECT: &str = "sidecar.istio.io/inject";
+pub const INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
+pub const INCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/includeOutboundIPRanges";
+pub const EXCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
+pub const INCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeInboundPorts";
+pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
+pub const INCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeOutboundPorts";
+pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
+pub const EXCLUDE_INTERFACES: &str = "traffic.sidecar.istio.io/excludeInterfaces";
+pub const KUBEVIRT_INTERFACES: &str = "traffic.sidecar.istio.io/kubevirtInterfaces";
+pub const REROUTE_VIRTUAL_INTERFACES: &str = "istio.io/reroute-virtual-interfaces";
+pub const STATUS_PORT: &str = "status.sidecar.istio.io/port";
 
 impl SettingSpec {
     const fn doc(mut self, value_name: &'static str, help: &'static str) -> SettingSpec {
@@ -97,6 +127,26 @@ impl SettingSpec {
 
     const fn details(mut self, details: &'static str) -> SettingSpec {
         self.details = details;
+        self
+    }
+
+    /// Set by the first of `keys` present, else by the injector's or CNI plugin's default.
+    const fn annotated(
+        mut self,
+        keys: &'static [&'static str],
+        injector: Option<&'static str>,
+        cni: Option<&'static str>,
+    ) -> SettingSpec {
+        self.annotation = Some(Annotation::Keys {
+            keys,
+            injector,
+            cni,
+        });
+        self
+    }
+
+    const fn derived_from(mut self, keys: &'static [&'static str]) -> SettingSpec {
+        self.annotation = Some(Annotation::Derived { keys });
         self
     }
 }
@@ -120,6 +170,7 @@ const fn spec(
         help: "",
         default_doc: "",
         details: "",
+        annotation: None,
     }
 }
 
@@ -142,29 +193,38 @@ pub const SETTINGS: &[SettingSpec] = &[
         .doc("GIDS", "Gid(s) whose traffic is never captured.")
         .default_doc("the proxy uid(s)"),
     spec(S::InterceptionMode, Some("istio-inbound-interception-mode"), Some('m'), &["ISTIO_INBOUND_INTERCEPTION_MODE"], "", false)
-        .doc("MODE", "Inbound interception mode: REDIRECT or TPROXY (exact case; anything else is an error, where Istio would silently use REDIRECT). NONE captures nothing."),
+        .doc("MODE", "Inbound interception mode: REDIRECT or TPROXY (exact case; anything else is an error, where Istio would silently use REDIRECT). NONE captures nothing.")
+        .annotated(&[INTERCEPTION_MODE], None, Some("REDIRECT")),
     spec(S::TproxyMark, Some("istio-inbound-tproxy-mark"), Some('t'), &["ISTIO_INBOUND_TPROXY_MARK"], "1337", false)
         .doc("MARK", "Packet mark for TPROXY."),
     spec(S::TproxyRouteTable, Some("istio-inbound-tproxy-route-table"), Some('r'), &["ISTIO_INBOUND_TPROXY_ROUTE_TABLE"], "133", false)
         .doc("TABLE", "Routing table for TPROXY."),
     spec(S::InboundPorts, Some("istio-inbound-ports"), Some('b'), &["ISTIO_INBOUND_PORTS"], "", false)
         .doc("PORTS", "Inbound ports to capture: a list of ports and ranges (80,8000-8100), \"*\" for all, empty for none.")
-        .default_doc("none"),
+        .default_doc("none")
+        .annotated(&[INCLUDE_INBOUND_PORTS], Some("*"), Some("*")),
     spec(S::InboundPortsExclude, Some("istio-local-exclude-ports"), Some('d'), &["ISTIO_LOCAL_EXCLUDE_PORTS"], "", false)
-        .doc("PORTS", "Inbound ports (and ranges, 8000-8100) never captured; only with -b '*'."),
+        .doc("PORTS", "Inbound ports (and ranges, 8000-8100) never captured; only with -b '*'.")
+        .derived_from(&[EXCLUDE_INBOUND_PORTS, STATUS_PORT]),
     spec(S::ExcludeInterfaces, Some("istio-exclude-interfaces"), Some('c'), &["ISTIO_EXCLUDE_INTERFACES"], "", false)
-        .doc("IFACES", "Interfaces whose traffic is never captured, either way."),
+        .doc("IFACES", "Interfaces whose traffic is never captured, either way.")
+        .annotated(&[EXCLUDE_INTERFACES], None, Some("")),
     spec(S::OutboundCidrs, Some("istio-service-cidr"), Some('i'), &["ISTIO_SERVICE_CIDR"], "", false)
         .doc("CIDRS", "Outbound destinations to capture: CIDRs (IPv4 and IPv6 mixed), \"*\" for all, empty for none.")
-        .default_doc("none"),
+        .default_doc("none")
+        .annotated(&[INCLUDE_OUTBOUND_IP_RANGES], Some("*"), Some("*")),
     spec(S::OutboundCidrsExclude, Some("istio-service-exclude-cidr"), Some('x'), &["ISTIO_SERVICE_EXCLUDE_CIDR"], "", false)
-        .doc("CIDRS", "Outbound destinations never captured."),
+        .doc("CIDRS", "Outbound destinations never captured.")
+        .annotated(&[EXCLUDE_OUTBOUND_IP_RANGES], Some(""), Some("")),
     spec(S::OutboundPorts, Some("istio-outbound-ports"), Some('q'), &["ISTIO_OUTBOUND_PORTS"], "", false)
-        .doc("PORTS", "Outbound TCP ports (and ranges, 8000-8100) always captured, whatever the destination."),
+        .doc("PORTS", "Outbound TCP ports (and ranges, 8000-8100) always captured, whatever the destination.")
+        .annotated(&[INCLUDE_OUTBOUND_PORTS], None, Some("")),
     spec(S::OutboundPortsExclude, Some("istio-local-outbound-ports-exclude"), Some('o'), &["ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE"], "", false)
-        .doc("PORTS", "Outbound ports (and ranges, 8000-8100) never captured (TCP and UDP). This is the fix for an app init container that must reach, say, Vault before the sidecar runs."),
+        .doc("PORTS", "Outbound ports (and ranges, 8000-8100) never captured (TCP and UDP). This is the fix for an app init container that must reach, say, Vault before the sidecar runs.")
+        .annotated(&[EXCLUDE_OUTBOUND_PORTS], None, Some("15020")),
     spec(S::KubeVirtInterfaces, Some("kube-virt-interfaces"), Some('k'), &["KUBE_VIRT_INTERFACES"], "", false)
-        .doc("IFACES", "Virtual interfaces (e.g. KubeVirt VMs) whose inbound traffic is treated as outbound."),
+        .doc("IFACES", "Virtual interfaces (e.g. KubeVirt VMs) whose inbound traffic is treated as outbound.")
+        .annotated(&[REROUTE_VIRTUAL_INTERFACES, KUBEVIRT_INTERFACES], None, None),
     spec(S::DryRun, Some("dry-run"), Some('n'), &["DRY_RUN"], "false", true)
         .doc("BOOL", "Print what would be applied instead of applying it."),
     spec(S::ProbePort, Some("iptables-probe-port"), None, &["IPTABLES_PROBE_PORT"], "15002", false)
@@ -617,6 +677,30 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn each_annotation_sets_one_setting() {
+        let mut seen = BTreeMap::new();
+        for spec in SETTINGS {
+            let keys = match spec.annotation {
+                Some(Annotation::Keys { keys, .. } | Annotation::Derived { keys }) => keys,
+                None => continue,
+            };
+            assert!(!keys.is_empty(), "{:?}", spec.setting);
+            for key in keys {
+                let earlier = seen.insert(*key, spec.setting);
+                assert!(
+                    earlier.is_none(),
+                    "{key} sets {earlier:?} and {:?}",
+                    spec.setting
+                );
+            }
+        }
+        assert!(
+            !seen.contains_key(INJECT),
+            "{INJECT} decides whether, not how"
+        );
+    }
+
     /// `n` numeric groups, as ISTIO_OUTBOUND_OWNER_GROUPS would list them.
     fn groups(n: usize) -> String {
         (0..n)
@@ -804,7 +888,7 @@ mod tests {
 
     #[test]
     fn every_port_list_takes_ranges_and_refuses_bad_ones_by_name() {
-        let range = crate::rules::plan::tests::range;
+        let range = crate::values::tests::range;
         let c = capture(&[
             (Setting::InboundPorts, "8080-8081,9000"),
             (Setting::OutboundPorts, "3000-3100"),

@@ -391,9 +391,7 @@ mod tests {
         );
     }
 
-    fn ports_range(a: u16, b: u16) -> PortRange {
-        PortRange::new(Port::new(a).unwrap(), Port::new(b).unwrap()).unwrap()
-    }
+    use crate::values::tests::range as ports_range;
 
     #[test]
     fn port_ranges_reject_anything_but_first_to_last() {

@@ -13,7 +13,7 @@ use crate::apply::{
     IpSets, IptablesTools, Netfilter as _, NetlinkIpSets, NetlinkRouting, NftTool, Nftables as _,
     RunLock,
 };
-use crate::config::{Config, RunOptions};
+use crate::config::{Config, ConfigError, RunOptions};
 use crate::error::Error;
 use crate::rules::iptables::render_fresh;
 use crate::rules::model::Family;
@@ -43,6 +43,25 @@ impl Engine {
         match self {
             Engine::Iptables => render_plan(&iptables_plan(config)),
             Engine::Nftables => crate::rules::nft::render::render_plan(&nft_plan(config)),
+        }
+    }
+
+    /// One family's `iptables-restore` input alone (`print --family`), ready to pipe into
+    /// the family's restore.
+    pub fn dry_run_family(self, config: &Config, family: Family) -> Result<String, Error> {
+        match self {
+            Engine::Iptables => {
+                let ruleset = iptables_plan(config);
+                Ok(render_fresh(
+                    ruleset.family(family).ok_or(Error::Ipv6Disabled)?,
+                ))
+            }
+            Engine::Nftables => Err(ConfigError::invalid_flag(
+                "family",
+                family.name(),
+                "--native-nftables plans one inet ruleset for both families; leave --family out",
+            )
+            .into()),
         }
     }
 

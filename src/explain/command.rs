@@ -4,13 +4,65 @@
 use std::io::Write;
 
 use super::{explain, Direction, Explanation, Packet, Verdict};
-use crate::cli::{ExplainArgs, OutputFormat, ProtoArg};
+use clap::{Args, ValueEnum};
+
 use crate::config::{Config, ConfigError};
 use crate::error::Error;
 use crate::rules::model::{Family, Owner, Protocol};
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProtoArg {
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+/// The connection asked about, and how to answer (`meshinit explain`'s own flags).
+#[derive(Debug, Args)]
+pub struct Query {
+    /// Destination address and port (outbound; with --inbound, the pod's address).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub dst: Option<String>,
+
+    /// The connection arrives at the pod instead of leaving it.
+    #[arg(long)]
+    pub inbound: bool,
+
+    /// With --inbound: the pod's port, when the pod's address does not matter.
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<String>,
+
+    /// Source address (inbound: the client's).
+    #[arg(long, value_name = "ADDR")]
+    pub src: Option<String>,
+
+    /// The uid of the process opening an outbound connection. [default: 1000, an app]
+    #[arg(long, value_name = "UID")]
+    pub uid: Option<String>,
+
+    /// Its gid. [default: the uid]
+    #[arg(long, value_name = "GID")]
+    pub gid: Option<String>,
+
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub proto: ProtoArg,
+
+    /// The interface it leaves by (or arrives on). [default: lo for loopback
+    /// destinations, else eth0]
+    #[arg(long, value_name = "IFACE")]
+    pub iface: Option<String>,
+
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: OutputFormat,
+}
+
 /// Explains the connection `args` describe for a pod with `config`; writes the answer.
-pub fn run(args: &ExplainArgs, config: &Config, out: &mut dyn Write) -> Result<(), Error> {
+pub fn run(args: &Query, config: &Config, out: &mut dyn Write) -> Result<(), Error> {
     let packet = described_packet(args, config)?;
     let ruleset = crate::engine::iptables_plan(config);
     let family = if packet.destination.is_ipv6() {
@@ -40,7 +92,7 @@ pub fn run(args: &ExplainArgs, config: &Config, out: &mut dyn Write) -> Result<(
 }
 
 /// The connection `meshinit explain` was asked about, with defaults filled in.
-fn described_packet(args: &ExplainArgs, config: &Config) -> Result<Packet, Error> {
+fn described_packet(args: &Query, config: &Config) -> Result<Packet, Error> {
     use std::net::{IpAddr, Ipv4Addr, SocketAddr};
     let direction = if args.inbound {
         Direction::Inbound

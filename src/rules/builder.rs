@@ -5,33 +5,10 @@
 //! follows that sequence so its logic can be read next to Istio's, and this builder turns it
 //! into plain data: the order rules will have in the kernel.
 
+pub use super::capture::Families;
 use super::model::{
-    Chain, ChainRules, Family, FamilyRuleset, IstioChain, Match, Rule, Table, TableRules, Target,
+    Chain, ChainRules, Family, FamilyRuleset, Match, Rule, Table, TableRules, Target,
 };
-
-/// Which families a planned rule applies to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Families {
-    Both,
-    V4,
-    V6,
-}
-
-impl Families {
-    pub fn only(family: Family) -> Families {
-        match family {
-            Family::V4 => Families::V4,
-            Family::V6 => Families::V6,
-        }
-    }
-
-    fn includes(self, family: Family) -> bool {
-        matches!(
-            (self, family),
-            (Families::Both, _) | (Families::V4, Family::V4) | (Families::V6, Family::V6)
-        )
-    }
-}
 
 #[derive(Debug)]
 struct FamilyBuilder {
@@ -164,20 +141,6 @@ impl RulesetBuilder {
         });
     }
 
-    /// Adds a rule whose matches differ per family only by one address (Istio's
-    /// `AppendVersionedRule`): `make` is called once per family with that family's value.
-    pub fn append_versioned(
-        &mut self,
-        table: Table,
-        chain: Chain,
-        mut make: impl FnMut(Family) -> Rule,
-    ) {
-        for family in Family::ALL {
-            let rule = make(family);
-            self.append(Families::only(family), table, chain, rule);
-        }
-    }
-
     pub fn finish(self) -> (FamilyRuleset, Option<FamilyRuleset>) {
         (self.v4.finish(), self.v6.map(FamilyBuilder::finish))
     }
@@ -190,9 +153,4 @@ fn tag_if_unowned(chain: Chain, mut rule: Rule) -> Rule {
         rule.matches.push(Match::OwnerComment);
     }
     rule
-}
-
-/// Convenience for the planner: a jump into one of meshinit's chains.
-pub fn jump(target: IstioChain) -> Target {
-    Target::Jump(target)
 }

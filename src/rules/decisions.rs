@@ -1,8 +1,8 @@
 //! What Istio decides for a configuration, whatever the backend: its fixed ports, marks and
 //! conntrack zones, which addresses mean "loopback" and "the proxy's passthrough" in each
 //! family, the proxy's owners, the DNS servers to capture per family, and whether TPROXY
-//! needs policy routing. Both planners (iptables, `nft`) lay these decisions out in their
-//! backend's order; what Istio decides is changed here, once.
+//! needs policy routing. `capture.rs` builds Istio's steps from these values; what Istio
+//! decides is changed there or here, once.
 //!
 //! Pure: no I/O, no text.
 
@@ -64,12 +64,14 @@ pub fn dns_on(cfg: &CaptureConfig) -> bool {
     cfg.dns != DnsCapture::Off
 }
 
-/// The proxy's uids then gids, each with its owner-match kind (Istio handles them in two
-/// identical loops).
-pub fn proxy_owners(cfg: &CaptureConfig) -> impl Iterator<Item = (OwnerKind, &Owner)> {
-    let uids = cfg.proxy_uids.iter().map(|o| (OwnerKind::Uid, o));
-    let gids = cfg.proxy_gids.iter().map(|o| (OwnerKind::Gid, o));
-    uids.chain(gids)
+/// A proxy uid or gid, with its owner-match kind.
+pub type ProxyOwner = (OwnerKind, Owner);
+
+/// The proxy's uids then gids (Istio handles them in two identical loops).
+pub fn proxy_owners(cfg: &CaptureConfig) -> Vec<ProxyOwner> {
+    let uids = cfg.proxy_uids.iter().map(|o| (OwnerKind::Uid, o.clone()));
+    let gids = cfg.proxy_gids.iter().map(|o| (OwnerKind::Gid, o.clone()));
+    uids.chain(gids).collect()
 }
 
 /// Which DNS traffic is captured: everything on port 53, or queries to these servers of

@@ -1,8 +1,10 @@
-//! The ruleset: a typed model (`model`), the planner that fills it from a `Config`
+//! The ruleset: Istio's steps for a `Config`, whatever the backend (`capture`, over the
+//! values in `decisions`); a typed model (`model`), the planner that writes the steps into it
 //! (`plan`), and the renderers that turn it into text (`iptables`, `routes`); `nft` is the
 //! same for Istio's native nftables backend.
 
 mod builder;
+pub mod capture;
 pub mod decisions;
 pub mod ipset;
 pub mod iptables;

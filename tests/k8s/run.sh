@@ -86,6 +86,7 @@ timed() { # NAME COMMAND...: runs it, logs how long it took
 
 # --- the components ---------------------------------------------------------------------
 bin="$(timed "build.sh" bash "$here/build.sh")"
+addons="$(timed "build-addons.sh" bash "$here/build-addons.sh")"
 export PATH="$bin:$PATH"
 
 # --- the components' processes ---------------------------------------------------------
@@ -264,6 +265,10 @@ if [ -e "$WORK" ]; then
   log "removing $WORK, left by an earlier run"
   rm -rf "$WORK"
 fi
+# A pod with hostUsers: false runs as an unprivileged uid of the node, which must be able
+# to pass through the directories above its root filesystem (containerd's state) to reach
+# it: search permission only, no listing.
+chmod 0711 "$STATE"
 mkdir -p "$WORK"/{logs,pki,etcd,kubelet,pod-logs,containerd/root,containerd/state,runc,cni/bin,cni/net.d,cni/ipam,images}
 
 # --- namespaces ---------------------------------------------------------------------------
@@ -276,6 +281,10 @@ ip -n "$NODE_NETNS" link add node0 type bridge
 ip -n "$NODE_NETNS" addr add "$NODE_IP/32" dev node0
 ip -n "$NODE_NETNS" link set node0 up
 ip -n "$NODE_NETNS" route add default dev node0
+# No kube-proxy runs here. Pods reach the API server through its Service, as a client in a
+# pod does (istiod, by KUBERNETES_SERVICE_HOST), so that one Service gets kube-proxy's rule.
+ip netns exec "$NODE_NETNS" iptables -w -t nat -A PREROUTING -d "$SERVICE_IP/32" -p tcp --dport 443 \
+  -m comment --comment "the kubernetes Service (no kube-proxy here)" -j DNAT --to-destination "$NODE_IP:6443"
 
 # The holder: a process in the node's network namespace and in a new mount namespace,
 # which every component joins; mounts made there stay there.
@@ -373,6 +382,8 @@ start_component etcd etcd --name node --data-dir "$WORK/etcd" \
   --initial-cluster node=http://127.0.0.1:2380 --listen-metrics-urls "" \
   --unsafe-no-fsync --log-level warn
 
+# --enable-aggregator-routing: the API server calls webhooks (istiod's injector) at their
+# Service's endpoints rather than its cluster IP, which no kube-proxy serves here.
 start_component kube-apiserver kube-apiserver \
   --etcd-servers http://127.0.0.1:2379 \
   --bind-address 0.0.0.0 --secure-port 6443 --advertise-address "$NODE_IP" \
@@ -384,7 +395,8 @@ start_component kube-apiserver kube-apiserver \
   --service-account-issuer https://kubernetes.default.svc.cluster.local \
   --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
   --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction \
-  --allow-privileged=true --profiling=false --v=1
+  --allow-privileged=true --profiling=false --v=1 \
+  --enable-aggregator-routing=true
 wait_for "kube-apiserver" 180 kube-apiserver kubectl get --raw /readyz
 
 start_component kube-controller-manager kube-controller-manager \
@@ -506,7 +518,7 @@ state = "$WORK/containerd/state"
       [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
         runtime_type = "io.containerd.runc.v2"
         [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
-          BinaryName = "${MESHINIT_K8S_RUNC:-$(command -v runc)}"
+          BinaryName = "${MESHINIT_K8S_RUNC:-$addons/runc}"
           Root = "$WORK/runc"
           SystemdCgroup = false
     [plugins.'io.containerd.cri.v1.runtime'.cni]
@@ -527,6 +539,10 @@ podman_opts=(--root "$STATE/podman" --runroot /run/meshinit-test/podman/storage
 podman() { command podman "${podman_opts[@]}" "$@"; }
 MESHINIT_IMAGE=localhost/meshinit:k8s
 HELPER_IMAGE=localhost/meshinit-k8s-helper:test
+# Istio's images, as istiod's chart and injector name them: istiod (pilot-discovery, built
+# from the pinned module by build-addons.sh) and a stand-in for istio-proxy (proxyv2).
+ISTIOD_IMAGE=localhost/meshinit-k8s-istiod:test
+PROXY_IMAGE=localhost/meshinit-k8s-proxy:test
 build_images() {
   PODMAN_OPTS="${podman_opts[*]}" bash "$repo/tests/podman/build-offline.sh" "$MESHINIT_IMAGE" \
     >"$WORK/logs/image-build.out" 2>"$WORK/logs/image-build.err" \
@@ -553,6 +569,25 @@ for line in sys.stdin:
   done
   tar -C "$rootfs" -cf "$WORK/images/helper.tar" .
   podman import --quiet "$WORK/images/helper.tar" "$HELPER_IMAGE" >/dev/null
+  # The stand-in istio-proxy: the helper, started by Istio's injected container (args
+  # `proxy sidecar ...`, which libtest takes as test-name filters after `--`) as a sidecar
+  # role: 15001 and 15006 (transparent when istio-proxy has NET_ADMIN, under TPROXY) answer
+  # with the original destination, 15021 answers the kubelet's readiness probes.
+  podman import --quiet \
+    --change 'ENTRYPOINT ["/mi-helper", "support::roles::helper_entrypoint", "--exact", "--nocapture", "--test-threads=1", "--"]' \
+    --change 'ENV MESHINIT_TEST_ROLE="serve sidecar tcp:0.0.0.0:15001 inbound:0.0.0.0:15006 http:0.0.0.0:15021"' \
+    --change 'ENV MESHINIT_TEST_NO_PDEATHSIG=1' \
+    "$WORK/images/helper.tar" "$PROXY_IMAGE" >/dev/null
+  # istiod: pilot-discovery alone, as uid 1337 (Istio's image's user; the chart says
+  # runAsNonRoot).
+  rootfs="$WORK/images/istiod"
+  mkdir -p "$rootfs/usr/local/bin" "$rootfs/tmp" "$rootfs/etc"
+  chmod 1777 "$rootfs/tmp"
+  cp "$addons/pilot-discovery" "$rootfs/usr/local/bin/"
+  echo "istio-proxy:x:1337:1337::/tmp:/nonexistent" >"$rootfs/etc/passwd"
+  tar -C "$rootfs" -cf "$WORK/images/istiod.tar" .
+  podman import --quiet --change 'ENTRYPOINT=["/usr/local/bin/pilot-discovery"]' --change 'USER=1337:1337' \
+    "$WORK/images/istiod.tar" "$ISTIOD_IMAGE" >/dev/null
   # The pause image: catatonit (static) as podman's infra containers run it.
   rootfs="$WORK/images/pause"
   mkdir -p "$rootfs"
@@ -561,7 +596,7 @@ for line in sys.stdin:
   podman import --quiet --change 'ENTRYPOINT=["/catatonit","-P"]' \
     "$WORK/images/pause.tar" "$PAUSE_IMAGE" >/dev/null
   podman save --quiet --multi-image-archive --format docker-archive \
-    -o "$WORK/images/all.tar" "$MESHINIT_IMAGE" "$HELPER_IMAGE" "$PAUSE_IMAGE"
+    -o "$WORK/images/all.tar" "$MESHINIT_IMAGE" "$HELPER_IMAGE" "$PAUSE_IMAGE" "$PROXY_IMAGE" "$ISTIOD_IMAGE"
   in_node ctr --address "$WORK/containerd.sock" -n k8s.io images import \
     "$WORK/images/all.tar" >/dev/null
   rm -rf "$WORK/images"

@@ -19,6 +19,10 @@
 # from containerd), Pod Security Admission, restarts, user namespaces (refused here), 50
 # replicas of each mode, a node without the plugin, and the repository's manifests/.
 
+# istiod, installed with helm, and the pods its webhook injects.
+# shellcheck source=tests/k8s/istio.sh
+. "$here/istio.sh"
+
 # The helper roles (support::roles) are the integration tests' binary: `/mi-helper` in the
 # helper image, run with its role in MESHINIT_TEST_ROLE.
 HELPER_ARGS='["/mi-helper", "support::roles::helper_entrypoint", "--exact", "--nocapture", "--test-threads=1"]'
@@ -422,54 +426,39 @@ scenario_restarts() {
 # without user namespace support (the node's runtimeHandlers say userNamespaces: false) and
 # the kubelet refuses the pod. The check pins that reason down, so that a node that can run
 # them (runc 1.2 or later) turns it into a failure to be replaced by the capture checks.
-scenario_user_namespaces() {
-  check "the node's runtime handlers report no user namespace support" '^false( false)*$' \
-    "$(kubectl get node "$NODE_NAME" -o jsonpath='{.status.runtimeHandlers[*].features.userNamespaces}')"
-  start_pod_userns() {
-    POD_SECURITY='{}' meshed_pod userns '[NET_ADMIN, NET_RAW]' \
-      | sed 's/^spec:$/spec:\n  hostUsers: false/' | kubectl apply -f - >/dev/null
-  }
-  start_pod_userns
-  local start=$SECONDS why=
-  while [ $((SECONDS - start)) -lt 60 ]; do
-    why="$(kubectl get events -n meshed --field-selector involvedObject.name=userns,type=Warning \
-      -o jsonpath='{range .items[*]}{.reason}: {.message}{"\n"}{end}' | head -n1)"
-    [ -n "$why" ] && break
-    sleep 1
-  done
-  check "a pod with hostUsers: false is refused, with the reason" 'user namespace' "$why"
-  delete_pod userns
+# The uid map of a container's first process, as the node sees it: "0 0 4294967295" in the
+# node's own user namespace; a pod with hostUsers: false maps its 0 elsewhere.
+uid_map_of() { # NAMESPACE POD CONTAINER
+  local pod_id container_id pid
+  pod_id="$(crictl pods --namespace "$1" --name "$2" --state ready -q | head -n1)"
+  container_id="$(crictl ps -a --pod "$pod_id" --name "$3" -q | head -n1)"
+  pid="$(crictl inspect -o go-template --template '{{.info.pid}}' "$container_id")"
+  tr -s ' ' <"/proc/$pid/uid_map" | sed 's/^ //'
 }
 
-# meshinit's injection template (injector-template/meshinit.yaml), applied to the pod as the
-# injector merges it (template.py; no istiod here): istio-init reads the pod's annotations
-# from the Downward API file the kubelet writes. excludeOutboundPorts 8200: the app's 8200
-# goes out directly, its 8300 is captured; interceptionMode TPROXY: the template renders
-# -m TPROXY and inbound arrives as TPROXY delivers it.
-scenario_injection_template() {
-  local pod vault ip v p
-  vault="$(pod_ip outside vault)"
-  v="${vault//./\\.}"
-  start_pod templated istio-init < <(meshed_pod templated '[NET_ADMIN, NET_RAW]' \
-    | python3 "$here/template.py" "$MESHINIT_IMAGE" traffic.sidecar.istio.io/excludeOutboundPorts=8200)
-  ip="$(pod_ip meshed templated)"
-  p="${ip//./\\.}"
-  check "templated: the app's 8200 goes out directly (excludeOutboundPorts, read from the Downward API file)" \
-    "^REPLY by=vault:8200 local=$v:8200 orig=[^ ]+ client=$p:[0-9]+\$" \
-    "$(helper_in meshed templated app client tcp "$vault:8200")"
-  check "templated: the app's 8300 is captured by istio-proxy's 15001" \
-    "^REPLY by=sidecar:15001 local=127\\.0\\.0\\.1:15001 orig=$v:8300 client=$p:[0-9]+\$" \
-    "$(helper_in meshed templated app client tcp "$vault:8300")"
-  check "templated: inbound to the app's 8080 is captured by istio-proxy's 15006" \
-    "^REPLY by=sidecar:15006 local=$p:15006 orig=$p:8080 client=$v:[0-9]+\$" \
-    "$(helper_in outside vault vault client tcp "$ip:8080")"
-  delete_pod templated
-  MODE=TPROXY start_pod templated-tproxy istio-init < <(MODE=TPROXY meshed_pod templated-tproxy '[NET_ADMIN, NET_RAW]' \
-    | python3 "$here/template.py" "$MESHINIT_IMAGE" sidecar.istio.io/interceptionMode=TPROXY)
-  check "templated-tproxy: the template rendered -m TPROXY from the annotation" '"TPROXY"' \
-    "$(kubectl get pod -n meshed templated-tproxy -o jsonpath='{.spec.initContainers[0].args}')"
-  MODE=TPROXY check_traffic templated-tproxy
-  delete_pod templated-tproxy
+# User namespaces (hostUsers: false; Istio's istio-init broke there, istio/istio#58750), in
+# both modes: the pod's containers run in a user namespace of their own, which also owns
+# the pod's network namespace; istio-init's NET_ADMIN is that namespace's, and enough.
+scenario_user_namespaces() {
+  check "the node's runtime handlers support user namespaces (runc with idmapped mounts)" '^true( true)*$' \
+    "$(kubectl get node "$NODE_NAME" -o jsonpath='{.status.runtimeHandlers[*].features.userNamespaces}')"
+  local mode pod init
+  for mode in init cni; do
+    pod="userns-$mode"
+    if [ "$mode" = cni ]; then
+      node_cni_config with-meshinit
+      init=istio-validation
+      start_pod "$pod" "$init" < <(cni_pod "$pod" | sed 's/^spec:$/spec:\n  hostUsers: false/')
+    else
+      node_cni_config without-meshinit
+      init=istio-init
+      start_pod "$pod" "$init" < <(meshed_pod "$pod" '[NET_ADMIN, NET_RAW]' | sed 's/^spec:$/spec:\n  hostUsers: false/')
+    fi
+    check "$pod: the app runs in a user namespace of its own (its uid 0 is not the node's)" \
+      '^0 [1-9][0-9]* 65536$' "$(uid_map_of meshed "$pod" app)"
+    check_traffic "$pod"
+    delete_pod "$pod"
+  done
 }
 
 # A pod manifest (stdin) as the template of a Deployment of REPLICAS.
@@ -546,6 +535,8 @@ rollout() { # NAMESPACE DEPLOYMENT
   local start=$SECONDS
   if ! kubectl rollout status -n "$1" "deployment/$2" --timeout=180s >/dev/null; then
     kubectl describe pods -n "$1" -l "app=$2" >&2
+    # (Pods the API server refused, a webhook's refusal among them, are only in events.)
+    kubectl get events -n "$1" --field-selector involvedObject.kind=ReplicaSet >&2 || true
     die "deployment $1/$2 did not become available"
   fi
   log "deployment $1/$2 available $((SECONDS - start))s after it was applied"
@@ -587,6 +578,8 @@ scenario_manifests_vault_native_sidecar() {
 # "Vault" outside the pods, where manifests/ put it: 198.51.100.30:8200, on the node (its
 # namespace has the address; the pods' default route leads there). Answers as node-vault.
 start_node_vault() {
+  # (Once per run: later scenarios find it serving.)
+  ! grep -qsx ready "$WORK/logs/node-vault.log" || return 0
   ip -n "$NODE_NETNS" addr add 198.51.100.30/32 dev node0
   in_node env MESHINIT_TEST_ROLE="serve node-vault tcp:198.51.100.30:8200" "$HELPER_EXE" \
     support::roles::helper_entrypoint --exact --nocapture --test-threads=1 \
@@ -638,21 +631,21 @@ scenario_manifests_vault_alternatives() {
   check_traffic "$(deployment_pod meshed-apps vault-app-proxy-uid)" meshed-apps vault-app 8080
 }
 
+# Every scenario, in this order; K8S_SCENARIOS (names without "scenario_", blank-separated)
+# runs only those, in the order given, for work on one of them.
+SCENARIOS="init_container_mode init_container_mode_tproxy init_container_without_capabilities
+  cni_mode pod_security restarts user_namespaces scale
+  cni_mode_without_plugin manifests_deployment manifests_vault_native_sidecar
+  manifests_vault_alternatives $ISTIOD_SCENARIOS"
+
 run_scenarios() {
   ensure_namespaces
-  scenario_init_container_mode
-  scenario_init_container_mode_tproxy
-  scenario_init_container_without_capabilities
-  scenario_injection_template
-  scenario_cni_mode
-  scenario_pod_security
-  scenario_restarts
-  scenario_user_namespaces
-  scenario_scale
-  scenario_cni_mode_without_plugin
-  scenario_manifests_deployment
-  scenario_manifests_vault_native_sidecar
-  scenario_manifests_vault_alternatives
+  local scenario
+  for scenario in ${K8S_SCENARIOS:-$SCENARIOS}; do
+    declare -F "scenario_$scenario" >/dev/null || die "no scenario $scenario (K8S_SCENARIOS)"
+    log "scenario $scenario"
+    "scenario_$scenario"
+  done
   if [ "$failures" -gt 0 ]; then
     die "$failures check(s) failed"
   fi

@@ -421,13 +421,6 @@ struct Encoder<'l> {
     lookup: OwnerLookup<'l>,
 }
 
-fn family_of(net: &IpNet) -> Family {
-    match net {
-        IpNet::V4(_) => Family::V4,
-        IpNet::V6(_) => Family::V6,
-    }
-}
-
 fn protocol_number(p: Protocol) -> u8 {
     match p {
         Protocol::Tcp => 6,
@@ -724,7 +717,7 @@ impl Encoder<'_> {
                 }
             }
             AnonSet::Nets { direction, nets } => {
-                let family = nets.first().map_or(Family::V4, family_of);
+                let family = nets.first().map_or(Family::V4, Family::of);
                 let (desc, field, key_type, len) = match (family, direction) {
                     (Family::V4, Direction::Source) => {
                         (sys::PROTO_DESC_IP, sys::IPHDR_SADDR, sys::TYPE_IPADDR, 4)
@@ -847,7 +840,7 @@ impl Encoder<'_> {
                 Match::AddressSet { direction, nets } => match nets.as_slice() {
                     [net] => x.address(&mut ctx, *direction, net, false),
                     _ => {
-                        let family = nets.first().map_or(Family::V4, family_of);
+                        let family = nets.first().map_or(Family::V4, Family::of);
                         x.network_dependency(&mut ctx, family);
                         let (offset, len) = address_field(family, *direction);
                         x.payload(sys::NFT_PAYLOAD_NETWORK_HEADER, offset, len as u32);
@@ -1127,7 +1120,7 @@ impl Expressions {
 
     /// `ip daddr [!=] NET`: the whole address, the prefix's bytes, or a mask.
     fn address(&mut self, ctx: &mut Context, direction: Direction, net: &IpNet, negated: bool) {
-        let family = family_of(net);
+        let family = Family::of(net);
         self.network_dependency(ctx, family);
         let (offset, len) = address_field(family, direction);
         let prefix = usize::from(net.prefix_len());

@@ -17,12 +17,7 @@ pub use crate::rules::model::{TproxyRouting, IPV6_PASSTHROUGH};
 
 /// Istio's tables (`constants.IstioProxy*Table`), all of family `inet`. Declaration order is
 /// the order Istio's transaction writes them in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Table {
-    Nat,
-    Mangle,
-    Raw,
-}
+pub use crate::rules::capture::Table;
 
 impl Table {
     pub const ALL: [Table; 3] = [Table::Nat, Table::Mangle, Table::Raw];
@@ -93,19 +88,7 @@ impl Table {
 
 /// Every chain name Istio's nftables backend uses (`constants.*Chain`). `Prerouting` and
 /// `Output` are base chains; the rest are regular chains reached by `jump`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Chain {
-    Prerouting,
-    Output,
-    Inbound,
-    Redirect,
-    InRedirect,
-    IstioOutput,
-    OutputDns,
-    Divert,
-    Tproxy,
-    Drop,
-}
+pub use crate::rules::capture::Chain;
 
 impl Chain {
     pub const ALL: [Chain; 10] = [

@@ -1,10 +1,12 @@
 //! `CaptureConfig` → `NftRuleset`: the ruleset Istio's native nftables backend
 //! (`tools/istio-nftables/pkg/capture/run.go`) would install.
 //!
-//! Pure: no I/O, no text. The steps follow `NftablesConfigurator.Run` in order, with the
-//! same appends and indexed inserts per table, so the two can be read side by side; the
-//! transaction shape (which tables and chains are declared, inserts into an empty chain
-//! becoming appends) follows its `addIstioTableRules`. `tests/integration/nft_golden.rs`
+//! Pure: no I/O, no text. A thin pass over Istio's steps (`capture.rs`), which
+//! `NftablesConfigurator.Run` lays out as its iptables backend does, with the same appends
+//! and indexed inserts per table: each step becomes one rule, written with the matches and
+//! in the match order Istio's nftables backend writes it. The transaction shape (which
+//! tables and chains are declared, inserts into an empty chain becoming appends) follows its
+//! `addIstioTableRules`. `tests/integration/nft_golden.rs`
 //! loads the result and Istio's goldens into the kernel and compares what it holds.
 
 use std::collections::HashMap;
@@ -14,10 +16,10 @@ use ipnet::IpNet;
 use super::model::{
     Chain, Direction, Match, NftRuleset, Position, Rule, RuleOp, Statement, Table, TableRules,
 };
-use crate::config::{CaptureConfig, InboundCapture, OutboundInclude, OwnerGroups};
+use crate::config::CaptureConfig;
+use crate::rules::capture::{self, At, Families, Nets, Ports, SetStyle, Then};
 use crate::rules::decisions::{
-    self, fixed_port, lo, DnsServers, CT_ZONE_CLIENT, CT_ZONE_UPSTREAM, DNS_PORT, DNS_PROXY_PORT,
-    OUTBOUND_MARK,
+    self, fixed_port, lo, CT_ZONE_CLIENT, CT_ZONE_UPSTREAM, DNS_PORT, DNS_PROXY_PORT, OUTBOUND_MARK,
 };
 use crate::rules::model::{CtState, Family, Owner, OwnerKind, Port, PortRange, Protocol};
 pub use crate::rules::PlanOptions;
@@ -30,17 +32,25 @@ pub fn plan(cfg: &CaptureConfig) -> NftRuleset {
 
 /// Plans the nftables ruleset for `cfg`, shaped by `options`.
 pub fn plan_with(cfg: &CaptureConfig, options: PlanOptions) -> NftRuleset {
-    let mut planner = Planner {
-        cfg,
-        options,
-        b: Builder::default(),
-    };
-    planner.run();
-    let tproxy_routing = decisions::tproxy_routing(cfg);
+    let mut b = Builder::default();
+    for step in capture::steps(cfg, options, SetStyle::Interval) {
+        // Istio's `AppendV6RuleIfSupported`: IPv6's own rules only with IPv6 on. Its DNS
+        // jumps differ: one rule in the `inet` table, written whenever any family has
+        // servers to capture, IPv6's alone with IPv6 off included.
+        let dns_jump = matches!(step.rule, capture::Rule::DnsJump(_));
+        if step.families == Families::V6 && !cfg.ipv6 && !dns_jump {
+            continue;
+        }
+        let rule = layout(&step.rule);
+        match step.at {
+            At::Append => b.append(step.table, step.chain, rule),
+            At::Insert(index) => b.insert(step.table, step.chain, index, rule),
+        }
+    }
     NftRuleset {
-        tables: planner.b.finish(),
+        tables: b.finish(),
         ipv6: cfg.ipv6,
-        tproxy_routing,
+        tproxy_routing: decisions::tproxy_routing(cfg),
         ipv6_passthrough_address: cfg.ipv6,
     }
 }
@@ -108,27 +118,24 @@ impl Builder {
     }
 }
 
-struct Planner<'a> {
-    cfg: &'a CaptureConfig,
-    options: PlanOptions,
-    b: Builder,
-}
-
-fn rule(matches: Vec<Match>, statements: Vec<Statement>) -> Rule {
-    Rule::new(matches, statements)
-}
-
 /// `counter` then `statement`: how almost every Istio rule ends.
 fn counted(statement: Statement) -> Vec<Statement> {
     vec![Statement::Counter, statement]
 }
 
-fn jump(chain: Chain) -> Vec<Statement> {
-    counted(Statement::Jump(chain))
+fn jump(to: Chain) -> Vec<Statement> {
+    counted(Statement::Jump(to))
 }
 
 fn ret() -> Vec<Statement> {
     counted(Statement::Return)
+}
+
+fn then(then: Then) -> Vec<Statement> {
+    match then {
+        Then::Return => ret(),
+        Then::Jump(to) => jump(to),
+    }
 }
 
 fn tcp() -> Match {
@@ -149,9 +156,22 @@ fn port_match(
     }
 }
 
-/// `tcp dport PORT`, or `tcp dport { PORTS }` for several.
-fn tcp_dports(ports: Vec<PortRange>) -> Match {
-    port_match(Protocol::Tcp, Direction::Destination, ports, false)
+/// `PROTOCOL dport PORT`, or with `--match-sets` the list as an anonymous set: an interval
+/// set once it holds a range, whose elements may not overlap, so its ranges are merged
+/// (sorted, overlapping and adjacent ones joined); else the ports as given, duplicates
+/// dropped. A set of one element is written as a plain match.
+fn dports(protocol: Protocol, ports: &Ports) -> Match {
+    let ports = match ports {
+        Ports::One(port) => vec![*port],
+        Ports::Set { ports, .. } if ports.iter().any(|p| p.single().is_none()) => {
+            merge_port_ranges(ports)
+        }
+        Ports::Set { ports, .. } => {
+            let mut seen = std::collections::HashSet::new();
+            ports.iter().copied().filter(|p| seen.insert(*p)).collect()
+        }
+    };
+    port_match(protocol, Direction::Destination, ports, false)
 }
 
 fn dport(protocol: Protocol, port: Port) -> Match {
@@ -162,766 +182,216 @@ fn sport(protocol: Protocol, port: Port) -> Match {
     port_match(protocol, Direction::Source, vec![port.into()], false)
 }
 
-fn not_dport(ports: Vec<Port>) -> Match {
-    let ports = ports.into_iter().map(PortRange::from).collect();
+fn not_dport(ports: &[Port]) -> Match {
+    let ports = ports.iter().map(|p| PortRange::from(*p)).collect();
     port_match(Protocol::Tcp, Direction::Destination, ports, true)
 }
 
-fn daddr(net: IpNet) -> Match {
+fn address(direction: Direction, net: IpNet, negated: bool) -> Match {
     Match::Address {
-        direction: Direction::Destination,
+        direction,
         net,
-        negated: false,
+        negated,
     }
+}
+
+fn daddr(net: IpNet) -> Match {
+    address(Direction::Destination, net, false)
 }
 
 fn not_daddr(net: IpNet) -> Match {
-    Match::Address {
-        direction: Direction::Destination,
-        net,
-        negated: true,
-    }
+    address(Direction::Destination, net, true)
 }
 
 fn saddr(net: IpNet) -> Match {
-    Match::Address {
-        direction: Direction::Source,
-        net,
-        negated: false,
+    address(Direction::Source, net, false)
+}
+
+/// One network, or with `--match-sets` an anonymous interval set of them.
+fn to(nets: &Nets) -> Match {
+    match nets {
+        Nets::One(net) => daddr(*net),
+        Nets::Set { nets, .. } => Match::AddressSet {
+            direction: Direction::Destination,
+            nets: nets.clone(),
+        },
     }
 }
 
-fn owner(kind: OwnerKind, who: &Owner, negated: bool) -> Match {
+fn owner((kind, who): &(OwnerKind, Owner), negated: bool) -> Match {
     Match::Owner {
-        kind,
+        kind: *kind,
         owner: who.clone(),
         negated,
     }
 }
 
-fn mark(mark: u32, negated: bool) -> Match {
-    Match::Mark { mark, negated }
-}
-
-fn oif_lo() -> Match {
-    Match::OutInterface(lo())
-}
-
-fn iif_lo() -> Match {
-    Match::InInterface(lo())
-}
-
-fn is_v4(net: &IpNet) -> bool {
-    matches!(net, IpNet::V4(_))
-}
-
-impl Planner<'_> {
-    /// The port lists to write one rule for each: one list per port or range (Istio's, for
-    /// lists without ranges), or with `--match-sets` a single list of them all, duplicates
-    /// dropped (a set once it has two). A list with a range becomes an interval set, whose
-    /// elements may not overlap: its ranges are merged (sorted, overlapping and adjacent
-    /// ones joined).
-    fn port_groups(&self, ports: &[PortRange]) -> Vec<Vec<PortRange>> {
-        if !self.options.match_sets || ports.is_empty() {
-            return ports.iter().map(|p| vec![*p]).collect();
+/// `rule` as Istio's nftables backend writes it.
+fn layout(rule: &capture::Rule) -> Rule {
+    use capture::Rule as R;
+    let oif_lo = || Match::OutInterface(lo());
+    let iif_lo = || Match::InInterface(lo());
+    let established = || Match::ConntrackState(CtState::RelatedEstablished);
+    let marked = |mark| Match::Mark {
+        mark,
+        negated: false,
+    };
+    let dns = fixed_port(DNS_PORT);
+    let to_agent = || {
+        counted(Statement::Redirect {
+            port: fixed_port(DNS_PROXY_PORT),
+        })
+    };
+    let (matches, statements) = match rule {
+        R::FromInterface {
+            interface,
+            to: nets,
+            then: next,
+        } => {
+            let mut matches = vec![Match::InInterface(interface.clone())];
+            matches.extend(nets.as_ref().map(to));
+            (matches, then(*next))
         }
-        if ports.iter().any(|p| p.single().is_none()) {
-            return vec![merge_port_ranges(ports)];
+        R::ToInterfaceReturn(interface) => (vec![Match::OutInterface(interface.clone())], ret()),
+        R::InvalidToDrop => (
+            vec![tcp(), Match::ConntrackState(CtState::Invalid)],
+            jump(Chain::Drop),
+        ),
+        R::Drop => (vec![], counted(Statement::Drop)),
+        R::Jump(chain) | R::DnsJump(chain) => (vec![], jump(*chain)),
+        R::TcpJump(chain) => (vec![tcp()], jump(*chain)),
+        R::TcpRedirect(port) => (vec![tcp()], counted(Statement::Redirect { port: *port })),
+        R::InboundPorts { ports, then: next } => {
+            (vec![tcp(), dports(Protocol::Tcp, ports)], then(*next))
         }
-        let mut seen = std::collections::HashSet::new();
-        vec![ports.iter().copied().filter(|p| seen.insert(*p)).collect()]
-    }
-
-    /// Destination matches for `nets` (one family), one rule each: one per network
-    /// (Istio's), or with `--match-sets` one interval set of them all once there are two.
-    fn destination_matches<'n>(&self, nets: impl Iterator<Item = &'n IpNet>) -> Vec<Match> {
-        let nets: Vec<IpNet> = nets.copied().collect();
-        if self.options.match_sets && nets.len() > 1 {
-            let mut seen = std::collections::HashSet::new();
-            let nets = nets
-                .into_iter()
-                .filter(|n| seen.insert(*n))
-                .collect::<Vec<_>>();
-            if nets.len() > 1 {
-                return vec![Match::AddressSet {
-                    direction: Direction::Destination,
-                    nets,
-                }];
-            }
-            return nets.into_iter().map(daddr).collect();
+        R::EstablishedToDivert(ports) => {
+            let mut matches = vec![tcp(), established()];
+            matches.extend(ports.as_ref().map(|p| dports(Protocol::Tcp, p)));
+            (matches, jump(Chain::Divert))
         }
-        nets.into_iter().map(daddr).collect()
-    }
-
-    /// Istio's `AppendV6RuleIfSupported`.
-    fn append_v6(&mut self, table: Table, chain: Chain, rule: Rule) {
-        if self.cfg.ipv6 {
-            self.b.append(table, chain, rule);
-        }
-    }
-
-    fn insert_v6(&mut self, table: Table, chain: Chain, index: usize, rule: Rule) {
-        if self.cfg.ipv6 {
-            self.b.insert(table, chain, index, rule);
-        }
-    }
-
-    /// `NftablesConfigurator.Run`, step by step.
-    fn run(&mut self) {
-        let cfg = self.cfg;
-        self.short_circuit_exclude_interfaces();
-        self.short_circuit_kube_internal_interfaces();
-        if cfg.drop_invalid {
-            self.b.append(
-                Table::Mangle,
-                Chain::Prerouting,
-                rule(
-                    vec![tcp(), Match::ConntrackState(CtState::Invalid)],
-                    jump(Chain::Drop),
-                ),
-            );
-            self.b.append(
-                Table::Mangle,
-                Chain::Drop,
-                rule(vec![], counted(Statement::Drop)),
-            );
-        }
-        self.b.append(
-            Table::Nat,
-            Chain::Inbound,
-            rule(
-                vec![tcp(), dport(Protocol::Tcp, cfg.inbound_tunnel_port)],
-                ret(),
-            ),
-        );
-        self.b.append(
-            Table::Nat,
-            Chain::Redirect,
-            rule(
-                vec![tcp()],
-                counted(Statement::Redirect {
-                    port: cfg.proxy_port,
-                }),
-            ),
-        );
-        self.b.append(
-            Table::Nat,
-            Chain::InRedirect,
-            rule(
-                vec![tcp()],
-                counted(Statement::Redirect {
-                    port: cfg.inbound_capture_port,
-                }),
-            ),
-        );
-        self.inbound_ports_include();
-        self.b.append(
-            Table::Nat,
-            Chain::Output,
-            rule(vec![], jump(Chain::IstioOutput)),
-        );
-        for ports in self.port_groups(&cfg.outbound_ports_exclude) {
-            for protocol in [Protocol::Tcp, Protocol::Udp] {
-                self.b.append(
-                    Table::Nat,
-                    Chain::IstioOutput,
-                    rule(
-                        vec![port_match(
-                            protocol,
-                            Direction::Destination,
-                            ports.clone(),
-                            false,
-                        )],
-                        ret(),
-                    ),
-                );
-            }
-        }
-        // 127.0.0.6 and ::6: the inbound passthrough cluster's source addresses.
-        self.b.append(
-            Table::Nat,
-            Chain::IstioOutput,
-            rule(
-                vec![oif_lo(), saddr(decisions::passthrough_source(Family::V4))],
-                ret(),
-            ),
-        );
-        self.append_v6(
-            Table::Nat,
-            Chain::IstioOutput,
-            rule(
-                vec![oif_lo(), saddr(decisions::passthrough_source(Family::V6))],
-                ret(),
-            ),
-        );
-        self.proxy_owner_rules(OwnerKind::Uid);
-        self.proxy_owner_rules(OwnerKind::Gid);
-        self.capture_by_owner_group();
-        if decisions::dns_on(self.cfg) {
-            self.dns_redirect();
-            self.dns_conntrack_zones();
-        }
-        // Envoy-aware apps and container-to-container traffic use localhost: left alone.
-        let loopback_v4 = decisions::loopback(self.cfg, Family::V4);
-        self.b.append(
-            Table::Nat,
-            Chain::IstioOutput,
-            rule(vec![daddr(loopback_v4)], ret()),
-        );
-        self.append_v6(
-            Table::Nat,
-            Chain::IstioOutput,
-            rule(
-                vec![daddr(decisions::loopback(self.cfg, Family::V6))],
-                ret(),
-            ),
-        );
-        // Exclusions before inclusions; all IPv4 ranges first, then IPv6 (Istio's
-        // `SeparateV4V6`).
-        for m in self.destination_matches(cfg.outbound_exclude.iter().filter(|n| is_v4(n))) {
-            self.b
-                .append(Table::Nat, Chain::IstioOutput, rule(vec![m], ret()));
-        }
-        for m in self.destination_matches(cfg.outbound_exclude.iter().filter(|n| !is_v4(n))) {
-            self.append_v6(Table::Nat, Chain::IstioOutput, rule(vec![m], ret()));
-        }
-        for ports in self.port_groups(&cfg.outbound_ports_include) {
-            self.b.append(
-                Table::Nat,
-                Chain::IstioOutput,
-                rule(
-                    vec![port_match(
-                        Protocol::Tcp,
-                        Direction::Destination,
-                        ports,
-                        false,
-                    )],
-                    jump(Chain::Redirect),
-                ),
-            );
-        }
-        self.outbound_include();
-        if decisions::tproxy(self.cfg) {
-            self.tproxy_marks();
-        }
-    }
-
-    fn short_circuit_exclude_interfaces(&mut self) {
-        let cfg = self.cfg;
-        let mut tables = vec![Table::Nat];
-        if decisions::tproxy(self.cfg) {
-            tables.push(Table::Mangle);
-        }
-        for table in tables {
-            for iface in &cfg.exclude_interfaces {
-                self.b.append(
-                    table,
-                    Chain::Prerouting,
-                    rule(vec![Match::InInterface(iface.clone())], ret()),
-                );
-                self.b.append(
-                    table,
-                    Chain::Output,
-                    rule(vec![Match::OutInterface(iface.clone())], ret()),
-                );
-            }
-        }
-    }
-
-    fn short_circuit_kube_internal_interfaces(&mut self) {
-        for iface in &self.cfg.kube_virt_interfaces {
-            self.b.insert(
-                Table::Nat,
-                Chain::Prerouting,
-                0,
-                rule(vec![Match::InInterface(iface.clone())], ret()),
-            );
-        }
-    }
-
-    fn inbound_ports_include(&mut self) {
-        if self.cfg.inbound == InboundCapture::Off {
-            return;
-        }
-        if decisions::tproxy(self.cfg) {
-            self.inbound_tproxy();
-            return;
-        }
-        self.b.append(
-            Table::Nat,
-            Chain::Prerouting,
-            rule(vec![tcp()], jump(Chain::Inbound)),
-        );
-        match &self.cfg.inbound {
-            InboundCapture::Off => {}
-            InboundCapture::AllExcept(excluded) => {
-                for ports in self.port_groups(excluded) {
-                    self.b.append(
-                        Table::Nat,
-                        Chain::Inbound,
-                        rule(vec![tcp(), tcp_dports(ports)], ret()),
-                    );
-                }
-                self.b.append(
-                    Table::Nat,
-                    Chain::Inbound,
-                    rule(vec![tcp()], jump(Chain::InRedirect)),
-                );
-            }
-            InboundCapture::Only(ports) => {
-                for ports in self.port_groups(ports) {
-                    self.b.append(
-                        Table::Nat,
-                        Chain::Inbound,
-                        rule(vec![tcp(), tcp_dports(ports)], jump(Chain::InRedirect)),
-                    );
-                }
-            }
-        }
-    }
-
-    /// `handleInboundTProxyMode`.
-    fn inbound_tproxy(&mut self) {
-        let cfg = self.cfg;
-        let tproxy_mark = cfg.tproxy_mark;
-        self.b.append(
-            Table::Mangle,
-            Chain::Divert,
-            rule(vec![], counted(Statement::SetMark(tproxy_mark))),
-        );
-        self.b.append(
-            Table::Mangle,
-            Chain::Divert,
-            rule(vec![], counted(Statement::Accept)),
-        );
-        let to_proxy = |family: Family| {
-            vec![
+        R::SetMark(value) => (vec![], counted(Statement::SetMark(*value))),
+        R::Accept => (vec![], counted(Statement::Accept)),
+        R::Tproxy { not_to, mark, port } => {
+            let statements = vec![
                 Statement::Tproxy {
-                    family,
-                    port: cfg.inbound_capture_port,
+                    family: Family::of(not_to),
+                    port: *port,
                 },
-                Statement::SetMark(tproxy_mark),
+                Statement::SetMark(*mark),
                 Statement::Counter,
                 Statement::Accept,
-            ]
-        };
-        let loopback_v4 = decisions::loopback(self.cfg, Family::V4);
-        self.b.append(
-            Table::Mangle,
-            Chain::Tproxy,
-            rule(vec![tcp(), not_daddr(loopback_v4)], to_proxy(Family::V4)),
-        );
-        self.append_v6(
-            Table::Mangle,
-            Chain::Tproxy,
-            rule(
-                vec![tcp(), not_daddr(decisions::loopback(self.cfg, Family::V6))],
-                to_proxy(Family::V6),
-            ),
-        );
-        self.b.append(
-            Table::Mangle,
-            Chain::Prerouting,
-            rule(vec![tcp()], jump(Chain::Inbound)),
-        );
-        let established = || Match::ConntrackState(CtState::RelatedEstablished);
-        match &cfg.inbound {
-            InboundCapture::Off => {}
-            InboundCapture::AllExcept(excluded) => {
-                for ports in self.port_groups(excluded) {
-                    self.b.append(
-                        Table::Mangle,
-                        Chain::Inbound,
-                        rule(vec![tcp(), tcp_dports(ports)], ret()),
-                    );
-                }
-                self.b.append(
-                    Table::Mangle,
-                    Chain::Inbound,
-                    rule(vec![tcp(), established()], jump(Chain::Divert)),
-                );
-                self.b.append(
-                    Table::Mangle,
-                    Chain::Inbound,
-                    rule(vec![tcp()], jump(Chain::Tproxy)),
-                );
-            }
-            InboundCapture::Only(ports) => {
-                for ports in self.port_groups(ports) {
-                    self.b.append(
-                        Table::Mangle,
-                        Chain::Inbound,
-                        rule(
-                            vec![tcp(), established(), tcp_dports(ports.clone())],
-                            jump(Chain::Divert),
-                        ),
-                    );
-                    self.b.append(
-                        Table::Mangle,
-                        Chain::Inbound,
-                        rule(vec![tcp(), tcp_dports(ports)], jump(Chain::Tproxy)),
-                    );
-                }
-            }
+            ];
+            (vec![tcp(), not_daddr(*not_to)], statements)
         }
-    }
-
-    /// For each proxy uid (or gid): its connections to the pod's own address go back
-    /// through inbound capture, the app's own loopback traffic is left alone, and everything
-    /// else the proxy sends goes direct.
-    fn proxy_owner_rules(&mut self, kind: OwnerKind) {
-        let cfg = self.cfg;
-        let owners = match kind {
-            OwnerKind::Uid => &cfg.proxy_uids,
-            OwnerKind::Gid => &cfg.proxy_gids,
-        };
-        let dns_on = decisions::dns_on(self.cfg);
-        let loopback_included = match &cfg.outbound_include {
-            OutboundInclude::Only(nets) => nets.iter().any(|n| n.addr().is_loopback()),
-            OutboundInclude::Off | OutboundInclude::All => false,
-        };
-        let tunnel = cfg.inbound_tunnel_port;
-        // With DNS capture, Istio skips port 53 here for uids only; gids keep the plain form.
-        let skipped_ports = if dns_on && kind == OwnerKind::Uid {
-            vec![fixed_port(DNS_PORT), tunnel]
-        } else {
-            vec![tunnel]
-        };
-        let loopback_v4 = decisions::loopback(self.cfg, Family::V4);
-        for who in owners {
-            let to_in_redirect = |net: IpNet| {
-                rule(
-                    vec![
-                        oif_lo(),
-                        tcp(),
-                        not_daddr(net),
-                        not_dport(skipped_ports.clone()),
-                        owner(kind, who, false),
-                    ],
-                    jump(Chain::InRedirect),
-                )
+        R::OutboundPorts {
+            protocol,
+            ports,
+            then: next,
+        } => (vec![dports(*protocol, ports)], then(*next)),
+        R::PassthroughOutReturn(source) => (vec![oif_lo(), saddr(*source)], ret()),
+        R::ProxyToInbound {
+            owner: who,
+            not_to,
+            except,
+        } => (
+            vec![
+                oif_lo(),
+                tcp(),
+                not_daddr(*not_to),
+                not_dport(except),
+                owner(who, false),
+            ],
+            jump(Chain::InRedirect),
+        ),
+        R::OthersLoopbackReturn {
+            owner: who,
+            except_dns,
+        } => {
+            let matches = if *except_dns {
+                vec![oif_lo(), tcp(), not_dport(&[dns]), owner(who, true)]
+            } else {
+                vec![oif_lo(), owner(who, true)]
             };
-            self.b
-                .append(Table::Nat, Chain::IstioOutput, to_in_redirect(loopback_v4));
-            self.append_v6(
-                Table::Nat,
-                Chain::IstioOutput,
-                to_in_redirect(decisions::loopback(self.cfg, Family::V6)),
-            );
-            if !loopback_included {
-                // With DNS capture, TCP DNS to a resolver on localhost must still be caught
-                // further down, so port 53 is not waved through here.
-                let matches = if dns_on {
-                    vec![
-                        oif_lo(),
-                        tcp(),
-                        not_dport(vec![fixed_port(DNS_PORT)]),
-                        owner(kind, who, true),
-                    ]
-                } else {
-                    vec![oif_lo(), owner(kind, who, true)]
-                };
-                self.b
-                    .append(Table::Nat, Chain::IstioOutput, rule(matches, ret()));
-            }
-            self.b.append(
-                Table::Nat,
-                Chain::IstioOutput,
-                rule(vec![owner(kind, who, false)], ret()),
-            );
+            (matches, ret())
         }
-    }
-
-    /// `handleCaptureByOwnerGroup`.
-    fn capture_by_owner_group(&mut self) {
-        match &self.cfg.owner_groups {
-            OwnerGroups::AllExcept(groups) => {
-                for group in groups {
-                    self.b.append(
-                        Table::Nat,
-                        Chain::IstioOutput,
-                        rule(vec![owner(OwnerKind::Gid, group, false)], ret()),
-                    );
-                }
-            }
-            OwnerGroups::Only(groups) => {
-                let none_of = groups
-                    .iter()
-                    .map(|g| owner(OwnerKind::Gid, g, true))
-                    .collect();
-                self.b
-                    .append(Table::Nat, Chain::IstioOutput, rule(none_of, ret()));
-            }
-        }
-    }
-
-    /// `SetupDNSRedir`: queries from the app to the configured servers (or to anyone, with
-    /// capture-all) go to the agent's DNS proxy.
-    fn dns_redirect(&mut self) {
-        let DnsServers { all, v4, v6 } = decisions::dns_servers(self.cfg);
-        let dns = fixed_port(DNS_PORT);
-        let to_agent = || {
-            counted(Statement::Redirect {
-                port: fixed_port(DNS_PROXY_PORT),
-            })
-        };
-        self.b.append(
-            Table::Raw,
-            Chain::Output,
-            rule(vec![], jump(Chain::OutputDns)),
-        );
-        if all || !v4.is_empty() || !v6.is_empty() {
-            self.b.append(
-                Table::Nat,
-                Chain::IstioOutput,
-                rule(vec![], jump(Chain::OutputDns)),
-            );
-        }
-        for protocol in [Protocol::Tcp, Protocol::Udp] {
-            if all {
-                let matches = match protocol {
-                    Protocol::Tcp => vec![tcp(), dport(protocol, dns)],
-                    Protocol::Udp => vec![dport(protocol, dns)],
-                };
-                self.b
-                    .append(Table::Nat, Chain::OutputDns, rule(matches, to_agent()));
-                continue;
-            }
-            for server in &v4 {
-                self.b.append(
-                    Table::Nat,
-                    Chain::OutputDns,
-                    rule(vec![daddr(*server), dport(protocol, dns)], to_agent()),
-                );
-            }
-            for server in &v6 {
-                self.append_v6(
-                    Table::Nat,
-                    Chain::OutputDns,
-                    rule(vec![daddr(*server), dport(protocol, dns)], to_agent()),
-                );
-            }
-        }
-    }
-
-    /// `addDNSConntrackZones`: the agent's upstream queries and the app's queries to the
-    /// agent in separate conntrack zones (Istio's fix for UDP conntrack races).
-    fn dns_conntrack_zones(&mut self) {
-        let cfg = self.cfg;
-        let DnsServers { all, v4, v6 } = decisions::dns_servers(self.cfg);
-        let dns = fixed_port(DNS_PORT);
-        let uids = cfg.proxy_uids.iter().map(|o| (OwnerKind::Uid, o));
-        let gids = cfg.proxy_gids.iter().map(|o| (OwnerKind::Gid, o));
-        for (kind, who) in uids.chain(gids) {
-            self.b.append(
-                Table::Raw,
-                Chain::OutputDns,
-                rule(
-                    vec![dport(Protocol::Udp, dns), owner(kind, who, false)],
-                    counted(Statement::CtZone(CT_ZONE_UPSTREAM)),
-                ),
-            );
-            self.b.append(
-                Table::Raw,
-                Chain::OutputDns,
-                rule(
-                    vec![
-                        sport(Protocol::Udp, fixed_port(DNS_PROXY_PORT)),
-                        owner(kind, who, false),
-                    ],
-                    counted(Statement::CtZone(CT_ZONE_CLIENT)),
-                ),
-            );
-        }
-        if all || !v4.is_empty() || !v6.is_empty() {
-            self.b.append(
-                Table::Raw,
-                Chain::Prerouting,
-                rule(vec![], jump(Chain::Inbound)),
-            );
-        }
-        if all {
-            self.b.append(
-                Table::Raw,
-                Chain::OutputDns,
-                rule(
-                    vec![dport(Protocol::Udp, dns)],
-                    counted(Statement::CtZone(CT_ZONE_CLIENT)),
-                ),
-            );
-            self.b.append(
-                Table::Raw,
-                Chain::Inbound,
-                rule(
-                    vec![sport(Protocol::Udp, dns)],
-                    counted(Statement::CtZone(CT_ZONE_UPSTREAM)),
-                ),
-            );
-            return;
-        }
-        for (servers, v6) in [(&v4, false), (&v6, true)] {
-            for server in servers {
-                let to_server = rule(
-                    vec![dport(Protocol::Udp, dns), daddr(*server)],
-                    counted(Statement::CtZone(CT_ZONE_CLIENT)),
-                );
-                let from_server = rule(
-                    vec![sport(Protocol::Udp, dns), saddr(*server)],
-                    counted(Statement::CtZone(CT_ZONE_UPSTREAM)),
-                );
-                if v6 {
-                    self.append_v6(Table::Raw, Chain::OutputDns, to_server);
-                    self.append_v6(Table::Raw, Chain::Inbound, from_server);
-                } else {
-                    self.b.append(Table::Raw, Chain::OutputDns, to_server);
-                    self.b.append(Table::Raw, Chain::Inbound, from_server);
-                }
-            }
-        }
-    }
-
-    /// `handleOutboundIncludeRules`.
-    fn outbound_include(&mut self) {
-        let cfg = self.cfg;
-        match &cfg.outbound_include {
-            OutboundInclude::Off => {}
-            OutboundInclude::All => {
-                self.b.append(
-                    Table::Nat,
-                    Chain::IstioOutput,
-                    rule(vec![], jump(Chain::Redirect)),
-                );
-                for iface in &cfg.kube_virt_interfaces {
-                    self.b.insert(
-                        Table::Nat,
-                        Chain::Prerouting,
-                        0,
-                        rule(
-                            vec![Match::InInterface(iface.clone())],
-                            jump(Chain::Redirect),
-                        ),
-                    );
-                }
-            }
-            OutboundInclude::Only(nets) => {
-                for v6 in [false, true] {
-                    for to in self.destination_matches(nets.iter().filter(|n| is_v4(n) != v6)) {
-                        for iface in &cfg.kube_virt_interfaces {
-                            let from_vm = rule(
-                                vec![Match::InInterface(iface.clone()), to.clone()],
-                                jump(Chain::Redirect),
-                            );
-                            if v6 {
-                                self.insert_v6(Table::Nat, Chain::Prerouting, 0, from_vm);
-                            } else {
-                                self.b.insert(Table::Nat, Chain::Prerouting, 0, from_vm);
-                            }
-                        }
-                        let to_proxy = rule(vec![to], jump(Chain::Redirect));
-                        if v6 {
-                            self.append_v6(Table::Nat, Chain::IstioOutput, to_proxy);
-                        } else {
-                            self.b.append(Table::Nat, Chain::IstioOutput, to_proxy);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// TPROXY bookkeeping: remember marks across a connection, let the sidecar's own
-    /// connections back to the app through, and stop re-capturing marked packets.
-    fn tproxy_marks(&mut self) {
-        let cfg = self.cfg;
-        let tproxy_mark = cfg.tproxy_mark;
-        self.b.append(
-            Table::Mangle,
-            Chain::Prerouting,
-            rule(
-                vec![tcp(), mark(tproxy_mark, false)],
-                counted(Statement::ConnMarkFromMark),
-            ),
-        );
-        self.b.append(
-            Table::Mangle,
-            Chain::Output,
-            rule(vec![oif_lo(), tcp(), mark(tproxy_mark, false)], ret()),
-        );
-        let loopback_v4 = decisions::loopback(self.cfg, Family::V4);
-        let uids = cfg.proxy_uids.iter().map(|o| (OwnerKind::Uid, o));
-        let gids = cfg.proxy_gids.iter().map(|o| (OwnerKind::Gid, o));
-        for (kind, who) in uids.chain(gids) {
-            let outbound_mark = |net: IpNet| {
-                rule(
-                    vec![oif_lo(), tcp(), not_daddr(net), owner(kind, who, false)],
-                    counted(Statement::SetMark(OUTBOUND_MARK)),
-                )
+        R::OwnerReturn(who) => (vec![owner(who, false)], ret()),
+        R::NoneOfGroupsReturn(groups) => (
+            groups
+                .iter()
+                .map(|g| owner(&(OwnerKind::Gid, g.clone()), true))
+                .collect(),
+            ret(),
+        ),
+        R::DnsRedirect { protocol, server } => {
+            let matches = match (server, protocol) {
+                (Some(server), _) => vec![daddr(*server), dport(*protocol, dns)],
+                (None, Protocol::Tcp) => vec![tcp(), dport(*protocol, dns)],
+                (None, Protocol::Udp) => vec![dport(*protocol, dns)],
             };
-            self.b
-                .append(Table::Mangle, Chain::Output, outbound_mark(loopback_v4));
-            self.append_v6(
-                Table::Mangle,
-                Chain::Output,
-                outbound_mark(decisions::loopback(self.cfg, Family::V6)),
-            );
+            (matches, to_agent())
         }
-        self.b.append(
-            Table::Mangle,
-            Chain::Output,
-            rule(
-                vec![tcp(), Match::ConnMark(tproxy_mark)],
-                counted(Statement::MarkFromConnMark),
-            ),
-        );
-        self.b.insert(
-            Table::Mangle,
-            Chain::Inbound,
-            0,
-            rule(vec![tcp(), mark(tproxy_mark, false)], ret()),
-        );
-        self.b.insert(
-            Table::Mangle,
-            Chain::Inbound,
-            1,
-            rule(
-                vec![
-                    iif_lo(),
-                    tcp(),
-                    saddr(decisions::passthrough_source(Family::V4)),
-                ],
-                ret(),
-            ),
-        );
-        self.insert_v6(
-            Table::Mangle,
-            Chain::Inbound,
-            1,
-            rule(
-                vec![
-                    iif_lo(),
-                    tcp(),
-                    saddr(decisions::passthrough_source(Family::V6)),
-                ],
-                ret(),
-            ),
-        );
-        self.b.insert(
-            Table::Mangle,
-            Chain::Inbound,
-            2,
-            rule(vec![iif_lo(), tcp(), mark(OUTBOUND_MARK, true)], ret()),
-        );
-    }
+        R::ProxyQueryZone(who) => (
+            vec![dport(Protocol::Udp, dns), owner(who, false)],
+            counted(Statement::CtZone(CT_ZONE_UPSTREAM)),
+        ),
+        R::ProxyAnswerZone(who) => (
+            vec![
+                sport(Protocol::Udp, fixed_port(DNS_PROXY_PORT)),
+                owner(who, false),
+            ],
+            counted(Statement::CtZone(CT_ZONE_CLIENT)),
+        ),
+        R::QueryZone(server) => {
+            let mut matches = vec![dport(Protocol::Udp, dns)];
+            matches.extend(server.map(daddr));
+            (matches, counted(Statement::CtZone(CT_ZONE_CLIENT)))
+        }
+        R::AnswerZone(server) => {
+            let mut matches = vec![sport(Protocol::Udp, dns)];
+            matches.extend(server.map(saddr));
+            (matches, counted(Statement::CtZone(CT_ZONE_UPSTREAM)))
+        }
+        R::Destination { nets, then: next } => (vec![to(nets)], then(*next)),
+        R::SaveMark(value) => (
+            vec![tcp(), marked(*value)],
+            counted(Statement::ConnMarkFromMark),
+        ),
+        R::MarkedOutReturn(value) => (vec![oif_lo(), tcp(), marked(*value)], ret()),
+        R::ProxyOutboundMark { owner: who, not_to } => (
+            vec![oif_lo(), tcp(), not_daddr(*not_to), owner(who, false)],
+            counted(Statement::SetMark(OUTBOUND_MARK)),
+        ),
+        R::RestoreMark(value) => (
+            vec![tcp(), Match::ConnMark(*value)],
+            counted(Statement::MarkFromConnMark),
+        ),
+        R::MarkedReturn(value) => (vec![tcp(), marked(*value)], ret()),
+        R::PassthroughInReturn(source) => (vec![iif_lo(), tcp(), saddr(*source)], ret()),
+        R::UnmarkedLoopbackReturn => (
+            vec![
+                iif_lo(),
+                tcp(),
+                Match::Mark {
+                    mark: OUTBOUND_MARK,
+                    negated: true,
+                },
+            ],
+            ret(),
+        ),
+    };
+    Rule::new(matches, statements)
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::config::{DnsCapture, InterceptionMode};
+    use crate::config::{DnsCapture, InboundCapture, InterceptionMode, OutboundInclude};
     use crate::rules::model::{Interface, TproxyRouting};
     use crate::rules::nft::render::rule_text;
 
-    use crate::rules::plan::tests::{port, range};
+    use crate::rules::plan::tests::{
+        ipv6_dns_servers_only, kube_virt_config, port, range, tproxy_config,
+    };
 
     /// Istio's base case: proxy uid and gid 1337, nothing captured (the same for both
     /// planners).
@@ -957,9 +427,7 @@ pub(crate) mod tests {
 
     #[test]
     fn ipv6_off_plans_no_ipv6_match() {
-        let mut cfg = base();
-        cfg.interception = InterceptionMode::Tproxy;
-        cfg.inbound = InboundCapture::AllExcept(vec![]);
+        let mut cfg = tproxy_config();
         cfg.outbound_include = OutboundInclude::Only(vec![
             "10.0.0.0/8".parse().unwrap(),
             "2001:db8::/32".parse().unwrap(),
@@ -1012,9 +480,7 @@ pub(crate) mod tests {
 
     #[test]
     fn tproxy_inserts_land_where_nft_puts_them() {
-        let mut cfg = base();
-        cfg.interception = InterceptionMode::Tproxy;
-        cfg.inbound = InboundCapture::AllExcept(vec![]);
+        let mut cfg = tproxy_config();
         cfg.ipv6 = true;
         let plan = plan(&cfg);
         let mangle = plan.table(Table::Mangle).unwrap();
@@ -1066,11 +532,7 @@ pub(crate) mod tests {
     #[test]
     fn every_jump_target_is_declared() {
         // IPv6 DNS servers only, IPv6 off: the jumps are planned, the rules are not.
-        let mut cfg = base();
-        cfg.dns = DnsCapture::Servers {
-            v4: vec![],
-            v6: vec!["2001:db8::53".parse().unwrap()],
-        };
+        let cfg = ipv6_dns_servers_only();
         let plan = plan(&cfg);
         for table in &plan.tables {
             for op in &table.ops {
@@ -1138,26 +600,7 @@ pub(crate) mod tests {
                 "meta l4proto tcp counter jump istio-in-redirect",
             ]
         );
-        // The same rules in the same places otherwise.
-        let chains = super::plan(&cfg);
-        assert_eq!(
-            chains.rule_count() - plan.rule_count(),
-            (2 * 3 - 2) + (3 - 1) + (3 - 1),
-            "ports x2 protocols, v4 networks, inbound ports"
-        );
-    }
-
-    #[test]
-    fn match_sets_change_nothing_without_lists() {
-        for cfg in [base(), {
-            let mut cfg = base();
-            cfg.interception = InterceptionMode::Tproxy;
-            cfg.inbound = InboundCapture::Only(vec![port(8080)]);
-            cfg.outbound_exclude = vec!["10.0.0.0/8".parse().unwrap()];
-            cfg
-        }] {
-            assert_eq!(plan_with(&cfg, sets()), super::plan(&cfg));
-        }
+        // The same rules in the same places otherwise: `capture::tests`.
     }
 
     #[test]
@@ -1219,12 +662,7 @@ pub(crate) mod tests {
 
     #[test]
     fn match_sets_with_kube_virt_interfaces() {
-        let mut cfg = base();
-        cfg.kube_virt_interfaces = vec![Interface::new_unchecked("eth1".into())];
-        cfg.outbound_include = OutboundInclude::Only(vec![
-            "10.0.0.0/8".parse().unwrap(),
-            "192.0.2.0/24".parse().unwrap(),
-        ]);
+        let cfg = kube_virt_config();
         let plan = plan_with(&cfg, sets());
         let nat = plan.table(Table::Nat).unwrap();
         assert_eq!(

@@ -5,8 +5,11 @@
 //! [`ROLE_ENV`], plays it and exits the process. Without that variable it is an empty test.
 //!
 //! Role specs (whitespace-separated words):
-//! - `serve NAME LISTENER…`, LISTENER being `tcp:ADDR`, `udp:ADDR` or `tproxy:ADDR` (TCP
-//!   with `IP_TRANSPARENT`, as Envoy's inbound listener under TPROXY). Prints [`READY`] once
+//! - `serve NAME LISTENER…`, LISTENER being `tcp:ADDR`, `udp:ADDR`, `tproxy:ADDR` (TCP
+//!   with `IP_TRANSPARENT`, as Envoy's inbound listener under TPROXY), `inbound:ADDR` (TCP,
+//!   transparent when the process may set it: Istio gives istio-proxy `NET_ADMIN` under
+//!   TPROXY only, so one stand-in image serves both modes) or `http:ADDR` (TCP that also
+//!   answers a kubelet's HTTP probe, see [`HTTP_GRACE`]). Prints [`READY`] once
 //!   every listener is bound, then answers each connection or datagram with one line:
 //!   `by=NAME:PORT local=ADDR orig=ADDR|- client=ADDR` (PORT: the listener's port; orig: the
 //!   connection's original destination from conntrack, `-` when there is none).
@@ -33,6 +36,16 @@ pub const ENTRYPOINT: &str = "support::roles::helper_entrypoint";
 /// What a server prints once it accepts connections.
 pub const READY: &str = "ready";
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long an `http:` listener waits for a request before it answers as a plain one. A
+/// kubelet's prober sends its GET at once; the tests' clients send nothing and read.
+pub const HTTP_GRACE: Duration = Duration::from_millis(200);
+
+/// How a listener answers.
+#[derive(Clone, Copy, PartialEq)]
+enum Answer {
+    Line,
+    HttpOrLine,
+}
 
 /// Runs the role named in [`ROLE_ENV`] and exits; does nothing when it is unset.
 #[test]
@@ -74,16 +87,25 @@ fn serve(name: &str, listeners: &[&str]) -> i32 {
                 return 2;
             }
         };
-        let (ty, transparent) = match kind {
-            "tcp" => (SockType::Stream, false),
-            "tproxy" => (SockType::Stream, true),
-            "udp" => (SockType::Datagram, false),
+        let (ty, transparent, answer) = match kind {
+            "tcp" => (SockType::Stream, Some(false), Answer::Line),
+            "tproxy" => (SockType::Stream, Some(true), Answer::Line),
+            "inbound" => (SockType::Stream, None, Answer::Line),
+            "http" => (SockType::Stream, Some(false), Answer::HttpOrLine),
+            "udp" => (SockType::Datagram, Some(false), Answer::Line),
             _ => {
                 eprintln!("bad listener kind {kind:?}");
                 return 2;
             }
         };
-        let fd = match open(addr, ty, transparent) {
+        let opened = match transparent {
+            Some(transparent) => open(addr, ty, transparent),
+            None => open(addr, ty, true).or_else(|err| match err {
+                nix::errno::Errno::EPERM => open(addr, ty, false),
+                err => Err(err),
+            }),
+        };
+        let fd = match opened {
             Ok(fd) => fd,
             Err(err) => {
                 eprintln!("cannot listen on {spec}: {err}");
@@ -92,7 +114,7 @@ fn serve(name: &str, listeners: &[&str]) -> i32 {
         };
         let label = format!("{name}:{}", addr.port());
         threads.push(std::thread::spawn(move || match ty {
-            SockType::Stream => accept_loop(TcpListener::from(fd), &label),
+            SockType::Stream => accept_loop(TcpListener::from(fd), &label, answer),
             _ => datagram_loop(UdpSocket::from(fd), &label),
         }));
     }
@@ -129,7 +151,7 @@ fn open(addr: SocketAddr, ty: SockType, transparent: bool) -> nix::Result<OwnedF
     Ok(fd)
 }
 
-fn accept_loop(listener: TcpListener, label: &str) {
+fn accept_loop(listener: TcpListener, label: &str, answer: Answer) {
     for stream in listener.incoming().flatten() {
         let line = answer_line(
             label,
@@ -138,8 +160,35 @@ fn accept_loop(listener: TcpListener, label: &str) {
             stream.peer_addr().ok(),
         );
         let mut stream = stream;
-        let _ = stream.write_all(line.as_bytes());
+        let reply = if answer == Answer::HttpOrLine && read_http_request(&mut stream) {
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{line}",
+                line.len()
+            )
+        } else {
+            line
+        };
+        let _ = stream.write_all(reply.as_bytes());
     }
+}
+
+/// Whether the peer sends an HTTP request within [`HTTP_GRACE`]; reads its head, so that
+/// closing the connection after the answer does not reset it (unread input makes a close
+/// send RST, which can reach the prober before the answer does).
+fn read_http_request(stream: &mut TcpStream) -> bool {
+    use std::io::Read;
+    if stream.set_read_timeout(Some(HTTP_GRACE)).is_err() {
+        return false;
+    }
+    let mut head = Vec::new();
+    let mut buf = [0u8; 512];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+        match stream.read(&mut buf) {
+            Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    head.first().is_some_and(u8::is_ascii_uppercase)
 }
 
 fn datagram_loop(socket: UdpSocket, label: &str) {
