@@ -81,6 +81,19 @@ fi
 
 cargo fmt --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# helm, for the node agent's chart tests (tests/integration/chart.rs): built from its pinned
+# module by tests/k8s/build-addons.sh, cached (tests/k8s/run.sh uses the same build).
+if [ -z "${HELM:-}" ]; then
+  if [ "$(id -u)" = 0 ] && command -v go >/dev/null; then
+    if addons="$(bash tests/k8s/build-addons.sh)"; then
+      export HELM="$addons/helm"
+    else
+      cannot "tests/k8s/build-addons.sh failed" "the chart tests will skip"
+    fi
+  else
+    cannot "no helm (tests/k8s/build-addons.sh builds it, as root with go)" "the chart tests will skip"
+  fi
+fi
 cargo test "$@"
 # The node agent (agent/, its own crate so that the init container's binary stays small).
 # Tested on its own, so the tests above build meshinit with exactly its own features, as

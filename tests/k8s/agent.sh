@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # The node agent on the node (sourced by scenarios.sh): charts/meshinit-cni installed with
 # helm, as a cluster installs it, onto the node's CNI directories ($WORK/cni/bin and
-# $WORK/cni/net.d, which run.sh's node_cni_config manages).
+# $WORK/cni/net.d, which run.sh's node_cni_config manages), with istio.sh's helm.
 # shellcheck disable=SC2154 # WORK, repo, NODE_IP, podman_opts...: run.sh's
 #
 # Each scenario starts from the node without meshinit-cni (no entry in the conflist, no
@@ -21,13 +21,6 @@ AGENT_IMAGE=localhost/meshinit-cni-agent:k8s
 AGENT_RELEASE=meshinit-cni
 AGENT_PORT=15014
 CONFLIST="$WORK/cni/net.d/10-node.conflist"
-
-agent_helm() { # helm, as istio.sh runs it: in the node, with the admin kubeconfig
-  local helm_bin="${HELM:-${mesh_bin:-}/helm}"
-  [ -x "$helm_bin" ] || die "agent scenarios need helm: tests/k8s/build-mesh.sh (mesh_bin) or HELM"
-  mkdir -p "$WORK/helm"
-  in_node env HOME="$WORK/helm" "$helm_bin" --kubeconfig "$WORK/admin.kubeconfig" "$@"
-}
 
 # The agent's image (the Dockerfile's `agent` stage, built offline), imported once per run.
 agent_image() {
@@ -54,9 +47,11 @@ agent_service_rule() { # -A | -D
   ip netns exec "$NODE_NETNS" iptables -w -t nat "$1" OUTPUT "${AGENT_SERVICE_RULE[@]}"
 }
 
-# The node as the scenario found it: the conflist's bytes and the plugin's symlink.
+# The node as the scenario found it: whether meshinit-cni was chained (run.sh's entry), and
+# the plugin's symlink; then the node without either, and the conflist's bytes.
 agent_save_node() {
   agent_service_rule -A
+  agent_found="$(if grep -q '"meshinit-cni"' "$CONFLIST"; then echo with-meshinit; else echo without-meshinit; fi)"
   node_cni_config without-meshinit
   cp "$CONFLIST" "$WORK/agent-conflist.before"
   agent_plugin_link="$(readlink "$WORK/cni/bin/meshinit-cni")"
@@ -64,11 +59,11 @@ agent_save_node() {
 }
 agent_restore() {
   [ -n "${agent_plugin_link:-}" ] || return 0
-  agent_helm uninstall "$AGENT_RELEASE" -n kube-system --wait --timeout 60s >/dev/null 2>&1 || true
+  helm uninstall "$AGENT_RELEASE" -n kube-system --wait --timeout 60s >/dev/null 2>&1 || true
   rm -f "$WORK/cni/bin/meshinit-cni" "$WORK/cni/net.d/00-broken.conflist" "$WORK"/cni/net.d/.meshinit-cni*
   ln -s "$agent_plugin_link" "$WORK/cni/bin/meshinit-cni"
   agent_plugin_link=
-  node_cni_config without-meshinit
+  node_cni_config "$agent_found"
   agent_service_rule -D
 }
 agent_logs() { # the agent's log, for a failure's message
@@ -76,7 +71,8 @@ agent_logs() { # the agent's log, for a failure's message
 }
 
 agent_install() {
-  agent_helm install "$AGENT_RELEASE" "$repo/charts/meshinit-cni" -n kube-system \
+  mkdir -p "$WORK/helm"
+  helm install "$AGENT_RELEASE" "$repo/charts/meshinit-cni" -n kube-system \
     --set image.repository="${AGENT_IMAGE%:*}" --set image.tag="${AGENT_IMAGE##*:}" \
     --set image.pullPolicy=Never \
     --set cniBinDir="$WORK/cni/bin" --set cniConfDir="$WORK/cni/net.d" \
@@ -155,7 +151,7 @@ scenario_agent_install() {
   check "agent: /readyz" '^ok$' "$(agent_get /readyz)"
   wait_for "containerd's CNI configuration (the entry back)" 30 containerd cni_config_is with-meshinit
 
-  agent_helm uninstall "$AGENT_RELEASE" -n kube-system --wait --timeout 60s >/dev/null
+  helm uninstall "$AGENT_RELEASE" -n kube-system --wait --timeout 60s >/dev/null
   wait_until 60 agent_gone >/dev/null || die "the agent's pod did not go away"
   check "agent: uninstalled, the conflist is byte for byte what it was" '^same$' \
     "$(if cmp -s "$WORK/agent-conflist.before" "$CONFLIST"; then echo same; else diff "$WORK/agent-conflist.before" "$CONFLIST"; fi)"
@@ -206,7 +202,7 @@ scenario_agent_repair() {
   check "repair: counted in the agent's metrics" '^meshinit_cni_repair_pods_total\{action="delete"\} 1$' \
     "$(agent_get /metrics | grep 'action="delete"')"
   kubectl delete deployment -n meshed raced --wait=true --timeout=60s >/dev/null
-  agent_helm uninstall "$AGENT_RELEASE" -n kube-system --wait --timeout 60s >/dev/null
+  helm uninstall "$AGENT_RELEASE" -n kube-system --wait --timeout 60s >/dev/null
   wait_until 60 agent_gone >/dev/null || die "the agent's pod did not go away"
   check "repair: uninstalled, the conflist is byte for byte what it was" '^same$' \
     "$(if cmp -s "$WORK/agent-conflist.before" "$CONFLIST"; then echo same; else echo differs; fi)"
@@ -237,7 +233,7 @@ scenario_agent_bad_config() {
   check "bad config: once it is removed, the entry is in the bridge conflist (ms)" '^[0-9]+$' "$took"
   kubectl wait --timeout=30s -n kube-system pod -l app.kubernetes.io/name=meshinit-cni --for=condition=Ready >/dev/null
   check "bad config: then the agent is Ready" '^true$' "$(agent_ready)"
-  agent_helm uninstall "$AGENT_RELEASE" -n kube-system --wait --timeout 60s >/dev/null
+  helm uninstall "$AGENT_RELEASE" -n kube-system --wait --timeout 60s >/dev/null
   wait_until 60 agent_gone >/dev/null || die "the agent's pod did not go away"
   check "bad config: uninstalled, the conflist is byte for byte what it was" '^same$' \
     "$(if cmp -s "$WORK/agent-conflist.before" "$CONFLIST"; then echo same; else echo differs; fi)"
