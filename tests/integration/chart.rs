@@ -4,7 +4,7 @@
 //! limited to what repair needs.
 //!
 //! Needs helm (`HELM`, else `helm` on PATH; scripts/test.sh builds it with
-//! tests/k8s/build-mesh.sh) and kubernetes-validate: skips with a reason otherwise, fails
+//! tests/k8s/build-addons.sh) and kubernetes-validate: skips with a reason otherwise, fails
 //! under `CI=true`.
 
 use std::path::{Path, PathBuf};
@@ -31,7 +31,7 @@ fn require_helm(test_name: &str) -> Option<PathBuf> {
             Err(_) => {
                 skip(
                     test_name,
-                    "needs helm (set HELM, or put it on PATH; scripts/test.sh builds it with tests/k8s/build-mesh.sh)",
+                    "needs helm (set HELM, or put it on PATH; scripts/test.sh builds it with tests/k8s/build-addons.sh)",
                 );
                 return None;
             }
