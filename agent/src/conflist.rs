@@ -59,13 +59,21 @@ pub fn plugin_entry(settings: &EntrySettings) -> Value {
     Value::Object(entry)
 }
 
-/// meshinit-cni's own list, for `chained: false`.
-pub fn standalone(settings: &EntrySettings) -> Vec<u8> {
-    let mut list = Map::new();
-    list.insert("cniVersion".into(), STANDALONE_CNI_VERSION.into());
-    list.insert("name".into(), PLUGIN_TYPE.into());
-    list.insert("plugins".into(), Value::Array(vec![plugin_entry(settings)]));
-    render(&Value::Object(list))
+/// meshinit-cni's own configuration, for `chained: false`: a list, or, for a file a runtime
+/// reads as a single plugin (libcni reads every name but `.conflist` so, e.g. the
+/// `istio-cni.conf` of Istio's OpenShift settings), the entry alone with a version and name.
+pub fn standalone(settings: &EntrySettings, single: bool) -> Vec<u8> {
+    let mut config = Map::new();
+    config.insert("cniVersion".into(), STANDALONE_CNI_VERSION.into());
+    config.insert("name".into(), PLUGIN_TYPE.into());
+    if single {
+        if let Value::Object(entry) = plugin_entry(settings) {
+            config.extend(entry);
+        }
+    } else {
+        config.insert("plugins".into(), Value::Array(vec![plugin_entry(settings)]));
+    }
+    render(&Value::Object(config))
 }
 
 /// Why bytes are not a configuration we can add to. The caller adds the file's name.
@@ -346,8 +354,19 @@ mod tests {
     }
 
     #[test]
+    fn standalone_single_conf_is_the_entry_with_version_and_name() {
+        let out = standalone(&settings(), true);
+        let config = NetworkConfig::parse(&out).expect("parses");
+        assert!(config.is_single());
+        let value: Value = serde_json::from_slice(&out).expect("json");
+        assert_eq!(value["type"], PLUGIN_TYPE);
+        assert_eq!(value["cniVersion"], STANDALONE_CNI_VERSION);
+        assert_eq!(value["capabilities"][ANNOTATIONS_CAPABILITY], true);
+    }
+
+    #[test]
     fn standalone_list_is_valid_and_holds_only_the_entry() {
-        let out = standalone(&settings());
+        let out = standalone(&settings(), false);
         let config = NetworkConfig::parse(&out).expect("parses");
         assert!(has_entry(&config, &plugin_entry(&settings())));
         assert_eq!(plugin_types(&out), ["meshinit-cni"]);

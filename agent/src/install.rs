@@ -66,6 +66,15 @@ impl Installer {
         self.settings.cni_conf_dir.join(name)
     }
 
+    /// What the standalone file must hold: its name says whether a runtime reads a list.
+    fn standalone_bytes(&self) -> Vec<u8> {
+        let single = !self
+            .standalone_path()
+            .to_string_lossy()
+            .ends_with(".conflist");
+        conflist::standalone(&self.settings.entry, single)
+    }
+
     fn backup_path(&self, name: &str) -> PathBuf {
         self.settings
             .cni_conf_dir
@@ -92,7 +101,7 @@ impl Installer {
     pub fn ensure_entry(&self) -> Result<Ensured, InstallError> {
         if !self.settings.chained {
             let path = self.standalone_path();
-            let wanted = conflist::standalone(&self.settings.entry);
+            let wanted = self.standalone_bytes();
             if std::fs::read(&path).is_ok_and(|current| current == wanted) {
                 return Ok(Ensured::Unchanged(path));
             }
@@ -136,15 +145,22 @@ impl Installer {
         if !self.plugin_path().is_file() {
             return Err(format!("{} is missing", self.plugin_path().display()));
         }
-        let path = if self.settings.chained {
-            files::primary_config(
-                &self.settings.cni_conf_dir,
-                self.settings.cni_conf_file_name.as_deref(),
-            )
-            .map_err(|e| e.to_string())?
-        } else {
-            self.standalone_path()
-        };
+        if !self.settings.chained {
+            let path = self.standalone_path();
+            return match std::fs::read(&path) {
+                Ok(bytes) if bytes == self.standalone_bytes() => Ok(()),
+                Ok(_) => Err(format!(
+                    "{} is not meshinit-cni's, as configured",
+                    path.display()
+                )),
+                Err(err) => Err(format!("{}: {err}", path.display())),
+            };
+        }
+        let path = files::primary_config(
+            &self.settings.cni_conf_dir,
+            self.settings.cni_conf_file_name.as_deref(),
+        )
+        .map_err(|e| e.to_string())?;
         let bytes = files::read(&path).map_err(|e| e.to_string())?;
         let config = parse(&path, &bytes).map_err(|e| e.to_string())?;
         if conflist::has_entry(&config, &self.entry) {

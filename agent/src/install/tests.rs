@@ -307,3 +307,31 @@ fn configured_file_name_is_used_over_the_first_file() {
         PRIMARY
     );
 }
+
+#[test]
+fn standalone_with_a_conf_name_writes_a_single_plugin_conf() {
+    let node = node();
+    let mut s = settings(&node, &[]);
+    s.chained = false;
+    s.cni_conf_file_name = Some("meshinit-cni.conf".into());
+    let installer = Installer::new(s);
+    installer.install_plugin().expect("plugin");
+    let own = node.conf.join("meshinit-cni.conf");
+    assert_eq!(
+        installer.ensure_entry().expect("ensured"),
+        Ensured::Written(own.clone())
+    );
+    let value: Value = serde_json::from_slice(&fs::read(&own).expect("read")).expect("json");
+    assert_eq!(value["type"], "meshinit-cni");
+    assert!(value.get("plugins").is_none());
+    installer.check().expect("ready");
+    assert_eq!(
+        installer.ensure_entry().expect("again"),
+        Ensured::Unchanged(own.clone())
+    );
+    // Someone else's content under that name is not ours: not ready until rewritten.
+    fs::write(&own, PRIMARY).expect("overwrite");
+    assert!(installer.check().is_err());
+    installer.uninstall().expect("uninstalled");
+    assert!(!own.exists());
+}
