@@ -120,7 +120,7 @@ fn apply(args: &CaptureArgs, env: Env<'_>, out: &mut dyn Write) -> Result<(), Er
     }
     enter_pod_namespace(&run)?;
     if run.cleanup_only {
-        return Engine::of(&run).remove_everything(&run);
+        return Ok(Engine::of(&run).remove_everything(&run)?);
     }
     let Some(config) = resolve(*validated)? else {
         return Ok(());
@@ -174,5 +174,5 @@ fn cleanup(args: &CaptureArgs, env: Env<'_>) -> Result<(), Error> {
         }
     };
     enter_pod_namespace(&run)?;
-    Engine::of(&run).remove_everything(&run)
+    Ok(Engine::of(&run).remove_everything(&run)?)
 }

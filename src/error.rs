@@ -3,6 +3,7 @@
 use crate::apply::ApplyError;
 use crate::caps::CapsError;
 use crate::config::ConfigError;
+use crate::engine::EngineError;
 use crate::netns::NetnsError;
 
 #[derive(Debug, thiserror::Error)]
@@ -22,8 +23,9 @@ pub enum Error {
     #[error(transparent)]
     Validation(#[from] crate::validate::ValidationError),
 
-    #[error("IPv6 is off for this pod, so there is no IPv6 ruleset; pass --ipv6 to plan one")]
-    Ipv6Disabled,
+    /// `EngineError::Ipv6Disabled`, kept apart for its exit code.
+    #[error(transparent)]
+    Ipv6Disabled(EngineError),
 
     /// Already reported to the runtime as CNI error JSON on stdout.
     #[error("CNI command failed (details in the JSON result on stdout)")]
@@ -31,6 +33,17 @@ pub enum Error {
 
     #[error("writing the output failed")]
     Output(#[source] std::io::Error),
+}
+
+impl From<EngineError> for Error {
+    fn from(err: EngineError) -> Error {
+        match err {
+            EngineError::Config(err) => Error::Config(err),
+            EngineError::Caps(err) => Error::Caps(err),
+            EngineError::Apply(err) => Error::Apply(err),
+            EngineError::Ipv6Disabled => Error::Ipv6Disabled(err),
+        }
+    }
 }
 
 /// The error and each of its causes, once each: `a: b: c`.
@@ -66,7 +79,7 @@ pub mod exit {
 impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Config(_) | Error::Ipv6Disabled => exit::BAD_INPUT,
+            Error::Config(_) | Error::Ipv6Disabled(_) => exit::BAD_INPUT,
             Error::Caps(_) | Error::Netns(_) => exit::ENVIRONMENT,
             Error::Apply(
                 ApplyError::MissingBinary { .. }

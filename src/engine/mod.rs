@@ -9,12 +9,31 @@ use std::time::Instant;
 
 pub use drift::DriftError;
 
+/// What can go wrong in the engine: the layers below it, and asking one family's text of a
+/// plan that has none. The top-level error takes each variant as its own (`error::Error`'s
+/// `From`), so exit codes are those of the layer at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+
+    #[error(transparent)]
+    Caps(#[from] CapsError),
+
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+
+    #[error("IPv6 is off for this pod, so there is no IPv6 ruleset; pass --ipv6 to plan one")]
+    Ipv6Disabled,
+}
+
+use crate::apply::ApplyError;
 use crate::apply::{
     IpSets, IptablesTools, Netfilter as _, NetlinkIpSets, NetlinkRouting, NftTool, Nftables as _,
     RunLock,
 };
+use crate::caps::CapsError;
 use crate::config::{Config, ConfigError, RunOptions};
-use crate::error::Error;
 use crate::rules::iptables::render_fresh;
 use crate::rules::model::Family;
 use crate::rules::routes::render_routing;
@@ -48,12 +67,12 @@ impl Engine {
 
     /// One family's `iptables-restore` input alone (`print --family`), ready to pipe into
     /// the family's restore.
-    pub fn dry_run_family(self, config: &Config, family: Family) -> Result<String, Error> {
+    pub fn dry_run_family(self, config: &Config, family: Family) -> Result<String, EngineError> {
         match self {
             Engine::Iptables => {
                 let ruleset = iptables_plan(config);
                 Ok(render_fresh(
-                    ruleset.family(family).ok_or(Error::Ipv6Disabled)?,
+                    ruleset.family(family).ok_or(EngineError::Ipv6Disabled)?,
                 ))
             }
             Engine::Nftables => Err(ConfigError::invalid_flag(
@@ -66,7 +85,7 @@ impl Engine {
     }
 
     /// Plans `config` and applies it in the current network namespace.
-    pub fn install(self, config: &Config) -> Result<(), Error> {
+    pub fn install(self, config: &Config) -> Result<(), EngineError> {
         match self {
             Engine::Iptables => install_iptables(config),
             Engine::Nftables => install_nftables(config),
@@ -83,7 +102,7 @@ impl Engine {
     }
 
     /// Removes everything meshinit (or istio-init) added here.
-    pub fn remove_everything(self, run: &RunOptions) -> Result<(), Error> {
+    pub fn remove_everything(self, run: &RunOptions) -> Result<(), EngineError> {
         match self {
             Engine::Iptables => remove_iptables(run),
             Engine::Nftables => remove_nftables(run),
@@ -125,7 +144,7 @@ pub fn render_plan(ruleset: &Ruleset) -> String {
 }
 
 /// [`Engine::install`] for iptables: one restore per family.
-fn install_iptables(config: &Config) -> Result<(), Error> {
+fn install_iptables(config: &Config) -> Result<(), EngineError> {
     let run = &config.run;
     let families: Vec<Family> = if config.capture.ipv6 {
         Family::ALL.to_vec()
@@ -196,7 +215,7 @@ pub fn nft_plan(config: &Config) -> crate::rules::nft::NftRuleset {
 
 /// `install` for `--native-nftables`: one transaction for both families, over netlink or
 /// through `nft -f -` (`--nftables-apply`).
-fn install_nftables(config: &Config) -> Result<(), Error> {
+fn install_nftables(config: &Config) -> Result<(), EngineError> {
     let started = Instant::now();
     let _run_lock = RunLock::acquire(config.run.xtables_wait)?;
     let mut nft = NftTool::new();
@@ -245,7 +264,7 @@ fn peak_rss_kib() -> i64 {
 
 /// [`Engine::remove_everything`] for `--native-nftables`: only meshinit's tables, and
 /// routing.
-fn remove_nftables(run: &RunOptions) -> Result<(), Error> {
+fn remove_nftables(run: &RunOptions) -> Result<(), EngineError> {
     let started = Instant::now();
     let _run_lock = RunLock::acquire(run.xtables_wait)?;
     let mut nft = NftTool::new();
@@ -264,7 +283,7 @@ fn remove_nftables(run: &RunOptions) -> Result<(), Error> {
 
 /// [`Engine::remove_everything`] for iptables: both families (IPv6 when ip6tables exists),
 /// routing, sets, and any tables an earlier `--native-nftables` run left.
-fn remove_iptables(run: &RunOptions) -> Result<(), Error> {
+fn remove_iptables(run: &RunOptions) -> Result<(), EngineError> {
     let started = Instant::now();
     let _run_lock = RunLock::acquire(run.xtables_wait)?;
     let mut nft = NftTool::new();

@@ -6,6 +6,7 @@
 mod chart;
 mod cni;
 mod cni_runtime;
+mod cni_userns;
 mod e2e;
 mod faults;
 mod golden;
@@ -13,6 +14,7 @@ mod image;
 mod image_nftables;
 mod injector_template;
 mod istio_oracle;
+mod layers;
 mod lifecycle;
 mod lock;
 mod manifests;

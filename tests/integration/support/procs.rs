@@ -44,6 +44,24 @@ impl Creds {
 }
 
 fn helper_command(ns: &NetNs, creds: Option<Creds>, role: &str) -> Command {
+    let argv = helper_argv(creds);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let mut cmd = ns.command(&argv);
+    cmd.env(ROLE_ENV, role);
+    cmd
+}
+
+/// The helper playing `role` as `creds`, started by `launcher` (a program and its
+/// arguments that exec the rest, such as `nsenter --target PID --user --net`): for places
+/// that are not a named network namespace.
+pub fn helper_command_via(launcher: &[&str], creds: Option<Creds>, role: &str) -> Command {
+    let (program, args) = launcher.split_first().expect("a launcher");
+    let mut cmd = Command::new(program);
+    cmd.args(args).args(helper_argv(creds)).env(ROLE_ENV, role);
+    cmd
+}
+
+fn helper_argv(creds: Option<Creds>) -> Vec<String> {
     let exe = std::env::current_exe().expect("the test binary's path");
     let mut argv: Vec<String> = Vec::new();
     if let Some(creds) = creds {
@@ -59,10 +77,7 @@ fn helper_command(ns: &NetNs, creds: Option<Creds>, role: &str) -> Command {
     }
     argv.push(exe.to_string_lossy().into_owned());
     argv.extend([ENTRYPOINT, "--exact", "--nocapture", "--test-threads=1"].map(String::from));
-    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let mut cmd = ns.command(&argv);
-    cmd.env(ROLE_ENV, role);
-    cmd
+    argv
 }
 
 /// A long-running helper (a server), killed and reaped on drop.
@@ -76,7 +91,13 @@ impl Background {
     pub fn serve(ns: &NetNs, creds: Option<Creds>, name: &str, listeners: &[String]) -> Self {
         let role = format!("serve {name} {}", listeners.join(" "));
         let what = format!("{role:?} in {} as {creds:?}", ns.name());
-        let mut child = helper_command(ns, creds, &role)
+        Background::start(helper_command(ns, creds, &role), what)
+    }
+
+    /// Starts a `serve` role's command (from `helper_command_via`) and waits until it
+    /// reports its listeners bound.
+    pub fn start(mut command: Command, what: String) -> Self {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -176,9 +197,13 @@ pub enum Outcome {
 /// Runs one client exchange inside `ns` and reports who answered.
 pub fn connect(ns: &NetNs, creds: Option<Creds>, proto: Proto, target: &str) -> Outcome {
     let role = format!("client {} {target}", proto.as_str());
+    connect_with(helper_command(ns, creds, &role))
+}
+
+/// Runs a `client` role's command (from `helper_command_via`) and reports who answered.
+pub fn connect_with(mut command: Command) -> Outcome {
     // The client bounds connect and read itself; this only guards against a hang.
-    let output = run_bounded(&mut helper_command(ns, creds, &role), CLIENT_TIMEOUT * 3);
-    client_outcome(&output)
+    client_outcome(&run_bounded(&mut command, CLIENT_TIMEOUT * 3))
 }
 
 /// What a `client` role's run reported, wherever it ran (a namespace, a container).
