@@ -213,3 +213,33 @@ fn an_unparsable_primary_is_reported_untouched_and_not_ready() {
         "{\"plugins\": ["
     );
 }
+
+#[test]
+fn waits_for_the_primary_cni_then_installs_when_it_writes_its_file() {
+    let node = node();
+    let agent = Agent::start(&node.bin, &node.conf, &node.plugin);
+    let mut reason = String::new();
+    agent.wait_for("a readiness answer", Duration::from_secs(10), |a| {
+        match a.get("/readyz") {
+            Some((503, body)) => {
+                reason = body;
+                true
+            }
+            _ => false,
+        }
+    });
+    assert!(reason.contains("no CNI network configuration"), "{reason}");
+    // The primary CNI starts and writes its configuration, as a new file (written elsewhere
+    // and renamed in, as most do).
+    let staged = node.bin.join("staged");
+    fs::write(&staged, PRIMARY).expect("staged");
+    let primary = node.conf.join("10-calico.conflist");
+    fs::rename(&staged, &primary).expect("rename into place");
+    agent.wait_for("entry written", Duration::from_secs(1), |_| {
+        has_entry(&primary)
+    });
+    agent.wait_for("ready", Duration::from_secs(2), Agent::ready);
+    let (ok, stderr) = agent.terminate();
+    assert!(ok, "{stderr}");
+    assert_eq!(fs::read_to_string(&primary).expect("read"), PRIMARY);
+}
