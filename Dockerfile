@@ -18,6 +18,8 @@ FROM ${RUST_IMAGE} AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# A member of the workspace: cargo reads its manifest even when building meshinit alone.
+COPY agent ./agent
 # glibc, statically linked: the binary needs no library, not even the image's libc.
 RUN RUSTFLAGS="-C target-feature=+crt-static" \
       cargo build --release --locked --bin meshinit \
@@ -89,6 +91,34 @@ LABEL org.opencontainers.image.title="meshinit (nftables only)" \
 COPY --from=build /meshinit /usr/local/bin/meshinit
 ENV NATIVE_NFTABLES=true
 ENTRYPOINT ["/usr/local/bin/meshinit"]
+
+# The node agent's image (charts/meshinit-cni): meshinit-cni-agent and the static meshinit
+# it installs on each node as the CNI plugin, nothing else. Built only when asked for:
+#
+#   docker build --target agent -t meshinit-cni-agent:0.1.0 .
+FROM ${RUST_IMAGE} AS agent-build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY agent ./agent
+RUN RUSTFLAGS="-C target-feature=+crt-static" \
+      cargo build --release --locked -p meshinit-cni-agent \
+        --target x86_64-unknown-linux-gnu --target-dir /tmp/target \
+ && cp /tmp/target/x86_64-unknown-linux-gnu/release/meshinit-cni-agent /meshinit-cni-agent \
+ && rm -rf /tmp/target \
+ && /meshinit-cni-agent --version
+
+FROM scratch AS agent
+ARG VERSION=0.1.0
+ARG SOURCE=https://example.invalid/meshinit
+LABEL org.opencontainers.image.title="meshinit-cni-agent" \
+      org.opencontainers.image.description="meshinit-cni's node agent: installs the plugin, keeps it chained, repairs pods that raced it" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=build /meshinit /usr/local/bin/meshinit
+COPY --from=agent-build /meshinit-cni-agent /usr/local/bin/meshinit-cni-agent
+ENTRYPOINT ["/usr/local/bin/meshinit-cni-agent"]
 
 # The default image (the last stage): meshinit with iptables and nft.
 FROM scratch

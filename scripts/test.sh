@@ -80,8 +80,27 @@ if [ ! -x "$newer_nft/usr/sbin/nft" ]; then
 fi
 
 cargo fmt --check
-cargo clippy --all-targets --quiet -- -D warnings
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+# helm, for the node agent's chart tests (tests/integration/chart.rs): built from its pinned
+# module by tests/k8s/build-addons.sh, cached (tests/k8s/run.sh uses the same build).
+if [ -z "${HELM:-}" ]; then
+  if [ "$(id -u)" = 0 ] && command -v go >/dev/null; then
+    if addons="$(bash tests/k8s/build-addons.sh)"; then
+      export HELM="$addons/helm"
+    else
+      cannot "tests/k8s/build-addons.sh failed" "the chart tests will skip"
+    fi
+  else
+    cannot "no helm (tests/k8s/build-addons.sh builds it, as root with go)" "the chart tests will skip"
+  fi
+fi
 cargo test "$@"
+# The node agent (agent/, its own crate so that the init container's binary stays small).
+# Tested on its own, so the tests above build meshinit with exactly its own features, as
+# its release build does (a workspace-wide build would unify the two crates' features).
+if [ "$#" -eq 0 ]; then
+  cargo test -p meshinit-cni-agent
+fi
 
 # A single-node Kubernetes built from pinned Go modules (etcd, the API server, the
 # controllers, the kubelet, containerd), with meshinit's pods on it in both modes

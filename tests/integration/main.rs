@@ -3,6 +3,7 @@
 //! Tests that need root and real network namespaces skip with a printed reason when run
 //! unprivileged on a laptop, and fail under CI (`CI=true`), where they must run.
 
+mod chart;
 mod cni;
 mod cni_runtime;
 mod cni_userns;

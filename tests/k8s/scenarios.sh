@@ -22,6 +22,9 @@
 # istiod, installed with helm, and the pods its webhook injects.
 # shellcheck source=tests/k8s/istio.sh
 . "$here/istio.sh"
+# The node agent (charts/meshinit-cni), installed with helm.
+# shellcheck source=tests/k8s/agent.sh
+. "$here/agent.sh"
 
 # The helper roles (support::roles) are the integration tests' binary: `/mi-helper` in the
 # helper image, run with its role in MESHINIT_TEST_ROLE.
@@ -636,7 +639,7 @@ scenario_manifests_vault_alternatives() {
 SCENARIOS="init_container_mode init_container_mode_tproxy init_container_without_capabilities
   cni_mode pod_security restarts user_namespaces scale
   cni_mode_without_plugin manifests_deployment manifests_vault_native_sidecar
-  manifests_vault_alternatives $ISTIOD_SCENARIOS"
+  manifests_vault_alternatives $ISTIOD_SCENARIOS $AGENT_SCENARIOS"
 
 run_scenarios() {
   ensure_namespaces
