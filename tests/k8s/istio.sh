@@ -280,16 +280,16 @@ scenario_meshinit_template_by_istiod() {
   kubectl delete deployment -n "$INJECTED_NS" templated templated-tproxy --wait=true >/dev/null
 }
 
-# CNI mode as Istio's users turn it on in istiod (cni.enabled): the template renders
+# CNI mode as Istio's users turn it on in istiod (pilot.cni.enabled): the template renders
 # istio-validation (meshinit's image, uid 1337, no capabilities) instead of istio-init;
 # meshinit-cni, chained on the node, captures the pod from the annotations containerd
 # passes it.
 scenario_istio_template_cni_mode() {
   node_cni_config with-meshinit
   helm upgrade istiod "$(istio_charts)/istio-control/istio-discovery" -n "$ISTIO_NS" --reuse-values \
-    -f "$(meshinit_template_values)" --set cni.enabled=true --wait --timeout 5m >/dev/null \
-    || die "helm upgrade istiod --set cni.enabled=true failed"
-  wait_for_injection "istio-validation (cni.enabled)" '{.spec.initContainers[0].name}' '^istio-validation$'
+    -f "$(meshinit_template_values)" --set pilot.cni.enabled=true --wait --timeout 5m >/dev/null \
+    || die "helm upgrade istiod --set pilot.cni.enabled=true failed"
+  wait_for_injection "istio-validation (pilot.cni.enabled)" '{.spec.initContainers[0].name}' '^istio-validation$'
   start_injected cni-injected cni-templated < <(
     app_deployment cni-injected
     echo ---
