@@ -268,7 +268,7 @@ fi
 # A pod with hostUsers: false runs as an unprivileged uid of the node, which must be able
 # to pass through the directories above its root filesystem (containerd's state) to reach
 # it: search permission only, no listing.
-chmod 0711 "$STATE"
+mkdir -p "$STATE" && chmod 0711 "$STATE"
 mkdir -p "$WORK"/{logs,pki,etcd,kubelet,pod-logs,containerd/root,containerd/state,runc,cni/bin,cni/net.d,cni/ipam,images}
 
 # --- namespaces ---------------------------------------------------------------------------
