@@ -322,16 +322,10 @@ fn pod_namespace(env: Env<'_>) -> Result<String, CniError> {
 /// through `..`, or a bind mount of the node's namespace all name the same inode.
 const NODE_NAMESPACES: [&str; 2] = ["/proc/thread-self/ns/net", "/proc/1/ns/net"];
 
-fn namespace_id(path: &Path) -> std::io::Result<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path)?;
-    Ok((meta.dev(), meta.ino()))
-}
-
 /// Refuses `netns` when it is the plugin's own network namespace or init's: installing a
 /// pod's capture rules there would capture the node's traffic.
 pub fn refuse_node_namespace(netns: &Path) -> Result<(), CniError> {
-    let target = namespace_id(netns).map_err(|e| {
+    let target = crate::netns::namespace_id(netns).map_err(|e| {
         CniError::new(
             code::INVALID_ENVIRONMENT,
             format!("cannot open CNI_NETNS {}", netns.display()),
@@ -340,7 +334,7 @@ pub fn refuse_node_namespace(netns: &Path) -> Result<(), CniError> {
     })?;
     for node in NODE_NAMESPACES {
         // init's may be out of sight (a PID namespace without it); the plugin's own is not.
-        match namespace_id(Path::new(node)) {
+        match crate::netns::namespace_id(Path::new(node)) {
             Ok(id) if id == target => {
                 return Err(CniError::new(
                     code::INVALID_ENVIRONMENT,

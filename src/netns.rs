@@ -8,7 +8,7 @@
 //! the pod's root to write them: then 1337 means the pod's istio-proxy, as it does for an
 //! init container.
 
-use std::fs::File;
+use std::fs::{File, Metadata};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -60,8 +60,8 @@ pub fn enter(path: &Path) -> Result<(), NetnsError> {
             errno,
         }
     };
-    let owner = owning_user_namespace(&netns).map_err(fail("NS_GET_USERNS"))?;
-    if same_namespace(&owner, Path::new("/proc/thread-self/ns/user")) {
+    let owner = File::from(owning_user_namespace(&netns).map_err(fail("NS_GET_USERNS"))?);
+    if is_current_user_namespace(&owner) {
         return Ok(());
     }
     setns(owner.as_fd(), CloneFlags::CLONE_NEWUSER).map_err(fail("setns"))?;
@@ -93,12 +93,22 @@ fn owning_user_namespace(ns: &File) -> nix::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn same_namespace(ns: &OwnedFd, other: &Path) -> bool {
-    let Ok(theirs) = std::fs::metadata(other) else {
-        return false;
-    };
-    match nix::sys::stat::fstat(ns.as_raw_fd()) {
-        Ok(ours) => ours.st_ino == theirs.ino() && ours.st_dev == theirs.dev(),
-        Err(_) => false,
+fn is_current_user_namespace(userns: &File) -> bool {
+    match (
+        userns.metadata(),
+        namespace_id(Path::new("/proc/thread-self/ns/user")),
+    ) {
+        (Ok(meta), Ok(ours)) => identity(&meta) == ours,
+        _ => false,
     }
+}
+
+/// A namespace's identity: the device and inode of its nsfs file. Different paths (a
+/// `/proc` link, a path through `..`, a bind mount) name the same namespace when these agree.
+pub fn namespace_id(path: &Path) -> std::io::Result<(u64, u64)> {
+    std::fs::metadata(path).map(|meta| identity(&meta))
+}
+
+fn identity(meta: &Metadata) -> (u64, u64) {
+    (meta.dev(), meta.ino())
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crate::support::cni::{config_for, invoke_with, with_args};
 use crate::support::netns::NetNs;
 use crate::support::procs::{connect_with, helper_command_via, Background, Creds, Outcome};
-use crate::support::{require_root, run_bounded};
+use crate::support::{expect_success, require_root, run_bounded};
 
 /// The node's first uid for the pod's uid 0.
 const POD_UID_BASE: u32 = 100_000;
@@ -77,12 +77,7 @@ impl UsernsPod {
                 .args(argv),
             Duration::from_secs(10),
         );
-        assert!(
-            output.status.success(),
-            "{argv:?} in the pod: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        expect_success(&format!("{argv:?} in the pod"), output)
     }
 
     /// Enters both of the pod's namespaces, as the pod's root (nsenter's default), before
