@@ -102,9 +102,17 @@ containers_of() { # POD
 init_args_of() { # POD INIT-CONTAINER
   kubectl get pod -n "$INJECTED_NS" "$1" -o jsonpath="{.spec.initContainers[?(@.name==\"$2\")].args}"
 }
-init_logs() { # POD INIT-CONTAINER
-  log "$1: $2's log:"
-  kubectl logs -n "$INJECTED_NS" "$1" -c "$2" | sed 's/^/    /' >&2
+# A pod whose app's Vault port is excluded (excludeOutboundPorts 8200, however the rules got
+# it): its 8200 goes out directly, another port to the same address is captured.
+check_vault_port_excluded() { # NAME POD [HOW]
+  local vault v
+  vault="$(pod_ip outside vault)"
+  v="${vault//./\\.}"
+  check "$1: app → vault $vault:8200 goes out directly${3:+ ($3)}" \
+    "^REPLY by=vault:8200 local=$v:8200 " "$(helper_in "$INJECTED_NS" "$2" app client tcp "$vault:8200")"
+  check "$1: app → vault $vault:8300 is captured by 15001" \
+    "^REPLY by=sidecar:15001 local=127\\.0\\.0\\.1:15001 orig=$v:8300 " \
+    "$(helper_in "$INJECTED_NS" "$2" app client tcp "$vault:8300")"
 }
 
 # Applies the Deployments (names) given on stdin and waits for each, all at once.
@@ -160,7 +168,7 @@ scenario_istio_template() {
     "$(init_args_of "$pod" istio-init)"
   check "$pod: istio-init (meshinit's image) exit code" '^0$' \
     "$(kubectl get pod -n "$INJECTED_NS" "$pod" -o jsonpath='{.status.initContainerStatuses[?(@.name=="istio-init")].state.terminated.exitCode}')"
-  init_logs "$pod" istio-init
+  show_log "$INJECTED_NS" "$pod" istio-init
   check_traffic "$pod" "$INJECTED_NS"
   kubectl delete deployment -n "$INJECTED_NS" plain --wait=true >/dev/null
 
@@ -214,11 +222,7 @@ scenario_istio_template_annotations() {
 
   pod="$(deployment_pod "$INJECTED_NS" excluded-port)"
   check "excluded-port: istio-init has -o 8200" '"-o","8200"' "$(init_args_of "$pod" istio-init)"
-  check "excluded-port: app → vault $vault:8200 goes out directly" \
-    "^REPLY by=vault:8200 local=$v:8200 " "$(helper_in "$INJECTED_NS" "$pod" app client tcp "$vault:8200")"
-  check "excluded-port: app → vault $vault:8300 is captured by 15001" \
-    "^REPLY by=sidecar:15001 local=127\\.0\\.0\\.1:15001 orig=$v:8300 " \
-    "$(helper_in "$INJECTED_NS" "$pod" app client tcp "$vault:8300")"
+  check_vault_port_excluded excluded-port "$pod"
 
   pod="$(deployment_pod "$INJECTED_NS" included-ranges)"
   check "included-ranges: istio-init has -i 198.51.100.0/25" '"-i","198\.51\.100\.0/25"' \
@@ -262,18 +266,12 @@ scenario_meshinit_template_by_istiod() {
     app_deployment templated-tproxy inject.istio.io/templates=sidecar,meshinit \
       sidecar.istio.io/interceptionMode=TPROXY
   )
-  local vault v pod
-  vault="$(pod_ip outside vault)"
-  v="${vault//./\\.}"
+  local pod
   pod="$(deployment_pod "$INJECTED_NS" templated)"
   check "templated: istiod rendered meshinit's template (istio-init reads the Downward API file)" \
     '"--annotations","/etc/meshinit/pod/annotations"' "$(init_args_of "$pod" istio-init)"
-  init_logs "$pod" istio-init
-  check "templated: app → vault $vault:8200 goes out directly (excludeOutboundPorts, read from the file)" \
-    "^REPLY by=vault:8200 local=$v:8200 " "$(helper_in "$INJECTED_NS" "$pod" app client tcp "$vault:8200")"
-  check "templated: app → vault $vault:8300 is captured by 15001" \
-    "^REPLY by=sidecar:15001 local=127\\.0\\.0\\.1:15001 orig=$v:8300 " \
-    "$(helper_in "$INJECTED_NS" "$pod" app client tcp "$vault:8300")"
+  show_log "$INJECTED_NS" "$pod" istio-init
+  check_vault_port_excluded templated "$pod" "excludeOutboundPorts, read from the file"
   pod="$(deployment_pod "$INJECTED_NS" templated-tproxy)"
   check "templated-tproxy: istio-init has -m TPROXY" '"-m","TPROXY"' "$(init_args_of "$pod" istio-init)"
   MODE=TPROXY check_traffic "$pod" "$INJECTED_NS"
@@ -311,13 +309,6 @@ scenario_istio_template_cni_mode() {
   check "cni-templated: meshinit's template renders istio-validation as meshinit's validation" \
     '"--annotations","/etc/meshinit/pod/annotations",.*"--run-validation","--skip-rule-apply"' \
     "$(init_args_of "$pod" istio-validation)"
-  local vault v
-  vault="$(pod_ip outside vault)"
-  v="${vault//./\\.}"
-  check "cni-templated: app → vault $vault:8200 goes out directly (excludeOutboundPorts, from containerd)" \
-    "^REPLY by=vault:8200 local=$v:8200 " "$(helper_in "$INJECTED_NS" "$pod" app client tcp "$vault:8200")"
-  check "cni-templated: app → vault $vault:8300 is captured by 15001" \
-    "^REPLY by=sidecar:15001 local=127\\.0\\.0\\.1:15001 orig=$v:8300 " \
-    "$(helper_in "$INJECTED_NS" "$pod" app client tcp "$vault:8300")"
+  check_vault_port_excluded cni-templated "$pod" "excludeOutboundPorts, from containerd"
   kubectl delete deployment -n "$INJECTED_NS" cni-injected cni-templated --wait=true >/dev/null
 }

@@ -213,8 +213,12 @@ start_pod() { # NAME INIT-CONTAINER, the manifest on stdin: applies it, waits un
   log "pod $1 Ready $((SECONDS - start))s after it was applied"
   check "$1: $2 (meshinit's image) exit code" '^0$' "$(kubectl get pod -n "${POD_NS:-meshed}" "$1" \
     -o jsonpath='{.status.initContainerStatuses[0].state.terminated.exitCode}')"
-  log "$1: $2's log:"
-  kubectl logs -n "${POD_NS:-meshed}" "$1" -c "$2" | sed 's/^/    /' >&2
+  show_log "${POD_NS:-meshed}" "$1" "$2"
+}
+
+show_log() { # NAMESPACE POD CONTAINER: the container's log, indented, on stderr
+  log "$2: $3's log:"
+  kubectl logs -n "$1" "$2" -c "$3" | sed 's/^/    /' >&2
 }
 
 # The init container's exit code once it has exited (possibly restarted since).
