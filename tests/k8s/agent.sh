@@ -182,7 +182,7 @@ scenario_agent_repair() {
     [ -n "$raced" ] && [ -n "$(init_exit_code "$raced")" ] && break
     sleep 1
   done
-  check "repair: the pod started before the agent fails validation" '^126' "$(init_exit_code "$raced")"
+  check "repair: the pod started before the agent fails validation" '^126$' "$(init_exit_code "$raced")"
   local uid
   uid="$(kubectl get pod -n meshed "$raced" -o jsonpath='{.metadata.uid}')"
   agent_install
@@ -209,6 +209,10 @@ scenario_agent_repair() {
   agent_restore
 }
 pod_gone() { ! kubectl get pod -n "$1" "$2" >/dev/null 2>&1; }
+agent_probe_refused() {
+  kubectl get events -n kube-system --field-selector "involvedObject.name=$(agent_pod),reason=Unhealthy" \
+    -o jsonpath='{range .items[*]}{.message}{"\n"}{end}' 2>/dev/null | grep -q 'Readiness probe failed: HTTP probe failed with statuscode: 503'
+}
 
 scenario_agent_bad_config() {
   agent_image
@@ -216,10 +220,13 @@ scenario_agent_bad_config() {
   # Another tool's file, sorted first: the runtime would use it, and cannot parse it.
   printf '{"cniVersion": "1.0.0", "plugins": [' >"$WORK/cni/net.d/00-broken.conflist"
   agent_install
-  local ready
-  sleep 10
-  ready="$(agent_ready)"
-  check "bad config: the agent is not Ready while the first conflist is unparsable" '^false$' "$ready"
+  # Not Ready is judged once the kubelet has probed the agent and been refused (its
+  # Unhealthy event), not after a fixed wait.
+  local probed
+  probed="$(wait_until 60 agent_probe_refused)" \
+    || log "no refused readiness probe within 60 s: $(kubectl get events -n kube-system 2>&1 | tail -n 20)"
+  check "bad config: the kubelet probed the agent's /readyz and was refused (ms)" '^[0-9]+$' "$probed"
+  check "bad config: the agent is not Ready while the first conflist is unparsable" '^false$' "$(agent_ready)"
   check "bad config: its log names the file and says it is left alone" \
     '00-broken.conflist is not valid CNI configuration.*left as it is' \
     "$(kubectl logs -n kube-system "$(agent_pod)" 2>&1 | tr '\n' ' ')"
