@@ -16,70 +16,15 @@
 
 mod common;
 
-use common::{median, meshinit, option, INJECTOR_DEFAULT};
+use common::{excluded_cidrs, injector, median, meshinit, option, replace_value, Namespace};
 
-use std::fs::File;
-use std::io::Write;
-use std::os::fd::AsFd;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-use nix::sched::{setns, CloneFlags};
+use std::process::Command;
+use std::time::Duration;
 
 struct Scenario {
     name: String,
     args: Vec<String>,
     ipv6: bool,
-}
-
-/// A throwaway namespace the benchmark switches into to launch a command directly, so
-/// neither side pays for an `ip netns exec` wrapper.
-struct Namespace {
-    name: String,
-}
-
-impl Namespace {
-    fn new(index: usize) -> Namespace {
-        let name = format!("mi-bench-{}-{index}", std::process::id());
-        let status = Command::new("ip").args(["netns", "add", &name]).status();
-        assert!(status.is_ok_and(|s| s.success()), "ip netns add {name}");
-        Namespace { name }
-    }
-
-    /// Runs `cmd` inside the namespace, feeding it `input`; returns wall time and stderr.
-    fn time(&self, cmd: &mut Command, input: Option<&str>) -> (Duration, String) {
-        let home = File::open("/proc/self/ns/net").expect("own netns");
-        let target = File::open(format!("/var/run/netns/{}", self.name)).expect("bench netns");
-        setns(target.as_fd(), CloneFlags::CLONE_NEWNET).expect("enter bench netns");
-        let started = Instant::now();
-        let mut child = cmd
-            .stdin(if input.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
-            stdin.write_all(input.as_bytes()).expect("write input");
-        }
-        let output = child.wait_with_output().expect("wait");
-        let elapsed = started.elapsed();
-        setns(home.as_fd(), CloneFlags::CLONE_NEWNET).expect("return to own netns");
-        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-        assert!(output.status.success(), "{cmd:?} failed: {stderr}");
-        (elapsed, stderr)
-    }
-}
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
 }
 
 fn print_family(args: &[String], family: &str) -> String {
@@ -118,32 +63,21 @@ fn main() {
     }
     let runs = option("--runs", 21).max(1);
     let cidrs = option("--cidrs", 10_000);
-    // Rules only: no packet is sent anywhere in this benchmark. The list is written as
-    // compactly as possible: Linux caps one argument at 128 KiB (MAX_ARG_STRLEN), which is
-    // about 10,000 CIDRs in one -x value, for Istio's flag as for meshinit's. Every other
-    // /24, so that no two are adjacent and a set (`--match-sets`) keeps them all.
-    let excluded: Vec<String> = (0..cidrs)
-        .map(|i| format!("{}.{}.{}.0/24", 1 + i / 1280, i / 128 % 10, i % 128 * 2))
-        .collect();
-    let with = |extra: &[&str]| -> Vec<String> {
-        INJECTOR_DEFAULT
-            .iter()
-            .chain(extra)
-            .map(|s| (*s).to_owned())
-            .collect()
-    };
-    let mut many = with(&["--no-ipv6"]);
-    let x = many.iter().position(|a| a == "-x").expect("-x") + 1;
-    many[x] = excluded.join(",");
+    // Rules only: no packet is sent anywhere in this benchmark.
+    let many = replace_value(
+        injector(&["--no-ipv6"]),
+        "-x",
+        excluded_cidrs(cidrs).join(","),
+    );
     let scenarios = [
         Scenario {
             name: "injector default, IPv4".into(),
-            args: with(&["--no-ipv6"]),
+            args: injector(&["--no-ipv6"]),
             ipv6: false,
         },
         Scenario {
             name: "injector default, dual-stack".into(),
-            args: with(&["--ipv6"]),
+            args: injector(&["--ipv6"]),
             ipv6: true,
         },
         Scenario {
