@@ -16,4 +16,6 @@ bin="$(bash scripts/build-static.sh)"
 # The figures are only as quiet as the machine: say how loaded it was.
 echo "$(date -u '+%F %H:%M UTC'), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)," \
   "kernel $(uname -r), $(iptables --version)"
+echo "pilot-agent: $addons/pilot-agent, $(stat -c %s "$addons/pilot-agent") bytes;" \
+  "meshinit: $bin, $(stat -c %s "$bin") bytes (both static and stripped)"
 PILOT_AGENT="$addons/pilot-agent" MESHINIT_BIN="$PWD/$bin" cargo bench --quiet --bench istio -- "$@"
