@@ -2,6 +2,7 @@
 # Measures the shipped artifact: builds the static binary, then runs the apply and connect
 # benchmarks against it (as root) and prints the static binary's size. Extra args go to
 # the apply bench, e.g. `bash benches/run.sh --runs 41`.
+# Istio's own istio-init against meshinit is benches/istio.sh (it builds Istio's pilot-agent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin="$(bash scripts/build-static.sh)"
