@@ -58,7 +58,10 @@ if [ ! -x "$bin" ] || [ ! -d "$(cat "$bin.moddir" 2>/dev/null)" ]; then
   (cd "$here" && GOFLAGS=-mod=readonly "$go_cmd" build -p 2 -trimpath -ldflags='-s -w' -o "$bin.tmp" "$package")
   (cd "$here" && GOFLAGS=-mod=readonly "$go_cmd" list -m -f '{{.Dir}}' istio.io/istio) > "$bin.moddir"
   mv "$bin.tmp" "$bin"
-  # Older builds of this version are dead weight once a newer source builds.
-  find "$dir" -mindepth 1 -maxdepth 1 -type f -name "$name-*" ! -name "$name-$digest*" -delete
 fi
+# Builds of other sources are pruned once unused for a week, not at once: checkouts of other
+# sources on the same machine (worktrees, branches) use theirs at the same time, and a
+# binary deleted between this script's answer and a test's start fails that test.
+touch "$bin"
+find "$dir" -mindepth 1 -maxdepth 1 -type f -name "$name-*" ! -name "$name-$digest*" -mtime +7 -delete
 echo "$bin"

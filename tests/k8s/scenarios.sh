@@ -374,6 +374,15 @@ wait_new_sandbox() { # POD OLD-SANDBOX
   done
   die "$1 did not come back in a new sandbox"
 }
+# Whether the kubelet (since it started) has finished a first sync ("create") of as many pods
+# as are bound to the node: its pod workers' own count (kubelet_pod_worker_duration_seconds).
+kubelet_synced_every_pod() {
+  local synced bound
+  synced="$(kubectl get --raw "/api/v1/nodes/$NODE_NAME/proxy/metrics" 2>/dev/null \
+    | awk '/^kubelet_pod_worker_duration_seconds_count\{.*operation_type="create"/ { n += $2 } END { print n + 0 }')"
+  bound="$(kubectl get pods -A --field-selector "spec.nodeName=$NODE_NAME" -o name | wc -l)"
+  [ "$bound" -gt 0 ] && [ "$synced" -ge "$bound" ]
+}
 restarts_of() { # POD: each container's restart count
   kubectl get pod -n "${POD_NS:-meshed}" "$1" \
     -o jsonpath='{range .status.initContainerStatuses[*]}{.name}={.restartCount} {end}{range .status.containerStatuses[*]}{.name}={.restartCount} {end}'
@@ -403,7 +412,10 @@ scenario_restarts() {
   log "kubelet stopped; starting it again"
   start_kubelet
   wait_for "node $NODE_NAME (kubelet restarted)" 120 kubelet node_ready
-  sleep 5 # a few of its sync loops
+  # "Nothing restarted" is judged once the new kubelet has synced every pod of the node
+  # (its first sync of a pod is where it would run an init container again), not after a
+  # fixed wait.
+  wait_for "the restarted kubelet's first sync of each of the node's pods" 120 kubelet kubelet_synced_every_pod
   for pod in cni-r init-r; do
     check "$pod: after the kubelet's restart, nothing restarted" "^${before_restarts[$pod]}\$" \
       "$(restarts_of "$pod")"
