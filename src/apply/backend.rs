@@ -15,7 +15,7 @@ use super::locks::{PrivateLock, XtablesLock};
 use super::{ApplyError, Netfilter, RestoreInput};
 use crate::config::ForcedBackend;
 use crate::netlink::{NlFamily, Socket};
-use crate::rules::model::{Family, IstioChain, Table};
+use crate::rules::iptables::model::{Family, IstioChain, Table};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use crate::netlink::wire::{attrs, Writer, NLA_F_NET_BYTEORDER};
 use crate::netlink::Socket;
-use crate::rules::ipset::{IpSet, SetMembers, SET_PREFIX};
-use crate::rules::model::Family;
+use crate::rules::iptables::ipset::{IpSet, SetMembers, SET_PREFIX};
+use crate::rules::iptables::model::Family;
 
 /// The sets the engine needs, behind a trait so the engine is tested with a fake.
 pub trait IpSets {
@@ -382,8 +382,8 @@ impl IpSets for NetlinkIpSets {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::ipset::SetList;
-    use crate::rules::model::Port;
+    use crate::rules::iptables::ipset::SetList;
+    use crate::rules::iptables::model::Port;
 
     /// (kind without flags, flags, payload) of each top-level attribute after nfgenmsg.
     fn top(message: &[u8]) -> Vec<(u16, Vec<u8>)> {
@@ -459,7 +459,7 @@ mod tests {
 
     #[test]
     fn a_port_range_is_one_member_with_port_to() {
-        let range = crate::rules::plan::tests::range;
+        let range = crate::rules::iptables::plan::tests::range;
         let set = IpSet::ports(
             SetList::ExcludedOutboundPorts,
             Family::V4,

@@ -23,11 +23,11 @@ pub use nft::{
 };
 pub use routing::NetlinkRouting;
 
-use crate::rules::iptables::{
+use crate::rules::iptables::model::{Family, FamilyRuleset, Ruleset, Table};
+use crate::rules::iptables::render::{
     parse_existing, render_restore, render_restore_chunks, render_rollback,
     tables_holding_only_ours, tables_in_save, ExistingState,
 };
-use crate::rules::model::{Family, FamilyRuleset, Ruleset, Table};
 
 /// Restore input, produced in pieces so a restore process can start on it while the rest
 /// is still being rendered.

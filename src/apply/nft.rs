@@ -20,7 +20,7 @@ use std::process::{Command, Stdio};
 use super::{ApplyError, Routing, RoutingChanges, RoutingPlan};
 use crate::config::NftablesApply;
 use crate::netlink::{BatchError, Socket};
-use crate::rules::model::OwnerKind;
+use crate::rules::iptables::model::OwnerKind;
 use crate::rules::nft::encode::{encode, Batch};
 use crate::rules::nft::model::{ExistingTables, NftRuleset, Table};
 use crate::rules::nft::render::{op_text, render_ops};
@@ -469,7 +469,7 @@ mod tests {
     use super::*;
     use crate::apply::{RoutingChanges, RoutingItem};
     use crate::config::{InboundCapture, InterceptionMode, OwnerGroups};
-    use crate::rules::model::{Family, Owner};
+    use crate::rules::iptables::model::{Family, Owner};
     use crate::rules::nft::plan::plan;
     use crate::rules::nft::plan::tests::base;
     use nix::errno::Errno;

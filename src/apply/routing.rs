@@ -2,7 +2,7 @@
 
 use super::{ApplyError, Routing, RoutingChanges, RoutingItem, RoutingPlan};
 use crate::netlink::{interface_index, route_matches, rule_matches, NlFamily, Socket};
-use crate::rules::model::{Family, IPV6_PASSTHROUGH};
+use crate::rules::iptables::model::{Family, IPV6_PASSTHROUGH};
 
 #[derive(Default)]
 pub struct NetlinkRouting {

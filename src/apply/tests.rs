@@ -95,7 +95,7 @@ impl IpSets for FakeIpSets {
     }
     fn ensure(
         &mut self,
-        sets: &[std::sync::Arc<crate::rules::ipset::IpSet>],
+        sets: &[std::sync::Arc<crate::rules::iptables::ipset::IpSet>],
     ) -> Result<usize, IpSetError> {
         let names = sets.iter().map(|s| s.name().to_string()).collect();
         self.calls.borrow_mut().push(Call::EnsureSets(names));
@@ -187,7 +187,9 @@ fn ruleset_with(
         raw.set_flag(*setting, *value);
     }
     match build_config(&raw, &|_| None, &NoHost).unwrap() {
-        ConfigOutcome::Capture(config) => crate::rules::plan_with(&config.capture, options),
+        ConfigOutcome::Capture(config) => {
+            crate::rules::iptables::plan_with(&config.capture, options)
+        }
         ConfigOutcome::Skip { .. } => panic!("skip"),
     }
 }

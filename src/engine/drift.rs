@@ -22,8 +22,8 @@ use crate::apply::{
 };
 use crate::config::{Config, ForcedBackend};
 use crate::netlink::{NlFamily, Socket};
-use crate::rules::iptables::is_ours;
-use crate::rules::model::{Family, IstioChain, Table, IPV6_PASSTHROUGH};
+use crate::rules::iptables::model::{Family, IstioChain, Table, IPV6_PASSTHROUGH};
+use crate::rules::iptables::render::is_ours;
 
 /// Why the drift could not be measured: what was being done, and the cause.
 #[derive(Debug, thiserror::Error)]

@@ -34,10 +34,11 @@ use crate::apply::{
 };
 use crate::caps::CapsError;
 use crate::config::{Config, ConfigError, RunOptions};
-use crate::rules::iptables::render_fresh;
-use crate::rules::model::Family;
-use crate::rules::routes::render_routing;
-use crate::rules::{plan_with, PlanOptions, Ruleset};
+use crate::rules::iptables::model::Family;
+use crate::rules::iptables::render::render_fresh;
+use crate::rules::iptables::routes::render_routing;
+use crate::rules::iptables::{plan_with, Ruleset};
+use crate::rules::PlanOptions;
 
 /// Which rules a pod gets, decided once from its settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,7 +121,7 @@ pub fn render_plan(ruleset: &Ruleset) -> String {
         };
         match ruleset.family(family) {
             Some(rules) => {
-                let sets = crate::rules::ipset::render_sets(&rules.sets());
+                let sets = crate::rules::iptables::ipset::render_sets(&rules.sets());
                 if !sets.is_empty() {
                     text.push_str(&format!(
                         "# {family}: ipsets first (created over netlink; `ipset restore` input)\n"
