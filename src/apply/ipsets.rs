@@ -8,20 +8,11 @@
 
 use std::sync::Arc;
 
+use super::IpSets;
 use crate::netlink::wire::{attrs, Writer, NLA_F_NET_BYTEORDER};
 use crate::netlink::Socket;
 use crate::rules::iptables::ipset::{IpSet, SetMembers, SET_PREFIX};
 use crate::rules::iptables::model::Family;
-
-/// The sets the engine needs, behind a trait so the engine is tested with a fake.
-pub trait IpSets {
-    /// Whether this kernel can hold sets; asked before planning with them.
-    fn available(&mut self) -> bool;
-    /// Makes every set in `sets` exist with its members. Returns how many it created.
-    fn ensure(&mut self, sets: &[Arc<IpSet>]) -> Result<usize, IpSetError>;
-    /// Destroys every set of meshinit's that no rule uses. Returns how many.
-    fn remove_unused(&mut self) -> Result<usize, IpSetError>;
-}
 
 /// An ipset request the kernel refused.
 #[derive(Debug, thiserror::Error)]

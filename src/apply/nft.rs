@@ -17,7 +17,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use super::{ApplyError, Routing, RoutingChanges, RoutingPlan};
+use super::{ApplyError, Nftables, Routing, RoutingChanges, RoutingPlan};
 use crate::config::NftablesApply;
 use crate::netlink::{BatchError, Socket};
 use crate::rules::iptables::model::OwnerKind;
@@ -29,24 +29,6 @@ use nix::errno::Errno;
 
 /// The nf_tables family number of `inet` tables (NFPROTO_INET).
 const NFPROTO_INET: u8 = 1;
-
-/// nftables as meshinit uses it: read which of its tables exist, commit one transaction
-/// over netlink or through `nft -f`.
-pub trait Nftables {
-    /// meshinit's tables and their chains as they are now; `None` when that cannot be
-    /// known without launching anything.
-    fn existing(&mut self) -> Option<ExistingTables>;
-    /// Whether `run` can work at all (the `nft` binary is there).
-    fn available(&self) -> bool;
-    /// A user's (or group's) id, as nft would resolve the name; `None` if unknown.
-    fn owner_id(&self, kind: OwnerKind, name: &str) -> Option<u32>;
-    /// Sends `batch` over netlink; the kernel commits all of it or nothing.
-    fn commit(&mut self, batch: &Batch) -> Result<(), BatchError>;
-    /// Runs `script` through `nft -f -` as one transaction.
-    fn run(&mut self, script: &str) -> Result<(), ApplyError>;
-    /// Processes launched so far.
-    fn processes_launched(&self) -> usize;
-}
 
 /// The production `Nftables`: netlink, and the `nft` binary when asked for or as fallback.
 #[derive(Debug, Default)]

@@ -1,11 +1,14 @@
-//! The engine against recording fakes: call order, rollback, convergence, cleanup.
+//! The iptables backend (`iptables.rs`) against recording fakes: call order, rollback,
+//! convergence, cleanup.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use super::iptables::{apply, cleanup, ApplySummary};
 use super::*;
 use crate::config::{build_config, ConfigOutcome, HostFacts, RawSettings};
+use crate::rules::iptables::model::Ruleset;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Call {

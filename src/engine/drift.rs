@@ -16,9 +16,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
+use crate::apply::iptables::{Backend, IptablesTools};
+use crate::apply::nft::{find_nft, NftTool};
 use crate::apply::{
-    find_nft, ApplyError, Backend, IptablesTools, Netfilter as _, NetlinkIpSets, NftTool, Routing,
-    RoutingChanges, RoutingPlan,
+    ApplyError, Netfilter as _, NetlinkIpSets, Routing, RoutingChanges, RoutingPlan,
 };
 use crate::config::{Config, ForcedBackend};
 use crate::netlink::{NlFamily, Socket};
@@ -107,7 +108,7 @@ pub(super) fn iptables_drift(config: &Config) -> Result<Vec<String>, DriftError>
     let planned = in_scratch_namespace(|| {
         let mut scratch = IptablesTools::detect(forced, &families, wait)
             .map_err(|e| failed("no iptables to plan the check with", e))?;
-        crate::apply::apply(
+        crate::apply::iptables::apply(
             &mut scratch,
             &mut NoRouting,
             &mut NetlinkIpSets::default(),
@@ -459,7 +460,7 @@ pub(super) fn nftables_drift(config: &Config) -> Result<Vec<String>, DriftError>
     let present = nft_tables(&nft)?;
     let mode = config.run.nftables_apply;
     let planned = in_scratch_namespace(|| {
-        crate::apply::apply_nftables(&mut NftTool::new(), &mut NoRouting, &ruleset, mode)
+        crate::apply::nft::apply_nftables(&mut NftTool::new(), &mut NoRouting, &ruleset, mode)
             .map_err(|e| failed("applying the plan in a scratch namespace failed", e))?;
         nft_tables(&nft)
     })?;

@@ -27,11 +27,10 @@ pub enum EngineError {
     Ipv6Disabled,
 }
 
+use crate::apply::iptables::IptablesTools;
+use crate::apply::nft::NftTool;
 use crate::apply::ApplyError;
-use crate::apply::{
-    IpSets, IptablesTools, Netfilter as _, NetlinkIpSets, NetlinkRouting, NftTool, Nftables as _,
-    RunLock,
-};
+use crate::apply::{IpSets, Netfilter as _, NetlinkIpSets, NetlinkRouting, Nftables as _, RunLock};
 use crate::caps::CapsError;
 use crate::config::{Config, ConfigError, RunOptions};
 use crate::rules::iptables::model::Family;
@@ -160,7 +159,7 @@ fn install_iptables(config: &Config) -> Result<(), EngineError> {
     let ruleset = kernel_plan(config, &mut sets);
     tools.hold_xtables_lock(&run.xtables_lockfile)?;
     let mut routing = NetlinkRouting::default();
-    let summary = crate::apply::apply(&mut tools, &mut routing, &mut sets, &ruleset);
+    let summary = crate::apply::iptables::apply(&mut tools, &mut routing, &mut sets, &ruleset);
     tools.release_xtables_lock();
     let summary = summary?;
     let rules: Vec<String> = summary
@@ -225,8 +224,12 @@ fn install_nftables(config: &Config) -> Result<(), EngineError> {
         nft.require()?;
     }
     let ruleset = nft_plan(config);
-    let summary =
-        crate::apply::apply_nftables(&mut nft, &mut NetlinkRouting::default(), &ruleset, mode)?;
+    let summary = crate::apply::nft::apply_nftables(
+        &mut nft,
+        &mut NetlinkRouting::default(),
+        &ruleset,
+        mode,
+    )?;
     let rules: Vec<String> = summary
         .rules
         .iter()
@@ -269,8 +272,11 @@ fn remove_nftables(run: &RunOptions) -> Result<(), EngineError> {
     let started = Instant::now();
     let _run_lock = RunLock::acquire(run.xtables_wait)?;
     let mut nft = NftTool::new();
-    let removed =
-        crate::apply::cleanup_native(&mut nft, &mut NetlinkRouting::default(), run.nftables_apply)?;
+    let removed = crate::apply::nft::cleanup_native(
+        &mut nft,
+        &mut NetlinkRouting::default(),
+        run.nftables_apply,
+    )?;
     crate::caps::drop_all()?;
     tracing::info!(
         backend = "nftables",
@@ -299,7 +305,7 @@ fn remove_iptables(run: &RunOptions) -> Result<(), EngineError> {
             }
         };
     tools.hold_xtables_lock(&run.xtables_lockfile)?;
-    let removed = crate::apply::cleanup(
+    let removed = crate::apply::iptables::cleanup(
         &mut tools,
         &mut NetlinkRouting::default(),
         &mut NetlinkIpSets::default(),
@@ -309,7 +315,7 @@ fn remove_iptables(run: &RunOptions) -> Result<(), EngineError> {
     let mut failures = Vec::new();
     let removed = crate::apply::keep_going(removed, &mut failures)
         + crate::apply::keep_going(
-            crate::apply::cleanup_nftables(&mut nft, run.nftables_apply),
+            crate::apply::nft::cleanup_nftables(&mut nft, run.nftables_apply),
             &mut failures,
         );
     crate::apply::all_of(failures)?;
