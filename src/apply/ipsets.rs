@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use super::IpSets;
+use super::{IpSets, SetContents, SetMember};
 use crate::netlink::wire::{attrs, Writer, NLA_F_NET_BYTEORDER};
 use crate::netlink::Socket;
 use crate::rules::iptables::ipset::{IpSet, SetMembers, SET_PREFIX};
@@ -229,6 +229,60 @@ pub fn parse_listed(payload: &[u8]) -> Option<ListedSet> {
     })
 }
 
+/// A LIST reply's set name and the members it carries (a set's members may come in several
+/// replies); `None` for a reply without a set name.
+pub fn parse_members(payload: &[u8]) -> Option<(String, Vec<SetMember>)> {
+    let attributes = payload.get(4..)?;
+    let mut name = None;
+    let mut members = Vec::new();
+    for (kind, value) in attrs(attributes) {
+        match kind {
+            ATTR_SETNAME => {
+                let text = value.split(|b| *b == 0).next()?;
+                name = Some(String::from_utf8_lossy(text).into_owned());
+            }
+            ATTR_ADT => members.extend(
+                attrs(value)
+                    .filter(|(inner, _)| *inner == ATTR_DATA)
+                    .filter_map(|(_, data)| parse_member(data)),
+            ),
+            _ => {}
+        }
+    }
+    Some((name?, members))
+}
+
+/// One member's `IPSET_ATTR_DATA`: an address with its prefix length, or a port.
+fn parse_member(data: &[u8]) -> Option<SetMember> {
+    let mut address = None;
+    let mut cidr = None;
+    for (kind, value) in attrs(data) {
+        match kind {
+            ATTR_IP => {
+                address = attrs(value).find_map(|(family, bytes)| match family {
+                    ATTR_IPADDR_IPV4 => <[u8; 4]>::try_from(bytes).ok().map(std::net::IpAddr::from),
+                    ATTR_IPADDR_IPV6 => {
+                        <[u8; 16]>::try_from(bytes).ok().map(std::net::IpAddr::from)
+                    }
+                    _ => None,
+                })
+            }
+            ATTR_CIDR => cidr = value.first().copied(),
+            ATTR_PORT => {
+                return <[u8; 2]>::try_from(value)
+                    .ok()
+                    .map(|b| SetMember::Port(u16::from_be_bytes(b)))
+            }
+            _ => {}
+        }
+    }
+    let address = address?;
+    let full = if address.is_ipv4() { 32 } else { 128 };
+    ipnet::IpNet::new(address, cidr.unwrap_or(full))
+        .ok()
+        .map(SetMember::Net)
+}
+
 /// ipsets over a netfilter netlink socket, opened on first use.
 #[derive(Default)]
 pub struct NetlinkIpSets {
@@ -306,6 +360,31 @@ impl NetlinkIpSets {
 }
 
 impl IpSets for NetlinkIpSets {
+    fn contents(&mut self) -> Result<Vec<SetContents>, IpSetError> {
+        let replies = self
+            .socket("(all)")?
+            .ipset_dump(CMD_LIST, &message().into_bytes())
+            .map_err(|code| IpSetError {
+                action: "listing",
+                set: "(all)".into(),
+                code,
+            })?;
+        let mut sets: Vec<SetContents> = Vec::new();
+        for (name, members) in replies.iter().filter_map(|p| parse_members(p)) {
+            if !name.starts_with(SET_PREFIX) {
+                continue;
+            }
+            match sets.iter_mut().find(|s| s.name == name) {
+                Some(set) => set.members.extend(members),
+                None => sets.push(SetContents {
+                    name,
+                    members: members.into_iter().collect(),
+                }),
+            }
+        }
+        Ok(sets)
+    }
+
     fn available(&mut self) -> bool {
         let probe = message().into_bytes();
         match self.request("probing", "(none)", CMD_PROTOCOL, 0, &probe) {

@@ -14,6 +14,7 @@ mod locks;
 pub mod nft;
 mod routing;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +24,9 @@ pub use locks::RunLock;
 pub use routing::NetlinkRouting;
 
 use crate::netlink::BatchError;
-use crate::rules::iptables::ipset::IpSet;
+use ipnet::IpNet;
+
+use crate::rules::iptables::ipset::{IpSet, SetMembers};
 use crate::rules::iptables::model::{Family, OwnerKind, Table};
 use crate::rules::nft::encode::Batch;
 use crate::rules::nft::model::ExistingTables;
@@ -84,6 +87,9 @@ pub trait Nftables {
     fn commit(&mut self, batch: &Batch) -> Result<(), BatchError>;
     /// Runs `script` through `nft -f -` as one transaction.
     fn run(&mut self, script: &str) -> Result<(), ApplyError>;
+    /// meshinit's `inet` tables by name, each as `nft -s list table` prints it (`-s`:
+    /// without counter values, which differ between a pod that saw traffic and a copy).
+    fn listing(&mut self) -> Result<BTreeMap<String, String>, ApplyError>;
     /// Processes launched so far.
     fn processes_launched(&self) -> usize;
 }
@@ -96,6 +102,47 @@ pub trait IpSets {
     fn ensure(&mut self, sets: &[Arc<IpSet>]) -> Result<usize, IpSetError>;
     /// Destroys every set of meshinit's that no rule uses. Returns how many.
     fn remove_unused(&mut self) -> Result<usize, IpSetError>;
+    /// Every set of meshinit's here, with its members as the kernel lists them.
+    fn contents(&mut self) -> Result<Vec<SetContents>, IpSetError>;
+}
+
+/// One set of meshinit's as the kernel holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetContents {
+    pub name: String,
+    pub members: BTreeSet<SetMember>,
+}
+
+/// One member of a set, as the kernel lists it: a network of a `hash:net` set, or one
+/// port of a `bitmap:port` set (the kernel holds a range as its ports).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SetMember {
+    Net(IpNet),
+    Port(u16),
+}
+
+impl SetMember {
+    /// The members `set` holds once created, as the kernel lists them.
+    pub fn of(set: &IpSet) -> BTreeSet<SetMember> {
+        match set.members() {
+            SetMembers::Nets(nets) => nets.iter().map(|n| SetMember::Net(*n)).collect(),
+            SetMembers::Ports(ranges) => ranges
+                .iter()
+                .flat_map(|r| r.first().get()..=r.last().get())
+                .map(SetMember::Port)
+                .collect(),
+        }
+    }
+}
+
+/// As `ipset` writes it.
+impl std::fmt::Display for SetMember {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SetMember::Net(net) => write!(f, "{net}"),
+            SetMember::Port(port) => write!(f, "{port}"),
+        }
+    }
 }
 
 /// What TPROXY needs outside netfilter.
@@ -135,6 +182,68 @@ pub trait Routing {
     fn remove_stale(&mut self, plan: &RoutingPlan) -> Result<usize, ApplyError>;
     /// Removes every rule and route meshinit tagged, and the `::6` address.
     fn remove_all(&mut self) -> Result<usize, ApplyError>;
+    /// Every rule and route meshinit tagged here, and (when `passthrough_address`) whether
+    /// `lo` holds the `::6` address.
+    fn read(&mut self, passthrough_address: bool) -> Result<RoutingState, ApplyError>;
+}
+
+/// What `Routing::read` finds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoutingState {
+    pub entries: Vec<RoutingEntry>,
+    /// Whether `lo` holds `::6` (false when not asked).
+    pub passthrough_address: bool,
+}
+
+/// One tagged rule or route, as far as meshinit's plans describe them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoutingEntry {
+    Rule {
+        family: Family,
+        mark: Option<u32>,
+        table: u32,
+    },
+    Route {
+        family: Family,
+        table: u32,
+        local: bool,
+    },
+}
+
+impl RoutingEntry {
+    pub fn family(&self) -> Family {
+        match self {
+            RoutingEntry::Rule { family, .. } | RoutingEntry::Route { family, .. } => *family,
+        }
+    }
+}
+
+/// As `ip` would add it.
+impl std::fmt::Display for RoutingEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RoutingEntry::Rule {
+                mark: Some(mark),
+                table,
+                ..
+            } => write!(f, "ip rule fwmark {mark} lookup {table}"),
+            RoutingEntry::Rule {
+                mark: None, table, ..
+            } => write!(f, "ip rule lookup {table}"),
+            RoutingEntry::Route {
+                family,
+                table,
+                local,
+            } => {
+                let kind = if *local { "local " } else { "" };
+                let default = match family {
+                    Family::V4 => "0.0.0.0/0",
+                    Family::V6 => "::/0",
+                };
+                write!(f, "ip route {kind}{default} dev lo table {table}")
+            }
+        }
+    }
 }
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -267,4 +376,4 @@ pub fn all_of(mut failures: Vec<ApplyError>) -> Result<(), ApplyError> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

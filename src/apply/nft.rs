@@ -13,6 +13,7 @@
 //! address go through the same `Routing` as for iptables. The engine only talks to the
 //! small `Nftables` trait, so tests drive it with a recording, fault-injecting fake.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -167,6 +168,34 @@ impl Nftables for NftTool {
             program: "nft -f -".to_owned(),
             stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
         })
+    }
+
+    fn listing(&mut self) -> Result<BTreeMap<String, String>, ApplyError> {
+        let path = self.path.clone().ok_or_else(missing_nft)?;
+        let chains = Socket::netfilter()?.nftables_chains()?;
+        let mut listed = BTreeMap::new();
+        for (table, _) in our_tables(&chains).tables {
+            let name = table.name();
+            let output = Command::new(&path)
+                .args(["-s", "list", "table", "inet", name])
+                .output()
+                .map_err(|error| ApplyError::Spawn {
+                    program: "nft".to_owned(),
+                    error,
+                })?;
+            self.launched += 1;
+            if !output.status.success() {
+                return Err(ApplyError::Save {
+                    program: format!("nft list table inet {name}"),
+                    stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+                });
+            }
+            listed.insert(
+                name.to_owned(),
+                String::from_utf8_lossy(&output.stdout).into_owned(),
+            );
+        }
+        Ok(listed)
     }
 
     fn processes_launched(&self) -> usize {
@@ -447,9 +476,9 @@ pub fn cleanup_native(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::apply::{RoutingChanges, RoutingItem};
+    use crate::apply::{RoutingChanges, RoutingItem, RoutingState};
     use crate::config::{InboundCapture, InterceptionMode, OwnerGroups};
     use crate::rules::iptables::model::{Family, Owner};
     use crate::rules::nft::plan::plan;
@@ -475,7 +504,9 @@ mod tests {
 
     /// Records every batch and transaction; fails on request.
     #[derive(Default)]
-    struct FakeNft {
+    pub(crate) struct FakeNft {
+        /// What `listing` shows.
+        pub(crate) listing: BTreeMap<String, String>,
         existing: Option<ExistingTables>,
         /// `nft` is not installed.
         missing: bool,
@@ -546,6 +577,9 @@ mod tests {
             }
             Ok(())
         }
+        fn listing(&mut self) -> Result<BTreeMap<String, String>, ApplyError> {
+            Ok(self.listing.clone())
+        }
         fn processes_launched(&self) -> usize {
             self.scripts.len()
         }
@@ -594,6 +628,10 @@ mod tests {
         fn remove_all(&mut self) -> Result<usize, ApplyError> {
             self.calls.push("remove_all".into());
             Ok(0)
+        }
+        fn read(&mut self, _: bool) -> Result<RoutingState, ApplyError> {
+            self.calls.push("read".into());
+            Ok(RoutingState::default())
         }
     }
 

@@ -7,7 +7,7 @@ mod drift;
 
 use std::time::Instant;
 
-pub use drift::DriftError;
+pub use drift::{Drift, DriftError, Place, SetName};
 
 /// What can go wrong in the engine: the layers below it, and asking one family's text of a
 /// plan that has none. The top-level error takes each variant as its own (`error::Error`'s
@@ -93,8 +93,8 @@ impl Engine {
     }
 
     /// Each difference between what is here and what installing `config` would leave
-    /// (meshinit's rules, tables and routing only); empty when there is none.
-    pub fn drift(self, config: &Config) -> Result<Vec<String>, DriftError> {
+    /// (meshinit's rules, tables, sets and routing only); empty when there is none.
+    pub fn drift(self, config: &Config) -> Result<Vec<Drift>, DriftError> {
         match self {
             Engine::Iptables => drift::iptables_drift(config),
             Engine::Nftables => drift::nftables_drift(config),
