@@ -617,4 +617,30 @@ mod tests {
         };
         assert!(errno.to_string().contains("EPERM"), "{errno}");
     }
+
+    #[test]
+    fn listing_reads_members_of_both_kinds() {
+        let mut w = named("meshinit-excl-nets4-00000000");
+        let adt = w.begin_nest(ATTR_ADT);
+        for net in ["192.0.2.0/24", "2001:db8::/32"] {
+            let data = w.begin_nest(ATTR_DATA);
+            write_member(&mut w, Member::Net(net.parse().unwrap()));
+            w.end_nest(data);
+        }
+        let data = w.begin_nest(ATTR_DATA);
+        write_member(&mut w, Member::Ports(8200, 8200));
+        w.end_nest(data);
+        w.end_nest(adt);
+        let (name, members) = parse_members(&w.into_bytes()).unwrap();
+        assert_eq!(name, "meshinit-excl-nets4-00000000");
+        assert_eq!(
+            members,
+            [
+                SetMember::Net("192.0.2.0/24".parse().unwrap()),
+                SetMember::Net("2001:db8::/32".parse().unwrap()),
+                SetMember::Port(8200),
+            ]
+        );
+        assert_eq!(parse_members(&message().into_bytes()), None);
+    }
 }

@@ -19,15 +19,19 @@
 //! routing tagged with meshinit's protocol. Other tools' rules are not drift.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use crate::apply::iptables::{Backend, IptablesTools};
 use crate::apply::nft::NftTool;
 use crate::apply::{
     ApplyError, IpSets, Netfilter, NetlinkIpSets, NetlinkRouting, Nftables, Routing,
-    RoutingChanges, RoutingEntry, RoutingPlan, RoutingState,
+    RoutingChanges, RoutingEntry, RoutingPlan, RoutingState, SetContents, SetMember,
 };
 use crate::config::{Config, ForcedBackend};
-use crate::rules::iptables::model::{Family, IstioChain, Ruleset, Table, IPV6_PASSTHROUGH};
+use crate::rules::iptables::ipset::IpSet;
+use crate::rules::iptables::model::{
+    Family, FamilyRuleset, IstioChain, Ruleset, Table, IPV6_PASSTHROUGH,
+};
 use crate::rules::iptables::render::is_ours;
 use crate::rules::nft::NftRuleset;
 
@@ -356,13 +360,18 @@ fn iptables_pod_drift(
     ruleset: &Ruleset,
     planned: &[String],
     pod: &mut dyn Netfilter,
-    _sets: &mut dyn IpSets,
+    sets: &mut dyn IpSets,
     routing: &mut dyn Routing,
 ) -> Result<Vec<Drift>, DriftError> {
     let mut drift = Vec::new();
     for (family, planned) in ruleset.families().map(|f| f.family).zip(planned) {
         let present = pod.save(family).map_err(pod_read("rules"))?;
         drift.extend(compare_iptables(family, planned, &present));
+    }
+    let planned_sets: Vec<Arc<IpSet>> = ruleset.families().flat_map(FamilyRuleset::sets).collect();
+    if !planned_sets.is_empty() {
+        let present = sets.contents().map_err(|e| pod_read("ipsets")(e.into()))?;
+        drift.extend(compare_sets(&planned_sets, &present));
     }
     let plan = RoutingPlan {
         ipv6_passthrough_address: ruleset.ipv6_passthrough_address,
@@ -508,6 +517,62 @@ fn diff_rules(place: &Place, planned: &[String], present: &[String], drift: &mut
             place: place.clone(),
         });
     }
+}
+
+/// The planned sets against the pod's: a set the rules name must hold exactly its
+/// planned members (its name is a hash of them, but the kernel lets them change under it).
+/// Sets no plan names are not compared: no rule of the plan looks them up, and a rule of
+/// the pod's that did would be drift already.
+fn compare_sets(planned: &[Arc<IpSet>], present: &[SetContents]) -> Vec<Drift> {
+    let mut drift = Vec::new();
+    for set in planned {
+        let Some(found) = present.iter().find(|p| p.name == set.name()) else {
+            drift.push(Drift::MissingSet {
+                set: set.name().to_owned(),
+            });
+            continue;
+        };
+        let want = SetMember::of(set);
+        let missing: Vec<SetMember> = want.difference(&found.members).copied().collect();
+        let unexpected: Vec<SetMember> = found.members.difference(&want).copied().collect();
+        if !missing.is_empty() || !unexpected.is_empty() {
+            drift.push(Drift::SetMembers {
+                set: SetName::Ipset(set.name().to_owned()),
+                missing: spelled(&missing),
+                unexpected: spelled(&unexpected),
+            });
+        }
+    }
+    drift
+}
+
+/// Members as `ipset` takes them, consecutive ports as one range (`8000-8100`): a set of
+/// all ports flushed is one line, not 65,535.
+fn spelled(members: &[SetMember]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut run: Option<(u16, u16)> = None;
+    let close = |run: Option<(u16, u16)>, out: &mut Vec<String>| match run {
+        Some((first, last)) if first == last => out.push(first.to_string()),
+        Some((first, last)) => out.push(format!("{first}-{last}")),
+        None => {}
+    };
+    for member in members {
+        match (*member, run) {
+            (SetMember::Port(port), Some((first, last))) if last.checked_add(1) == Some(port) => {
+                run = Some((first, port));
+            }
+            (SetMember::Port(port), _) => {
+                close(run.take(), &mut out);
+                run = Some((port, port));
+            }
+            (SetMember::Net(net), _) => {
+                close(run.take(), &mut out);
+                out.push(net.to_string());
+            }
+        }
+    }
+    close(run, &mut out);
+    out
 }
 
 // ---- routing ----------------------------------------------------------------------------
@@ -658,7 +723,9 @@ fn compare_nft(table: &str, planned: &str, present: &str) -> Vec<Drift> {
                     table: table.to_owned(),
                     block: block.clone(),
                 };
-                diff_rules(&place, lines, found, &mut drift);
+                let mut rules = Vec::new();
+                diff_rules(&place, lines, found, &mut rules);
+                drift.extend(set_edits(rules));
             }
         }
     }
@@ -669,6 +736,94 @@ fn compare_nft(table: &str, planned: &str, present: &str) -> Vec<Drift> {
         });
     }
     drift
+}
+
+/// A rule's anonymous sets (`{ a, b }`), each as its elements, and the rule with their
+/// contents left out (`{ … }`).
+fn anonymous_sets(rule: &str) -> (String, Vec<Vec<&str>>) {
+    let mut shape = String::with_capacity(rule.len());
+    let mut sets = Vec::new();
+    let mut rest = rule;
+    while let Some((before, after)) = rest.split_once('{') {
+        let Some((inside, tail)) = after.split_once('}') else {
+            break;
+        };
+        shape.push_str(before);
+        shape.push_str("{ … }");
+        sets.push(inside.split(',').map(str::trim).collect());
+        rest = tail;
+    }
+    shape.push_str(rest);
+    (shape, sets)
+}
+
+/// A planned rule missing from one place and a rule there that differs from it only in
+/// the elements of its anonymous sets are one edit: those sets' members, named.
+fn set_edits(drift: Vec<Drift>) -> Vec<Drift> {
+    let mut paired = vec![false; drift.len()];
+    let mut out = Vec::with_capacity(drift.len());
+    for (i, d) in drift.iter().enumerate() {
+        if paired[i] {
+            continue;
+        }
+        if let Drift::MissingRule { place, rule } = d {
+            let (shape, planned) = anonymous_sets(rule);
+            let edited = drift.iter().enumerate().find_map(|(j, e)| match e {
+                Drift::UnexpectedRule { place: at, rule }
+                    if !paired[j] && at == place && anonymous_sets(rule).0 == shape =>
+                {
+                    Some((j, anonymous_sets(rule).1))
+                }
+                _ => None,
+            });
+            if let Some((j, present)) = edited.filter(|_| !planned.is_empty()) {
+                let edits = member_edits(place, &shape, &planned, &present);
+                // Same elements: the rules differ in order only, which nft keeps sorted,
+                // so this is not a set's edit; reported as the rules are.
+                if !edits.is_empty() {
+                    paired[j] = true;
+                    out.extend(edits);
+                    continue;
+                }
+            }
+        }
+        out.push(d.clone());
+    }
+    out
+}
+
+/// The members of each set of a rule (`shape`) that differ between `planned` and
+/// `present`.
+fn member_edits(
+    place: &Place,
+    shape: &str,
+    planned: &[Vec<&str>],
+    present: &[Vec<&str>],
+) -> Vec<Drift> {
+    let others = |a: &[&str], b: &[&str]| -> Vec<String> {
+        a.iter()
+            .filter(|e| !b.contains(e))
+            .map(|e| (*e).to_owned())
+            .collect()
+    };
+    planned
+        .iter()
+        .zip(present)
+        .enumerate()
+        .filter_map(|(n, (want, have))| {
+            let missing = others(want, have);
+            let unexpected = others(have, want);
+            (!missing.is_empty() || !unexpected.is_empty()).then(|| Drift::SetMembers {
+                set: SetName::Anonymous {
+                    place: place.clone(),
+                    rule: shape.to_owned(),
+                    n: n + 1,
+                },
+                missing,
+                unexpected,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -981,6 +1136,128 @@ COMMIT
                 Drift::MissingTable {
                     table: "istio-proxy-nat".into()
                 },
+            ]
+        );
+    }
+
+    // ---- set contents ----
+
+    fn sets_check(contents: Vec<SetContents>) -> (Arc<IpSet>, Vec<Drift>) {
+        let options = crate::rules::PlanOptions { match_sets: true };
+        let cfg = crate::rules::iptables::plan::tests::kube_virt_config();
+        let ruleset = crate::rules::iptables::plan_with(&cfg, options);
+        let set = ruleset.v4.sets().remove(0);
+        let mut pod = pod_with("");
+        let mut sets = FakeIpSets::sharing(&pod);
+        sets.contents = contents;
+        let drift = iptables_pod_drift(
+            &ruleset,
+            &[String::new()],
+            &mut pod,
+            &mut sets,
+            &mut FakeRouting::default(),
+        )
+        .expect("the fakes answer");
+        assert!(
+            pod.calls().contains(&Call::ListSets),
+            "the pod's sets are read"
+        );
+        (set, drift)
+    }
+
+    #[test]
+    fn ipset_members_read_from_the_pod_are_compared() {
+        let (set, _) = sets_check(vec![]);
+        let name = set.name().to_owned();
+        let whole = SetContents {
+            name: name.clone(),
+            members: SetMember::of(&set),
+        };
+        assert_eq!(sets_check(vec![whole.clone()]).1, []);
+
+        let mut edited = whole.clone();
+        let net = |n: &str| SetMember::Net(n.parse().unwrap());
+        assert!(edited.members.remove(&net("192.0.2.0/24")));
+        edited.members.insert(net("198.51.100.0/24"));
+        let drift = sets_check(vec![edited]).1;
+        assert_eq!(
+            drift,
+            [Drift::SetMembers {
+                set: SetName::Ipset(name.clone()),
+                missing: vec!["192.0.2.0/24".into()],
+                unexpected: vec!["198.51.100.0/24".into()],
+            }]
+        );
+        assert_eq!(
+            texts(&drift),
+            [format!(
+                "ipset {name}: missing member 192.0.2.0/24; unexpected member 198.51.100.0/24"
+            )]
+        );
+
+        let flushed = SetContents {
+            name: name.clone(),
+            members: BTreeSet::new(),
+        };
+        assert_eq!(
+            texts(&sets_check(vec![flushed]).1),
+            [format!(
+                "ipset {name}: missing members 10.0.0.0/8, 192.0.2.0/24"
+            )]
+        );
+        assert_eq!(sets_check(vec![]).1, [Drift::MissingSet { set: name }]);
+    }
+
+    #[test]
+    fn ports_are_spelled_as_ranges() {
+        let ports: Vec<SetMember> = [80, 8200, 8201, 8202, 9000, 65535]
+            .into_iter()
+            .map(SetMember::Port)
+            .collect();
+        assert_eq!(spelled(&ports), ["80", "8200-8202", "9000", "65535"]);
+    }
+
+    const NFT_SET: &str = "table inet istio-proxy-nat {
+\tchain istio-output {
+\t\tip daddr { 192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24 } counter return
+\t\ttcp dport { 8200, 8300 } counter return
+\t\tcounter jump istio-redirect
+\t}
+}
+";
+
+    #[test]
+    fn an_edited_nftables_set_is_named_with_its_members() {
+        let planned = BTreeMap::from([("istio-proxy-nat".to_owned(), NFT_SET.to_owned())]);
+        let check = |listing: String| {
+            let mut pod = FakeNft::default();
+            pod.listing.insert("istio-proxy-nat".into(), listing);
+            let ruleset = crate::rules::nft::plan(&base());
+            texts(
+                &nftables_pod_drift(&ruleset, &planned, &mut pod, &mut FakeRouting::default())
+                    .expect("the fakes answer"),
+            )
+        };
+        assert_eq!(check(NFT_SET.to_owned()), Vec::<String>::new());
+        let place = "nftables inet istio-proxy-nat chain istio-output";
+        assert_eq!(
+            check(NFT_SET.replace(", 203.0.113.0/24 }", " }")),
+            [format!(
+                "{place}: set 1 of `ip daddr {{ … }} counter return`: missing member 203.0.113.0/24"
+            )]
+        );
+        assert_eq!(
+            check(NFT_SET.replace("{ 8200, 8300 }", "{ 8300, 9000 }")),
+            [format!(
+                "{place}: set 1 of `tcp dport {{ … }} counter return`: missing member 8200; unexpected member 9000"
+            )]
+        );
+        // Another rule around the same set is not the set's edit.
+        assert_eq!(
+            check(NFT_SET.replace("8300 } counter return", "8300 } counter accept")),
+            [
+                format!("{place}: missing `tcp dport {{ 8200, 8300 }} counter return`"),
+                format!("{place}: unexpected rule `tcp dport {{ 8200, 8300 }} counter accept`"),
             ]
         );
     }
