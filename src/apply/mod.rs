@@ -27,9 +27,10 @@ use crate::netlink::BatchError;
 use ipnet::IpNet;
 
 use crate::rules::iptables::ipset::{IpSet, SetMembers};
-use crate::rules::iptables::model::{Family, OwnerKind, Table};
+use crate::rules::iptables::model::Table;
 use crate::rules::nft::encode::Batch;
 use crate::rules::nft::model::ExistingTables;
+use crate::values::{Family, OwnerKind};
 
 /// Restore input, produced in pieces so a restore process can start on it while the rest
 /// is still being rendered.

@@ -21,11 +21,11 @@ use std::process::{Command, Stdio};
 use super::{ApplyError, Nftables, Routing, RoutingChanges, RoutingPlan};
 use crate::config::NftablesApply;
 use crate::netlink::{BatchError, Socket};
-use crate::rules::iptables::model::OwnerKind;
 use crate::rules::nft::encode::{encode, Batch};
 use crate::rules::nft::model::{ExistingTables, NftRuleset, Table};
 use crate::rules::nft::render::{op_text, render_ops};
 use crate::rules::nft::txn::{self, Op};
+use crate::values::OwnerKind;
 use nix::errno::Errno;
 
 /// The nf_tables family number of `inet` tables (NFPROTO_INET).

@@ -6,7 +6,8 @@ use super::{
 use crate::netlink::{
     interface_index, route_matches, route_table, rule_mark_table, rule_matches, NlFamily, Socket,
 };
-use crate::rules::iptables::model::{Family, IPV6_PASSTHROUGH};
+use crate::rules::decisions::IPV6_PASSTHROUGH;
+use crate::values::Family;
 
 #[derive(Default)]
 pub struct NetlinkRouting {
