@@ -48,6 +48,22 @@ pub enum Engine {
     Nftables,
 }
 
+/// What the engine does with a backend. Each backend is one implementation, over its own
+/// folder of `rules/` and its own file of `apply/`; `Engine::backend` is the one place one
+/// is picked.
+trait Backend {
+    /// The whole dry-run text: what `print` shows and `apply -n` prints.
+    fn dry_run(&self, config: &Config) -> String;
+    /// One family's part of the dry-run alone (`print --family`).
+    fn dry_run_family(&self, config: &Config, family: Family) -> Result<String, EngineError>;
+    /// Plans `config` and applies it in the current network namespace.
+    fn install(&self, config: &Config) -> Result<(), EngineError>;
+    /// Each difference between the current namespace and what `install` would leave.
+    fn drift(&self, config: &Config) -> Result<Vec<Drift>, DriftError>;
+    /// Removes everything meshinit (or istio-init) added here.
+    fn remove_everything(&self, run: &RunOptions) -> Result<(), EngineError>;
+}
+
 impl Engine {
     pub fn of(run: &RunOptions) -> Engine {
         if run.native_nftables {
@@ -57,56 +73,97 @@ impl Engine {
         }
     }
 
+    /// The backend's implementation: the only place the engine tells backends apart.
+    fn backend(self) -> &'static dyn Backend {
+        match self {
+            Engine::Iptables => &IptablesBackend,
+            Engine::Nftables => &NftablesBackend,
+        }
+    }
+
     /// The whole dry-run text: what `print` shows and `apply -n` prints.
     pub fn dry_run(self, config: &Config) -> String {
-        match self {
-            Engine::Iptables => render_plan(&iptables_plan(config)),
-            Engine::Nftables => crate::rules::nft::render::render_plan(&nft_plan(config)),
-        }
+        self.backend().dry_run(config)
     }
 
     /// One family's `iptables-restore` input alone (`print --family`), ready to pipe into
     /// the family's restore.
     pub fn dry_run_family(self, config: &Config, family: Family) -> Result<String, EngineError> {
-        match self {
-            Engine::Iptables => {
-                let ruleset = iptables_plan(config);
-                Ok(render_fresh(
-                    ruleset.family(family).ok_or(EngineError::Ipv6Disabled)?,
-                ))
-            }
-            Engine::Nftables => Err(ConfigError::invalid_flag(
-                "family",
-                family.name(),
-                "--native-nftables plans one inet ruleset for both families; leave --family out",
-            )
-            .into()),
-        }
+        self.backend().dry_run_family(config, family)
     }
 
     /// Plans `config` and applies it in the current network namespace.
     pub fn install(self, config: &Config) -> Result<(), EngineError> {
-        match self {
-            Engine::Iptables => install_iptables(config),
-            Engine::Nftables => install_nftables(config),
-        }
+        self.backend().install(config)
     }
 
     /// Each difference between what is here and what installing `config` would leave
     /// (meshinit's rules, tables, sets and routing only); empty when there is none.
     pub fn drift(self, config: &Config) -> Result<Vec<Drift>, DriftError> {
-        match self {
-            Engine::Iptables => drift::iptables_drift(config),
-            Engine::Nftables => drift::nftables_drift(config),
-        }
+        self.backend().drift(config)
     }
 
     /// Removes everything meshinit (or istio-init) added here.
     pub fn remove_everything(self, run: &RunOptions) -> Result<(), EngineError> {
-        match self {
-            Engine::Iptables => remove_iptables(run),
-            Engine::Nftables => remove_nftables(run),
-        }
+        self.backend().remove_everything(run)
+    }
+}
+
+/// Istio's iptables rules: `rules::iptables`, applied by `apply::iptables`.
+struct IptablesBackend;
+
+impl Backend for IptablesBackend {
+    fn dry_run(&self, config: &Config) -> String {
+        render_plan(&iptables_plan(config))
+    }
+
+    fn dry_run_family(&self, config: &Config, family: Family) -> Result<String, EngineError> {
+        let ruleset = iptables_plan(config);
+        Ok(render_fresh(
+            ruleset.family(family).ok_or(EngineError::Ipv6Disabled)?,
+        ))
+    }
+
+    fn install(&self, config: &Config) -> Result<(), EngineError> {
+        install_iptables(config)
+    }
+
+    fn drift(&self, config: &Config) -> Result<Vec<Drift>, DriftError> {
+        drift::iptables_drift(config)
+    }
+
+    fn remove_everything(&self, run: &RunOptions) -> Result<(), EngineError> {
+        remove_iptables(run)
+    }
+}
+
+/// Istio's native nftables tables: `rules::nft`, applied by `apply::nft`.
+struct NftablesBackend;
+
+impl Backend for NftablesBackend {
+    fn dry_run(&self, config: &Config) -> String {
+        crate::rules::nft::render::render_plan(&nft_plan(config))
+    }
+
+    fn dry_run_family(&self, _: &Config, family: Family) -> Result<String, EngineError> {
+        Err(ConfigError::invalid_flag(
+            "family",
+            family.name(),
+            "--native-nftables plans one inet ruleset for both families; leave --family out",
+        )
+        .into())
+    }
+
+    fn install(&self, config: &Config) -> Result<(), EngineError> {
+        install_nftables(config)
+    }
+
+    fn drift(&self, config: &Config) -> Result<Vec<Drift>, DriftError> {
+        drift::nftables_drift(config)
+    }
+
+    fn remove_everything(&self, run: &RunOptions) -> Result<(), EngineError> {
+        remove_nftables(run)
     }
 }
 
