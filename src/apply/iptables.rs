@@ -526,7 +526,7 @@ fn tidy_sets(sets: &mut dyn IpSets) -> usize {
 /// put back as they were, so the namespace never keeps half a ruleset.
 ///
 /// Sets (`--match-sets`) are not part of any transaction, so they are made first, under
-/// names no rule uses yet (see `rules::ipset`), and the old ones removed only once nothing
+/// names no rule uses yet (see `rules::iptables::ipset`), and the old ones removed only once nothing
 /// uses them: the switch itself happens inside each family's restore.
 pub fn apply(
     nf: &mut dyn Netfilter,
