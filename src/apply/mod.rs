@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use ipsets::{IpSetError, NetlinkIpSets};
+pub use ipsets::NetlinkIpSets;
 pub use locks::RunLock;
 pub use routing::NetlinkRouting;
 
@@ -329,6 +329,38 @@ pub enum ApplyError {
         family: Family,
         rollback: Box<ApplyError>,
     },
+}
+
+/// An ipset request the kernel refused.
+#[derive(Debug, thiserror::Error)]
+#[error("{action} ipset {set}: {}", describe(*.code))]
+pub struct IpSetError {
+    pub action: &'static str,
+    pub set: String,
+    /// The kernel's code: an errno, or one of ipset's own above 4096.
+    pub code: i32,
+}
+
+const IPSET_ERR_PRIVATE: i32 = 4096;
+/// `IPSET_ERR_BUSY`: the set is in use by a rule.
+pub(crate) const IPSET_ERR_BUSY: i32 = 4100;
+
+fn describe(code: i32) -> String {
+    let ipset = match code - IPSET_ERR_PRIVATE {
+        1 => Some("protocol error (this kernel's ipset is too old)"),
+        2 => Some("set type not supported by this kernel"),
+        3 => Some("too many sets in this namespace (CONFIG_IP_SET_MAX)"),
+        4 => Some("set in use by a rule"),
+        7 => Some("set exists"),
+        8 => Some("invalid CIDR prefix"),
+        10 => Some("wrong family for this set"),
+        _ => None,
+    };
+    match ipset {
+        Some(text) => text.to_string(),
+        None if code > IPSET_ERR_PRIVATE => format!("ipset error {code}"),
+        None => nix::errno::Errno::from_raw(code).to_string(),
+    }
 }
 
 fn numbered(failures: &[ApplyError]) -> String {
