@@ -102,7 +102,7 @@ mod tests {
 
     use super::*;
     use crate::netlink::NetlinkError;
-    use crate::rules::model::Family;
+    use crate::rules::iptables::model::Family;
 
     fn not_found() -> io::Error {
         io::Error::from(io::ErrorKind::NotFound)

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::socket::{getsockopt, sockopt};
 
-use crate::rules::model::Port;
+use crate::rules::iptables::model::Port;
 
 /// Istio's exit code for a failed validation, which its CNI repair controller watches for.
 pub const EXIT_VALIDATION_FAILED: u8 = 126;
@@ -65,7 +65,7 @@ fn addresses(ipv6: bool) -> (IpAddr, IpAddr) {
     if ipv6 {
         (
             IpAddr::V6(Ipv6Addr::LOCALHOST),
-            crate::rules::model::IPV6_PASSTHROUGH,
+            crate::rules::iptables::model::IPV6_PASSTHROUGH,
         )
     } else {
         (

@@ -8,51 +8,11 @@
 
 use std::sync::Arc;
 
+use super::{IpSetError, IpSets, SetContents, SetMember, IPSET_ERR_BUSY};
 use crate::netlink::wire::{attrs, Writer, NLA_F_NET_BYTEORDER};
 use crate::netlink::Socket;
-use crate::rules::ipset::{IpSet, SetMembers, SET_PREFIX};
-use crate::rules::model::Family;
-
-/// The sets the engine needs, behind a trait so the engine is tested with a fake.
-pub trait IpSets {
-    /// Whether this kernel can hold sets; asked before planning with them.
-    fn available(&mut self) -> bool;
-    /// Makes every set in `sets` exist with its members. Returns how many it created.
-    fn ensure(&mut self, sets: &[Arc<IpSet>]) -> Result<usize, IpSetError>;
-    /// Destroys every set of meshinit's that no rule uses. Returns how many.
-    fn remove_unused(&mut self) -> Result<usize, IpSetError>;
-}
-
-/// An ipset request the kernel refused.
-#[derive(Debug, thiserror::Error)]
-#[error("{action} ipset {set}: {}", describe(*.code))]
-pub struct IpSetError {
-    pub action: &'static str,
-    pub set: String,
-    /// The kernel's code: an errno, or one of ipset's own above 4096.
-    pub code: i32,
-}
-
-const IPSET_ERR_PRIVATE: i32 = 4096;
-const IPSET_ERR_BUSY: i32 = 4100;
-
-fn describe(code: i32) -> String {
-    let ipset = match code - IPSET_ERR_PRIVATE {
-        1 => Some("protocol error (this kernel's ipset is too old)"),
-        2 => Some("set type not supported by this kernel"),
-        3 => Some("too many sets in this namespace (CONFIG_IP_SET_MAX)"),
-        4 => Some("set in use by a rule"),
-        7 => Some("set exists"),
-        8 => Some("invalid CIDR prefix"),
-        10 => Some("wrong family for this set"),
-        _ => None,
-    };
-    match ipset {
-        Some(text) => text.to_string(),
-        None if code > IPSET_ERR_PRIVATE => format!("ipset error {code}"),
-        None => nix::errno::Errno::from_raw(code).to_string(),
-    }
-}
+use crate::rules::iptables::ipset::{IpSet, SetMembers, SET_PREFIX};
+use crate::rules::iptables::model::Family;
 
 // The ipset netlink protocol (include/uapi/linux/netfilter/ipset/ip_set.h).
 /// Version 6 is understood by every kernel since 3.x, and still accepted.
@@ -238,6 +198,60 @@ pub fn parse_listed(payload: &[u8]) -> Option<ListedSet> {
     })
 }
 
+/// A LIST reply's set name and the members it carries (a set's members may come in several
+/// replies); `None` for a reply without a set name.
+pub fn parse_members(payload: &[u8]) -> Option<(String, Vec<SetMember>)> {
+    let attributes = payload.get(4..)?;
+    let mut name = None;
+    let mut members = Vec::new();
+    for (kind, value) in attrs(attributes) {
+        match kind {
+            ATTR_SETNAME => {
+                let text = value.split(|b| *b == 0).next()?;
+                name = Some(String::from_utf8_lossy(text).into_owned());
+            }
+            ATTR_ADT => members.extend(
+                attrs(value)
+                    .filter(|(inner, _)| *inner == ATTR_DATA)
+                    .filter_map(|(_, data)| parse_member(data)),
+            ),
+            _ => {}
+        }
+    }
+    Some((name?, members))
+}
+
+/// One member's `IPSET_ATTR_DATA`: an address with its prefix length, or a port.
+fn parse_member(data: &[u8]) -> Option<SetMember> {
+    let mut address = None;
+    let mut cidr = None;
+    for (kind, value) in attrs(data) {
+        match kind {
+            ATTR_IP => {
+                address = attrs(value).find_map(|(family, bytes)| match family {
+                    ATTR_IPADDR_IPV4 => <[u8; 4]>::try_from(bytes).ok().map(std::net::IpAddr::from),
+                    ATTR_IPADDR_IPV6 => {
+                        <[u8; 16]>::try_from(bytes).ok().map(std::net::IpAddr::from)
+                    }
+                    _ => None,
+                })
+            }
+            ATTR_CIDR => cidr = value.first().copied(),
+            ATTR_PORT => {
+                return <[u8; 2]>::try_from(value)
+                    .ok()
+                    .map(|b| SetMember::Port(u16::from_be_bytes(b)))
+            }
+            _ => {}
+        }
+    }
+    let address = address?;
+    let full = if address.is_ipv4() { 32 } else { 128 };
+    ipnet::IpNet::new(address, cidr.unwrap_or(full))
+        .ok()
+        .map(SetMember::Net)
+}
+
 /// ipsets over a netfilter netlink socket, opened on first use.
 #[derive(Default)]
 pub struct NetlinkIpSets {
@@ -315,6 +329,31 @@ impl NetlinkIpSets {
 }
 
 impl IpSets for NetlinkIpSets {
+    fn contents(&mut self) -> Result<Vec<SetContents>, IpSetError> {
+        let replies = self
+            .socket("(all)")?
+            .ipset_dump(CMD_LIST, &message().into_bytes())
+            .map_err(|code| IpSetError {
+                action: "listing",
+                set: "(all)".into(),
+                code,
+            })?;
+        let mut sets: Vec<SetContents> = Vec::new();
+        for (name, members) in replies.iter().filter_map(|p| parse_members(p)) {
+            if !name.starts_with(SET_PREFIX) {
+                continue;
+            }
+            match sets.iter_mut().find(|s| s.name == name) {
+                Some(set) => set.members.extend(members),
+                None => sets.push(SetContents {
+                    name,
+                    members: members.into_iter().collect(),
+                }),
+            }
+        }
+        Ok(sets)
+    }
+
     fn available(&mut self) -> bool {
         let probe = message().into_bytes();
         match self.request("probing", "(none)", CMD_PROTOCOL, 0, &probe) {
@@ -382,8 +421,8 @@ impl IpSets for NetlinkIpSets {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::ipset::SetList;
-    use crate::rules::model::Port;
+    use crate::rules::iptables::ipset::SetList;
+    use crate::rules::iptables::model::Port;
 
     /// (kind without flags, flags, payload) of each top-level attribute after nfgenmsg.
     fn top(message: &[u8]) -> Vec<(u16, Vec<u8>)> {
@@ -459,7 +498,7 @@ mod tests {
 
     #[test]
     fn a_port_range_is_one_member_with_port_to() {
-        let range = crate::rules::plan::tests::range;
+        let range = crate::rules::iptables::plan::tests::range;
         let set = IpSet::ports(
             SetList::ExcludedOutboundPorts,
             Family::V4,
@@ -546,5 +585,31 @@ mod tests {
             code: nix::errno::Errno::EPERM as i32,
         };
         assert!(errno.to_string().contains("EPERM"), "{errno}");
+    }
+
+    #[test]
+    fn listing_reads_members_of_both_kinds() {
+        let mut w = named("meshinit-excl-nets4-00000000");
+        let adt = w.begin_nest(ATTR_ADT);
+        for net in ["192.0.2.0/24", "2001:db8::/32"] {
+            let data = w.begin_nest(ATTR_DATA);
+            write_member(&mut w, Member::Net(net.parse().unwrap()));
+            w.end_nest(data);
+        }
+        let data = w.begin_nest(ATTR_DATA);
+        write_member(&mut w, Member::Ports(8200, 8200));
+        w.end_nest(data);
+        w.end_nest(adt);
+        let (name, members) = parse_members(&w.into_bytes()).unwrap();
+        assert_eq!(name, "meshinit-excl-nets4-00000000");
+        assert_eq!(
+            members,
+            [
+                SetMember::Net("192.0.2.0/24".parse().unwrap()),
+                SetMember::Net("2001:db8::/32".parse().unwrap()),
+                SetMember::Port(8200),
+            ]
+        );
+        assert_eq!(parse_members(&message().into_bytes()), None);
     }
 }

@@ -1,33 +1,36 @@
 //! Ruleset → kernel, all or nothing.
 //!
-//! The engine only talks to two small traits: `Netfilter` (save and restore one family's
-//! tables, through `iptables-restore` in production) and `Routing` (TPROXY policy routing
-//! and the `::6` address, over netlink). Tests drive it with recording fakes.
+//! This module holds only what every backend shares: the small traits the kernel is
+//! reached through, and the errors. `Netfilter` (save and restore one family's tables,
+//! through `iptables-restore` in production), `IpSets` (the named sets of `--match-sets` on
+//! iptables), `Nftables` (Istio's native nftables tables, over netlink or `nft -f`) and
+//! `Routing` (TPROXY policy routing and the `::6` address, over netlink). Each backend is
+//! one file that applies, cleans up and reads back through them: `iptables.rs` and
+//! `nft.rs`. Tests drive both with recording fakes.
 
-mod backend;
 mod ipsets;
+pub mod iptables;
 mod locks;
-mod nft;
+pub mod nft;
 mod routing;
 
-use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-pub use backend::{Backend, IptablesTools};
-pub use ipsets::{IpSetError, IpSets, NetlinkIpSets};
+pub use ipsets::NetlinkIpSets;
 pub use locks::RunLock;
-pub use nft::{
-    apply_nftables, cleanup_native, cleanup_nftables, find_nft, NftSummary, NftTool, Nftables,
-    Programmed,
-};
 pub use routing::NetlinkRouting;
 
-use crate::rules::iptables::{
-    parse_existing, render_restore, render_restore_chunks, render_rollback,
-    tables_holding_only_ours, tables_in_save, ExistingState,
-};
-use crate::rules::model::{Family, FamilyRuleset, Ruleset, Table};
+use crate::netlink::BatchError;
+use ipnet::IpNet;
+
+use crate::rules::iptables::ipset::{IpSet, SetMembers};
+use crate::rules::iptables::model::Table;
+use crate::rules::nft::encode::Batch;
+use crate::rules::nft::model::ExistingTables;
+use crate::values::{Family, OwnerKind};
 
 /// Restore input, produced in pieces so a restore process can start on it while the rest
 /// is still being rendered.
@@ -51,18 +54,6 @@ impl RestoreInput for String {
     }
 }
 
-/// A planned ruleset against what is there now, rendered as it is written.
-struct Planned<'a> {
-    desired: &'a FamilyRuleset,
-    existing: &'a ExistingState,
-}
-
-impl RestoreInput for Planned<'_> {
-    fn write_to(&self, emit: &mut dyn FnMut(&str) -> std::io::Result<()>) -> std::io::Result<()> {
-        render_restore_chunks(self.desired, self.existing, emit)
-    }
-}
-
 /// One family's netfilter tables, as `iptables-save`/`iptables-restore` see them. Every
 /// restore is `--noflush`: meshinit changes only what its input names.
 pub trait Netfilter {
@@ -81,6 +72,78 @@ pub trait Netfilter {
     fn remove_tables(&mut self, family: Family, tables: &[Table]) -> Result<(), ApplyError>;
     /// Processes launched so far (the benchmark reports it).
     fn processes_launched(&self) -> usize;
+}
+
+/// nftables as meshinit uses it: read which of its tables exist, commit one transaction
+/// over netlink or through `nft -f`.
+pub trait Nftables {
+    /// meshinit's tables and their chains as they are now; `None` when that cannot be
+    /// known without launching anything.
+    fn existing(&mut self) -> Option<ExistingTables>;
+    /// Whether `run` can work at all (the `nft` binary is there).
+    fn available(&self) -> bool;
+    /// A user's (or group's) id, as nft would resolve the name; `None` if unknown.
+    fn owner_id(&self, kind: OwnerKind, name: &str) -> Option<u32>;
+    /// Sends `batch` over netlink; the kernel commits all of it or nothing.
+    fn commit(&mut self, batch: &Batch) -> Result<(), BatchError>;
+    /// Runs `script` through `nft -f -` as one transaction.
+    fn run(&mut self, script: &str) -> Result<(), ApplyError>;
+    /// meshinit's `inet` tables by name, each as `nft -s list table` prints it (`-s`:
+    /// without counter values, which differ between a pod that saw traffic and a copy).
+    fn listing(&mut self) -> Result<BTreeMap<String, String>, ApplyError>;
+    /// Processes launched so far.
+    fn processes_launched(&self) -> usize;
+}
+
+/// The sets the engine needs, behind a trait so the engine is tested with a fake.
+pub trait IpSets {
+    /// Whether this kernel can hold sets; asked before planning with them.
+    fn available(&mut self) -> bool;
+    /// Makes every set in `sets` exist with its members. Returns how many it created.
+    fn ensure(&mut self, sets: &[Arc<IpSet>]) -> Result<usize, IpSetError>;
+    /// Destroys every set of meshinit's that no rule uses. Returns how many.
+    fn remove_unused(&mut self) -> Result<usize, IpSetError>;
+    /// Every set of meshinit's here, with its members as the kernel lists them.
+    fn contents(&mut self) -> Result<Vec<SetContents>, IpSetError>;
+}
+
+/// One set of meshinit's as the kernel holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetContents {
+    pub name: String,
+    pub members: BTreeSet<SetMember>,
+}
+
+/// One member of a set, as the kernel lists it: a network of a `hash:net` set, or one
+/// port of a `bitmap:port` set (the kernel holds a range as its ports).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SetMember {
+    Net(IpNet),
+    Port(u16),
+}
+
+impl SetMember {
+    /// The members `set` holds once created, as the kernel lists them.
+    pub fn of(set: &IpSet) -> BTreeSet<SetMember> {
+        match set.members() {
+            SetMembers::Nets(nets) => nets.iter().map(|n| SetMember::Net(*n)).collect(),
+            SetMembers::Ports(ranges) => ranges
+                .iter()
+                .flat_map(|r| r.first().get()..=r.last().get())
+                .map(SetMember::Port)
+                .collect(),
+        }
+    }
+}
+
+/// As `ipset` writes it.
+impl std::fmt::Display for SetMember {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SetMember::Net(net) => write!(f, "{net}"),
+            SetMember::Port(port) => write!(f, "{port}"),
+        }
+    }
 }
 
 /// What TPROXY needs outside netfilter.
@@ -120,6 +183,68 @@ pub trait Routing {
     fn remove_stale(&mut self, plan: &RoutingPlan) -> Result<usize, ApplyError>;
     /// Removes every rule and route meshinit tagged, and the `::6` address.
     fn remove_all(&mut self) -> Result<usize, ApplyError>;
+    /// Every rule and route meshinit tagged here, and (when `passthrough_address`) whether
+    /// `lo` holds the `::6` address.
+    fn read(&mut self, passthrough_address: bool) -> Result<RoutingState, ApplyError>;
+}
+
+/// What `Routing::read` finds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoutingState {
+    pub entries: Vec<RoutingEntry>,
+    /// Whether `lo` holds `::6` (false when not asked).
+    pub passthrough_address: bool,
+}
+
+/// One tagged rule or route, as far as meshinit's plans describe them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoutingEntry {
+    Rule {
+        family: Family,
+        mark: Option<u32>,
+        table: u32,
+    },
+    Route {
+        family: Family,
+        table: u32,
+        local: bool,
+    },
+}
+
+impl RoutingEntry {
+    pub fn family(&self) -> Family {
+        match self {
+            RoutingEntry::Rule { family, .. } | RoutingEntry::Route { family, .. } => *family,
+        }
+    }
+}
+
+/// As `ip` would add it.
+impl std::fmt::Display for RoutingEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RoutingEntry::Rule {
+                mark: Some(mark),
+                table,
+                ..
+            } => write!(f, "ip rule fwmark {mark} lookup {table}"),
+            RoutingEntry::Rule {
+                mark: None, table, ..
+            } => write!(f, "ip rule lookup {table}"),
+            RoutingEntry::Route {
+                family,
+                table,
+                local,
+            } => {
+                let kind = if *local { "local " } else { "" };
+                let default = match family {
+                    Family::V4 => "0.0.0.0/0",
+                    Family::V6 => "::/0",
+                };
+                write!(f, "ip route {kind}{default} dev lo table {table}")
+            }
+        }
+    }
 }
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -206,6 +331,38 @@ pub enum ApplyError {
     },
 }
 
+/// An ipset request the kernel refused.
+#[derive(Debug, thiserror::Error)]
+#[error("{action} ipset {set}: {}", describe(*.code))]
+pub struct IpSetError {
+    pub action: &'static str,
+    pub set: String,
+    /// The kernel's code: an errno, or one of ipset's own above 4096.
+    pub code: i32,
+}
+
+const IPSET_ERR_PRIVATE: i32 = 4096;
+/// `IPSET_ERR_BUSY`: the set is in use by a rule.
+pub(crate) const IPSET_ERR_BUSY: i32 = 4100;
+
+fn describe(code: i32) -> String {
+    let ipset = match code - IPSET_ERR_PRIVATE {
+        1 => Some("protocol error (this kernel's ipset is too old)"),
+        2 => Some("set type not supported by this kernel"),
+        3 => Some("too many sets in this namespace (CONFIG_IP_SET_MAX)"),
+        4 => Some("set in use by a rule"),
+        7 => Some("set exists"),
+        8 => Some("invalid CIDR prefix"),
+        10 => Some("wrong family for this set"),
+        _ => None,
+    };
+    match ipset {
+        Some(text) => text.to_string(),
+        None if code > IPSET_ERR_PRIVATE => format!("ipset error {code}"),
+        None => nix::errno::Errno::from_raw(code).to_string(),
+    }
+}
+
 fn numbered(failures: &[ApplyError]) -> String {
     failures
         .iter()
@@ -231,313 +388,6 @@ fn line_info(line: &Option<usize>, text: &Option<String>) -> String {
     }
 }
 
-/// What an apply did, for the summary log line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApplySummary {
-    /// (family, table, rules) for every table written.
-    pub rules: Vec<(Family, Table, usize)>,
-    /// Families whose earlier rules of ours were replaced (a re-run or a new config).
-    pub converged: Vec<Family>,
-    pub routing_added: usize,
-    pub routing_removed: usize,
-    pub sets_created: usize,
-    /// Sets of an earlier configuration (or an interrupted run) destroyed.
-    pub sets_removed: usize,
-}
-
-struct Staged<'a> {
-    desired: Cow<'a, FamilyRuleset>,
-    /// The family's save before this apply, when it could hold rules of ours.
-    previous: Option<String>,
-    existing: ExistingState,
-    /// Tables present before this apply, where known.
-    tables_before: Option<Vec<Table>>,
-}
-
-impl Staged<'_> {
-    fn family(&self) -> Family {
-        self.desired.family
-    }
-
-    /// Tables this apply brought into existence: empty again after a rollback.
-    fn new_tables(&self) -> Vec<Table> {
-        let Some(before) = &self.tables_before else {
-            return Vec::new();
-        };
-        self.desired
-            .tables
-            .iter()
-            .map(|t| t.table)
-            .filter(|t| !before.contains(t))
-            .collect()
-    }
-}
-
-fn stage<'a>(
-    nf: &mut dyn Netfilter,
-    family: Family,
-    planned: Option<&'a FamilyRuleset>,
-) -> Result<Option<Staged<'a>>, ApplyError> {
-    let may_hold = nf.may_hold_rules(family);
-    let desired = match planned {
-        Some(rules) => Cow::Borrowed(rules),
-        // Not planned (IPv6 off), but an earlier configuration may have left rules.
-        None if may_hold => Cow::Owned(FamilyRuleset {
-            family,
-            tables: Vec::new(),
-        }),
-        None => return Ok(None),
-    };
-    let previous = if may_hold {
-        Some(nf.save(family)?)
-    } else {
-        None
-    };
-    let existing = previous.as_deref().map(parse_existing).unwrap_or_default();
-    if desired.tables.is_empty() && existing.is_empty() {
-        return Ok(None);
-    }
-    let tables_before = match &previous {
-        Some(save) => Some(tables_in_save(save)),
-        None => nf.existing_tables(family),
-    };
-    if tracing::enabled!(tracing::Level::DEBUG) {
-        let input = render_restore(&desired, &existing);
-        tracing::debug!(%family, input = %input, "restore input");
-    }
-    Ok(Some(Staged {
-        desired,
-        previous,
-        existing,
-        tables_before,
-    }))
-}
-
-/// Destroys the sets no rule uses any more, reporting rather than failing: what is left
-/// is only unused kernel memory.
-fn tidy_sets(sets: &mut dyn IpSets) -> usize {
-    sets.remove_unused().unwrap_or_else(|err| {
-        tracing::warn!(%err, "removing unused ipsets");
-        0
-    })
-}
-
-/// Applies `ruleset`: one restore per family, each a single transaction, converging from
-/// whatever an earlier run left. If a later family fails, earlier families and routing are
-/// put back as they were, so the namespace never keeps half a ruleset.
-///
-/// Sets (`--match-sets`) are not part of any transaction, so they are made first, under
-/// names no rule uses yet (see `rules::ipset`), and the old ones removed only once nothing
-/// uses them: the switch itself happens inside each family's restore.
-pub fn apply(
-    nf: &mut dyn Netfilter,
-    routing: &mut dyn Routing,
-    sets: &mut dyn IpSets,
-    ruleset: &Ruleset,
-) -> Result<ApplySummary, ApplyError> {
-    let mut staged = Vec::new();
-    for family in Family::ALL {
-        if let Some(stage) = stage(nf, family, ruleset.family(family))? {
-            staged.push(stage);
-        }
-    }
-
-    let planned_sets: Vec<_> = ruleset.families().flat_map(FamilyRuleset::sets).collect();
-    let sets_created = if planned_sets.is_empty() {
-        0
-    } else {
-        match sets.ensure(&planned_sets) {
-            Ok(created) => created,
-            Err(err) => {
-                tidy_sets(sets);
-                return Err(err.into());
-            }
-        }
-    };
-
-    let plan = RoutingPlan {
-        ipv6_passthrough_address: ruleset.ipv6_passthrough_address,
-        tproxy: ruleset.tproxy_routing.map(|r| (r.mark, r.table)),
-        ipv6: ruleset.v6.is_some(),
-    };
-    // A pod that holds no rules of ours yet gets its routing after its rules: nothing can
-    // be tproxied before the rules exist, no container of the pod runs yet (an init
-    // container or a CNI ADD comes first), and a run killed in between leaves rules, which
-    // the next run finds and converges from, routing included. Routing added first and
-    // then orphaned by a kill would look like a fresh pod to the next run, and stay. Over
-    // existing rules, traffic may be flowing: the routing goes in first.
-    let fresh = staged.iter().all(|s| s.existing.is_empty());
-    let mut changes = RoutingChanges::default();
-    if !fresh {
-        changes = match routing.ensure(&plan) {
-            Ok(changes) => changes,
-            Err(err) => {
-                if !planned_sets.is_empty() {
-                    tidy_sets(sets);
-                }
-                return Err(err);
-            }
-        };
-    }
-
-    let mut failed = None;
-    for (index, stage) in staged.iter().enumerate() {
-        let input = Planned {
-            desired: &stage.desired,
-            existing: &stage.existing,
-        };
-        if let Err(failure) = nf.restore(stage.family(), &input) {
-            // iptables-legacy commits table by table, so even the failed family may hold
-            // part of the new rules: it is read back and rolled back like the others.
-            let ours_now = nf.save(stage.family()).map(|save| parse_existing(&save));
-            failed = Some((index, ours_now, failure));
-            break;
-        }
-    }
-    if failed.is_none() && fresh {
-        match routing.ensure(&plan) {
-            Ok(added) => changes = added,
-            Err(failure) => failed = Some((staged.len(), Ok(ExistingState::default()), failure)),
-        }
-    }
-    if let Some((index, ours_now, mut failure)) = failed {
-        let rollbacks = staged[..index]
-            .iter()
-            .map(|done| (done, Ok(ExistingState::from_planned(&done.desired))))
-            .chain(staged.get(index).map(|stage| (stage, ours_now)));
-        for (done, ours_now) in rollbacks.rev() {
-            if let Err(rollback) = ours_now.and_then(|ours| roll_back(nf, done, &ours)) {
-                failure = ApplyError::RollbackFailed {
-                    failure: Box::new(failure),
-                    family: done.family(),
-                    rollback: Box::new(rollback),
-                };
-            }
-        }
-        if let Err(err) = routing.undo(&changes) {
-            tracing::error!(%err, "undoing routing changes failed");
-        }
-        if !planned_sets.is_empty() {
-            tidy_sets(sets);
-        }
-        return Err(failure);
-    }
-
-    // Everything is in. What an earlier configuration used and this one does not is
-    // tidied up now; failing at that leaves only empty tables or unused routes behind.
-    for stage in &staged {
-        if let Some(previous) = &stage.previous {
-            let unused: Vec<Table> = tables_holding_only_ours(previous)
-                .into_iter()
-                .filter(|t| stage.desired.table(*t).is_none())
-                .collect();
-            if let Err(err) = nf.remove_tables(stage.family(), &unused) {
-                tracing::warn!(%err, "removing tables no longer used");
-            }
-        }
-    }
-    // Routing of an earlier configuration can only be there if its rules were: a fresh pod
-    // skips the netlink dumps.
-    let converged = staged.iter().any(|s| !s.existing.is_empty());
-    let routing_removed = if converged {
-        routing.remove_stale(&plan).unwrap_or_else(|err| {
-            tracing::warn!(%err, "removing an earlier configuration's routing");
-            0
-        })
-    } else {
-        0
-    };
-
-    // A re-run also sweeps sets that no rule names any more: an earlier run killed after
-    // its rules switched away from them, but before it removed them, leaves such sets.
-    let sets_removed = if !planned_sets.is_empty() || (converged && sets.available()) {
-        tidy_sets(sets)
-    } else {
-        0
-    };
-
-    Ok(ApplySummary {
-        rules: staged
-            .iter()
-            .flat_map(|s| {
-                s.desired
-                    .tables
-                    .iter()
-                    .map(|t| (s.family(), t.table, t.rule_count()))
-            })
-            .collect(),
-        converged: staged
-            .iter()
-            .filter(|s| !s.existing.is_empty())
-            .map(Staged::family)
-            .collect(),
-        routing_added: changes.added.len(),
-        routing_removed,
-        sets_created,
-        sets_removed,
-    })
-}
-
-/// Puts one family back the way it was before this apply, in one transaction, given the
-/// rules of meshinit's that are in it now.
-fn roll_back(
-    nf: &mut dyn Netfilter,
-    done: &Staged<'_>,
-    ours_now: &ExistingState,
-) -> Result<(), ApplyError> {
-    let family = done.family();
-    let input = render_rollback(family, ours_now, done.previous.as_deref());
-    if !input.is_empty() {
-        tracing::warn!(%family, "rolling back");
-        nf.restore(family, &input)?;
-    }
-    nf.remove_tables(family, &done.new_tables())
-}
-
-/// Removes everything of meshinit's (or istio-init's) from the given families and routing.
-/// Keeps going after a failure, so one broken family does not leave the others behind;
-/// every failure is reported, in one error.
-pub fn cleanup(
-    nf: &mut dyn Netfilter,
-    routing: &mut dyn Routing,
-    sets: &mut dyn IpSets,
-    families: &[Family],
-) -> Result<usize, ApplyError> {
-    let mut failures = Vec::new();
-    let mut removed = 0;
-    for &family in families {
-        if !nf.may_hold_rules(family) {
-            continue;
-        }
-        let result = nf.save(family).and_then(|save| {
-            let existing = parse_existing(&save);
-            if existing.is_empty() {
-                return Ok(0);
-            }
-            let empty = FamilyRuleset {
-                family,
-                tables: Vec::new(),
-            };
-            let count = existing
-                .tables
-                .iter()
-                .map(|(_, t)| t.builtin_rules.len() + t.own_chains.len())
-                .sum::<usize>();
-            nf.restore(family, &render_restore(&empty, &existing))?;
-            nf.remove_tables(family, &tables_holding_only_ours(&save))?;
-            Ok(count)
-        });
-        removed += keep_going(result, &mut failures);
-    }
-    removed += keep_going(routing.remove_all(), &mut failures);
-    // With the rules gone, every set of meshinit's is unused. A kernel without ipset has
-    // none to remove.
-    if sets.available() {
-        removed += keep_going(sets.remove_unused().map_err(Into::into), &mut failures);
-    }
-    all_of(failures).map(|()| removed)
-}
-
 /// The count of a step that worked; a failed one is kept for [`all_of`] and counts 0.
 pub fn keep_going(result: Result<usize, ApplyError>, failures: &mut Vec<ApplyError>) -> usize {
     result.unwrap_or_else(|err| {
@@ -559,4 +409,4 @@ pub fn all_of(mut failures: Vec<ApplyError>) -> Result<(), ApplyError> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -13,40 +13,23 @@
 //! address go through the same `Routing` as for iptables. The engine only talks to the
 //! small `Nftables` trait, so tests drive it with a recording, fault-injecting fake.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use super::{ApplyError, Routing, RoutingChanges, RoutingPlan};
+use super::{ApplyError, Nftables, Routing, RoutingChanges, RoutingPlan};
 use crate::config::NftablesApply;
 use crate::netlink::{BatchError, Socket};
-use crate::rules::model::OwnerKind;
 use crate::rules::nft::encode::{encode, Batch};
 use crate::rules::nft::model::{ExistingTables, NftRuleset, Table};
 use crate::rules::nft::render::{op_text, render_ops};
 use crate::rules::nft::txn::{self, Op};
+use crate::values::OwnerKind;
 use nix::errno::Errno;
 
 /// The nf_tables family number of `inet` tables (NFPROTO_INET).
 const NFPROTO_INET: u8 = 1;
-
-/// nftables as meshinit uses it: read which of its tables exist, commit one transaction
-/// over netlink or through `nft -f`.
-pub trait Nftables {
-    /// meshinit's tables and their chains as they are now; `None` when that cannot be
-    /// known without launching anything.
-    fn existing(&mut self) -> Option<ExistingTables>;
-    /// Whether `run` can work at all (the `nft` binary is there).
-    fn available(&self) -> bool;
-    /// A user's (or group's) id, as nft would resolve the name; `None` if unknown.
-    fn owner_id(&self, kind: OwnerKind, name: &str) -> Option<u32>;
-    /// Sends `batch` over netlink; the kernel commits all of it or nothing.
-    fn commit(&mut self, batch: &Batch) -> Result<(), BatchError>;
-    /// Runs `script` through `nft -f -` as one transaction.
-    fn run(&mut self, script: &str) -> Result<(), ApplyError>;
-    /// Processes launched so far.
-    fn processes_launched(&self) -> usize;
-}
 
 /// The production `Nftables`: netlink, and the `nft` binary when asked for or as fallback.
 #[derive(Debug, Default)]
@@ -185,6 +168,34 @@ impl Nftables for NftTool {
             program: "nft -f -".to_owned(),
             stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
         })
+    }
+
+    fn listing(&mut self) -> Result<BTreeMap<String, String>, ApplyError> {
+        let path = self.path.clone().ok_or_else(missing_nft)?;
+        let chains = Socket::netfilter()?.nftables_chains()?;
+        let mut listed = BTreeMap::new();
+        for (table, _) in our_tables(&chains).tables {
+            let name = table.name();
+            let output = Command::new(&path)
+                .args(["-s", "list", "table", "inet", name])
+                .output()
+                .map_err(|error| ApplyError::Spawn {
+                    program: "nft".to_owned(),
+                    error,
+                })?;
+            self.launched += 1;
+            if !output.status.success() {
+                return Err(ApplyError::Save {
+                    program: format!("nft list table inet {name}"),
+                    stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+                });
+            }
+            listed.insert(
+                name.to_owned(),
+                String::from_utf8_lossy(&output.stdout).into_owned(),
+            );
+        }
+        Ok(listed)
     }
 
     fn processes_launched(&self) -> usize {
@@ -465,11 +476,11 @@ pub fn cleanup_native(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::apply::{RoutingChanges, RoutingItem};
+    use crate::apply::{RoutingChanges, RoutingItem, RoutingState};
     use crate::config::{InboundCapture, InterceptionMode, OwnerGroups};
-    use crate::rules::model::{Family, Owner};
+    use crate::rules::iptables::model::{Family, Owner};
     use crate::rules::nft::plan::plan;
     use crate::rules::nft::plan::tests::base;
     use nix::errno::Errno;
@@ -493,7 +504,9 @@ mod tests {
 
     /// Records every batch and transaction; fails on request.
     #[derive(Default)]
-    struct FakeNft {
+    pub(crate) struct FakeNft {
+        /// What `listing` shows.
+        pub(crate) listing: BTreeMap<String, String>,
         existing: Option<ExistingTables>,
         /// `nft` is not installed.
         missing: bool,
@@ -564,6 +577,9 @@ mod tests {
             }
             Ok(())
         }
+        fn listing(&mut self) -> Result<BTreeMap<String, String>, ApplyError> {
+            Ok(self.listing.clone())
+        }
         fn processes_launched(&self) -> usize {
             self.scripts.len()
         }
@@ -612,6 +628,10 @@ mod tests {
         fn remove_all(&mut self) -> Result<usize, ApplyError> {
             self.calls.push("remove_all".into());
             Ok(0)
+        }
+        fn read(&mut self, _: bool) -> Result<RoutingState, ApplyError> {
+            self.calls.push("read".into());
+            Ok(RoutingState::default())
         }
     }
 

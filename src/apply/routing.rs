@@ -1,8 +1,13 @@
 //! The production `Routing`: rtnetlink, tagged with meshinit's route protocol.
 
-use super::{ApplyError, Routing, RoutingChanges, RoutingItem, RoutingPlan};
-use crate::netlink::{interface_index, route_matches, rule_matches, NlFamily, Socket};
-use crate::rules::model::{Family, IPV6_PASSTHROUGH};
+use super::{
+    ApplyError, Routing, RoutingChanges, RoutingEntry, RoutingItem, RoutingPlan, RoutingState,
+};
+use crate::netlink::{
+    interface_index, route_matches, route_table, rule_mark_table, rule_matches, NlFamily, Socket,
+};
+use crate::rules::decisions::IPV6_PASSTHROUGH;
+use crate::values::Family;
 
 #[derive(Default)]
 pub struct NetlinkRouting {
@@ -130,5 +135,44 @@ impl Routing for NetlinkRouting {
         let removed = socket.remove_tagged(&|_, _, _| false)?;
         socket.remove_ipv6_address(passthrough(), lo)?;
         Ok(removed)
+    }
+
+    fn read(&mut self, passthrough_address: bool) -> Result<RoutingState, ApplyError> {
+        let socket = self.socket()?;
+        let entries = socket
+            .tagged_routing()?
+            .iter()
+            .map(|(family, is_rule, payload)| {
+                let family = match family {
+                    NlFamily::Inet => Family::V4,
+                    NlFamily::Inet6 => Family::V6,
+                };
+                if *is_rule {
+                    let (mark, table) = rule_mark_table(payload);
+                    RoutingEntry::Rule {
+                        family,
+                        mark,
+                        table,
+                    }
+                } else {
+                    let (table, local) = route_table(payload);
+                    RoutingEntry::Route {
+                        family,
+                        table,
+                        local,
+                    }
+                }
+            })
+            .collect();
+        let passthrough_address = if passthrough_address {
+            let lo = interface_index("lo")?;
+            self.socket()?.has_ipv6_address(passthrough(), lo)?
+        } else {
+            false
+        };
+        Ok(RoutingState {
+            entries,
+            passthrough_address,
+        })
     }
 }

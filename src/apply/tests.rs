@@ -1,30 +1,34 @@
-//! The engine against recording fakes: call order, rollback, convergence, cleanup.
+//! The iptables backend (`iptables.rs`) against recording fakes: call order, rollback,
+//! convergence, cleanup.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use super::iptables::{apply, cleanup, ApplySummary};
 use super::*;
 use crate::config::{build_config, ConfigOutcome, HostFacts, RawSettings};
+use crate::rules::iptables::model::Ruleset;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Call {
+pub(crate) enum Call {
     Save(Family),
     Restore(Family, String),
     RemoveTables(Family, Vec<Table>),
     EnsureSets(Vec<String>),
     RemoveUnusedSets,
+    ListSets,
 }
 
 /// One log for every fake, so tests see the order of calls across them.
-type Journal = Rc<RefCell<Vec<Call>>>;
+pub(crate) type Journal = Rc<RefCell<Vec<Call>>>;
 
 /// Records every call; fails the restore of `fail_family` (on its first attempt) on request.
 #[derive(Default)]
-struct FakeNetfilter {
-    calls: Journal,
-    saves: HashMap<Family, String>,
-    fail_family: Option<Family>,
+pub(crate) struct FakeNetfilter {
+    pub(crate) calls: Journal,
+    pub(crate) saves: HashMap<Family, String>,
+    pub(crate) fail_family: Option<Family>,
 }
 
 impl Netfilter for FakeNetfilter {
@@ -69,22 +73,24 @@ impl Netfilter for FakeNetfilter {
 }
 
 impl FakeNetfilter {
-    fn calls(&self) -> Vec<Call> {
+    pub(crate) fn calls(&self) -> Vec<Call> {
         self.calls.borrow().clone()
     }
 }
 
-/// Records into the netfilter fake's journal; fails `ensure` on request.
-struct FakeIpSets {
-    calls: Journal,
-    fail_ensure: bool,
+/// Records into the netfilter fake's journal; fails `ensure` on request; lists `contents`.
+pub(crate) struct FakeIpSets {
+    pub(crate) calls: Journal,
+    pub(crate) fail_ensure: bool,
+    pub(crate) contents: Vec<SetContents>,
 }
 
 impl FakeIpSets {
-    fn sharing(nf: &FakeNetfilter) -> FakeIpSets {
+    pub(crate) fn sharing(nf: &FakeNetfilter) -> FakeIpSets {
         FakeIpSets {
             calls: Rc::clone(&nf.calls),
             fail_ensure: false,
+            contents: Vec::new(),
         }
     }
 }
@@ -95,7 +101,7 @@ impl IpSets for FakeIpSets {
     }
     fn ensure(
         &mut self,
-        sets: &[std::sync::Arc<crate::rules::ipset::IpSet>],
+        sets: &[std::sync::Arc<crate::rules::iptables::ipset::IpSet>],
     ) -> Result<usize, IpSetError> {
         let names = sets.iter().map(|s| s.name().to_string()).collect();
         self.calls.borrow_mut().push(Call::EnsureSets(names));
@@ -112,14 +118,20 @@ impl IpSets for FakeIpSets {
         self.calls.borrow_mut().push(Call::RemoveUnusedSets);
         Ok(0)
     }
+    fn contents(&mut self) -> Result<Vec<SetContents>, IpSetError> {
+        self.calls.borrow_mut().push(Call::ListSets);
+        Ok(self.contents.clone())
+    }
 }
 
 #[derive(Default)]
-struct FakeRouting {
-    ensured: Vec<RoutingPlan>,
-    undone: Vec<RoutingChanges>,
-    fail_ensure: bool,
-    fail_remove_all: bool,
+pub(crate) struct FakeRouting {
+    pub(crate) ensured: Vec<RoutingPlan>,
+    pub(crate) undone: Vec<RoutingChanges>,
+    pub(crate) fail_ensure: bool,
+    pub(crate) fail_remove_all: bool,
+    /// What `read` finds.
+    pub(crate) state: RoutingState,
 }
 
 impl Routing for FakeRouting {
@@ -159,6 +171,12 @@ impl Routing for FakeRouting {
         }
         Ok(0)
     }
+    fn read(&mut self, passthrough_address: bool) -> Result<RoutingState, ApplyError> {
+        Ok(RoutingState {
+            entries: self.state.entries.clone(),
+            passthrough_address: passthrough_address && self.state.passthrough_address,
+        })
+    }
 }
 
 struct NoHost;
@@ -187,7 +205,9 @@ fn ruleset_with(
         raw.set_flag(*setting, *value);
     }
     match build_config(&raw, &|_| None, &NoHost).unwrap() {
-        ConfigOutcome::Capture(config) => crate::rules::plan_with(&config.capture, options),
+        ConfigOutcome::Capture(config) => {
+            crate::rules::iptables::plan_with(&config.capture, options)
+        }
         ConfigOutcome::Skip { .. } => panic!("skip"),
     }
 }

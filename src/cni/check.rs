@@ -14,12 +14,12 @@ const LISTED: usize = 20;
 pub fn check(config: &Config) -> Result<(), CniError> {
     let drift = Engine::of(&config.run)
         .drift(config)
-        .map_err(|err| CniError::new(code::APPLY_FAILED, err.what, err.detail))?;
+        .map_err(|err| CniError::new(code::APPLY_FAILED, err.what(), err.cause()))?;
     if drift.is_empty() {
         return Ok(());
     }
     let total = drift.len();
-    let mut details: Vec<String> = drift.into_iter().take(LISTED).collect();
+    let mut details: Vec<String> = drift.iter().take(LISTED).map(ToString::to_string).collect();
     if total > LISTED {
         details.push(format!("and {} more", total - LISTED));
     }

@@ -6,37 +6,271 @@
 //! namespace that only this check sees, and read back the way the pod is read. Two outputs
 //! of one `iptables-save` (or `nft list`) agree exactly when the rules do, whatever
 //! canonical form the tool prints (`-m tcp`, `/32`, `dport 15001`), so no rule text is
-//! rewritten here. Routing is typed data and is compared as such, over netlink.
+//! rewritten here. Routing and the named ipsets of `--match-sets` are typed data, compared
+//! as such: a set's name says what it should hold, but the kernel lets its members be
+//! changed under that name, so they are read and compared too.
+//!
+//! Every read of the pod goes through the apply traits (`Netfilter::save`,
+//! `Nftables::listing`, `Routing::read`, `IpSets::contents`), so the comparison is tested
+//! with the recording fakes.
 //!
 //! Only what belongs to meshinit counts: Istio's chains, the rules in built-in chains that
-//! jump to them or carry meshinit's comment, Istio's nftables tables, and routing tagged
-//! with meshinit's protocol. Other tools' rules are not drift.
+//! jump to them or carry meshinit's comment, Istio's nftables tables, meshinit's sets, and
+//! routing tagged with meshinit's protocol. Other tools' rules are not drift.
 
-use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::Command;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
+use crate::apply::iptables::{Backend, IptablesTools};
+use crate::apply::nft::NftTool;
 use crate::apply::{
-    find_nft, ApplyError, Backend, IptablesTools, Netfilter as _, NetlinkIpSets, NftTool, Routing,
-    RoutingChanges, RoutingPlan,
+    ApplyError, IpSets, Netfilter, NetlinkIpSets, NetlinkRouting, Nftables, Routing,
+    RoutingChanges, RoutingEntry, RoutingPlan, RoutingState, SetContents, SetMember,
 };
 use crate::config::{Config, ForcedBackend};
-use crate::netlink::{NlFamily, Socket};
-use crate::rules::iptables::is_ours;
-use crate::rules::model::{Family, IstioChain, Table, IPV6_PASSTHROUGH};
+use crate::rules::iptables::ipset::IpSet;
+use crate::rules::iptables::model::{
+    Family, FamilyRuleset, IstioChain, Ruleset, Table, IPV6_PASSTHROUGH,
+};
+use crate::rules::iptables::render::is_ours;
+use crate::rules::nft::NftRuleset;
 
 /// Why the drift could not be measured: what was being done, and the cause.
 #[derive(Debug, thiserror::Error)]
-#[error("{what}: {detail}")]
-pub struct DriftError {
-    pub what: String,
-    pub detail: String,
+pub enum DriftError {
+    #[error("no iptables to read the pod's rules with: {0}")]
+    NoIptables(ApplyError),
+
+    #[error("CHECK of a --native-nftables pod needs nft: {0}")]
+    NoNft(ApplyError),
+
+    #[error("cannot create a scratch network namespace to plan the check in: {0}")]
+    Scratch(nix::errno::Errno),
+
+    #[error("the check's scratch namespace thread panicked")]
+    ScratchPanicked,
+
+    #[error("applying the plan in a scratch namespace failed: {0}")]
+    PlanApply(ApplyError),
+
+    #[error("reading the planned {what} back failed: {error}")]
+    PlanRead {
+        what: &'static str,
+        error: ApplyError,
+    },
+
+    #[error("reading the pod's {what} failed: {error}")]
+    PodRead {
+        what: &'static str,
+        error: ApplyError,
+    },
 }
 
-fn failed(what: &str, err: impl std::fmt::Display) -> DriftError {
-    DriftError {
-        what: what.to_owned(),
-        detail: err.to_string(),
+impl DriftError {
+    /// What was being done, without the cause (`cause` is that).
+    pub fn what(&self) -> String {
+        match self {
+            DriftError::NoIptables(_) => "no iptables to read the pod's rules with".into(),
+            DriftError::NoNft(_) => "CHECK of a --native-nftables pod needs nft".into(),
+            DriftError::Scratch(_) => {
+                "cannot create a scratch network namespace to plan the check in".into()
+            }
+            DriftError::ScratchPanicked => "the check's scratch namespace thread panicked".into(),
+            DriftError::PlanApply(_) => "applying the plan in a scratch namespace failed".into(),
+            DriftError::PlanRead { what, .. } => format!("reading the planned {what} back failed"),
+            DriftError::PodRead { what, .. } => format!("reading the pod's {what} failed"),
+        }
+    }
+
+    /// The cause, as the layer below said it.
+    pub fn cause(&self) -> String {
+        match self {
+            DriftError::NoIptables(error)
+            | DriftError::NoNft(error)
+            | DriftError::PlanApply(error)
+            | DriftError::PlanRead { error, .. }
+            | DriftError::PodRead { error, .. } => error.to_string(),
+            DriftError::Scratch(errno) => errno.to_string(),
+            DriftError::ScratchPanicked => String::new(),
+        }
+    }
+}
+
+fn pod_read(what: &'static str) -> impl Fn(ApplyError) -> DriftError {
+    move |error| DriftError::PodRead { what, error }
+}
+
+fn plan_read(what: &'static str) -> impl Fn(ApplyError) -> DriftError {
+    move |error| DriftError::PlanRead { what, error }
+}
+
+/// Where a rule of meshinit's sits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Place {
+    /// A chain of one family's iptables table.
+    Iptables {
+        family: Family,
+        table: String,
+        chain: String,
+    },
+    /// A block (`chain NAME`, `set NAME`) of one of meshinit's nftables `inet` tables.
+    Nftables { table: String, block: String },
+}
+
+impl std::fmt::Display for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Place::Iptables {
+                family,
+                table,
+                chain,
+            } => write!(f, "{family} {table} {chain}"),
+            Place::Nftables { table, block } => write!(f, "nftables inet {table} {block}"),
+        }
+    }
+}
+
+/// A set whose members differ from the plan's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetName {
+    /// A named ipset of `--match-sets` on iptables.
+    Ipset(String),
+    /// An anonymous nftables set: the `n`th (from 1) set of a rule, which is shown with its
+    /// sets' contents left out.
+    Anonymous {
+        place: Place,
+        rule: String,
+        n: usize,
+    },
+}
+
+impl std::fmt::Display for SetName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SetName::Ipset(name) => write!(f, "ipset {name}"),
+            SetName::Anonymous { place, rule, n } => {
+                write!(f, "{place}: set {n} of `{rule}`")
+            }
+        }
+    }
+}
+
+/// One difference between a pod's capture state and its plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Drift {
+    /// A planned rule is not there (once for each time it is missing).
+    MissingRule { place: Place, rule: String },
+    /// A rule is there that the plan does not have (once for each extra copy).
+    UnexpectedRule { place: Place, rule: String },
+    /// The same rules, in another order.
+    OutOfOrder { place: Place },
+    /// One of Istio's chains the plan has is not in the family's table.
+    MissingChain {
+        family: Family,
+        table: String,
+        chain: String,
+    },
+    /// One of Istio's chains is in the family's table, but not in the plan.
+    UnexpectedChain {
+        family: Family,
+        table: String,
+        chain: String,
+    },
+    /// One of Istio's nftables tables the plan has is not there.
+    MissingTable { table: String },
+    /// One of Istio's nftables tables is there, but not in the plan.
+    UnexpectedTable { table: String },
+    /// A chain or set of an nftables table the plan has is not there.
+    MissingBlock { table: String, block: String },
+    /// A chain or set is in one of Istio's nftables tables, but not in the plan.
+    UnexpectedBlock { table: String, block: String },
+    /// A policy routing rule or route TPROXY needs is not there.
+    MissingRouting(RoutingEntry),
+    /// A rule or route tagged as meshinit's is there that the plan does not have.
+    UnexpectedRouting(RoutingEntry),
+    /// IPv6 is on but `lo` lacks `::6`, the inbound passthrough source.
+    MissingPassthroughAddress,
+    /// A set the rules look up is not there.
+    MissingSet { set: String },
+    /// A set holds other members than planned, under the same name.
+    SetMembers {
+        set: SetName,
+        missing: Vec<String>,
+        unexpected: Vec<String>,
+    },
+}
+
+impl std::fmt::Display for Drift {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Drift::MissingRule { place, rule } => write!(f, "{place}: missing `{rule}`"),
+            Drift::UnexpectedRule { place, rule } => {
+                write!(f, "{place}: unexpected rule `{rule}`")
+            }
+            Drift::OutOfOrder { place } => write!(f, "{place}: rules are out of order"),
+            Drift::MissingChain {
+                family,
+                table,
+                chain,
+            } => write!(f, "{family} {table}: chain {chain} is missing"),
+            Drift::UnexpectedChain {
+                family,
+                table,
+                chain,
+            } => write!(f, "{family} {table}: unexpected chain {chain}"),
+            Drift::MissingTable { table } => write!(f, "nftables inet {table}: table is missing"),
+            Drift::UnexpectedTable { table } => {
+                write!(f, "nftables inet {table}: unexpected table")
+            }
+            Drift::MissingBlock { table, block } => {
+                write!(f, "nftables inet {table}: {block} is missing")
+            }
+            Drift::UnexpectedBlock { table, block } => {
+                write!(f, "nftables inet {table}: unexpected {block}")
+            }
+            Drift::MissingRouting(entry) => {
+                write!(f, "{} routing: missing `{entry}`", entry.family())
+            }
+            Drift::UnexpectedRouting(entry) => {
+                write!(f, "{} routing: unexpected `{entry}`", entry.family())
+            }
+            Drift::MissingPassthroughAddress => write!(
+                f,
+                "ipv6 routing: missing address {IPV6_PASSTHROUGH}/128 on lo"
+            ),
+            Drift::MissingSet { set } => write!(f, "ipset {set} is missing"),
+            Drift::SetMembers {
+                set,
+                missing,
+                unexpected,
+            } => {
+                write!(f, "{set}:")?;
+                if !missing.is_empty() {
+                    write!(
+                        f,
+                        " missing member{} {}",
+                        plural(missing),
+                        missing.join(", ")
+                    )?;
+                }
+                if !missing.is_empty() && !unexpected.is_empty() {
+                    write!(f, ";")?;
+                }
+                if !unexpected.is_empty() {
+                    let s = plural(unexpected);
+                    write!(f, " unexpected member{s} {}", unexpected.join(", "))?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn plural(list: &[String]) -> &'static str {
+    if list.len() == 1 {
+        ""
+    } else {
+        "s"
     }
 }
 
@@ -49,16 +283,12 @@ fn in_scratch_namespace<T: Send>(
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
-                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(|errno| {
-                    failed(
-                        "cannot create a scratch network namespace to plan the check in",
-                        errno,
-                    )
-                })?;
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(DriftError::Scratch)?;
                 work()
             })
             .join()
-            .unwrap_or_else(|_| Err(failed("the check's scratch namespace thread panicked", "")))
+            .unwrap_or(Err(DriftError::ScratchPanicked))
     })
 }
 
@@ -78,25 +308,21 @@ impl Routing for NoRouting {
     fn remove_all(&mut self) -> Result<usize, ApplyError> {
         Ok(0)
     }
+    fn read(&mut self, _: bool) -> Result<RoutingState, ApplyError> {
+        Ok(RoutingState::default())
+    }
 }
 
 // ---- iptables ---------------------------------------------------------------------------
 
 /// [`super::Engine::drift`] for iptables: both families' saves, and routing.
-pub(super) fn iptables_drift(config: &Config) -> Result<Vec<String>, DriftError> {
+pub(super) fn iptables_drift(config: &Config) -> Result<Vec<Drift>, DriftError> {
     let mut sets = NetlinkIpSets::default();
     let ruleset = crate::engine::kernel_plan(config, &mut sets);
     let families: Vec<Family> = ruleset.families().map(|f| f.family).collect();
     let wait = config.run.xtables_wait;
     let mut tools = IptablesTools::detect(config.run.force_backend, &families, wait)
-        .map_err(|e| failed("no iptables to read the pod's rules with", e))?;
-    let mut present = Vec::new();
-    for &family in &families {
-        let save = tools
-            .save(family)
-            .map_err(|e| failed("reading the pod's rules failed", e))?;
-        present.push(save);
-    }
+        .map_err(DriftError::NoIptables)?;
     // The same backend as the pod's, so both sides are printed by the same tool. Plain
     // `iptables` has no forced form; detection there finds it again.
     let forced = match tools.backend() {
@@ -105,34 +331,54 @@ pub(super) fn iptables_drift(config: &Config) -> Result<Vec<String>, DriftError>
         Backend::Plain => None,
     };
     let planned = in_scratch_namespace(|| {
-        let mut scratch = IptablesTools::detect(forced, &families, wait)
-            .map_err(|e| failed("no iptables to plan the check with", e))?;
-        crate::apply::apply(
+        let mut scratch =
+            IptablesTools::detect(forced, &families, wait).map_err(DriftError::NoIptables)?;
+        crate::apply::iptables::apply(
             &mut scratch,
             &mut NoRouting,
             &mut NetlinkIpSets::default(),
             &ruleset,
         )
-        .map_err(|e| failed("applying the plan in a scratch namespace failed", e))?;
+        .map_err(DriftError::PlanApply)?;
         families
             .iter()
-            .map(|&family| {
-                scratch
-                    .save(family)
-                    .map_err(|e| failed("reading the planned rules back failed", e))
-            })
+            .map(|&family| scratch.save(family).map_err(plan_read("rules")))
             .collect::<Result<Vec<String>, DriftError>>()
     })?;
+    iptables_pod_drift(
+        &ruleset,
+        &planned,
+        &mut tools,
+        &mut sets,
+        &mut NetlinkRouting::default(),
+    )
+}
+
+/// The pod's side of an iptables CHECK, read through the apply traits, against the plan:
+/// `planned` is each family's save of the plan applied in a scratch namespace.
+fn iptables_pod_drift(
+    ruleset: &Ruleset,
+    planned: &[String],
+    pod: &mut dyn Netfilter,
+    sets: &mut dyn IpSets,
+    routing: &mut dyn Routing,
+) -> Result<Vec<Drift>, DriftError> {
     let mut drift = Vec::new();
-    for ((family, planned), present) in families.iter().zip(&planned).zip(&present) {
-        drift.extend(compare_iptables(*family, planned, present));
+    for (family, planned) in ruleset.families().map(|f| f.family).zip(planned) {
+        let present = pod.save(family).map_err(pod_read("rules"))?;
+        drift.extend(compare_iptables(family, planned, &present));
+    }
+    let planned_sets: Vec<Arc<IpSet>> = ruleset.families().flat_map(FamilyRuleset::sets).collect();
+    if !planned_sets.is_empty() {
+        let present = sets.contents().map_err(|e| pod_read("ipsets")(e.into()))?;
+        drift.extend(compare_sets(&planned_sets, &present));
     }
     let plan = RoutingPlan {
         ipv6_passthrough_address: ruleset.ipv6_passthrough_address,
         tproxy: ruleset.tproxy_routing.map(|r| (r.mark, r.table)),
         ipv6: ruleset.v6.is_some(),
     };
-    drift.extend(routing_drift(&plan)?);
+    drift.extend(routing_drift(&plan, routing)?);
     Ok(drift)
 }
 
@@ -185,38 +431,45 @@ fn iptables_parts(save: &str) -> BTreeMap<String, TableParts> {
 
 /// Differences between the planned and the present save of one family, meshinit's parts
 /// only.
-fn compare_iptables(family: Family, planned: &str, present: &str) -> Vec<String> {
+fn compare_iptables(family: Family, planned: &str, present: &str) -> Vec<Drift> {
     let planned = iptables_parts(planned);
     let present = iptables_parts(present);
     let empty = TableParts::default();
     let mut drift = Vec::new();
-    let names: std::collections::BTreeSet<&String> = planned.keys().chain(present.keys()).collect();
+    let names: BTreeSet<&String> = planned.keys().chain(present.keys()).collect();
     // In Table order (raw, mangle, nat...), not alphabetically, where the name is known.
     let mut names: Vec<&String> = names.into_iter().collect();
     names.sort_by_key(|n| Table::from_name(n).map_or(usize::MAX, |t| t as usize));
     for table in names {
         let want = planned.get(table).unwrap_or(&empty);
         let have = present.get(table).unwrap_or(&empty);
+        let place = |chain: &str| Place::Iptables {
+            family,
+            table: table.clone(),
+            chain: chain.to_owned(),
+        };
         for (chain, rules) in &want.own {
             match have.own.get(chain) {
-                None => drift.push(format!("{family} {table}: chain {chain} is missing")),
-                Some(found) => diff_rules(
-                    &format!("{family} {table} {chain}"),
-                    rules,
-                    found,
-                    &mut drift,
-                ),
+                None => drift.push(Drift::MissingChain {
+                    family,
+                    table: table.clone(),
+                    chain: chain.clone(),
+                }),
+                Some(found) => diff_rules(&place(chain), rules, found, &mut drift),
             }
         }
         for chain in have.own.keys().filter(|c| !want.own.contains_key(*c)) {
-            drift.push(format!("{family} {table}: unexpected chain {chain}"));
+            drift.push(Drift::UnexpectedChain {
+                family,
+                table: table.clone(),
+                chain: chain.clone(),
+            });
         }
-        let chains: std::collections::BTreeSet<&String> =
-            want.builtin.keys().chain(have.builtin.keys()).collect();
+        let chains: BTreeSet<&String> = want.builtin.keys().chain(have.builtin.keys()).collect();
         for chain in chains {
             let none = Vec::new();
             diff_rules(
-                &format!("{family} {table} {chain}"),
+                &place(chain),
                 want.builtin.get(chain).unwrap_or(&none),
                 have.builtin.get(chain).unwrap_or(&none),
                 &mut drift,
@@ -228,7 +481,7 @@ fn compare_iptables(family: Family, planned: &str, present: &str) -> Vec<String>
 
 /// Rules planned but absent, present but not planned (as many times as each is missing or
 /// extra), and, when the two hold the same rules, whether their order differs.
-fn diff_rules(place: &str, planned: &[String], present: &[String], drift: &mut Vec<String>) {
+fn diff_rules(place: &Place, planned: &[String], present: &[String], drift: &mut Vec<Drift>) {
     let mut unmatched: BTreeMap<&str, isize> = BTreeMap::new();
     for rule in planned {
         *unmatched.entry(rule).or_default() += 1;
@@ -242,7 +495,10 @@ fn diff_rules(place: &str, planned: &[String], present: &[String], drift: &mut V
         let said = reported.entry(rule).or_default();
         if left > *said {
             *said += 1;
-            drift.push(format!("{place}: missing `{rule}`"));
+            drift.push(Drift::MissingRule {
+                place: place.clone(),
+                rule: rule.clone(),
+            });
         }
     }
     for rule in present {
@@ -250,66 +506,76 @@ fn diff_rules(place: &str, planned: &[String], present: &[String], drift: &mut V
         let said = reported.entry(rule).or_default();
         if left < *said {
             *said -= 1;
-            drift.push(format!("{place}: unexpected rule `{rule}`"));
+            drift.push(Drift::UnexpectedRule {
+                place: place.clone(),
+                rule: rule.clone(),
+            });
         }
     }
     if unmatched.values().all(|n| *n == 0) && planned != present {
-        drift.push(format!("{place}: rules are out of order"));
+        drift.push(Drift::OutOfOrder {
+            place: place.clone(),
+        });
     }
 }
 
-// ---- routing ----------------------------------------------------------------------------
-
-/// One tagged rule or route, as far as meshinit's plan describes them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RoutingEntry {
-    Rule {
-        family: Family,
-        mark: Option<u32>,
-        table: u32,
-    },
-    Route {
-        family: Family,
-        table: u32,
-        local: bool,
-    },
-}
-
-impl RoutingEntry {
-    fn family(&self) -> Family {
-        match self {
-            RoutingEntry::Rule { family, .. } | RoutingEntry::Route { family, .. } => *family,
+/// The planned sets against the pod's: a set the rules name must hold exactly its
+/// planned members (its name is a hash of them, but the kernel lets them change under it).
+/// Sets no plan names are not compared: no rule of the plan looks them up, and a rule of
+/// the pod's that did would be drift already.
+fn compare_sets(planned: &[Arc<IpSet>], present: &[SetContents]) -> Vec<Drift> {
+    let mut drift = Vec::new();
+    for set in planned {
+        let Some(found) = present.iter().find(|p| p.name == set.name()) else {
+            drift.push(Drift::MissingSet {
+                set: set.name().to_owned(),
+            });
+            continue;
+        };
+        let want = SetMember::of(set);
+        let missing: Vec<SetMember> = want.difference(&found.members).copied().collect();
+        let unexpected: Vec<SetMember> = found.members.difference(&want).copied().collect();
+        if !missing.is_empty() || !unexpected.is_empty() {
+            drift.push(Drift::SetMembers {
+                set: SetName::Ipset(set.name().to_owned()),
+                missing: spelled(&missing),
+                unexpected: spelled(&unexpected),
+            });
         }
     }
+    drift
 }
 
-/// As `ip` would add it.
-impl std::fmt::Display for RoutingEntry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RoutingEntry::Rule {
-                mark: Some(mark),
-                table,
-                ..
-            } => write!(f, "ip rule fwmark {mark} lookup {table}"),
-            RoutingEntry::Rule {
-                mark: None, table, ..
-            } => write!(f, "ip rule lookup {table}"),
-            RoutingEntry::Route {
-                family,
-                table,
-                local,
-            } => {
-                let kind = if *local { "local " } else { "" };
-                let default = match family {
-                    Family::V4 => "0.0.0.0/0",
-                    Family::V6 => "::/0",
-                };
-                write!(f, "ip route {kind}{default} dev lo table {table}")
+/// Members as `ipset` takes them, consecutive ports as one range (`8000-8100`): a set of
+/// all ports flushed is one line, not 65,535.
+fn spelled(members: &[SetMember]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut run: Option<(u16, u16)> = None;
+    let close = |run: Option<(u16, u16)>, out: &mut Vec<String>| match run {
+        Some((first, last)) if first == last => out.push(first.to_string()),
+        Some((first, last)) => out.push(format!("{first}-{last}")),
+        None => {}
+    };
+    for member in members {
+        match (*member, run) {
+            (SetMember::Port(port), Some((first, last))) if last.checked_add(1) == Some(port) => {
+                run = Some((first, port));
+            }
+            (SetMember::Port(port), _) => {
+                close(run.take(), &mut out);
+                run = Some((port, port));
+            }
+            (SetMember::Net(net), _) => {
+                close(run.take(), &mut out);
+                out.push(net.to_string());
             }
         }
     }
+    close(run, &mut out);
+    out
 }
+
+// ---- routing ----------------------------------------------------------------------------
 
 fn planned_routing(plan: &RoutingPlan) -> Vec<RoutingEntry> {
     let Some((mark, table)) = plan.tproxy else {
@@ -339,138 +605,71 @@ fn planned_routing(plan: &RoutingPlan) -> Vec<RoutingEntry> {
         .collect()
 }
 
-fn compare_routing(
-    plan: &RoutingPlan,
-    present: &[RoutingEntry],
-    has_passthrough_address: bool,
-) -> Vec<String> {
+fn compare_routing(plan: &RoutingPlan, present: &RoutingState) -> Vec<Drift> {
     let planned = planned_routing(plan);
-    let mut drift: Vec<String> = planned
+    let mut drift: Vec<Drift> = planned
         .iter()
-        .filter(|p| !present.contains(p))
-        .map(|p| format!("{} routing: missing `{p}`", p.family()))
+        .filter(|p| !present.entries.contains(p))
+        .map(|p| Drift::MissingRouting(*p))
         .collect();
     drift.extend(
         present
+            .entries
             .iter()
             .filter(|p| !planned.contains(p))
-            .map(|p| format!("{} routing: unexpected `{p}`", p.family())),
+            .map(|p| Drift::UnexpectedRouting(*p)),
     );
-    if plan.ipv6_passthrough_address && !has_passthrough_address {
-        drift.push(format!(
-            "ipv6 routing: missing address {IPV6_PASSTHROUGH}/128 on lo"
-        ));
+    if plan.ipv6_passthrough_address && !present.passthrough_address {
+        drift.push(Drift::MissingPassthroughAddress);
     }
     drift
 }
 
-/// Tagged routing and the `::6` address in the current namespace against `plan`.
-fn routing_drift(plan: &RoutingPlan) -> Result<Vec<String>, DriftError> {
-    let read = |what| move |e: crate::netlink::NetlinkError| failed(what, e);
-    let mut socket = Socket::route().map_err(read("reading the pod's routing failed"))?;
-    let present: Vec<RoutingEntry> = socket
-        .tagged_routing()
-        .map_err(read("reading the pod's routing failed"))?
-        .iter()
-        .map(|(family, is_rule, payload)| {
-            let family = match family {
-                NlFamily::Inet => Family::V4,
-                NlFamily::Inet6 => Family::V6,
-            };
-            if *is_rule {
-                let (mark, table) = crate::netlink::rule_mark_table(payload);
-                RoutingEntry::Rule {
-                    family,
-                    mark,
-                    table,
-                }
-            } else {
-                let (table, local) = crate::netlink::route_table(payload);
-                RoutingEntry::Route {
-                    family,
-                    table,
-                    local,
-                }
-            }
-        })
-        .collect();
-    let has_passthrough_address = if plan.ipv6_passthrough_address {
-        let lo = crate::netlink::interface_index("lo").map_err(read("no lo in the pod"))?;
-        let address = match IPV6_PASSTHROUGH {
-            std::net::IpAddr::V6(a) => a,
-            std::net::IpAddr::V4(a) => a.to_ipv6_mapped(),
-        };
-        socket
-            .has_ipv6_address(address, lo)
-            .map_err(read("reading the pod's addresses failed"))?
-    } else {
-        false
-    };
-    Ok(compare_routing(plan, &present, has_passthrough_address))
+/// Tagged routing and the `::6` address in the pod against `plan`.
+fn routing_drift(plan: &RoutingPlan, routing: &mut dyn Routing) -> Result<Vec<Drift>, DriftError> {
+    let present = routing
+        .read(plan.ipv6_passthrough_address)
+        .map_err(pod_read("routing"))?;
+    Ok(compare_routing(plan, &present))
 }
 
 // ---- nftables ---------------------------------------------------------------------------
 
-/// The `inet` tables of meshinit's in the calling thread's namespace, with `nft -s`'s
-/// listing of each (`-s`: without counter values, which are the only thing that differs
-/// between a pod that has seen traffic and a fresh copy).
-fn nft_tables(nft: &Path) -> Result<BTreeMap<String, String>, DriftError> {
-    let chains = Socket::netfilter()
-        .and_then(|mut s| s.nftables_chains())
-        .map_err(|e| failed("listing nftables chains failed", e))?;
-    let mut names: Vec<&str> = chains
-        .iter()
-        .filter(|(family, table, _)| {
-            *family == 1 && crate::rules::nft::model::Table::from_name(table).is_some()
-        })
-        .map(|(_, table, _)| table.as_str())
-        .collect();
-    names.sort_unstable();
-    names.dedup();
-    let mut listed = BTreeMap::new();
-    for name in names {
-        let output = Command::new(nft)
-            .args(["-s", "list", "table", "inet", name])
-            .output()
-            .map_err(|e| failed("running nft failed", e))?;
-        if !output.status.success() {
-            return Err(failed(
-                &format!("nft list table inet {name} failed"),
-                String::from_utf8_lossy(&output.stderr).trim(),
-            ));
-        }
-        listed.insert(
-            name.to_owned(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-        );
-    }
-    Ok(listed)
-}
-
 /// [`super::Engine::drift`] for `--native-nftables`: Istio's tables, and routing.
-pub(super) fn nftables_drift(config: &Config) -> Result<Vec<String>, DriftError> {
+pub(super) fn nftables_drift(config: &Config) -> Result<Vec<Drift>, DriftError> {
     let ruleset = crate::engine::nft_plan(config);
-    let nft = find_nft().ok_or_else(|| {
-        failed(
-            "CHECK of a --native-nftables pod needs nft",
-            "nft not found in PATH or /usr/sbin, /sbin: install the nftables package",
-        )
-    })?;
-    let present = nft_tables(&nft)?;
+    let mut nft = NftTool::new();
+    nft.require().map_err(DriftError::NoNft)?;
     let mode = config.run.nftables_apply;
     let planned = in_scratch_namespace(|| {
-        crate::apply::apply_nftables(&mut NftTool::new(), &mut NoRouting, &ruleset, mode)
-            .map_err(|e| failed("applying the plan in a scratch namespace failed", e))?;
-        nft_tables(&nft)
+        let mut scratch = NftTool::new();
+        crate::apply::nft::apply_nftables(&mut scratch, &mut NoRouting, &ruleset, mode)
+            .map_err(DriftError::PlanApply)?;
+        scratch.listing().map_err(plan_read("nftables tables"))
     })?;
+    nftables_pod_drift(&ruleset, &planned, &mut nft, &mut NetlinkRouting::default())
+}
+
+/// The pod's side of a `--native-nftables` CHECK, read through the apply traits, against
+/// `planned`: the listing of the plan applied in a scratch namespace.
+fn nftables_pod_drift(
+    ruleset: &NftRuleset,
+    planned: &BTreeMap<String, String>,
+    pod: &mut dyn Nftables,
+    routing: &mut dyn Routing,
+) -> Result<Vec<Drift>, DriftError> {
+    let present = pod.listing().map_err(pod_read("nftables tables"))?;
     let mut drift = Vec::new();
-    let tables: std::collections::BTreeSet<&String> =
-        planned.keys().chain(present.keys()).collect();
+    let tables: BTreeSet<&String> = planned.keys().chain(present.keys()).collect();
     for table in tables {
         match (planned.get(table), present.get(table)) {
             (Some(want), Some(have)) => drift.extend(compare_nft(table, want, have)),
-            (Some(_), None) => drift.push(format!("nftables inet {table}: table is missing")),
-            (None, Some(_)) => drift.push(format!("nftables inet {table}: unexpected table")),
+            (Some(_), None) => drift.push(Drift::MissingTable {
+                table: table.clone(),
+            }),
+            (None, Some(_)) => drift.push(Drift::UnexpectedTable {
+                table: table.clone(),
+            }),
             (None, None) => {}
         }
     }
@@ -479,7 +678,7 @@ pub(super) fn nftables_drift(config: &Config) -> Result<Vec<String>, DriftError>
         tproxy: ruleset.tproxy_routing.map(|r| (r.mark, r.table)),
         ipv6: ruleset.ipv6,
     };
-    drift.extend(routing_drift(&plan)?);
+    drift.extend(routing_drift(&plan, routing)?);
     Ok(drift)
 }
 
@@ -509,30 +708,147 @@ fn nft_blocks(listing: &str) -> BTreeMap<String, Vec<String>> {
     blocks
 }
 
-fn compare_nft(table: &str, planned: &str, present: &str) -> Vec<String> {
+fn compare_nft(table: &str, planned: &str, present: &str) -> Vec<Drift> {
     let planned = nft_blocks(planned);
     let present = nft_blocks(present);
     let mut drift = Vec::new();
     for (block, lines) in &planned {
         match present.get(block) {
-            None => drift.push(format!("nftables inet {table}: {block} is missing")),
-            Some(found) => diff_rules(
-                &format!("nftables inet {table} {block}"),
-                lines,
-                found,
-                &mut drift,
-            ),
+            None => drift.push(Drift::MissingBlock {
+                table: table.to_owned(),
+                block: block.clone(),
+            }),
+            Some(found) => {
+                let place = Place::Nftables {
+                    table: table.to_owned(),
+                    block: block.clone(),
+                };
+                let mut rules = Vec::new();
+                diff_rules(&place, lines, found, &mut rules);
+                drift.extend(set_edits(rules));
+            }
         }
     }
     for block in present.keys().filter(|b| !planned.contains_key(*b)) {
-        drift.push(format!("nftables inet {table}: unexpected {block}"));
+        drift.push(Drift::UnexpectedBlock {
+            table: table.to_owned(),
+            block: block.clone(),
+        });
     }
     drift
+}
+
+/// A rule's anonymous sets (`{ a, b }`), each as its elements, and the rule with their
+/// contents left out (`{ … }`).
+fn anonymous_sets(rule: &str) -> (String, Vec<Vec<&str>>) {
+    let mut shape = String::with_capacity(rule.len());
+    let mut sets = Vec::new();
+    let mut rest = rule;
+    while let Some((before, after)) = rest.split_once('{') {
+        let Some((inside, tail)) = after.split_once('}') else {
+            break;
+        };
+        shape.push_str(before);
+        shape.push_str("{ … }");
+        sets.push(inside.split(',').map(str::trim).collect());
+        rest = tail;
+    }
+    shape.push_str(rest);
+    (shape, sets)
+}
+
+/// A planned rule missing from one place and a rule there that differs from it only in
+/// the elements of its anonymous sets are one edit: those sets' members, named.
+fn set_edits(drift: Vec<Drift>) -> Vec<Drift> {
+    let mut paired = vec![false; drift.len()];
+    let mut out = Vec::with_capacity(drift.len());
+    for (i, d) in drift.iter().enumerate() {
+        if paired[i] {
+            continue;
+        }
+        if let Drift::MissingRule { place, rule } = d {
+            let (shape, planned) = anonymous_sets(rule);
+            let edited = drift.iter().enumerate().find_map(|(j, e)| match e {
+                Drift::UnexpectedRule { place: at, rule }
+                    if !paired[j] && at == place && anonymous_sets(rule).0 == shape =>
+                {
+                    Some((j, anonymous_sets(rule).1))
+                }
+                _ => None,
+            });
+            if let Some((j, present)) = edited.filter(|_| !planned.is_empty()) {
+                let edits = member_edits(place, &shape, &planned, &present);
+                // Same elements: the rules differ in order only, which nft keeps sorted,
+                // so this is not a set's edit; reported as the rules are.
+                if !edits.is_empty() {
+                    paired[j] = true;
+                    out.extend(edits);
+                    continue;
+                }
+            }
+        }
+        out.push(d.clone());
+    }
+    out
+}
+
+/// The members of each set of a rule (`shape`) that differ between `planned` and
+/// `present`.
+fn member_edits(
+    place: &Place,
+    shape: &str,
+    planned: &[Vec<&str>],
+    present: &[Vec<&str>],
+) -> Vec<Drift> {
+    let others = |a: &[&str], b: &[&str]| -> Vec<String> {
+        a.iter()
+            .filter(|e| !b.contains(e))
+            .map(|e| (*e).to_owned())
+            .collect()
+    };
+    planned
+        .iter()
+        .zip(present)
+        .enumerate()
+        .filter_map(|(n, (want, have))| {
+            let missing = others(want, have);
+            let unexpected = others(have, want);
+            (!missing.is_empty() || !unexpected.is_empty()).then(|| Drift::SetMembers {
+                set: SetName::Anonymous {
+                    place: place.clone(),
+                    rule: shape.to_owned(),
+                    n: n + 1,
+                },
+                missing,
+                unexpected,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn texts(drift: &[Drift]) -> Vec<String> {
+        drift.iter().map(ToString::to_string).collect()
+    }
+
+    fn iptables(family: Family, planned: &str, present: &str) -> Vec<String> {
+        texts(&compare_iptables(family, planned, present))
+    }
+
+    fn nft(table: &str, planned: &str, present: &str) -> Vec<String> {
+        texts(&compare_nft(table, planned, present))
+    }
+
+    fn routing(plan: &RoutingPlan, entries: &[RoutingEntry], address: bool) -> Vec<String> {
+        let state = RoutingState {
+            entries: entries.to_vec(),
+            passthrough_address: address,
+        };
+        texts(&compare_routing(plan, &state))
+    }
 
     const PLANNED: &str = "# Generated by iptables-nft-save v1.8.9
 *nat
@@ -555,17 +871,14 @@ COMMIT
 
     #[test]
     fn identical_saves_do_not_drift() {
-        assert_eq!(
-            compare_iptables(Family::V4, PLANNED, PLANNED),
-            Vec::<String>::new()
-        );
+        assert_eq!(iptables(Family::V4, PLANNED, PLANNED), Vec::<String>::new());
     }
 
     #[test]
     fn a_missing_builtin_jump_is_named() {
         let present = edited("-A OUTPUT -p tcp -j ISTIO_OUTPUT\n", "");
         assert_eq!(
-            compare_iptables(Family::V4, PLANNED, &present),
+            iptables(Family::V4, PLANNED, &present),
             ["ipv4 nat OUTPUT: missing `-p tcp -j ISTIO_OUTPUT`"]
         );
     }
@@ -574,7 +887,7 @@ COMMIT
     fn a_changed_rule_is_missing_and_unexpected() {
         let present = edited("-d 127.0.0.1/32", "-d 203.0.113.0/24");
         assert_eq!(
-            compare_iptables(Family::V4, PLANNED, &present),
+            iptables(Family::V4, PLANNED, &present),
             [
                 "ipv4 nat ISTIO_OUTPUT: missing `-d 127.0.0.1/32 -j RETURN`",
                 "ipv4 nat ISTIO_OUTPUT: unexpected rule `-d 203.0.113.0/24 -j RETURN`",
@@ -589,7 +902,7 @@ COMMIT
             "-A ISTIO_OUTPUT -j ISTIO_REDIRECT\n-A ISTIO_OUTPUT -j ISTIO_REDIRECT\n",
         );
         assert_eq!(
-            compare_iptables(Family::V4, PLANNED, &doubled),
+            iptables(Family::V4, PLANNED, &doubled),
             ["ipv4 nat ISTIO_OUTPUT: unexpected rule `-j ISTIO_REDIRECT`"]
         );
         let swapped = edited(
@@ -597,7 +910,7 @@ COMMIT
             "-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN\n-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN\n",
         );
         assert_eq!(
-            compare_iptables(Family::V4, PLANNED, &swapped),
+            iptables(Family::V4, PLANNED, &swapped),
             ["ipv4 nat ISTIO_OUTPUT: rules are out of order"]
         );
         let extra = edited(
@@ -605,7 +918,7 @@ COMMIT
             ":ISTIO_REDIRECT - [0:0]\n:ISTIO_INBOUND - [0:0]\n",
         );
         assert_eq!(
-            compare_iptables(Family::V4, PLANNED, &extra),
+            iptables(Family::V4, PLANNED, &extra),
             ["ipv4 nat: unexpected chain ISTIO_INBOUND"]
         );
         let gone = PLANNED
@@ -614,7 +927,7 @@ COMMIT
             .collect::<Vec<_>>()
             .join("\n");
         assert_eq!(
-            compare_iptables(Family::V6, PLANNED, &gone),
+            iptables(Family::V6, PLANNED, &gone),
             ["ipv6 nat: chain ISTIO_REDIRECT is missing"]
         );
     }
@@ -627,7 +940,7 @@ COMMIT
         )
         .replace(":ISTIO_OUTPUT - [0:0]\n", ":ISTIO_OUTPUT - [0:0]\n:KUBE-THING - [0:0]\n");
         assert_eq!(
-            compare_iptables(Family::V4, PLANNED, &present),
+            iptables(Family::V4, PLANNED, &present),
             Vec::<String>::new()
         );
     }
@@ -641,7 +954,7 @@ COMMIT
         };
         let mut present = planned_routing(&plan);
         assert_eq!(present.len(), 4);
-        assert!(compare_routing(&plan, &present, true).is_empty());
+        assert!(routing(&plan, &present, true).is_empty());
         present.remove(0);
         present.push(RoutingEntry::Rule {
             family: Family::V4,
@@ -649,7 +962,7 @@ COMMIT
             table: 134,
         });
         assert_eq!(
-            compare_routing(&plan, &present, false),
+            routing(&plan, &present, false),
             [
                 "ipv4 routing: missing `ip rule fwmark 1337 lookup 133`",
                 "ipv4 routing: unexpected `ip rule fwmark 1337 lookup 134`",
@@ -661,7 +974,7 @@ COMMIT
             tproxy: None,
             ipv6: false,
         };
-        assert!(compare_routing(&off, &[], false).is_empty());
+        assert!(routing(&off, &[], false).is_empty());
     }
 
     const NFT: &str = "table inet istio-proxy-nat {
@@ -683,18 +996,269 @@ COMMIT
 
     #[test]
     fn nft_listings_compare_by_chain() {
-        assert!(compare_nft("istio-proxy-nat", NFT, NFT).is_empty());
+        assert!(nft("istio-proxy-nat", NFT, NFT).is_empty());
         let present = NFT.replace("\t\tcounter jump istio-output\n", "");
         assert_eq!(
-            compare_nft("istio-proxy-nat", NFT, &present),
+            nft("istio-proxy-nat", NFT, &present),
             ["nftables inet istio-proxy-nat chain output: missing `counter jump istio-output`"]
         );
         let hooked = NFT.replace("priority -100", "priority 100");
-        assert_eq!(compare_nft("istio-proxy-nat", NFT, &hooked).len(), 2);
+        assert_eq!(nft("istio-proxy-nat", NFT, &hooked).len(), 2);
         let blocks = nft_blocks(NFT);
         assert_eq!(
             blocks.keys().collect::<Vec<_>>(),
             ["chain istio-output", "chain istio-redirect", "chain output"]
+        );
+    }
+
+    // ---- the pod read through the apply traits, with the recording fakes ----
+
+    use crate::apply::nft::tests::FakeNft;
+    use crate::apply::tests::{Call, FakeIpSets, FakeNetfilter, FakeRouting};
+    use crate::rules::iptables::plan::tests::{base, tproxy_config};
+
+    fn pod_with(save: &str) -> FakeNetfilter {
+        let mut pod = FakeNetfilter::default();
+        pod.saves.insert(Family::V4, save.to_owned());
+        pod
+    }
+
+    fn iptables_check(pod: &mut FakeNetfilter, routing: &mut FakeRouting) -> Vec<Drift> {
+        let ruleset = crate::rules::iptables::plan(&base());
+        let mut sets = FakeIpSets::sharing(pod);
+        iptables_pod_drift(&ruleset, &[PLANNED.to_owned()], pod, &mut sets, routing)
+            .expect("the fakes answer")
+    }
+
+    #[test]
+    fn a_matching_save_from_the_pod_is_no_drift() {
+        let mut pod = pod_with(PLANNED);
+        assert_eq!(iptables_check(&mut pod, &mut FakeRouting::default()), []);
+        assert_eq!(pod.calls(), [Call::Save(Family::V4)], "the pod is read");
+    }
+
+    #[test]
+    fn a_drifted_save_from_the_pod_is_named() {
+        let mut pod = pod_with(&edited("-A OUTPUT -p tcp -j ISTIO_OUTPUT\n", ""));
+        assert_eq!(
+            iptables_check(&mut pod, &mut FakeRouting::default()),
+            [Drift::MissingRule {
+                place: Place::Iptables {
+                    family: Family::V4,
+                    table: "nat".into(),
+                    chain: "OUTPUT".into(),
+                },
+                rule: "-p tcp -j ISTIO_OUTPUT".into(),
+            }]
+        );
+        let mut pod = pod_with(&edited(
+            ":ISTIO_REDIRECT - [0:0]\n",
+            ":ISTIO_REDIRECT - [0:0]\n:ISTIO_DROP - [0:0]\n",
+        ));
+        assert_eq!(
+            iptables_check(&mut pod, &mut FakeRouting::default()),
+            [Drift::UnexpectedChain {
+                family: Family::V4,
+                table: "nat".into(),
+                chain: "ISTIO_DROP".into(),
+            }]
+        );
+    }
+
+    #[test]
+    fn routing_read_from_the_pod_is_compared() {
+        let ruleset = crate::rules::iptables::plan(&tproxy_config());
+        let plan = RoutingPlan {
+            ipv6_passthrough_address: false,
+            tproxy: Some((1337, 133)),
+            ipv6: false,
+        };
+        let mut routing = FakeRouting::default();
+        routing.state.entries = planned_routing(&plan);
+        let check = |routing: &mut FakeRouting| {
+            let mut pod = FakeNetfilter::default();
+            let mut sets = FakeIpSets::sharing(&pod);
+            iptables_pod_drift(&ruleset, &[String::new()], &mut pod, &mut sets, routing)
+                .expect("the fakes answer")
+        };
+        assert_eq!(check(&mut routing), []);
+        let route = routing.state.entries.remove(1);
+        let stray = RoutingEntry::Rule {
+            family: Family::V4,
+            mark: Some(1337),
+            table: 134,
+        };
+        routing.state.entries.push(stray);
+        assert_eq!(
+            check(&mut routing),
+            [
+                Drift::MissingRouting(route),
+                Drift::UnexpectedRouting(stray)
+            ]
+        );
+    }
+
+    fn nft_check(pod: &mut FakeNft) -> Vec<Drift> {
+        let ruleset = crate::rules::nft::plan(&base());
+        let planned = BTreeMap::from([("istio-proxy-nat".to_owned(), NFT.to_owned())]);
+        nftables_pod_drift(&ruleset, &planned, pod, &mut FakeRouting::default())
+            .expect("the fakes answer")
+    }
+
+    #[test]
+    fn the_pods_nftables_listing_is_compared() {
+        let mut pod = FakeNft::default();
+        pod.listing.insert("istio-proxy-nat".into(), NFT.to_owned());
+        assert_eq!(nft_check(&mut pod), []);
+        pod.listing.insert(
+            "istio-proxy-nat".into(),
+            NFT.replace("\t\tip daddr 127.0.0.1 counter return\n", ""),
+        );
+        assert_eq!(
+            nft_check(&mut pod),
+            [Drift::MissingRule {
+                place: Place::Nftables {
+                    table: "istio-proxy-nat".into(),
+                    block: "chain istio-output".into(),
+                },
+                rule: "ip daddr 127.0.0.1 counter return".into(),
+            }]
+        );
+        pod.listing.clear();
+        pod.listing
+            .insert("istio-proxy-mangle".into(), NFT.to_owned());
+        assert_eq!(
+            nft_check(&mut pod),
+            [
+                Drift::UnexpectedTable {
+                    table: "istio-proxy-mangle".into()
+                },
+                Drift::MissingTable {
+                    table: "istio-proxy-nat".into()
+                },
+            ]
+        );
+    }
+
+    // ---- set contents ----
+
+    fn sets_check(contents: Vec<SetContents>) -> (Arc<IpSet>, Vec<Drift>) {
+        let options = crate::rules::PlanOptions { match_sets: true };
+        let cfg = crate::rules::iptables::plan::tests::kube_virt_config();
+        let ruleset = crate::rules::iptables::plan_with(&cfg, options);
+        let set = ruleset.v4.sets().remove(0);
+        let mut pod = pod_with("");
+        let mut sets = FakeIpSets::sharing(&pod);
+        sets.contents = contents;
+        let drift = iptables_pod_drift(
+            &ruleset,
+            &[String::new()],
+            &mut pod,
+            &mut sets,
+            &mut FakeRouting::default(),
+        )
+        .expect("the fakes answer");
+        assert!(
+            pod.calls().contains(&Call::ListSets),
+            "the pod's sets are read"
+        );
+        (set, drift)
+    }
+
+    #[test]
+    fn ipset_members_read_from_the_pod_are_compared() {
+        let (set, _) = sets_check(vec![]);
+        let name = set.name().to_owned();
+        let whole = SetContents {
+            name: name.clone(),
+            members: SetMember::of(&set),
+        };
+        assert_eq!(sets_check(vec![whole.clone()]).1, []);
+
+        let mut edited = whole.clone();
+        let net = |n: &str| SetMember::Net(n.parse().unwrap());
+        assert!(edited.members.remove(&net("192.0.2.0/24")));
+        edited.members.insert(net("198.51.100.0/24"));
+        let drift = sets_check(vec![edited]).1;
+        assert_eq!(
+            drift,
+            [Drift::SetMembers {
+                set: SetName::Ipset(name.clone()),
+                missing: vec!["192.0.2.0/24".into()],
+                unexpected: vec!["198.51.100.0/24".into()],
+            }]
+        );
+        assert_eq!(
+            texts(&drift),
+            [format!(
+                "ipset {name}: missing member 192.0.2.0/24; unexpected member 198.51.100.0/24"
+            )]
+        );
+
+        let flushed = SetContents {
+            name: name.clone(),
+            members: BTreeSet::new(),
+        };
+        assert_eq!(
+            texts(&sets_check(vec![flushed]).1),
+            [format!(
+                "ipset {name}: missing members 10.0.0.0/8, 192.0.2.0/24"
+            )]
+        );
+        assert_eq!(sets_check(vec![]).1, [Drift::MissingSet { set: name }]);
+    }
+
+    #[test]
+    fn ports_are_spelled_as_ranges() {
+        let ports: Vec<SetMember> = [80, 8200, 8201, 8202, 9000, 65535]
+            .into_iter()
+            .map(SetMember::Port)
+            .collect();
+        assert_eq!(spelled(&ports), ["80", "8200-8202", "9000", "65535"]);
+    }
+
+    const NFT_SET: &str = "table inet istio-proxy-nat {
+\tchain istio-output {
+\t\tip daddr { 192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24 } counter return
+\t\ttcp dport { 8200, 8300 } counter return
+\t\tcounter jump istio-redirect
+\t}
+}
+";
+
+    #[test]
+    fn an_edited_nftables_set_is_named_with_its_members() {
+        let planned = BTreeMap::from([("istio-proxy-nat".to_owned(), NFT_SET.to_owned())]);
+        let check = |listing: String| {
+            let mut pod = FakeNft::default();
+            pod.listing.insert("istio-proxy-nat".into(), listing);
+            let ruleset = crate::rules::nft::plan(&base());
+            texts(
+                &nftables_pod_drift(&ruleset, &planned, &mut pod, &mut FakeRouting::default())
+                    .expect("the fakes answer"),
+            )
+        };
+        assert_eq!(check(NFT_SET.to_owned()), Vec::<String>::new());
+        let place = "nftables inet istio-proxy-nat chain istio-output";
+        assert_eq!(
+            check(NFT_SET.replace(", 203.0.113.0/24 }", " }")),
+            [format!(
+                "{place}: set 1 of `ip daddr {{ … }} counter return`: missing member 203.0.113.0/24"
+            )]
+        );
+        assert_eq!(
+            check(NFT_SET.replace("{ 8200, 8300 }", "{ 8300, 9000 }")),
+            [format!(
+                "{place}: set 1 of `tcp dport {{ … }} counter return`: missing member 8200; unexpected member 9000"
+            )]
+        );
+        // Another rule around the same set is not the set's edit.
+        assert_eq!(
+            check(NFT_SET.replace("8300 } counter return", "8300 } counter accept")),
+            [
+                format!("{place}: missing `tcp dport {{ 8200, 8300 }} counter return`"),
+                format!("{place}: unexpected rule `tcp dport {{ 8200, 8300 }} counter accept`"),
+            ]
         );
     }
 }

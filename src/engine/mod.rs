@@ -7,7 +7,7 @@ mod drift;
 
 use std::time::Instant;
 
-pub use drift::DriftError;
+pub use drift::{Drift, DriftError, Place, SetName};
 
 /// What can go wrong in the engine: the layers below it, and asking one family's text of a
 /// plan that has none. The top-level error takes each variant as its own (`error::Error`'s
@@ -27,17 +27,17 @@ pub enum EngineError {
     Ipv6Disabled,
 }
 
+use crate::apply::iptables::IptablesTools;
+use crate::apply::nft::NftTool;
 use crate::apply::ApplyError;
-use crate::apply::{
-    IpSets, IptablesTools, Netfilter as _, NetlinkIpSets, NetlinkRouting, NftTool, Nftables as _,
-    RunLock,
-};
+use crate::apply::{IpSets, Netfilter as _, NetlinkIpSets, NetlinkRouting, Nftables as _, RunLock};
 use crate::caps::CapsError;
 use crate::config::{Config, ConfigError, RunOptions};
-use crate::rules::iptables::render_fresh;
-use crate::rules::model::Family;
-use crate::rules::routes::render_routing;
-use crate::rules::{plan_with, PlanOptions, Ruleset};
+use crate::rules::iptables::model::Family;
+use crate::rules::iptables::render::render_fresh;
+use crate::rules::iptables::routes::render_routing;
+use crate::rules::iptables::{plan_with, Ruleset};
+use crate::rules::PlanOptions;
 
 /// Which rules a pod gets, decided once from its settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +46,22 @@ pub enum Engine {
     Iptables,
     /// Istio's native nftables tables (`--native-nftables`).
     Nftables,
+}
+
+/// What the engine does with a backend. Each backend is one implementation, over its own
+/// folder of `rules/` and its own file of `apply/`; `Engine::backend` is the one place one
+/// is picked.
+trait Backend {
+    /// The whole dry-run text: what `print` shows and `apply -n` prints.
+    fn dry_run(&self, config: &Config) -> String;
+    /// One family's part of the dry-run alone (`print --family`).
+    fn dry_run_family(&self, config: &Config, family: Family) -> Result<String, EngineError>;
+    /// Plans `config` and applies it in the current network namespace.
+    fn install(&self, config: &Config) -> Result<(), EngineError>;
+    /// Each difference between the current namespace and what `install` would leave.
+    fn drift(&self, config: &Config) -> Result<Vec<Drift>, DriftError>;
+    /// Removes everything meshinit (or istio-init) added here.
+    fn remove_everything(&self, run: &RunOptions) -> Result<(), EngineError>;
 }
 
 impl Engine {
@@ -57,56 +73,97 @@ impl Engine {
         }
     }
 
+    /// The backend's implementation: the only place the engine tells backends apart.
+    fn backend(self) -> &'static dyn Backend {
+        match self {
+            Engine::Iptables => &IptablesBackend,
+            Engine::Nftables => &NftablesBackend,
+        }
+    }
+
     /// The whole dry-run text: what `print` shows and `apply -n` prints.
     pub fn dry_run(self, config: &Config) -> String {
-        match self {
-            Engine::Iptables => render_plan(&iptables_plan(config)),
-            Engine::Nftables => crate::rules::nft::render::render_plan(&nft_plan(config)),
-        }
+        self.backend().dry_run(config)
     }
 
     /// One family's `iptables-restore` input alone (`print --family`), ready to pipe into
     /// the family's restore.
     pub fn dry_run_family(self, config: &Config, family: Family) -> Result<String, EngineError> {
-        match self {
-            Engine::Iptables => {
-                let ruleset = iptables_plan(config);
-                Ok(render_fresh(
-                    ruleset.family(family).ok_or(EngineError::Ipv6Disabled)?,
-                ))
-            }
-            Engine::Nftables => Err(ConfigError::invalid_flag(
-                "family",
-                family.name(),
-                "--native-nftables plans one inet ruleset for both families; leave --family out",
-            )
-            .into()),
-        }
+        self.backend().dry_run_family(config, family)
     }
 
     /// Plans `config` and applies it in the current network namespace.
     pub fn install(self, config: &Config) -> Result<(), EngineError> {
-        match self {
-            Engine::Iptables => install_iptables(config),
-            Engine::Nftables => install_nftables(config),
-        }
+        self.backend().install(config)
     }
 
     /// Each difference between what is here and what installing `config` would leave
-    /// (meshinit's rules, tables and routing only); empty when there is none.
-    pub fn drift(self, config: &Config) -> Result<Vec<String>, DriftError> {
-        match self {
-            Engine::Iptables => drift::iptables_drift(config),
-            Engine::Nftables => drift::nftables_drift(config),
-        }
+    /// (meshinit's rules, tables, sets and routing only); empty when there is none.
+    pub fn drift(self, config: &Config) -> Result<Vec<Drift>, DriftError> {
+        self.backend().drift(config)
     }
 
     /// Removes everything meshinit (or istio-init) added here.
     pub fn remove_everything(self, run: &RunOptions) -> Result<(), EngineError> {
-        match self {
-            Engine::Iptables => remove_iptables(run),
-            Engine::Nftables => remove_nftables(run),
-        }
+        self.backend().remove_everything(run)
+    }
+}
+
+/// Istio's iptables rules: `rules::iptables`, applied by `apply::iptables`.
+struct IptablesBackend;
+
+impl Backend for IptablesBackend {
+    fn dry_run(&self, config: &Config) -> String {
+        render_plan(&iptables_plan(config))
+    }
+
+    fn dry_run_family(&self, config: &Config, family: Family) -> Result<String, EngineError> {
+        let ruleset = iptables_plan(config);
+        Ok(render_fresh(
+            ruleset.family(family).ok_or(EngineError::Ipv6Disabled)?,
+        ))
+    }
+
+    fn install(&self, config: &Config) -> Result<(), EngineError> {
+        install_iptables(config)
+    }
+
+    fn drift(&self, config: &Config) -> Result<Vec<Drift>, DriftError> {
+        drift::iptables_drift(config)
+    }
+
+    fn remove_everything(&self, run: &RunOptions) -> Result<(), EngineError> {
+        remove_iptables(run)
+    }
+}
+
+/// Istio's native nftables tables: `rules::nft`, applied by `apply::nft`.
+struct NftablesBackend;
+
+impl Backend for NftablesBackend {
+    fn dry_run(&self, config: &Config) -> String {
+        crate::rules::nft::render::render_plan(&nft_plan(config))
+    }
+
+    fn dry_run_family(&self, _: &Config, family: Family) -> Result<String, EngineError> {
+        Err(ConfigError::invalid_flag(
+            "family",
+            family.name(),
+            "--native-nftables plans one inet ruleset for both families; leave --family out",
+        )
+        .into())
+    }
+
+    fn install(&self, config: &Config) -> Result<(), EngineError> {
+        install_nftables(config)
+    }
+
+    fn drift(&self, config: &Config) -> Result<Vec<Drift>, DriftError> {
+        drift::nftables_drift(config)
+    }
+
+    fn remove_everything(&self, run: &RunOptions) -> Result<(), EngineError> {
+        remove_nftables(run)
     }
 }
 
@@ -120,7 +177,7 @@ pub fn render_plan(ruleset: &Ruleset) -> String {
         };
         match ruleset.family(family) {
             Some(rules) => {
-                let sets = crate::rules::ipset::render_sets(&rules.sets());
+                let sets = crate::rules::iptables::ipset::render_sets(&rules.sets());
                 if !sets.is_empty() {
                     text.push_str(&format!(
                         "# {family}: ipsets first (created over netlink; `ipset restore` input)\n"
@@ -159,7 +216,7 @@ fn install_iptables(config: &Config) -> Result<(), EngineError> {
     let ruleset = kernel_plan(config, &mut sets);
     tools.hold_xtables_lock(&run.xtables_lockfile)?;
     let mut routing = NetlinkRouting::default();
-    let summary = crate::apply::apply(&mut tools, &mut routing, &mut sets, &ruleset);
+    let summary = crate::apply::iptables::apply(&mut tools, &mut routing, &mut sets, &ruleset);
     tools.release_xtables_lock();
     let summary = summary?;
     let rules: Vec<String> = summary
@@ -224,8 +281,12 @@ fn install_nftables(config: &Config) -> Result<(), EngineError> {
         nft.require()?;
     }
     let ruleset = nft_plan(config);
-    let summary =
-        crate::apply::apply_nftables(&mut nft, &mut NetlinkRouting::default(), &ruleset, mode)?;
+    let summary = crate::apply::nft::apply_nftables(
+        &mut nft,
+        &mut NetlinkRouting::default(),
+        &ruleset,
+        mode,
+    )?;
     let rules: Vec<String> = summary
         .rules
         .iter()
@@ -268,8 +329,11 @@ fn remove_nftables(run: &RunOptions) -> Result<(), EngineError> {
     let started = Instant::now();
     let _run_lock = RunLock::acquire(run.xtables_wait)?;
     let mut nft = NftTool::new();
-    let removed =
-        crate::apply::cleanup_native(&mut nft, &mut NetlinkRouting::default(), run.nftables_apply)?;
+    let removed = crate::apply::nft::cleanup_native(
+        &mut nft,
+        &mut NetlinkRouting::default(),
+        run.nftables_apply,
+    )?;
     crate::caps::drop_all()?;
     tracing::info!(
         backend = "nftables",
@@ -298,7 +362,7 @@ fn remove_iptables(run: &RunOptions) -> Result<(), EngineError> {
             }
         };
     tools.hold_xtables_lock(&run.xtables_lockfile)?;
-    let removed = crate::apply::cleanup(
+    let removed = crate::apply::iptables::cleanup(
         &mut tools,
         &mut NetlinkRouting::default(),
         &mut NetlinkIpSets::default(),
@@ -308,7 +372,7 @@ fn remove_iptables(run: &RunOptions) -> Result<(), EngineError> {
     let mut failures = Vec::new();
     let removed = crate::apply::keep_going(removed, &mut failures)
         + crate::apply::keep_going(
-            crate::apply::cleanup_nftables(&mut nft, run.nftables_apply),
+            crate::apply::nft::cleanup_nftables(&mut nft, run.nftables_apply),
             &mut failures,
         );
     crate::apply::all_of(failures)?;

@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 
 use crate::config::{Config, ConfigError};
 use crate::error::Error;
-use crate::rules::model::{Family, Owner, Protocol};
+use crate::rules::iptables::model::{Family, Owner, Protocol};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ProtoArg {

@@ -10,11 +10,11 @@ pub mod command;
 use std::fmt;
 use std::net::IpAddr;
 
-use crate::rules::iptables::rule_spec;
-use crate::rules::model::{
+use crate::rules::iptables::model::{
     BuiltinChain, Chain, CtState, FamilyRuleset, Match, Owner, OwnerKind, Protocol, Rule, Table,
     Target,
 };
+use crate::rules::iptables::render::rule_spec;
 
 /// Which way the connection goes, which decides the hook it meets first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -254,13 +254,13 @@ fn iface_matches(pattern: &str, name: &str) -> bool {
 mod tests {
     use super::*;
     use crate::config::{CaptureConfig, InboundCapture, InterceptionMode, OutboundInclude};
-    use crate::rules::model::Port;
-    use crate::rules::plan::plan;
+    use crate::rules::iptables::model::Port;
+    use crate::rules::iptables::plan::plan;
 
     /// The injector's default: everything captured but Istio's own inbound ports.
     fn injector_default() -> CaptureConfig {
         let port = |p| crate::values::PortRange::from(Port::new(p).unwrap());
-        let mut cfg = crate::rules::plan::tests::base();
+        let mut cfg = crate::rules::iptables::plan::tests::base();
         cfg.inbound = InboundCapture::AllExcept(vec![port(15090), port(15021), port(15020)]);
         cfg.outbound_include = OutboundInclude::All;
         cfg
@@ -345,12 +345,14 @@ mod tests {
 
     #[test]
     fn excluded_outbound_port_range_goes_direct_at_its_edges_only() {
-        let range = crate::rules::plan::tests::range;
+        let range = crate::rules::iptables::plan::tests::range;
         for sets in [false, true] {
             let mut cfg = injector_default();
             cfg.outbound_ports_exclude = vec![range(8200, 8300), range(9000, 9000)];
-            let rules =
-                crate::rules::plan::plan_with(&cfg, crate::rules::PlanOptions { match_sets: sets });
+            let rules = crate::rules::iptables::plan::plan_with(
+                &cfg,
+                crate::rules::PlanOptions { match_sets: sets },
+            );
             for (port, direct) in [(8199, false), (8200, true), (8300, true), (8301, false)] {
                 let e = explain(&rules.v4, &outbound("198.51.100.30", port, 1000));
                 assert_eq!(

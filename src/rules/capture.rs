@@ -1,7 +1,7 @@
 //! Istio's capture rules as one list of typed steps, whatever the backend: which rules
 //! exist, in which table and chain, at which place, for which families, and what each one
-//! matches and does. The iptables planner (`plan.rs`) and the nftables planner
-//! (`nft/plan.rs`) are thin passes that write each step in their backend's model; what Istio
+//! matches and does. The iptables planner (`iptables/plan.rs`) and the nftables
+//! planner (`nft/plan.rs`) are thin passes that write each step in their backend's model; what Istio
 //! decides is changed here, once.
 //!
 //! The steps follow `IptablesConfigurator.Run`, which `NftablesConfigurator.Run` repeats step
@@ -16,7 +16,8 @@ use std::collections::{BTreeSet, HashSet};
 use ipnet::IpNet;
 
 use super::decisions::{self, fixed_port, DnsServers, DNS_PORT};
-use super::ipset::{IpSet, SetList};
+// How many entries a named ipset of a list holds decides whether it is worth one.
+use super::iptables::ipset::IpSet;
 use super::PlanOptions;
 use crate::config::{CaptureConfig, InboundCapture, OutboundInclude, OwnerGroups};
 use crate::values::{Family, Interface, Owner, OwnerKind, Port, PortRange, Protocol};
@@ -84,6 +85,37 @@ impl Families {
             (true, false) => Some(Families::V4),
             (false, true) => Some(Families::V6),
             (false, false) => None,
+        }
+    }
+}
+
+/// Which of Istio's lists a set holds; part of its name, so `iptables-save` stays readable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SetList {
+    /// `-x`: outbound destinations that bypass the sidecar.
+    ExcludedNets,
+    /// `-i`: the only outbound destinations captured.
+    IncludedNets,
+    /// `-o`: outbound ports that bypass the sidecar.
+    ExcludedOutboundPorts,
+    /// `-q`: outbound ports always captured.
+    IncludedOutboundPorts,
+    /// `-d`: inbound ports not captured.
+    ExcludedInboundPorts,
+    /// `-b`: the only inbound ports captured.
+    IncludedInboundPorts,
+}
+
+impl SetList {
+    /// The list's part of a set's name.
+    pub fn token(self) -> &'static str {
+        match self {
+            SetList::ExcludedNets => "excl-nets",
+            SetList::IncludedNets => "incl-nets",
+            SetList::ExcludedOutboundPorts => "excl-oports",
+            SetList::IncludedOutboundPorts => "incl-oports",
+            SetList::ExcludedInboundPorts => "excl-iports",
+            SetList::IncludedInboundPorts => "incl-iports",
         }
     }
 }
@@ -684,8 +716,11 @@ impl Steps<'_> {
 mod tests {
     use super::*;
     use crate::config::InboundCapture;
-    use crate::rules::plan::tests::{base, ipv6_dns_servers_only, lists_config, tproxy_config};
-    use crate::rules::{nft, plan, PlanOptions};
+    use crate::rules::iptables::plan;
+    use crate::rules::iptables::plan::tests::{
+        base, ipv6_dns_servers_only, lists_config, tproxy_config,
+    };
+    use crate::rules::{nft, PlanOptions};
     use crate::values::tests::port;
 
     const SETS: PlanOptions = PlanOptions { match_sets: true };

@@ -10,10 +10,28 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use super::model::{Family, Interface, Owner, OwnerKind, Port, TproxyRouting, IPV6_PASSTHROUGH};
 use crate::config::{CaptureConfig, DnsCapture, InboundCapture, InterceptionMode};
+use crate::values::{Family, Interface, Owner, OwnerKind, Port};
 
 pub use crate::values::OUTBOUND_MARK;
+
+/// `::6`, the IPv6 twin of 127.0.0.6: the inbound passthrough source address.
+pub const IPV6_PASSTHROUGH: IpAddr = IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6));
+
+/// Policy routing that TPROXY needs: packets marked `mark` look up `table`, whose only route
+/// delivers everything locally via `lo`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TproxyRouting {
+    pub mark: u32,
+    pub table: u32,
+}
+
+/// The conntrack states Istio's rules match, in either backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CtState {
+    Invalid,
+    RelatedEstablished,
+}
 /// The agent's DNS proxy.
 pub const DNS_PROXY_PORT: u16 = 15053;
 pub const DNS_PORT: u16 = 53;

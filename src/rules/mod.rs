@@ -1,20 +1,14 @@
 //! The ruleset: Istio's steps for a `Config`, whatever the backend (`capture`, over the
-//! values in `decisions`); a typed model (`model`), the planner that writes the steps into it
-//! (`plan`), and the renderers that turn it into text (`iptables`, `routes`); `nft` is the
-//! same for Istio's native nftables backend.
+//! values in `decisions`), and one folder per backend that writes those steps in its own
+//! model and renders them: `iptables` (Istio's iptables rules, with named ipsets for
+//! `--match-sets` and the TPROXY routing as `ip` commands) and `nft` (Istio's native
+//! nftables tables). Each folder has the same shape: `model`, `plan`, `render`, and what
+//! the backend needs besides.
 
-mod builder;
 pub mod capture;
 pub mod decisions;
-pub mod ipset;
 pub mod iptables;
-pub mod model;
 pub mod nft;
-pub mod plan;
-pub mod routes;
-
-pub use model::Ruleset;
-pub use plan::{plan, plan_with};
 
 /// How the planners write long lists.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -360,13 +360,7 @@ fn cni_check_follows_the_pods_settings() {
         return;
     }
     // --match-sets: the scratch namespace gets its own sets, under the same names.
-    let sets = with_args(
-        &config_for(&[(
-            "traffic.sidecar.istio.io/excludeOutboundIPRanges",
-            "198.51.100.0/24,203.0.113.0/24",
-        )]),
-        &[("match-sets", "true")],
-    );
+    let sets = match_sets_config("198.51.100.0/24,203.0.113.0/24", &[]);
     check_after(&sets, &[], &[]);
     check_after(
         &sets,
@@ -388,6 +382,170 @@ fn cni_check_follows_the_pods_settings() {
         &via_nft,
         &[&["nft", "flush", "chain", "inet", "istio-proxy-nat", "istio-redirect"]],
         &["nftables inet istio-proxy-nat chain istio-redirect: missing `meta l4proto tcp counter redirect to :15001`"],
+    );
+}
+
+/// A pod that excludes `ranges` from capture, with `--match-sets` and `args`.
+fn match_sets_config(ranges: &str, args: &[(&str, &str)]) -> String {
+    let mut all = vec![("match-sets", "true")];
+    all.extend_from_slice(args);
+    with_args(
+        &config_for(&[("traffic.sidecar.istio.io/excludeOutboundIPRanges", ranges)]),
+        &all,
+    )
+}
+
+/// ADDs `config` to a fresh pod, requires CHECK to pass, changes the pod with `mutate`
+/// (given the pod), and requires CHECK to fail naming each of what `expected` says (given
+/// the pod, so it may name what ADD made there).
+fn check_after_in(config: &str, mutate: impl Fn(&NetNs), expected: impl Fn(&NetNs) -> Vec<String>) {
+    let ns = pod();
+    let add = invoke(&ns, "ADD", config);
+    assert_eq!(add.code, Some(0), "{add:?}");
+    let clean = invoke(&ns, "CHECK", config);
+    assert_eq!(clean.code, Some(0), "CHECK of an untouched pod: {clean:?}");
+    let expected = expected(&ns);
+    assert!(!expected.is_empty(), "a change CHECK should see");
+    mutate(&ns);
+    let error = cni_error(&invoke(&ns, "CHECK", config), 101);
+    let details = error["details"].as_str().unwrap_or("");
+    for drift in &expected {
+        assert!(
+            details.contains(drift.as_str()),
+            "CHECK should name {drift:?}: {error}"
+        );
+    }
+}
+
+/// The pod's one ipset of meshinit's whose name holds `token` (`excl-nets4`...).
+fn ipset_named(ns: &NetNs, token: &str) -> String {
+    let names = ns.run(&["ipset", "list", "-n"]);
+    let found: Vec<&str> = names
+        .lines()
+        .filter(|n| n.starts_with("meshinit-") && n.contains(token))
+        .collect();
+    match found.as_slice() {
+        [name] => (*name).to_owned(),
+        _ => panic!("not one {token} set in the pod: {names}"),
+    }
+}
+
+#[test]
+fn cni_check_compares_ipset_members() {
+    if !require_root("cni_check_compares_ipset_members") {
+        return;
+    }
+    let pod_config = config_for(&[
+        (
+            "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+            "198.51.100.0/24,203.0.113.0/24",
+        ),
+        ("traffic.sidecar.istio.io/excludeOutboundPorts", "8200,8300"),
+    ]);
+    let config = with_args(&pod_config, &[("match-sets", "true")]);
+    // Untouched, and after a foreign set comes and a rule of another tool names it.
+    check_after(&config, &[], &[]);
+    check_after(
+        &config,
+        &[
+            &["ipset", "create", "foreign", "hash:net"],
+            &["ipset", "add", "foreign", "192.0.2.0/24"],
+        ],
+        &[],
+    );
+    // The sets are the same whichever iptables the rules went in with.
+    let legacy = with_args(
+        &pod_config,
+        &[("match-sets", "true"), ("force-iptables-binary", "legacy")],
+    );
+    check_after(&legacy, &[], &[]);
+    // (configuration, the set's name token, `ipset` command and member, what CHECK says)
+    let cases = [
+        (
+            &config,
+            "excl-nets4",
+            ["del", "203.0.113.0/24"],
+            "missing member 203.0.113.0/24",
+        ),
+        (
+            &config,
+            "excl-nets4",
+            ["flush", ""],
+            "missing members 198.51.100.0/24, 203.0.113.0/24",
+        ),
+        (
+            &config,
+            "excl-nets4",
+            ["add", "192.0.2.0/24"],
+            "unexpected member 192.0.2.0/24",
+        ),
+        (
+            &config,
+            "excl-oports4",
+            ["del", "8300"],
+            "missing member 8300",
+        ),
+        (
+            &legacy,
+            "excl-oports4",
+            ["flush", ""],
+            "missing members 8200, 8300",
+        ),
+    ];
+    for (config, token, [command, member], expected) in cases {
+        check_after_in(
+            config,
+            |ns| {
+                let set = ipset_named(ns, token);
+                let mut argv = vec!["ipset", command, &set];
+                argv.extend([member].iter().filter(|m| !m.is_empty()));
+                ns.run(&argv);
+            },
+            |ns| vec![format!("ipset {}: {expected}", ipset_named(ns, token))],
+        );
+    }
+}
+
+#[test]
+fn cni_check_compares_nftables_set_elements() {
+    if !require_root("cni_check_compares_nftables_set_elements") {
+        return;
+    }
+    let config = match_sets_config(
+        "192.0.2.0/24,198.51.100.0/24,203.0.113.0/24",
+        &[("native-nftables", "true")],
+    );
+    check_after(&config, &[], &[]);
+    // The rule's set is anonymous and constant: the kernel refuses to change its
+    // elements, so an edited set is the rule replaced, in its place, by one with other
+    // elements (inserted in front of it, then it deleted: `nft replace` of a rule with an
+    // interval set aborts in some nft versions).
+    let edit = |elements: &'static str| {
+        move |ns: &NetNs| {
+            let handle = nft_handle(ns, "istio-proxy-nat", "istio-output", "ip daddr {");
+            let rule = format!("ip daddr {{ {elements} }} counter return");
+            let at = ["inet", "istio-proxy-nat", "istio-output", "handle", &handle];
+            let mut insert = vec!["nft", "insert", "rule"];
+            insert.extend(at);
+            insert.push(&rule);
+            ns.run(&insert);
+            let mut delete = vec!["nft", "delete", "rule"];
+            delete.extend(at);
+            ns.run(&delete);
+        }
+    };
+    let set = "nftables inet istio-proxy-nat chain istio-output: set 1 of `ip daddr { … } counter return`";
+    check_after_in(&config, edit("192.0.2.0/24, 198.51.100.0/24"), |_| {
+        vec![format!("{set}: missing member 203.0.113.0/24")]
+    });
+    check_after_in(
+        &config,
+        edit("192.0.2.128/25, 198.51.100.0/24, 203.0.113.0/24"),
+        |_| {
+            vec![format!(
+                "{set}: missing member 192.0.2.0/24; unexpected member 192.0.2.128/25"
+            )]
+        },
     );
 }
 

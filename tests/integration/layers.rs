@@ -1,5 +1,7 @@
 //! The layers of docs/design.md, held: each module of `src/` imports only modules below it
-//! (outside its tests), and the pure planners reach netlink only for its wire format.
+//! (outside its tests), and the pure planners reach netlink only for its wire format. And
+//! the two backends mirrored: each is one folder of `rules/` and one file of `apply/` that
+//! does not reach into the other's, and only the engine picks one.
 
 use std::path::{Path, PathBuf};
 
@@ -106,6 +108,98 @@ fn each_module_imports_only_modules_below_it() {
     assert!(
         wrong.is_empty(),
         "imports against the layers:\n{}",
+        wrong.join("\n")
+    );
+}
+
+/// Each file of `src/` (relative to it) with its code outside tests.
+fn code_by_file() -> Vec<(String, String)> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    sources(&src, &mut files);
+    files
+        .iter()
+        .map(|file| {
+            let relative = file.strip_prefix(&src).expect("under src/");
+            let text = std::fs::read_to_string(file).expect("reading a source file");
+            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+            (relative.display().to_string(), code.to_owned())
+        })
+        .collect()
+}
+
+/// Each backend: where its rules and its apply are, and the paths that name it.
+const BACKENDS: &[(&str, &str, &[&str])] = &[
+    (
+        "rules/iptables/",
+        "apply/iptables.rs",
+        &["rules::iptables", "apply::iptables"],
+    ),
+    ("rules/nft/", "apply/nft.rs", &["rules::nft", "apply::nft"]),
+];
+
+#[test]
+fn each_backend_is_one_folder_and_one_file_that_mirror_each_other() {
+    let files = code_by_file();
+    let mut wrong = Vec::new();
+    for (rules, apply, _) in BACKENDS {
+        for part in ["mod.rs", "model.rs", "plan.rs", "render.rs"] {
+            if !files.iter().any(|(f, _)| *f == format!("{rules}{part}")) {
+                wrong.push(format!("src/{rules} has no {part}"));
+            }
+        }
+        if !files.iter().any(|(f, _)| f == apply) {
+            wrong.push(format!("no src/{apply}"));
+        }
+        let own = |file: &str| file.starts_with(rules) || file == *apply;
+        for (file, code) in files.iter().filter(|(f, _)| own(f)) {
+            for (other_rules, other_apply, names) in BACKENDS {
+                if other_rules == rules {
+                    continue;
+                }
+                for name in names.iter() {
+                    if code.contains(&format!("crate::{name}")) {
+                        wrong.push(format!(
+                            "src/{file} reaches into the other backend ({other_rules}, {other_apply}): crate::{name}"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    // The engine chooses the backend: nothing above apply names a backend's apply.
+    for (file, code) in &files {
+        if file.starts_with("engine/") || file.starts_with("apply/") {
+            continue;
+        }
+        for (_, apply, _) in BACKENDS {
+            let module = apply.trim_end_matches(".rs").replace('/', "::");
+            if code.contains(&format!("crate::{module}")) {
+                wrong.push(format!(
+                    "src/{file} names crate::{module}: only the engine picks a backend"
+                ));
+            }
+        }
+    }
+    // apply/mod.rs is the traits and the errors: no backend's code.
+    let apply_mod = files
+        .iter()
+        .find(|(f, _)| f == "apply/mod.rs")
+        .map(|(_, code)| code.as_str())
+        .unwrap_or_default();
+    for needle in [
+        "pub fn apply",
+        "pub fn cleanup",
+        "impl Netfilter for",
+        "impl Nftables for",
+    ] {
+        if apply_mod.contains(needle) {
+            wrong.push(format!("src/apply/mod.rs holds a backend's `{needle}`"));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "the backends do not mirror:\n{}",
         wrong.join("\n")
     );
 }

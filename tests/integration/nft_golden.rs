@@ -687,7 +687,7 @@ fn nft_stale_batch_is_refused() {
                 nft_load(&ns, "add table inet other\n", "a change");
                 let now = socket.nftables_generation().expect("generation");
                 let ops = cleanup(&[meshinit::rules::nft::model::Table::Nat]);
-                let none = |_: meshinit::rules::model::OwnerKind, _: &str| None;
+                let none = |_: meshinit::rules::iptables::model::OwnerKind, _: &str| None;
                 let send = |generation| {
                     let batch = encode(&ops, &none, Some(generation)).expect("encode");
                     Socket::netfilter().expect("socket").nftables_batch(

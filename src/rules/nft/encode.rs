@@ -27,7 +27,8 @@ use crate::netlink::wire::{
     Writer, NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, NFNL_SUBSYS_NFTABLES, NLM_F_ACK,
     NLM_F_APPEND, NLM_F_CREATE,
 };
-use crate::rules::model::{CtState, Family, Interface, Owner, OwnerKind, PortRange, Protocol};
+use crate::rules::decisions::CtState;
+use crate::values::{Family, Interface, Owner, OwnerKind, PortRange, Protocol};
 
 /// `linux/netfilter/nf_tables.h` and friends: only what meshinit's rules use.
 mod sys {
@@ -1273,7 +1274,7 @@ mod tests {
         // `nft --debug=netlink` for `tcp dport 8000-8100`: payload, cmp gte 0x1f40,
         // cmp lte 0x1fa4.
         let mut cfg = base();
-        cfg.outbound_ports_exclude = vec![crate::rules::plan::tests::range(8000, 8100)];
+        cfg.outbound_ports_exclude = vec![crate::rules::iptables::plan::tests::range(8000, 8100)];
         let ruleset = plan(&cfg);
         let ops = transaction(&ruleset, Some(&ExistingTables::default()));
         let batch = encode(&ops, &no_names, None).unwrap();
@@ -1301,7 +1302,7 @@ mod tests {
     fn a_set_with_a_range_is_an_interval_set_as_nft_makes_it() {
         // `nft --debug=netlink` for `tcp dport { 80, 8000-8100 }`: set flags 7, size 5,
         // elements 0 [end], 80, 81 [end], 8000, 8101 [end].
-        let range = crate::rules::plan::tests::range;
+        let range = crate::rules::iptables::plan::tests::range;
         let mut cfg = base();
         cfg.outbound_ports_exclude = vec![range(8000, 8050), range(80, 80), range(8040, 8100)];
         let ruleset = plan_with(&cfg, PlanOptions { match_sets: true });

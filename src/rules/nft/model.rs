@@ -10,10 +10,8 @@
 
 use ipnet::IpNet;
 
-use crate::rules::model::{
-    CtState, Family, Interface, Owner, OwnerKind, Port, PortRange, Protocol,
-};
-pub use crate::rules::model::{TproxyRouting, IPV6_PASSTHROUGH};
+pub use crate::rules::decisions::{CtState, TproxyRouting, IPV6_PASSTHROUGH};
+use crate::values::{Family, Interface, Owner, OwnerKind, Port, PortRange, Protocol};
 
 /// Istio's tables (`constants.IstioProxy*Table`), all of family `inet`. Declaration order is
 /// the order Istio's transaction writes them in.

@@ -18,12 +18,13 @@ use super::model::{
 };
 use crate::config::CaptureConfig;
 use crate::rules::capture::{self, At, Families, Nets, Ports, SetStyle, Then};
+use crate::rules::decisions::CtState;
 use crate::rules::decisions::{
     self, fixed_port, lo, CT_ZONE_CLIENT, CT_ZONE_UPSTREAM, DNS_PORT, DNS_PROXY_PORT, OUTBOUND_MARK,
 };
-use crate::rules::model::{CtState, Family, Owner, OwnerKind, Port, PortRange, Protocol};
 pub use crate::rules::PlanOptions;
 use crate::values::merge_port_ranges;
+use crate::values::{Family, Owner, OwnerKind, Port, PortRange, Protocol};
 
 /// Plans the nftables ruleset for `cfg`: Istio's, one rule per list entry.
 pub fn plan(cfg: &CaptureConfig) -> NftRuleset {
@@ -386,16 +387,17 @@ fn layout(rule: &capture::Rule) -> Rule {
 pub(crate) mod tests {
     use super::*;
     use crate::config::{DnsCapture, InboundCapture, InterceptionMode, OutboundInclude};
-    use crate::rules::model::{Interface, TproxyRouting};
+    use crate::rules::decisions::TproxyRouting;
     use crate::rules::nft::render::rule_text;
+    use crate::values::Interface;
 
-    use crate::rules::plan::tests::{
+    use crate::rules::iptables::plan::tests::{
         ipv6_dns_servers_only, kube_virt_config, port, range, tproxy_config,
     };
 
     /// Istio's base case: proxy uid and gid 1337, nothing captured (the same for both
     /// planners).
-    pub(crate) use crate::rules::plan::tests::base;
+    pub(crate) use crate::rules::iptables::plan::tests::base;
 
     fn texts(table: &TableRules, chain: Chain) -> Vec<String> {
         table
@@ -575,7 +577,7 @@ pub(crate) mod tests {
 
     #[test]
     fn match_sets_make_one_rule_per_list() {
-        let cfg = crate::rules::plan::tests::lists_config();
+        let cfg = crate::rules::iptables::plan::tests::lists_config();
         let plan = plan_with(&cfg, sets());
         let nat = plan.table(Table::Nat).unwrap();
         let output = texts(nat, Chain::IstioOutput);

@@ -12,7 +12,8 @@ use super::model::{
     Statement, Table,
 };
 use super::txn::{self, Op};
-use crate::rules::model::{CtState, Family, Interface, Owner, OwnerKind, Protocol};
+use crate::rules::decisions::CtState;
+use crate::values::{Family, Interface, Owner, OwnerKind, Protocol};
 
 const FAMILY: &str = "inet";
 

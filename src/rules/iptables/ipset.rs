@@ -15,42 +15,13 @@ use std::sync::Arc;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
+pub use crate::rules::capture::SetList;
 use crate::values::{merge_port_ranges, Family, PortRange};
 
 /// Every set meshinit creates starts with this, so cleanup finds exactly its own.
 pub const SET_PREFIX: &str = "meshinit-";
 /// The kernel's limit on a set name, without its terminating NUL.
 pub const MAX_NAME_LEN: usize = 31;
-
-/// Which of Istio's lists a set holds; part of its name, so `iptables-save` stays readable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum SetList {
-    /// `-x`: outbound destinations that bypass the sidecar.
-    ExcludedNets,
-    /// `-i`: the only outbound destinations captured.
-    IncludedNets,
-    /// `-o`: outbound ports that bypass the sidecar.
-    ExcludedOutboundPorts,
-    /// `-q`: outbound ports always captured.
-    IncludedOutboundPorts,
-    /// `-d`: inbound ports not captured.
-    ExcludedInboundPorts,
-    /// `-b`: the only inbound ports captured.
-    IncludedInboundPorts,
-}
-
-impl SetList {
-    fn token(self) -> &'static str {
-        match self {
-            SetList::ExcludedNets => "excl-nets",
-            SetList::IncludedNets => "incl-nets",
-            SetList::ExcludedOutboundPorts => "excl-oports",
-            SetList::IncludedOutboundPorts => "incl-oports",
-            SetList::ExcludedInboundPorts => "excl-iports",
-            SetList::IncludedInboundPorts => "incl-iports",
-        }
-    }
-}
 
 /// What a set holds: networks of one family (`hash:net`) or ports (`bitmap:port`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -343,7 +314,7 @@ mod tests {
         assert!(!ports.contains("192.0.2.1".parse().unwrap(), 8250));
         // A range is one member, `ipset restore` syntax; overlapping ones are merged (the
         // kernel refuses to add a port twice).
-        let range = crate::rules::plan::tests::range;
+        let range = crate::rules::iptables::plan::tests::range;
         let ranged = IpSet::ports(
             SetList::ExcludedOutboundPorts,
             Family::V4,

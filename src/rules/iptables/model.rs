@@ -1,15 +1,15 @@
 //! The typed ruleset: what meshinit wants the kernel to hold, as plain data.
 //!
-//! Nothing here knows iptables syntax; the renderers (`iptables.rs`) turn this into text and
+//! Nothing here knows iptables syntax; the renderer (`render.rs`) turns this into text and
 //! the planner (`plan.rs`) is the only producer. Keeping the model free of strings is what
 //! lets `print`, `apply`, `cleanup` and the tests share one source of truth.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnet::IpNet;
 
 use super::ipset::IpSet;
+pub use crate::rules::decisions::{CtState, TproxyRouting, IPV6_PASSTHROUGH};
 pub use crate::values::{Family, Interface, Owner, OwnerKind, Port, PortRange, Protocol};
 
 /// The netfilter tables Istio uses. Declaration order is the render order (Istio sorts table
@@ -127,12 +127,6 @@ impl Chain {
             Chain::Istio(c) => c.name(),
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum CtState {
-    Invalid,
-    RelatedEstablished,
 }
 
 /// One match of a rule. Order inside a rule is kept as planned, so rendered text lines up
@@ -300,14 +294,6 @@ impl FamilyRuleset {
     }
 }
 
-/// Policy routing that TPROXY needs: packets marked `mark` look up `table`, whose only route
-/// delivers everything locally via `lo`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TproxyRouting {
-    pub mark: u32,
-    pub table: u32,
-}
-
 /// The complete plan: per-family rulesets plus the non-netfilter state Istio also sets up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ruleset {
@@ -333,6 +319,3 @@ impl Ruleset {
         }
     }
 }
-
-/// `::6`, the IPv6 twin of 127.0.0.6: the inbound passthrough source address.
-pub const IPV6_PASSTHROUGH: IpAddr = IpAddr::V6(std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6));

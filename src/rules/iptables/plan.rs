@@ -8,17 +8,17 @@
 use ipnet::IpNet;
 
 use super::builder::{Families, RulesetBuilder};
-use super::capture::{self, At, Nets, Ports, SetStyle, Then};
-use super::decisions::{
-    self, fixed_port, lo, CT_ZONE_CLIENT, CT_ZONE_UPSTREAM, DNS_PORT, DNS_PROXY_PORT, OUTBOUND_MARK,
-};
 use super::ipset::IpSet;
 use super::model::{
     BuiltinChain, Chain, CtState, Family, IstioChain, Match, Owner, OwnerKind, PortRange, Protocol,
     Rule, Ruleset, Table, Target,
 };
 use crate::config::CaptureConfig;
-use crate::rules::PlanOptions;
+use crate::rules::capture::{self, At, Nets, Ports, SetStyle, Then};
+use crate::rules::decisions::{
+    self, fixed_port, lo, CT_ZONE_CLIENT, CT_ZONE_UPSTREAM, DNS_PORT, DNS_PROXY_PORT, OUTBOUND_MARK,
+};
+pub use crate::rules::PlanOptions;
 
 /// Plans the complete ruleset for `cfg`: Istio's, one rule per list entry.
 pub fn plan(cfg: &CaptureConfig) -> Ruleset {
@@ -311,8 +311,8 @@ pub(crate) mod tests {
     use crate::config::{
         DnsCapture, InboundCapture, InterceptionMode, OutboundInclude, OwnerGroups,
     };
-    use crate::rules::iptables::rule_spec;
-    use crate::rules::model::{ChainRules, FamilyRuleset, Interface, TproxyRouting};
+    use crate::rules::iptables::model::{ChainRules, FamilyRuleset, Interface, TproxyRouting};
+    use crate::rules::iptables::render::rule_spec;
 
     const PREROUTING: Chain = Chain::Builtin(BuiltinChain::Prerouting);
     const INBOUND: Chain = Chain::Istio(IstioChain::Inbound);
@@ -450,7 +450,7 @@ pub(crate) mod tests {
         let set = set_named(&planned.v4, "excl-oports4");
         assert_eq!(
             set.members(),
-            &crate::rules::ipset::SetMembers::Ports(vec![port(80), range(8200, 8301)])
+            &crate::rules::iptables::ipset::SetMembers::Ports(vec![port(80), range(8200, 8301)])
         );
         assert_eq!(set.port_range(), Some((80, 8301)));
         assert!(set.contains("192.0.2.1".parse().unwrap(), 8301));

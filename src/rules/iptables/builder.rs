@@ -5,10 +5,10 @@
 //! follows that sequence so its logic can be read next to Istio's, and this builder turns it
 //! into plain data: the order rules will have in the kernel.
 
-pub use super::capture::Families;
 use super::model::{
     Chain, ChainRules, Family, FamilyRuleset, Match, Rule, Table, TableRules, Target,
 };
+pub use crate::rules::capture::Families;
 
 #[derive(Debug)]
 struct FamilyBuilder {

@@ -1,4 +1,6 @@
-//! The production `Netfilter`: iptables' save and restore tools, legacy or nft.
+//! The iptables backend: `apply` (one `iptables-restore` transaction per family, converging
+//! from what is there, rolled back on failure) and `cleanup`, over the `Netfilter` trait; and
+//! the production `Netfilter`: iptables' save and restore tools, legacy or nft.
 //!
 //! Istio picks its binary by running each candidate's save, `--version`, `-A` and `-D`
 //! (about ten launches before anything is applied). meshinit decides without launching
@@ -6,16 +8,21 @@
 //! this namespace (`/proc/net/ip*_tables_names`), and, for nft, whether any ISTIO_* chain
 //! exists (one netlink dump), so a fresh pod costs one `*-restore` per family.
 
+use std::borrow::Cow;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use super::locks::{PrivateLock, XtablesLock};
-use super::{ApplyError, Netfilter, RestoreInput};
+use super::{ApplyError, IpSets, Netfilter, RestoreInput, Routing, RoutingChanges, RoutingPlan};
 use crate::config::ForcedBackend;
 use crate::netlink::{NlFamily, Socket};
-use crate::rules::model::{Family, IstioChain, Table};
+use crate::rules::iptables::model::{Family, FamilyRuleset, IstioChain, Ruleset, Table};
+use crate::rules::iptables::render::{
+    parse_existing, render_restore, render_restore_chunks, render_rollback,
+    tables_holding_only_ours, tables_in_save, ExistingState,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -409,6 +416,325 @@ impl Netfilter for IptablesTools {
     fn processes_launched(&self) -> usize {
         self.launched
     }
+}
+
+/// A planned ruleset against what is there now, rendered as it is written.
+struct Planned<'a> {
+    desired: &'a FamilyRuleset,
+    existing: &'a ExistingState,
+}
+
+impl RestoreInput for Planned<'_> {
+    fn write_to(&self, emit: &mut dyn FnMut(&str) -> std::io::Result<()>) -> std::io::Result<()> {
+        render_restore_chunks(self.desired, self.existing, emit)
+    }
+}
+
+/// What an apply did, for the summary log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplySummary {
+    /// (family, table, rules) for every table written.
+    pub rules: Vec<(Family, Table, usize)>,
+    /// Families whose earlier rules of ours were replaced (a re-run or a new config).
+    pub converged: Vec<Family>,
+    pub routing_added: usize,
+    pub routing_removed: usize,
+    pub sets_created: usize,
+    /// Sets of an earlier configuration (or an interrupted run) destroyed.
+    pub sets_removed: usize,
+}
+
+struct Staged<'a> {
+    desired: Cow<'a, FamilyRuleset>,
+    /// The family's save before this apply, when it could hold rules of ours.
+    previous: Option<String>,
+    existing: ExistingState,
+    /// Tables present before this apply, where known.
+    tables_before: Option<Vec<Table>>,
+}
+
+impl Staged<'_> {
+    fn family(&self) -> Family {
+        self.desired.family
+    }
+
+    /// Tables this apply brought into existence: empty again after a rollback.
+    fn new_tables(&self) -> Vec<Table> {
+        let Some(before) = &self.tables_before else {
+            return Vec::new();
+        };
+        self.desired
+            .tables
+            .iter()
+            .map(|t| t.table)
+            .filter(|t| !before.contains(t))
+            .collect()
+    }
+}
+
+fn stage<'a>(
+    nf: &mut dyn Netfilter,
+    family: Family,
+    planned: Option<&'a FamilyRuleset>,
+) -> Result<Option<Staged<'a>>, ApplyError> {
+    let may_hold = nf.may_hold_rules(family);
+    let desired = match planned {
+        Some(rules) => Cow::Borrowed(rules),
+        // Not planned (IPv6 off), but an earlier configuration may have left rules.
+        None if may_hold => Cow::Owned(FamilyRuleset {
+            family,
+            tables: Vec::new(),
+        }),
+        None => return Ok(None),
+    };
+    let previous = if may_hold {
+        Some(nf.save(family)?)
+    } else {
+        None
+    };
+    let existing = previous.as_deref().map(parse_existing).unwrap_or_default();
+    if desired.tables.is_empty() && existing.is_empty() {
+        return Ok(None);
+    }
+    let tables_before = match &previous {
+        Some(save) => Some(tables_in_save(save)),
+        None => nf.existing_tables(family),
+    };
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let input = render_restore(&desired, &existing);
+        tracing::debug!(%family, input = %input, "restore input");
+    }
+    Ok(Some(Staged {
+        desired,
+        previous,
+        existing,
+        tables_before,
+    }))
+}
+
+/// Destroys the sets no rule uses any more, reporting rather than failing: what is left
+/// is only unused kernel memory.
+fn tidy_sets(sets: &mut dyn IpSets) -> usize {
+    sets.remove_unused().unwrap_or_else(|err| {
+        tracing::warn!(%err, "removing unused ipsets");
+        0
+    })
+}
+
+/// Applies `ruleset`: one restore per family, each a single transaction, converging from
+/// whatever an earlier run left. If a later family fails, earlier families and routing are
+/// put back as they were, so the namespace never keeps half a ruleset.
+///
+/// Sets (`--match-sets`) are not part of any transaction, so they are made first, under
+/// names no rule uses yet (see `rules::iptables::ipset`), and the old ones removed only once nothing
+/// uses them: the switch itself happens inside each family's restore.
+pub fn apply(
+    nf: &mut dyn Netfilter,
+    routing: &mut dyn Routing,
+    sets: &mut dyn IpSets,
+    ruleset: &Ruleset,
+) -> Result<ApplySummary, ApplyError> {
+    let mut staged = Vec::new();
+    for family in Family::ALL {
+        if let Some(stage) = stage(nf, family, ruleset.family(family))? {
+            staged.push(stage);
+        }
+    }
+
+    let planned_sets: Vec<_> = ruleset.families().flat_map(FamilyRuleset::sets).collect();
+    let sets_created = if planned_sets.is_empty() {
+        0
+    } else {
+        match sets.ensure(&planned_sets) {
+            Ok(created) => created,
+            Err(err) => {
+                tidy_sets(sets);
+                return Err(err.into());
+            }
+        }
+    };
+
+    let plan = RoutingPlan {
+        ipv6_passthrough_address: ruleset.ipv6_passthrough_address,
+        tproxy: ruleset.tproxy_routing.map(|r| (r.mark, r.table)),
+        ipv6: ruleset.v6.is_some(),
+    };
+    // A pod that holds no rules of ours yet gets its routing after its rules: nothing can
+    // be tproxied before the rules exist, no container of the pod runs yet (an init
+    // container or a CNI ADD comes first), and a run killed in between leaves rules, which
+    // the next run finds and converges from, routing included. Routing added first and
+    // then orphaned by a kill would look like a fresh pod to the next run, and stay. Over
+    // existing rules, traffic may be flowing: the routing goes in first.
+    let fresh = staged.iter().all(|s| s.existing.is_empty());
+    let mut changes = RoutingChanges::default();
+    if !fresh {
+        changes = match routing.ensure(&plan) {
+            Ok(changes) => changes,
+            Err(err) => {
+                if !planned_sets.is_empty() {
+                    tidy_sets(sets);
+                }
+                return Err(err);
+            }
+        };
+    }
+
+    let mut failed = None;
+    for (index, stage) in staged.iter().enumerate() {
+        let input = Planned {
+            desired: &stage.desired,
+            existing: &stage.existing,
+        };
+        if let Err(failure) = nf.restore(stage.family(), &input) {
+            // iptables-legacy commits table by table, so even the failed family may hold
+            // part of the new rules: it is read back and rolled back like the others.
+            let ours_now = nf.save(stage.family()).map(|save| parse_existing(&save));
+            failed = Some((index, ours_now, failure));
+            break;
+        }
+    }
+    if failed.is_none() && fresh {
+        match routing.ensure(&plan) {
+            Ok(added) => changes = added,
+            Err(failure) => failed = Some((staged.len(), Ok(ExistingState::default()), failure)),
+        }
+    }
+    if let Some((index, ours_now, mut failure)) = failed {
+        let rollbacks = staged[..index]
+            .iter()
+            .map(|done| (done, Ok(ExistingState::from_planned(&done.desired))))
+            .chain(staged.get(index).map(|stage| (stage, ours_now)));
+        for (done, ours_now) in rollbacks.rev() {
+            if let Err(rollback) = ours_now.and_then(|ours| roll_back(nf, done, &ours)) {
+                failure = ApplyError::RollbackFailed {
+                    failure: Box::new(failure),
+                    family: done.family(),
+                    rollback: Box::new(rollback),
+                };
+            }
+        }
+        if let Err(err) = routing.undo(&changes) {
+            tracing::error!(%err, "undoing routing changes failed");
+        }
+        if !planned_sets.is_empty() {
+            tidy_sets(sets);
+        }
+        return Err(failure);
+    }
+
+    // Everything is in. What an earlier configuration used and this one does not is
+    // tidied up now; failing at that leaves only empty tables or unused routes behind.
+    for stage in &staged {
+        if let Some(previous) = &stage.previous {
+            let unused: Vec<Table> = tables_holding_only_ours(previous)
+                .into_iter()
+                .filter(|t| stage.desired.table(*t).is_none())
+                .collect();
+            if let Err(err) = nf.remove_tables(stage.family(), &unused) {
+                tracing::warn!(%err, "removing tables no longer used");
+            }
+        }
+    }
+    // Routing of an earlier configuration can only be there if its rules were: a fresh pod
+    // skips the netlink dumps.
+    let converged = staged.iter().any(|s| !s.existing.is_empty());
+    let routing_removed = if converged {
+        routing.remove_stale(&plan).unwrap_or_else(|err| {
+            tracing::warn!(%err, "removing an earlier configuration's routing");
+            0
+        })
+    } else {
+        0
+    };
+
+    // A re-run also sweeps sets that no rule names any more: an earlier run killed after
+    // its rules switched away from them, but before it removed them, leaves such sets.
+    let sets_removed = if !planned_sets.is_empty() || (converged && sets.available()) {
+        tidy_sets(sets)
+    } else {
+        0
+    };
+
+    Ok(ApplySummary {
+        rules: staged
+            .iter()
+            .flat_map(|s| {
+                s.desired
+                    .tables
+                    .iter()
+                    .map(|t| (s.family(), t.table, t.rule_count()))
+            })
+            .collect(),
+        converged: staged
+            .iter()
+            .filter(|s| !s.existing.is_empty())
+            .map(Staged::family)
+            .collect(),
+        routing_added: changes.added.len(),
+        routing_removed,
+        sets_created,
+        sets_removed,
+    })
+}
+
+/// Puts one family back the way it was before this apply, in one transaction, given the
+/// rules of meshinit's that are in it now.
+fn roll_back(
+    nf: &mut dyn Netfilter,
+    done: &Staged<'_>,
+    ours_now: &ExistingState,
+) -> Result<(), ApplyError> {
+    let family = done.family();
+    let input = render_rollback(family, ours_now, done.previous.as_deref());
+    if !input.is_empty() {
+        tracing::warn!(%family, "rolling back");
+        nf.restore(family, &input)?;
+    }
+    nf.remove_tables(family, &done.new_tables())
+}
+
+/// Removes everything of meshinit's (or istio-init's) from the given families and routing.
+/// Keeps going after a failure, so one broken family does not leave the others behind;
+/// every failure is reported, in one error.
+pub fn cleanup(
+    nf: &mut dyn Netfilter,
+    routing: &mut dyn Routing,
+    sets: &mut dyn IpSets,
+    families: &[Family],
+) -> Result<usize, ApplyError> {
+    let mut failures = Vec::new();
+    let mut removed = 0;
+    for &family in families {
+        if !nf.may_hold_rules(family) {
+            continue;
+        }
+        let result = nf.save(family).and_then(|save| {
+            let existing = parse_existing(&save);
+            if existing.is_empty() {
+                return Ok(0);
+            }
+            let empty = FamilyRuleset {
+                family,
+                tables: Vec::new(),
+            };
+            let count = existing
+                .tables
+                .iter()
+                .map(|(_, t)| t.builtin_rules.len() + t.own_chains.len())
+                .sum::<usize>();
+            nf.restore(family, &render_restore(&empty, &existing))?;
+            nf.remove_tables(family, &tables_holding_only_ours(&save))?;
+            Ok(count)
+        });
+        removed += super::keep_going(result, &mut failures);
+    }
+    removed += super::keep_going(routing.remove_all(), &mut failures);
+    // With the rules gone, every set of meshinit's is unused. A kernel without ipset has
+    // none to remove.
+    if sets.available() {
+        removed += super::keep_going(sets.remove_unused().map_err(Into::into), &mut failures);
+    }
+    super::all_of(failures).map(|()| removed)
 }
 
 #[cfg(test)]

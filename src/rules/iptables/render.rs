@@ -621,7 +621,9 @@ mod tests {
 
     #[test]
     fn rollback_restores_saved_tables_and_cleans_new_ones() {
-        let applied = crate::rules::plan::plan(&crate::rules::plan::tests::tproxy_config());
+        let applied = crate::rules::iptables::plan::plan(
+            &crate::rules::iptables::plan::tests::tproxy_config(),
+        );
         let ours = ExistingState::from_planned(&applied.v4);
         let text = render_rollback(Family::V4, &ours, Some(SAVE));
         assert!(
@@ -645,18 +647,18 @@ mod tests {
     }
 
     fn redirect_all() -> crate::config::CaptureConfig {
-        let mut cfg = crate::rules::plan::tests::tproxy_config();
+        let mut cfg = crate::rules::iptables::plan::tests::tproxy_config();
         cfg.interception = crate::config::InterceptionMode::Redirect;
         cfg
     }
 
     fn v4(cfg: &crate::config::CaptureConfig) -> FamilyRuleset {
-        crate::rules::plan::plan(cfg).v4
+        crate::rules::iptables::plan::plan(cfg).v4
     }
 
     #[test]
     fn inbound_capture_moves_to_its_new_table_before_leaving_the_old() {
-        let tproxy = v4(&crate::rules::plan::tests::tproxy_config());
+        let tproxy = v4(&crate::rules::iptables::plan::tests::tproxy_config());
         let redirect = v4(&redirect_all());
         let was_tproxy = ExistingState::from_planned(&tproxy);
         let was_redirect = ExistingState::from_planned(&redirect);
@@ -680,7 +682,7 @@ mod tests {
 
     #[test]
     fn a_rollback_puts_the_old_capture_back_first() {
-        let tproxy = v4(&crate::rules::plan::tests::tproxy_config());
+        let tproxy = v4(&crate::rules::iptables::plan::tests::tproxy_config());
         let redirect = v4(&redirect_all());
         // What iptables-save would list for each (tables by name, as legacy lists them).
         let save_of = |rules: &FamilyRuleset| render_fresh(rules);
