@@ -9,8 +9,8 @@
 //! Needs root: skips with a reason otherwise, fails under `CI=true`.
 
 use std::fs::File;
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Stdio};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Child, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::lab::{Client, Lab, Setup, Sidecar};
@@ -162,15 +162,20 @@ fn mode_change_under_faults(backend: Backend, from: &[&str], to: &[&str]) {
             if step < kill_after {
                 stepper.release(step);
             } else {
+                let moment = format!("{what}: killed after commit {step} ({committed})");
                 let _ = nix::sys::signal::killpg(
                     nix::unistd::Pid::from_raw(run.id() as i32),
                     nix::sys::signal::Signal::SIGKILL,
                 );
-                let _ = run.wait();
-                assert_captured(
-                    &lab,
-                    &format!("{what}: killed after commit {step} ({committed})"),
+                let status = run.wait().expect("waiting for meshinit");
+                assert_landed_between(
+                    &moment,
+                    status,
+                    (stepper.committed().len(), kill_after),
+                    &State::capture(lab.pod()),
+                    (&from_state, &to_state),
                 );
+                assert_captured(&lab, &moment);
             }
         }
         apply(&to);
@@ -180,6 +185,33 @@ fn mode_change_under_faults(backend: Backend, from: &[&str], to: &[&str]) {
             &State::capture(lab.pod()),
         );
     }
+}
+
+/// Panics, naming `moment`, unless a kill held after a commit landed there: meshinit was
+/// still running (the kill is what ended it), no commit came after the held one, and the
+/// namespace holds neither the old configuration nor the new one. A kill that came after
+/// meshinit had ended would prove nothing.
+fn assert_landed_between(
+    moment: &str,
+    status: ExitStatus,
+    (commits, held): (usize, usize),
+    now: &State,
+    (from, to): (&State, &State),
+) {
+    assert_eq!(
+        status.signal(),
+        Some(nix::sys::signal::Signal::SIGKILL as i32),
+        "{moment}: meshinit was not running when it was killed ({status})"
+    );
+    assert_eq!(
+        commits, held,
+        "{moment}: {commits} commits happened, the kill was meant to land after {held}"
+    );
+    assert!(
+        now != from && now != to,
+        "{moment}: the namespace holds the {} configuration, not one in between",
+        if now == from { "old" } else { "new" }
+    );
 }
 
 fn on_each_backend(check: impl Fn(Backend) + Sync) {
@@ -224,29 +256,80 @@ enum Kill {
     Group,
 }
 
+/// Where a kill landed.
+#[derive(Debug, Clone, Copy)]
+struct Landed {
+    /// How long after meshinit started.
+    delay: Duration,
+    /// Whether a process meshinit had started (a restore, nft) was running then.
+    in_child: bool,
+}
+
+/// How often a moment is tried, each time earlier, before the test gives up on landing it.
+const ATTEMPTS: u32 = 6;
+
+/// Starts a run (`start`, which also sets up what it runs over) and kills it as `kill`
+/// says `delay` later, until a kill lands while meshinit still runs: on a busy machine a
+/// run can end sooner than the timed one, and then the same moment is tried again,
+/// earlier. Panics, naming `what`, if none of [`ATTEMPTS`] did: a kill after the end
+/// proves nothing. Returns what `start` returned for the run that was killed mid-run.
+fn kill_mid_run<T>(
+    what: &str,
+    kill: Kill,
+    delay: Duration,
+    mut start: impl FnMut() -> (T, Child),
+) -> (T, Landed) {
+    let (first, mut delay) = (delay, delay);
+    for _ in 0..ATTEMPTS {
+        let (context, mut run) = start();
+        std::thread::sleep(delay);
+        if let Some(in_child) = kill_and_settle(&mut run, kill) {
+            return (context, Landed { delay, in_child });
+        }
+        delay /= 2;
+    }
+    panic!("{what}: meshinit had ended before each of {ATTEMPTS} {kill:?} kills, made from {first:?} down to {:?} after it started", delay * 2);
+}
+
 /// Stops `run`, kills it as `kill` says, and waits until every process it had started has
-/// ended too, so that whatever they were going to commit is committed.
-fn kill_and_settle(run: &mut Child, kill: Kill) -> bool {
+/// ended too, so that whatever they were going to commit is committed. `None` if `run`
+/// had already ended; else whether it had a process of its own running (the kill landed
+/// while a restore or nft ran). Panics unless the kill is what ended it.
+fn kill_and_settle(run: &mut Child, kill: Kill) -> Option<bool> {
     use nix::sys::signal::{kill as send, killpg, Signal};
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
     use nix::unistd::Pid;
     let pid = Pid::from_raw(run.id() as i32);
-    // Stopped, it can start nothing more, so its list of children is complete.
+    // Stopped, it can start nothing more, so its list of children is complete. A signal
+    // is only sent by kill(2): wait until meshinit has stopped, or has ended (a process
+    // already on its way out ends instead), so that "running" is not a guess.
     let _ = send(pid, Signal::SIGSTOP);
-    let children = children_of(run.id());
-    let running = run.try_wait().expect("waiting for meshinit").is_none();
-    let _ = match kill {
-        Kill::Meshinit => send(pid, Signal::SIGKILL),
-        Kill::Group => killpg(pid, Signal::SIGKILL),
+    let stopped = match waitpid(pid, Some(WaitPidFlag::WUNTRACED)) {
+        Ok(WaitStatus::Stopped(..)) => true,
+        Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => false,
+        other => panic!("meshinit neither stopped nor ended after SIGSTOP: {other:?}"),
     };
-    let _ = run.wait();
+    let children = children_of(run.id());
+    if stopped {
+        let _ = match kill {
+            Kill::Meshinit => send(pid, Signal::SIGKILL),
+            Kill::Group => killpg(pid, Signal::SIGKILL),
+        };
+        let status = run.wait().expect("waiting for meshinit");
+        assert_eq!(
+            status.signal(),
+            Some(Signal::SIGKILL as i32),
+            "meshinit, stopped while running, ended otherwise than by the kill: {status}"
+        );
+    }
     let deadline = Instant::now() + STEP_TIMEOUT;
-    for child in children {
+    for &child in &children {
         while is_alive(child) {
             assert!(Instant::now() < deadline, "process {child} did not end");
             std::thread::sleep(Duration::from_millis(5));
         }
     }
-    running
+    stopped.then_some(!children.is_empty())
 }
 
 fn children_of(pid: u32) -> Vec<u32> {
@@ -313,27 +396,23 @@ fn killed_at_any_moment(engine: &[&str], atomic: bool) {
     );
 
     const MOMENTS: u32 = 12;
-    let (mut mid_run, mut ended_old, mut ended_new) = (0, 0, 0);
+    let (mut in_child, mut ended_old, mut ended_new) = (0, 0, 0);
     for moment in 0..MOMENTS {
         let kill = if moment % 2 == 0 {
             Kill::Meshinit
         } else {
             Kill::Group
         };
-        // On a busy machine a run can end sooner than the timed one: then the same moment
-        // again, earlier, so that the kills land while meshinit runs.
-        let mut delay = took * moment / MOMENTS;
-        for _attempt in 0..4 {
+        let moment_what = format!("{what}: moment {moment} of {MOMENTS} of a {took:?} run");
+        let ((), landed) = kill_mid_run(&moment_what, kill, took * moment / MOMENTS, || {
             apply(&from);
-            let mut run = start(&plain);
-            std::thread::sleep(delay);
-            if kill_and_settle(&mut run, kill) {
-                mid_run += 1;
-                break;
-            }
-            delay /= 2;
-        }
-        let moment_what = format!("{what}: {kill:?} killed {delay:?} into a {took:?} run");
+            ((), start(&plain))
+        });
+        in_child += usize::from(landed.in_child);
+        let moment_what = format!(
+            "{what}: {kill:?} killed {:?} into a {took:?} run",
+            landed.delay
+        );
         assert_captured(&lab, &moment_what);
         let now = State::capture(lab.pod());
         if now == from_state {
@@ -359,12 +438,8 @@ fn killed_at_any_moment(engine: &[&str], atomic: bool) {
         );
     }
     eprintln!(
-        "{what}: {MOMENTS} kills over {took:?}, {mid_run} mid-run; left the old state {ended_old} times, the new {ended_new}, a mix {}",
+        "{what}: {MOMENTS} kills over {took:?}, every one while meshinit ran ({in_child} while a process it started ran); left the old state {ended_old} times, the new {ended_new}, a mix {}",
         MOMENTS - ended_old - ended_new
-    );
-    assert!(
-        mid_run >= MOMENTS / 2,
-        "{what}: only {mid_run} kills hit a running meshinit"
     );
 }
 
@@ -463,7 +538,13 @@ fn nft_is_never_handed_a_truncated_transaction() {
     let mut killed = start();
     wait_for("started");
     let _ = killed.kill();
-    let _ = killed.wait();
+    let status = killed.wait().expect("waiting for meshinit");
+    // Killed while it had nft running, not after it ended: else nothing was cut short.
+    assert_eq!(
+        status.signal(),
+        Some(nix::sys::signal::Signal::SIGKILL as i32),
+        "meshinit was not running when killed as nft started: {status}"
+    );
     wait_for("done");
     let got = read_input();
     assert!(
@@ -526,27 +607,36 @@ fn first_apply_killed(engine: &[&str]) {
     assert!(status.success(), "{engine:?}: the first apply alone failed");
 
     const MOMENTS: u32 = 10;
+    let mut in_child = 0;
     for moment in 1..=MOMENTS {
-        let ns = pod();
-        let mut run = command(&ns, &[], &first_argv);
-        run.process_group(0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let mut run = run.spawn().expect("meshinit");
-        let delay = took * moment / (MOMENTS + 1);
-        std::thread::sleep(delay);
         let kill = if moment % 2 == 0 {
             Kill::Meshinit
         } else {
             Kill::Group
         };
-        kill_and_settle(&mut run, kill);
+        let what = format!("{engine:?}: first apply, moment {moment} of {MOMENTS} of {took:?}");
+        let (ns, landed) = kill_mid_run(&what, kill, took * moment / (MOMENTS + 1), || {
+            let ns = pod();
+            let mut run = command(&ns, &[], &first_argv);
+            run.process_group(0)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            let run = run.spawn().expect("meshinit");
+            (ns, run)
+        });
+        in_child += usize::from(landed.in_child);
         meshinit::apply(&ns, &second_args, &[]);
         assert_same_state(
-            &format!("{engine:?}: first apply {kill:?}-killed {delay:?} into {took:?}, then the second (got) vs the second alone (expected)"),
+            &format!(
+                "{engine:?}: first apply {kill:?}-killed {:?} into {took:?}, then the second (got) vs the second alone (expected)",
+                landed.delay
+            ),
             &expected,
             &State::capture(&ns),
         );
     }
+    eprintln!(
+        "{engine:?}: {MOMENTS} first applies killed while meshinit ran ({in_child} while a process it started ran)"
+    );
 }
