@@ -191,6 +191,10 @@ fn flag_arg(spec: &SettingSpec) -> Option<Arg> {
             .num_args(0..=1)
             .require_equals(true)
             .default_missing_value("true");
+    } else {
+        // pflag gives a flag that takes a value the next argument, whatever it looks like
+        // (`--probe-timeout -1s`); config then judges the value.
+        arg = arg.allow_hyphen_values(true);
     }
     Some(arg)
 }
@@ -431,6 +435,35 @@ mod tests {
             panic!()
         };
         assert_eq!(args.flag(Setting::EnvoyPort), Some("2"));
+    }
+
+    // Found by the independent differential of issue 20: pflag takes `-1s` as the value.
+    #[test]
+    fn a_value_starting_with_a_dash_is_the_flags_value_like_pflag() {
+        let cli = parse(&[
+            "meshinit",
+            "apply",
+            "--probe-timeout",
+            "-1s",
+            "-p",
+            "-1",
+            "-i",
+            "--redirect-dns",
+        ]);
+        let Command::Apply(args) = cli.command else {
+            panic!()
+        };
+        assert_eq!(args.flag(Setting::ProbeTimeout), Some("-1s"));
+        assert_eq!(args.flag(Setting::EnvoyPort), Some("-1"));
+        assert_eq!(args.flag(Setting::OutboundCidrs), Some("--redirect-dns"));
+        assert_eq!(args.flag(Setting::RedirectDns), None);
+        let args: Vec<OsString> = ["meshinit", "validate", "--probe-timeout", "-1s"]
+            .map(OsString::from)
+            .to_vec();
+        assert_eq!(
+            format!("{:?}", Cli::parse_args(args.clone()).unwrap()),
+            format!("{:?}", Cli::try_parse_from(args).unwrap())
+        );
     }
 
     #[test]
