@@ -107,7 +107,10 @@ type answer struct {
 	NftablesError string          `json:"nftables_error,omitempty"`
 	Run           *runAnswer      `json:"run,omitempty"`
 	Routes        *string         `json:"routes,omitempty"`
-	RoutesError   string          `json:"routes_error,omitempty"`
+	// RoutesError: Istio's run fails setting its routing up (after planning the rules).
+	RoutesError string `json:"routes_error,omitempty"`
+	// RoutesUnavailable: the oracle could not ask (no namespace of its own without root).
+	RoutesUnavailable string `json:"routes_unavailable,omitempty"`
 }
 
 func main() {
@@ -200,10 +203,13 @@ func handle(req request) answer {
 	}
 	// Both backends then call tproxy.ConfigureRoutes with the same settings.
 	if req.Routes && ans.Iptables != nil {
-		routes, err := configuredRoutes(*cfg)
-		if err != nil {
+		routes, unavailable, err := configuredRoutes(*cfg)
+		switch {
+		case unavailable != nil:
+			ans.RoutesUnavailable = unavailable.Error()
+		case err != nil:
 			ans.RoutesError = err.Error()
-		} else {
+		default:
 			ans.Routes = &routes
 		}
 	}
@@ -224,21 +230,22 @@ type routesReply struct {
 var routesQueue chan routesRequest
 
 // configuredRoutes runs Istio's tproxy.ConfigureRoutes for cfg (not as a dry run) in the
-// oracle's own network namespace, and returns what the kernel then holds, as `ip` commands.
-func configuredRoutes(cfg config.Config) (string, error) {
+// oracle's own network namespace, and returns what the kernel then holds, as `ip` commands;
+// or the error Istio's run would fail with; or why the oracle cannot ask.
+func configuredRoutes(cfg config.Config) (string, error, error) {
 	if routesQueue == nil {
 		routesQueue = make(chan routesRequest)
 		ready := make(chan error)
 		go routesThread(ready)
 		if err := <-ready; err != nil {
 			routesQueue = nil
-			return "", err
+			return "", err, nil
 		}
 	}
 	reply := make(chan routesReply)
 	routesQueue <- routesRequest{cfg: cfg, reply: reply}
 	r := <-reply
-	return r.text, r.err
+	return r.text, nil, r.err
 }
 
 // routesThread owns an OS thread moved into a fresh network namespace (never unlocked, so

@@ -305,12 +305,20 @@ pub fn spec_of(setting: Setting) -> &'static SettingSpec {
 #[derive(Debug, Clone, Default)]
 pub struct RawSettings {
     flags: BTreeMap<Setting, String>,
+    /// Earlier values of a flag given more than once: the last one is in effect, but pflag
+    /// parses each, so a typed one (boolean, port, duration) must parse too.
+    overridden: Vec<(Setting, String)>,
     annotations: BTreeMap<Setting, (String, String)>,
 }
 
 impl RawSettings {
     pub fn set_flag(&mut self, setting: Setting, value: impl Into<String>) {
         self.flags.insert(setting, value.into());
+    }
+
+    /// A value given for `setting` by a flag that a later one of the same flag overrides.
+    pub fn set_overridden_flag(&mut self, setting: Setting, value: impl Into<String>) {
+        self.overridden.push((setting, value.into()));
     }
 
     /// The value given by flag for `setting`, if any.
@@ -424,6 +432,23 @@ pub fn validate(
 ) -> Result<Validated, ConfigError> {
     let r = Resolver { raw, env };
     let port = |s| r.parsed(s, parse::parse_port);
+    for (setting, value) in &raw.overridden {
+        let spec = spec_of(*setting);
+        let parsed = match setting {
+            S::ProbePort => parse::parse_go_port(value).map(drop),
+            S::ProbeTimeout => parse::parse_go_duration(value).map(drop),
+            _ if spec.is_bool => parse::parse_bool(value).map(drop),
+            _ => Ok(()),
+        };
+        parsed.map_err(|reason| ConfigError::InvalidValue {
+            origin: Origin::Flag {
+                long: spec.long.unwrap_or("?"),
+                short: spec.short,
+            },
+            value: value.clone(),
+            reason,
+        })?;
+    }
 
     let proxy_port = port(S::EnvoyPort)?;
     let inbound_capture_port = port(S::InboundCapturePort)?;

@@ -389,7 +389,8 @@ pub fn parse_wait_seconds(value: &str) -> Result<Duration, Reason> {
 }
 
 pub fn parse_backend(value: &str) -> Result<Option<ForcedBackend>, Reason> {
-    match value.trim() {
+    // Istio's Validate compares the value exactly: " nft" is refused.
+    match value {
         "" => Ok(None),
         "legacy" => Ok(Some(ForcedBackend::Legacy)),
         "nft" => Ok(Some(ForcedBackend::Nft)),
@@ -661,6 +662,7 @@ mod tests {
         assert_eq!(parse_backend(""), Ok(None));
         assert_eq!(parse_backend("nft"), Ok(Some(ForcedBackend::Nft)));
         assert!(parse_backend("iptables").is_err());
+        assert!(parse_backend(" nft").is_err());
     }
 
     mod properties {
