@@ -69,16 +69,97 @@ pub fn run(cli: &Cli, env: Env<'_>) -> Result<(), Error> {
 }
 
 fn print(args: &PrintArgs, env: Env<'_>, out: &mut dyn Write) -> Result<(), Error> {
-    let Some(config) = configured(&args.capture, env)? else {
-        return Ok(());
+    let validated = match prepare(&args.capture, env)? {
+        Prepared::Skip(reason) => {
+            tracing::info!("{reason}; nothing to do");
+            return Ok(());
+        }
+        Prepared::Ready(validated) => validated,
+    };
+    let text = what_apply_does(*validated, args.family)?;
+    out.write_all(text.as_bytes()).map_err(Error::Output)
+}
+
+/// What `apply` does with these settings, as `print` (and `apply --dry-run`) shows it: a
+/// comment line with the run's settings, then the rules and routing it installs; with
+/// --skip-rule-apply or --cleanup-only, only what apply does then. With `family`, only that
+/// family's restore input (nothing when apply installs nothing), to pipe into a restore.
+fn what_apply_does(validated: Validated, family: Option<FamilyArg>) -> Result<String, Error> {
+    let run = validated.run_options().clone();
+    let mut text = match family {
+        None => run_settings(&run),
+        Some(_) => String::new(),
+    };
+    let note = |text: &mut String, line: &str| {
+        if family.is_none() {
+            text.push_str(line);
+        }
+    };
+    if run.skip_rule_apply {
+        note(
+            &mut text,
+            "# --skip-rule-apply: apply installs and removes nothing here\n",
+        );
+        return Ok(text);
+    }
+    if run.cleanup_only {
+        note(&mut text, CLEANUP_ONLY);
+        return Ok(text);
+    }
+    let Some(config) = resolve(validated)? else {
+        return Ok(text);
     };
     let engine = Engine::of(&config.run);
-    let text = match args.family {
+    text.push_str(&match family {
         None => engine.dry_run(&config),
         Some(FamilyArg::Ipv4) => engine.dry_run_family(&config, Family::V4)?,
         Some(FamilyArg::Ipv6) => engine.dry_run_family(&config, Family::V6)?,
+    });
+    Ok(text)
+}
+
+/// `--cleanup-only` installs nothing; what it removes is what it finds, so it is described.
+const CLEANUP_ONLY: &str = "# --cleanup-only: apply installs nothing; it removes what meshinit or \
+istio-init added here, as it finds it: the ISTIO_* chains and the rules jumping to them \
+(both families), the nftables tables istio-proxy-nat, istio-proxy-mangle and \
+istio-proxy-raw, meshinit's sets, and the TPROXY routing\n";
+
+/// One comment line with how each option that shapes the run (not the rules) resolved, from
+/// flags, annotations, environment or defaults: `--skip-rule-apply=false ...`.
+fn run_settings(run: &RunOptions) -> String {
+    let timeout = run.probe_timeout;
+    // Seconds, as a Go duration `--probe-timeout` takes back ("5s", "0.25s").
+    let mut seconds = format!("{}.{:09}", timeout.as_secs(), timeout.subsec_nanos());
+    seconds = seconds
+        .trim_end_matches('0')
+        .trim_end_matches('.')
+        .to_owned();
+    let namespace = run
+        .network_namespace
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let binary = match run.force_backend {
+        None => "",
+        Some(crate::config::ForcedBackend::Legacy) => "legacy",
+        Some(crate::config::ForcedBackend::Nft) => "nft",
     };
-    out.write_all(text.as_bytes()).map_err(Error::Output)
+    format!(
+        "# run: --dry-run={} --skip-rule-apply={} --cleanup-only={} --run-validation={} \
+         --iptables-probe-port={} --probe-timeout={seconds}s --network-namespace={namespace:?} \
+         --cni-mode={} --reconcile={} --force-apply={} --native-nftables={} \
+         --force-iptables-binary={binary:?} --dual-stack={}\n",
+        run.dry_run,
+        run.skip_rule_apply,
+        run.cleanup_only,
+        run.run_validation,
+        run.probe_port,
+        run.cni_mode,
+        run.reconcile,
+        run.force_apply,
+        run.native_nftables,
+        run.dual_stack,
+    )
 }
 
 /// Prepare and resolve in one go, for commands with nothing to do in between.
@@ -102,11 +183,8 @@ fn apply(args: &CaptureArgs, env: Env<'_>, out: &mut dyn Write) -> Result<(), Er
     };
     let run = validated.run_options().clone();
     if run.dry_run {
-        let Some(config) = resolve(*validated)? else {
-            return Ok(());
-        };
         tracing::info!("dry run: printing the plan, changing nothing");
-        let text = Engine::of(&run).dry_run(&config);
+        let text = what_apply_does(*validated, None)?;
         return out.write_all(text.as_bytes()).map_err(Error::Output);
     }
     if run.skip_rule_apply {

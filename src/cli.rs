@@ -160,6 +160,11 @@ impl CaptureArgs {
     }
 }
 
+/// Whether pflag parses the flag's value (a boolean, port or duration), not just keeps it.
+fn typed(spec: &SettingSpec) -> bool {
+    spec.is_bool || matches!(spec.setting, Setting::ProbePort | Setting::ProbeTimeout)
+}
+
 /// The command-line argument for `spec`, if it has a flag.
 fn flag_arg(spec: &SettingSpec) -> Option<Arg> {
     let long = spec.long?;
@@ -185,12 +190,20 @@ fn flag_arg(spec: &SettingSpec) -> Option<Arg> {
     if !spec.details.is_empty() {
         arg = arg.long_help(format!("{help}\n\n{}", spec.details));
     }
+    if typed(spec) {
+        // pflag parses every occurrence of a typed flag, not just the last: all are kept.
+        arg = arg.action(ArgAction::Append);
+    }
     if spec.is_bool {
         // pflag's booleans: `--flag` alone is true, a value needs `=`.
         arg = arg
             .num_args(0..=1)
             .require_equals(true)
             .default_missing_value("true");
+    } else {
+        // pflag gives a flag that takes a value the next argument, whatever it looks like
+        // (`--probe-timeout -1s`); config then judges the value.
+        arg = arg.allow_hyphen_values(true);
     }
     Some(arg)
 }
@@ -235,9 +248,21 @@ impl FromArgMatches for CaptureArgs {
 
     fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
         for spec in SETTINGS {
-            let given = spec.long.and_then(|long| matches.get_one::<String>(long));
-            if let Some(value) = given {
-                self.flags.set_flag(spec.setting, value.clone());
+            let Some(long) = spec.long else { continue };
+            let given: Vec<&String> = if typed(spec) {
+                matches
+                    .get_many::<String>(long)
+                    .map(Iterator::collect)
+                    .unwrap_or_default()
+            } else {
+                matches.get_one::<String>(long).into_iter().collect()
+            };
+            if let Some((last, earlier)) = given.split_last() {
+                for value in earlier {
+                    self.flags
+                        .set_overridden_flag(spec.setting, (*value).clone());
+                }
+                self.flags.set_flag(spec.setting, (*last).clone());
             }
         }
         if matches.get_flag("no-ipv6") {
@@ -431,6 +456,84 @@ mod tests {
             panic!()
         };
         assert_eq!(args.flag(Setting::EnvoyPort), Some("2"));
+    }
+
+    // Found by the independent differential of issue 20: pflag takes `-1s` as the value.
+    #[test]
+    fn a_value_starting_with_a_dash_is_the_flags_value_like_pflag() {
+        let cli = parse(&[
+            "meshinit",
+            "apply",
+            "--probe-timeout",
+            "-1s",
+            "-p",
+            "-1",
+            "-i",
+            "--redirect-dns",
+        ]);
+        let Command::Apply(args) = cli.command else {
+            panic!()
+        };
+        assert_eq!(args.flag(Setting::ProbeTimeout), Some("-1s"));
+        assert_eq!(args.flag(Setting::EnvoyPort), Some("-1"));
+        assert_eq!(args.flag(Setting::OutboundCidrs), Some("--redirect-dns"));
+        assert_eq!(args.flag(Setting::RedirectDns), None);
+        let args: Vec<OsString> = ["meshinit", "validate", "--probe-timeout", "-1s"]
+            .map(OsString::from)
+            .to_vec();
+        assert_eq!(
+            format!("{:?}", Cli::parse_args(args.clone()).unwrap()),
+            format!("{:?}", Cli::try_parse_from(args).unwrap())
+        );
+    }
+
+    /// pflag parses each occurrence of a typed flag: an earlier bad one is refused (exit 1,
+    /// naming it), though the last is in effect.
+    #[test]
+    fn every_occurrence_of_a_typed_flag_must_parse_like_pflag() {
+        let env = |_: &str| None;
+        for argv in [
+            &[
+                "meshinit",
+                "apply",
+                "--probe-timeout=garbage",
+                "--probe-timeout=5s",
+            ][..],
+            &[
+                "meshinit",
+                "apply",
+                "--iptables-probe-port",
+                "x",
+                "--iptables-probe-port",
+                "1",
+            ],
+            &["meshinit", "apply", "--redirect-dns=yes", "--redirect-dns"],
+        ] {
+            let Command::Apply(args) = parse(argv).command else {
+                panic!()
+            };
+            let err = crate::config::validate(&args.to_raw(), &env).expect_err("refused");
+            assert!(
+                err.to_string().starts_with("invalid value"),
+                "{argv:?}: {err}"
+            );
+        }
+        let Command::Apply(args) = parse(&[
+            "meshinit",
+            "apply",
+            "--redirect-dns=false",
+            "--redirect-dns",
+            "-p",
+            "x",
+            "-p",
+            "1",
+        ])
+        .command
+        else {
+            panic!()
+        };
+        assert_eq!(args.flag(Setting::RedirectDns), Some("true"));
+        assert!(crate::config::validate(&args.to_raw(), &env).is_ok());
     }
 
     #[test]

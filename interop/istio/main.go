@@ -21,7 +21,15 @@
 //
 // The answer holds the iptables-restore input per family and the command log Istio's golden
 // test compares ("executed"), and the nftables transaction of Istio's native backend as
-// Istio's golden test dumps it; or the error Istio would exit with, per stage.
+// Istio's golden test dumps it; or the error Istio would exit with, per stage. Both are
+// planned only when Istio's ProgramIptables/ProgramNftables would plan them (not with
+// --skip-rule-apply). "run" is how the options that shape the run rather than the rules
+// resolved (probe port and timeout, skip, cleanup, ...).
+//
+// With "routes": true (the oracle must run as root), the routing Istio's
+// tproxy.ConfigureRoutes sets up after a successful run, which its dry run skips, is really
+// set up, in a network namespace of the oracle's own, and read back from the kernel as
+// `ip` commands ("routes"); the namespace is emptied again after each request.
 package main
 
 import (
@@ -32,16 +40,22 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
+	"sort"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 	"sigs.k8s.io/knftables"
 
 	"istio.io/istio/pkg/log"
 	netutil "istio.io/istio/pkg/util/net"
 	"istio.io/istio/tools/common/config"
+	"istio.io/istio/tools/common/tproxy"
 	iptcapture "istio.io/istio/tools/istio-iptables/pkg/capture"
 	iptcmd "istio.io/istio/tools/istio-iptables/pkg/cmd"
 	"istio.io/istio/tools/istio-iptables/pkg/constants"
@@ -57,6 +71,25 @@ type request struct {
 	DNSServers []string          `json:"dns_servers"`
 	// Config, when present, replaces args/env: Istio's Config fields over the golden base.
 	Config json.RawMessage `json:"config"`
+	// Routes asks for the routing Istio sets up (root only).
+	Routes bool `json:"routes"`
+}
+
+// runAnswer: Istio's resolved settings that shape the run, not the rules.
+type runAnswer struct {
+	DryRun              bool   `json:"dry_run"`
+	SkipRuleApply       bool   `json:"skip_rule_apply"`
+	CleanupOnly         bool   `json:"cleanup_only"`
+	RunValidation       bool   `json:"run_validation"`
+	ProbePort           uint16 `json:"probe_port"`
+	ProbeTimeoutNanos   int64  `json:"probe_timeout_ns"`
+	NetworkNamespace    string `json:"network_namespace"`
+	CNIMode             bool   `json:"cni_mode"`
+	Reconcile           bool   `json:"reconcile"`
+	ForceApply          bool   `json:"force_apply"`
+	NativeNftables      bool   `json:"native_nftables"`
+	ForceIptablesBinary string `json:"force_iptables_binary"`
+	DualStack           bool   `json:"dual_stack"`
 }
 
 type iptablesAnswer struct {
@@ -72,6 +105,12 @@ type answer struct {
 	IptablesError string          `json:"iptables_error,omitempty"`
 	Nftables      *string         `json:"nftables,omitempty"`
 	NftablesError string          `json:"nftables_error,omitempty"`
+	Run           *runAnswer      `json:"run,omitempty"`
+	Routes        *string         `json:"routes,omitempty"`
+	// RoutesError: Istio's run fails setting its routing up (after planning the rules).
+	RoutesError string `json:"routes_error,omitempty"`
+	// RoutesUnavailable: the oracle could not ask (no namespace of its own without root).
+	RoutesUnavailable string `json:"routes_unavailable,omitempty"`
 }
 
 func main() {
@@ -127,7 +166,28 @@ func handle(req request) answer {
 	if err != nil {
 		return answer{Error: err.Error()}
 	}
-	var ans answer
+	ans := answer{Run: &runAnswer{
+		DryRun:              cfg.DryRun,
+		SkipRuleApply:       cfg.SkipRuleApply,
+		CleanupOnly:         cfg.CleanupOnly,
+		RunValidation:       cfg.RunValidation,
+		ProbePort:           cfg.IptablesProbePort,
+		ProbeTimeoutNanos:   int64(cfg.ProbeTimeout),
+		NetworkNamespace:    cfg.NetworkNamespace,
+		CNIMode:             cfg.HostFilesystemPodNetwork,
+		Reconcile:           cfg.Reconcile,
+		ForceApply:          cfg.ForceApply,
+		NativeNftables:      cfg.NativeNftables,
+		ForceIptablesBinary: cfg.ForceIptablesBinary,
+		DualStack:           cfg.DualStack,
+	}}
+	// Istio's ProgramIptables and ProgramNftables plan nothing with --skip-rule-apply.
+	if cfg.SkipRuleApply {
+		empty := ""
+		ans.Iptables = &iptablesAnswer{}
+		ans.Nftables = &empty
+		return ans
+	}
 	if ipt, err := programIptables(cfg); err != nil {
 		ans.IptablesError = err.Error()
 	} else {
@@ -141,7 +201,204 @@ func handle(req request) answer {
 	if nft != "" || err == nil {
 		ans.Nftables = &nft
 	}
+	// Both backends then call tproxy.ConfigureRoutes with the same settings.
+	if req.Routes && ans.Iptables != nil {
+		routes, unavailable, err := configuredRoutes(*cfg)
+		switch {
+		case unavailable != nil:
+			ans.RoutesUnavailable = unavailable.Error()
+		case err != nil:
+			ans.RoutesError = err.Error()
+		default:
+			ans.Routes = &routes
+		}
+	}
 	return ans
+}
+
+// routesRequest: one configuration whose routing the namespace thread sets up and reads.
+type routesRequest struct {
+	cfg   config.Config
+	reply chan routesReply
+}
+
+type routesReply struct {
+	text string
+	err  error
+}
+
+var routesQueue chan routesRequest
+
+// configuredRoutes runs Istio's tproxy.ConfigureRoutes for cfg (not as a dry run) in the
+// oracle's own network namespace, and returns what the kernel then holds, as `ip` commands;
+// or the error Istio's run would fail with; or why the oracle cannot ask.
+func configuredRoutes(cfg config.Config) (string, error, error) {
+	if routesQueue == nil {
+		routesQueue = make(chan routesRequest)
+		ready := make(chan error)
+		go routesThread(ready)
+		if err := <-ready; err != nil {
+			routesQueue = nil
+			return "", err, nil
+		}
+	}
+	reply := make(chan routesReply)
+	routesQueue <- routesRequest{cfg: cfg, reply: reply}
+	r := <-reply
+	return r.text, nil, r.err
+}
+
+// routesThread owns an OS thread moved into a fresh network namespace (never unlocked, so
+// the thread, and the namespace with it, ends when the process does).
+func routesThread(ready chan<- error) {
+	runtime.LockOSThread()
+	if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+		ready <- fmt.Errorf("a network namespace for Istio's routing (needs root): %w", err)
+		return
+	}
+	lo, err := netlink.LinkByName("lo")
+	if err == nil {
+		// A pod's loopback is up; a local route on a down device is refused.
+		err = netlink.LinkSetUp(lo)
+	}
+	if err != nil {
+		ready <- fmt.Errorf("bringing up lo in the oracle's namespace: %w", err)
+		return
+	}
+	ready <- nil
+	for req := range routesQueue {
+		cfg := req.cfg
+		cfg.DryRun = false
+		var text string
+		err := tproxy.ConfigureRoutes(&cfg)
+		if err == nil {
+			text, err = readRouting(lo)
+		}
+		if cleanErr := clearRouting(lo); err == nil {
+			err = cleanErr
+		}
+		req.reply <- routesReply{text: text, err: err}
+	}
+}
+
+// ownRule: a rule not among the kernel's three defaults (local, main, default).
+func ownRule(r netlink.Rule) bool {
+	return !(r.Mark == 0 && (r.Table == unix.RT_TABLE_LOCAL || r.Table == unix.RT_TABLE_MAIN ||
+		r.Table == unix.RT_TABLE_DEFAULT))
+}
+
+// ownAddr: an address on lo the kernel did not put there.
+func ownAddr(a netlink.Addr) bool {
+	return !a.IP.IsLoopback()
+}
+
+// ownRoutes: every route outside the kernel's local and main tables.
+func ownRoutes(family int) ([]netlink.Route, error) {
+	routes, err := netlink.RouteListFiltered(family, &netlink.Route{Table: unix.RT_TABLE_UNSPEC},
+		netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return nil, err
+	}
+	var own []netlink.Route
+	for _, r := range routes {
+		if r.Table != unix.RT_TABLE_LOCAL && r.Table != unix.RT_TABLE_MAIN {
+			own = append(own, r)
+		}
+	}
+	return own, nil
+}
+
+var families = []struct {
+	family int
+	flag   string
+}{{unix.AF_INET, "-4"}, {unix.AF_INET6, "-6"}}
+
+// readRouting: addresses on lo, rules and routes beyond the kernel's, one `ip` command each
+// (sorted), in the form meshinit's print writes them.
+func readRouting(lo netlink.Link) (string, error) {
+	var lines []string
+	for _, f := range families {
+		addrs, err := netlink.AddrList(lo, f.family)
+		if err != nil {
+			return "", err
+		}
+		for _, a := range addrs {
+			if ownAddr(a) {
+				lines = append(lines, fmt.Sprintf("ip %s addr add %s dev lo", f.flag, a.IPNet))
+			}
+		}
+		rules, err := netlink.RuleList(f.family)
+		if err != nil {
+			return "", err
+		}
+		for _, r := range rules {
+			if ownRule(r) {
+				lines = append(lines, fmt.Sprintf("ip %s rule add fwmark %d lookup %d", f.flag, r.Mark, r.Table))
+			}
+		}
+		routes, err := ownRoutes(f.family)
+		if err != nil {
+			return "", err
+		}
+		for _, r := range routes {
+			kind := "unicast"
+			if r.Type == unix.RTN_LOCAL {
+				kind = "local"
+			}
+			dst := "default"
+			if r.Dst != nil {
+				if ones, _ := r.Dst.Mask.Size(); ones != 0 {
+					dst = r.Dst.String()
+				}
+			}
+			dev := "?"
+			if r.LinkIndex == lo.Attrs().Index {
+				dev = "lo"
+			}
+			lines = append(lines, fmt.Sprintf("ip %s route add %s %s dev %s table %d", f.flag, kind, dst, dev, r.Table))
+		}
+	}
+	sort.Strings(lines)
+	return strings.Join(lines, "\n"), nil
+}
+
+// clearRouting removes what readRouting reports, so the next request starts from a fresh
+// namespace's state.
+func clearRouting(lo netlink.Link) error {
+	for _, f := range families {
+		addrs, err := netlink.AddrList(lo, f.family)
+		if err != nil {
+			return err
+		}
+		for _, a := range addrs {
+			if ownAddr(a) {
+				if err := netlink.AddrDel(lo, &a); err != nil {
+					return err
+				}
+			}
+		}
+		rules, err := netlink.RuleList(f.family)
+		if err != nil {
+			return err
+		}
+		for _, r := range rules {
+			if ownRule(r) {
+				if err := netlink.RuleDel(&r); err != nil {
+					return err
+				}
+			}
+		}
+		routes, err := ownRoutes(f.family)
+		if err != nil {
+			return err
+		}
+		for _, r := range routes {
+			if err := netlink.RouteDel(&r); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // goldenConfig is constructTestConfig() of Istio's golden tests (both backends use the same
@@ -279,6 +536,16 @@ func configFromFlags(cmd *cobra.Command) (*config.Config, error) {
 		}
 		*field = v
 	}
+	port, err := strconv.ParseUint(fs.Lookup(constants.IptablesProbePort).Value.String(), 10, 16)
+	if err != nil {
+		return nil, fmt.Errorf("flag --%s: %w", constants.IptablesProbePort, err)
+	}
+	cfg.IptablesProbePort = uint16(port)
+	timeout, err := time.ParseDuration(fs.Lookup(constants.ProbeTimeout).Value.String())
+	if err != nil {
+		return nil, fmt.Errorf("flag --%s: %w", constants.ProbeTimeout, err)
+	}
+	cfg.ProbeTimeout = timeout
 	// Every flag Istio binds must be read back above (or be one of those that do not shape
 	// the rules), so a flag added in a newer Istio cannot be silently dropped.
 	var unknown []string

@@ -305,12 +305,20 @@ pub fn spec_of(setting: Setting) -> &'static SettingSpec {
 #[derive(Debug, Clone, Default)]
 pub struct RawSettings {
     flags: BTreeMap<Setting, String>,
+    /// Earlier values of a flag given more than once: the last one is in effect, but pflag
+    /// parses each, so a typed one (boolean, port, duration) must parse too.
+    overridden: Vec<(Setting, String)>,
     annotations: BTreeMap<Setting, (String, String)>,
 }
 
 impl RawSettings {
     pub fn set_flag(&mut self, setting: Setting, value: impl Into<String>) {
         self.flags.insert(setting, value.into());
+    }
+
+    /// A value given for `setting` by a flag that a later one of the same flag overrides.
+    pub fn set_overridden_flag(&mut self, setting: Setting, value: impl Into<String>) {
+        self.overridden.push((setting, value.into()));
     }
 
     /// The value given by flag for `setting`, if any.
@@ -358,10 +366,15 @@ impl Resolver<'_> {
         }
         for name in spec.envs.iter().rev() {
             if let Some(value) = (self.env)(name) {
-                // Istio ignores a bool variable it cannot parse, such as an empty one; an
-                // empty value is "unset" here too, while a wrong one is still an error.
+                // An empty boolean variable: Istio's binding sets the flag from it, and
+                // pflag's failed parse leaves false, overriding a weaker variable
+                // (REDIRECT_DNS=true ISTIO_META_DNS_CAPTURE= is off). So it is false here,
+                // except for meshinit's own variables, where empty means unset (detect).
                 if spec.is_bool && value.trim().is_empty() {
-                    continue;
+                    if name.starts_with("MESHINIT_") {
+                        continue;
+                    }
+                    return ("false".to_owned(), Origin::Env((*name).to_owned()));
                 }
                 return (value, Origin::Env((*name).to_owned()));
             }
@@ -419,6 +432,23 @@ pub fn validate(
 ) -> Result<Validated, ConfigError> {
     let r = Resolver { raw, env };
     let port = |s| r.parsed(s, parse::parse_port);
+    for (setting, value) in &raw.overridden {
+        let spec = spec_of(*setting);
+        let parsed = match setting {
+            S::ProbePort => parse::parse_go_port(value).map(drop),
+            S::ProbeTimeout => parse::parse_go_duration(value).map(drop),
+            _ if spec.is_bool => parse::parse_bool(value).map(drop),
+            _ => Ok(()),
+        };
+        parsed.map_err(|reason| ConfigError::InvalidValue {
+            origin: Origin::Flag {
+                long: spec.long.unwrap_or("?"),
+                short: spec.short,
+            },
+            value: value.clone(),
+            reason,
+        })?;
+    }
 
     let proxy_port = port(S::EnvoyPort)?;
     let inbound_capture_port = port(S::InboundCapturePort)?;
@@ -436,7 +466,7 @@ pub fn validate(
     let outbound_ports_include = r.parsed(S::OutboundPorts, parse::parse_port_list)?;
     let outbound_ports_exclude = r.parsed(S::OutboundPortsExclude, parse::parse_port_list)?;
     let kube_virt_interfaces = r.parsed(S::KubeVirtInterfaces, parse::parse_interface_list)?;
-    let probe_port = port(S::ProbePort)?;
+    let probe_port = r.parsed(S::ProbePort, parse::parse_go_port)?;
     let probe_timeout = r.parsed(S::ProbeTimeout, parse::parse_go_duration)?;
     let network_namespace = r.parsed(S::NetworkNamespace, |v| {
         Ok::<_, Reason>((!v.is_empty()).then(|| PathBuf::from(v)))
@@ -884,6 +914,23 @@ mod tests {
         assert_eq!(c.inbound, InboundCapture::Only(vec![]));
         let c = capture(&[(Setting::InboundPorts, "")]);
         assert_eq!(c.inbound, InboundCapture::Off);
+    }
+
+    // Found by the differential (issue 20): pflag sets a boolean from an empty variable to
+    // false, and Istio's alias variables are read after the flag-named ones.
+    #[test]
+    fn an_empty_boolean_variable_is_false_and_overrides_a_weaker_one() {
+        let v = validated(
+            &[("REDIRECT_DNS", "true"), ("ISTIO_META_DNS_CAPTURE", "")],
+            false,
+        )
+        .expect("valid");
+        assert!(!v.redirect_dns);
+        let v = validated(&[("REDIRECT_DNS", "true")], false).expect("valid");
+        assert!(v.redirect_dns);
+        // meshinit's own: empty is unset, so IPv6 is still detected.
+        let v = validated(&[("MESHINIT_IPV6", "")], false).expect("valid");
+        assert_eq!(v.ipv6, None);
     }
 
     #[test]

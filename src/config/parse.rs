@@ -103,6 +103,15 @@ pub fn parse_cidr(value: &str) -> Result<IpNet, Reason> {
     if prefix.is_empty() || prefix.len() > 3 || !prefix.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
     }
+    // Istio parses with Go's netip.ParsePrefix, which refuses a leading zero ("/08"): Istio
+    // fails the run, so meshinit refuses it up front rather than read it as /8.
+    if prefix.len() > 1 && prefix.starts_with('0') {
+        let trimmed = prefix.trim_start_matches('0');
+        let trimmed = if trimmed.is_empty() { "0" } else { trimmed };
+        return Err(format!(
+            "{value:?}: the prefix length /{prefix} has a leading zero; write /{trimmed}"
+        ));
+    }
     let prefix: u8 = prefix.parse().map_err(|_| bad())?;
     IpNet::new(addr, prefix).map_err(|_| bad())
 }
@@ -242,23 +251,40 @@ pub fn parse_route_table(value: &str) -> Result<u32, Reason> {
     }
 }
 
-/// Go's `time.ParseDuration` format ("5s", "1m30s", "250ms"), which `--probe-timeout` takes.
+/// Go's `time.ParseDuration` ("5s", "1m30s", "250ms", "-1s"), which `--probe-timeout` takes
+/// through pflag. A negative duration is accepted, as Go accepts it, and means what Istio's
+/// timer makes of it: no waiting. `Duration` has no sign, so it is zero: one probe, no retry.
 pub fn parse_go_duration(value: &str) -> Result<Duration, Reason> {
     let bad = || format!("{value:?} is not a duration such as 5s, 500ms or 1m30s");
-    let s = value.trim();
-    if s == "0" {
+    // Go trims nothing: " 5s" is refused.
+    let (negative, rest) = match value.as_bytes().first() {
+        Some(b'-') => (true, &value[1..]),
+        Some(b'+') => (false, &value[1..]),
+        _ => (false, value),
+    };
+    if rest == "0" {
         return Ok(Duration::ZERO);
     }
-    if s.is_empty() || s.starts_with('-') {
+    if rest.is_empty() {
         return Err(bad());
     }
-    let mut rest = s.strip_prefix('+').unwrap_or(s);
+    let mut rest = rest;
     let mut total = 0f64;
     while !rest.is_empty() {
         let number_len = rest
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .ok_or_else(bad)?;
-        let number: f64 = rest[..number_len].parse().map_err(|_| bad())?;
+        let digits = &rest[..number_len];
+        // Go: digits before or after the point (".5", "1."), one point at most.
+        if digits == "." || digits.matches('.').count() > 1 {
+            return Err(bad());
+        }
+        let number: f64 = match digits {
+            d if d.ends_with('.') => d[..d.len() - 1].parse(),
+            d if d.starts_with('.') => format!("0{d}").parse(),
+            d => d.parse(),
+        }
+        .map_err(|_| bad())?;
         rest = &rest[number_len..];
         let unit_len = rest
             .find(|c: char| c.is_ascii_digit() || c == '.')
@@ -275,15 +301,61 @@ pub fn parse_go_duration(value: &str) -> Result<Duration, Reason> {
         rest = &rest[unit_len..];
         total += number * scale;
     }
+    // Go's durations are int64 nanoseconds: about 2562047 hours at most.
+    if total * 1e9 > i64::MAX as f64 {
+        return Err(bad());
+    }
+    if negative {
+        return Ok(Duration::ZERO);
+    }
     Duration::try_from_secs_f64(total).map_err(|_| bad())
+}
+
+/// A port as pflag's uint16 flags read it (`strconv.ParseUint(s, 0, 16)`), which is how
+/// Istio reads `--iptables-probe-port`: decimal, or Go's `0x`, `0o`, `0b` and leading-zero
+/// octal forms, with `_` between digits; then 1-65535.
+pub fn parse_go_port(value: &str) -> Result<Port, Reason> {
+    let bad = || format!("{value:?} is not a port number (expected 1-65535)");
+    let lower = value.to_ascii_lowercase();
+    let (radix, digits) = if let Some(d) = lower.strip_prefix("0x") {
+        (16, d)
+    } else if let Some(d) = lower.strip_prefix("0o") {
+        (8, d)
+    } else if let Some(d) = lower.strip_prefix("0b") {
+        (2, d)
+    } else if lower.len() > 1 && lower.starts_with('0') {
+        (8, &lower[1..])
+    } else {
+        (10, lower.as_str())
+    };
+    // Go's underscoreOK: an underscore only between digits, or right after a base prefix.
+    let prefixed = radix != 10;
+    let underscores_ok = digits
+        .split('_')
+        .enumerate()
+        .all(|(i, part)| !part.is_empty() || (i == 0 && prefixed));
+    if underscores_ok {
+        let clean: String = digits.chars().filter(|c| *c != '_').collect();
+        if clean.is_empty() || !clean.chars().all(|c| c.is_digit(radix)) {
+            return Err(bad());
+        }
+        let number = u64::from_str_radix(&clean, radix).map_err(|_| bad())?;
+        return u16::try_from(number)
+            .ok()
+            .and_then(Port::new)
+            .ok_or_else(|| format!("port {number} is out of range (expected 1-65535)"));
+    }
+    Err(bad())
 }
 
 /// Istio's `ValidateIPv4LoopbackCidr`: an IPv4 loopback range with a /8 to /32 mask.
 pub fn parse_loopback_cidr(value: &str) -> Result<Ipv4Net, Reason> {
-    let net: Ipv4Net = value
-        .trim()
-        .parse()
-        .map_err(|_| format!("{value:?} is not an IPv4 CIDR range such as 127.0.0.1/32"))?;
+    let not_v4 = || format!("{value:?} is not an IPv4 CIDR range such as 127.0.0.1/32");
+    // Istio reads it with netip.ParsePrefix, untrimmed: the same refusals as other CIDRs.
+    let net = match parse_cidr(value).map_err(|_| not_v4())? {
+        IpNet::V4(net) => net,
+        IpNet::V6(_) => return Err(not_v4()),
+    };
     if !net.addr().is_loopback() {
         return Err(format!(
             "{} is not a loopback address (127.0.0.0/8)",
@@ -317,7 +389,8 @@ pub fn parse_wait_seconds(value: &str) -> Result<Duration, Reason> {
 }
 
 pub fn parse_backend(value: &str) -> Result<Option<ForcedBackend>, Reason> {
-    match value.trim() {
+    // Istio's Validate compares the value exactly: " nft" is refused.
+    match value {
         "" => Ok(None),
         "legacy" => Ok(Some(ForcedBackend::Legacy)),
         "nft" => Ok(Some(ForcedBackend::Nft)),
@@ -519,9 +592,57 @@ mod tests {
         assert_eq!(parse_go_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_go_duration("0"), Ok(Duration::ZERO));
         assert!(parse_go_duration("5").is_err());
-        assert!(parse_go_duration("-5s").is_err());
+        // Go accepts signs; a negative timeout waits for nothing (one probe).
+        assert_eq!(parse_go_duration("-5s"), Ok(Duration::ZERO));
+        assert_eq!(parse_go_duration("-0"), Ok(Duration::ZERO));
+        assert_eq!(parse_go_duration("+2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_go_duration(".5s"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_go_duration("1.s"), Ok(Duration::from_secs(1)));
+        for bad in ["-", "", " 5s", "5s ", ".s", "1..5s", "3000000h", "--1s"] {
+            assert!(parse_go_duration(bad).is_err(), "{bad:?}");
+        }
         assert!(parse_go_duration("5x").is_err());
         assert!(parse_go_duration("s").is_err());
+    }
+
+    #[test]
+    fn go_ports_as_pflag_reads_them() {
+        for (text, port) in [
+            ("15002", 15002),
+            ("0x3a9a", 15002),
+            ("0X3A9A", 15002),
+            ("035232", 15002),
+            ("0o35232", 15002),
+            ("15_002", 15002),
+            ("0x_3a9a", 15002),
+            ("0b1", 1),
+            ("0_17", 15),
+        ] {
+            assert_eq!(parse_go_port(text).map(Port::get), Ok(port), "{text}");
+        }
+        for bad in [
+            "0", "65536", "", "-1", "+1", "_1", "1_", "1__0", "0x", "08", "1 ", "x",
+        ] {
+            assert!(parse_go_port(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    // Found by the independent differential of issue 20: Istio's netip.ParsePrefix refuses
+    // a leading zero in the prefix length.
+    #[test]
+    fn prefix_lengths_with_a_leading_zero_are_refused() {
+        for bad in [
+            "10.0.0.0/08",
+            "2001:db8::/032",
+            "10.0.0.0/00",
+            "10.0.0.0/008",
+        ] {
+            let err = parse_cidr(bad).unwrap_err();
+            assert!(err.contains("leading zero"), "{bad}: {err}");
+        }
+        assert!(parse_cidr("10.0.0.0/0").is_ok());
+        assert!(parse_loopback_cidr("127.0.0.1/08").is_err());
+        assert!(parse_loopback_cidr("127.0.0.1/8").is_ok());
     }
 
     #[test]
@@ -541,6 +662,7 @@ mod tests {
         assert_eq!(parse_backend(""), Ok(None));
         assert_eq!(parse_backend("nft"), Ok(Some(ForcedBackend::Nft)));
         assert!(parse_backend("iptables").is_err());
+        assert!(parse_backend(" nft").is_err());
     }
 
     mod properties {
@@ -566,6 +688,7 @@ mod tests {
                 let _ = parse_tproxy_mark(&input);
                 let _ = parse_route_table(&input);
                 let _ = parse_go_duration(&input);
+                let _ = parse_go_port(&input);
                 let _ = parse_loopback_cidr(&input);
                 let _ = parse_ip_list(&input);
                 let _ = parse_backend(&input);

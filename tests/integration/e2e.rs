@@ -360,20 +360,63 @@ fn tproxy_inbound_keeps_client_address(test: &str, backend: Backend) {
     run_one(
         test,
         Setup::new(backend.args(&["-m", "TPROXY"])).sidecar(Sidecar::Tproxy),
-        &[
-            tcp(
-                Peer,
-                POD_8080,
-                Expect::Transparent {
-                    port: 15006,
-                    local: POD_8080,
-                    client_ip: "192.0.2.1",
-                },
-            ),
-            tcp(Peer, "192.0.2.2:15021", app("192.0.2.2:15021")),
-            tcp(App, VAULT, outbound(VAULT)),
-            tcp(Proxy, VAULT, peer(VAULT)),
-        ],
+        &tproxy_checks(),
+    );
+}
+
+/// Under TPROXY: inbound reaches the sidecar with the client's address; the status port
+/// and the proxy's own traffic are not captured; the app's outbound is.
+fn tproxy_checks() -> [Check; 4] {
+    [
+        tcp(
+            Peer,
+            POD_8080,
+            Expect::Transparent {
+                port: 15006,
+                local: POD_8080,
+                client_ip: "192.0.2.1",
+            },
+        ),
+        tcp(Peer, "192.0.2.2:15021", app("192.0.2.2:15021")),
+        tcp(App, VAULT, outbound(VAULT)),
+        tcp(Proxy, VAULT, peer(VAULT)),
+    ]
+}
+
+/// TPROXY with a mark and routing table of the pod's own (`-t 4242 -r 1000`, issue 20): real
+/// connections are captured as with Istio's defaults, and the routing that delivers them is
+/// that mark's rule and that table's route, with nothing left on Istio's default 1337/133.
+fn tproxy_with_its_own_mark_and_table(test: &str, backend: Backend) {
+    if !require_root(test) {
+        return;
+    }
+    let setup = Setup::new(backend.args(&["-m", "TPROXY", "-t", "4242", "-r", "1000"]))
+        .sidecar(Sidecar::Tproxy);
+    let lab = Lab::start(&setup);
+    lab.check(&tproxy_checks());
+    let rules = lab.pod().run(&["ip", "-4", "rule", "show"]);
+    // 4242 is 0x1092.
+    assert!(
+        rules.contains("fwmark 0x1092 lookup 1000"),
+        "{test}: no rule for mark 4242 to table 1000:\n{rules}"
+    );
+    assert!(
+        !rules.contains("0x539") && !rules.contains("lookup 133"),
+        "{test}: Istio's default mark or table in use:\n{rules}"
+    );
+    let table = lab
+        .pod()
+        .run(&["ip", "-4", "route", "show", "table", "1000"]);
+    assert!(
+        table.contains("local default dev lo"),
+        "{test}: table 1000 does not deliver locally:\n{table}"
+    );
+    let all = lab
+        .pod()
+        .run(&["ip", "-4", "route", "show", "table", "all"]);
+    assert!(
+        !all.contains("table 133"),
+        "{test}: routes in Istio's default table 133:\n{all}"
     );
 }
 
@@ -600,6 +643,7 @@ on_every_backend! {
     outbound_ports_include_and_exclude,
     inbound_ports_include,
     tproxy_inbound_keeps_client_address,
+    tproxy_with_its_own_mark_and_table,
     ipv6_dual_stack,
     dns_capture,
     exclude_interface,

@@ -155,12 +155,15 @@ fn meshinit_containers_are_istios_with_measured_resources() {
 
 /// `meshinit print ARGS` (ARGS without the leading `istio-iptables`), IPv4 only and with no
 /// DNS servers, so that nothing depends on this machine; panics unless meshinit accepts
-/// them. Returns the ruleset.
+/// them. Returns the ruleset. An istio-validation container's `--skip-rule-apply` is left
+/// out: with it, print (like apply) installs nothing, and the rules its settings describe
+/// are the ones Istio CNI installs.
 pub fn print_ruleset(what: &str, args: &[String]) -> String {
+    let args: Vec<&String> = args.iter().filter(|a| *a != "--skip-rule-apply").collect();
     let output = run_bounded(
         Command::new(MESHINIT)
             .arg("print")
-            .args(args)
+            .args(&args)
             .args(["--no-ipv6", "--dns-servers", ""])
             .env_clear(),
         Duration::from_secs(20),
