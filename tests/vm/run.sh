@@ -55,6 +55,7 @@ MISSING=(
 )
 MISSING_ON=("amd64/6.1.176-1" "arm64/6.1.176-1")
 BOOT_TIMEOUT="${MESHINIT_VM_TIMEOUT:-900}"
+jobs="${MESHINIT_VM_JOBS:-$(nproc)}"
 
 usage() { echo "usage: tests/vm/run.sh [--quick] [--only ARCH/VERSION] [--no-missing] [--no-table]" >&2; exit 2; }
 quick=false only= table=true missing=true
@@ -178,7 +179,7 @@ userland_cpio() {
 # --- this tree's binaries, static, per arch -----------------------------------------------
 build_static() {
   local triple="$1"
-  bash scripts/build-static.sh "$triple" --example vm_probe >/dev/null \
+  bash scripts/build-static.sh "$triple" --bin meshinit --example vm_probe >/dev/null \
     || die "cannot build meshinit for $triple"
   echo "target/static/$triple/release"
 }
@@ -225,51 +226,67 @@ results="$runs/results"
 : >"$results"
 failed=0
 declare -A tails=()
+# First everything each boot needs (fetched or from the cache, and this tree's binaries),
+# then the boots, $jobs at a time (TCG runs one guest CPU on one host thread).
+boots=()
 for entry in "${KERNELS[@]}"; do
   read -r arch suite pkg version <<<"$entry"
   key="$arch/$version"
   selected "$key" || continue
-  started=$SECONDS
   kdir="$(kernel_dir "$arch" "$pkg" "$version")"
-  release="$(cat "$kdir/release")"
   if [ -z "${tails[$arch]:-}" ]; then
     tails[$arch]="$runs/tail-$arch.cpio"
     tail_cpio "$arch" "${tails[$arch]}"
   fi
   initrd="$runs/initrd-$arch-$version.cpio"
   cat "$(userland_cpio "$arch")" "$kdir/modules.cpio" "${tails[$arch]}" >"$initrd"
-  boots=("matrix||")
+  specs=("matrix||")
   if $missing && printf '%s\n' "${MISSING_ON[@]}" | grep -qxF "$key"; then
-    boots+=("${MISSING[@]}")
+    specs+=("${MISSING[@]}")
   fi
-  for spec in "${boots[@]}"; do
-    IFS='|' read -r name without extra <<<"$spec"
-    console="$runs/console-$arch-$version-$name.log"
-    log "booting $release ($arch, $suite): $name"
-    t0=$SECONDS
-    boot "$arch" "$kdir" "$initrd" \
-      "quiet panic=-1 meshinit.suite=$name meshinit.without=$without $extra" "$console"
-    if ! grep -q '^@@ DONE' "$console"; then
-      log "$release ($arch) $name: no end on the console (timeout or crash); last lines:"
-      tail -n 20 "$console" >&2 || true
-      echo "$arch $release $name - boot FAIL" >>"$results"
-      failed=1
-      continue
-    fi
-    tr -d '\r' <"$console" | sed -n 's/^@@ RESULT //p' | while read -r engine outcome detail; do
-      echo "$arch $release $name $engine $outcome $detail"
-    done >>"$results"
-    if tr -d '\r' <"$console" | grep '^@@ RESULT' | grep -qv ' ok'; then
-      failed=1
-      tr -d '\r' <"$console" | grep -E '^(@@ RESULT .* FAIL|!! )' >&2 || true
-    fi
-    log "$release ($arch) $name: $((SECONDS - t0)) s"
-  done
-  log "$release ($arch): $((SECONDS - started)) s in all"
+  for spec in "${specs[@]}"; do boots+=("$arch|$version|$kdir|$initrd|$spec"); done
+done
+[ "${#boots[@]}" -gt 0 ] || die "no kernel selected"
+log "prepared in $SECONDS s; ${#boots[@]} boots, $jobs at a time"
+
+one_boot() {
+  IFS='|' read -r arch version kdir initrd name without extra <<<"$1"
+  local console="$runs/console-$arch-$version-$name.log" t0=$SECONDS
+  log "booting $(cat "$kdir/release") ($arch): $name"
+  boot "$arch" "$kdir" "$initrd" \
+    "quiet panic=-1 meshinit.suite=$name meshinit.without=$without $extra" "$console"
+  log "$(cat "$kdir/release") ($arch) $name: $((SECONDS - t0)) s"
+}
+boots_started=$SECONDS
+for b in "${boots[@]}"; do
+  while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n || true; done
+  one_boot "$b" &
+done
+wait
+log "boots took $((SECONDS - boots_started)) s"
+
+for b in "${boots[@]}"; do
+  IFS='|' read -r arch version kdir initrd name without extra <<<"$b"
+  release="$(cat "$kdir/release")"
+  console="$runs/console-$arch-$version-$name.log"
+  if ! grep -q '^@@ DONE' "$console"; then
+    log "$release ($arch) $name: no end on the console (timeout or crash); last lines:"
+    tail -n 20 "$console" >&2 || true
+    echo "$arch $release $name - FAIL boot" >>"$results"
+    failed=1
+    continue
+  fi
+  tr -d '\r' <"$console" | sed -n 's/^@@ RESULT //p' | while read -r engine outcome detail; do
+    echo "$arch $release $name $engine $outcome $detail"
+  done >>"$results"
+  if tr -d '\r' <"$console" | grep '^@@ RESULT' | grep -q ' FAIL'; then
+    failed=1
+    log "$release ($arch) $name:"
+    tr -d '\r' <"$console" | grep -E '^(@@ RESULT .* FAIL|!! )' >&2 || true
+  fi
 done
 rm -f "$runs"/initrd-*.cpio "$runs"/tail-*.cpio
 cat "$results"
-[ -s "$results" ] || die "no kernel selected"
 
 if ! $quick && [ -z "$only" ] && $table; then
   bash tests/vm/table.sh "$results" >docs/kernels.md
