@@ -90,7 +90,7 @@ fn legacy_tables_in_use(family: Family) -> bool {
 /// does (nfnetlink answers EINVAL for a subsystem it lacks, and without nfnetlink there is
 /// no such protocol): then iptables-nft cannot work, and legacy may. The chains a
 /// successful dump lists are kept for the run.
-fn nf_tables_missing(chains: &mut Option<Vec<(u8, String, String)>>) -> bool {
+pub(super) fn nf_tables_missing(chains: &mut Option<Vec<(u8, String, String)>>) -> bool {
     use nix::errno::Errno;
     match Socket::netfilter().and_then(|mut s| s.nftables_chains()) {
         Ok(found) => {
