@@ -4,7 +4,7 @@
 set -euo pipefail
 results="$1"
 engines=(iptables-legacy iptables-legacy+sets iptables-nft iptables-nft+sets nftables nftables+sets)
-cases=(fresh legacy-empty legacy-rules retry-tproxy native)
+cases=(fresh legacy-empty legacy-rules retry-tproxy native sets)
 
 cell() {
   # cell ARCH RELEASE SUITE ENGINE: the outcome, and for the missing-parts boots the backend
@@ -13,7 +13,7 @@ cell() {
     $1 == a && $2 == r && $3 == s && ($4 == e || $4 == "-") {
       out = $5
       if (s != "matrix" && $5 == "ok") { out = "ok: " $6; gsub(/backend=|"/, "", out) }
-      if ($5 == "refused") out = "refused"
+      if ($5 == "refused") { out = "refused: " $6; sub(/lacks=/, "no ", out) }
       print out; found = 1; exit
     }
     END { if (!found) print "–" }' "$results"
@@ -52,9 +52,10 @@ arguments and no backend flag, so this is its default choice; per case
 (tests/vm/guest/missing.sh): `fresh` a new namespace; `legacy-empty` legacy tables that
 exist but hold no rules; `legacy-rules` a legacy table holding another tool's rule;
 `retry-tproxy` the pod's next try after a failed TPROXY attempt on iptables-legacy;
-`native` `--native-nftables`. `ok: BACKEND`: the rules applied there and captured real
-traffic; `refused`: meshinit exited with one error naming what the kernel lacks and the
-flag that picks another backend.
+`native` `--native-nftables`; `sets` `--match-sets` with lists of excluded ports and
+CIDRs (ipsets on iptables), which must still go out uncaptured. `ok: BACKEND`: the rules applied there and captured real
+traffic; `refused: no MODULE`: meshinit changed nothing and exited 3 with one error naming
+what the kernel lacks (that module) and the flag that picks another backend.
 
 EOF
 header="| kernel | arch | kernel lacks |"

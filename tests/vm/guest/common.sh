@@ -59,6 +59,7 @@ serve() {
   ns="$1" as="$2" name="$3"
   shift 3
   out="/tmp/serve-$name.log"
+  : >"$out"
   ip netns exec "$ns" "$PROBE" --as "$as" serve "$name" "$@" >"$out" 2>&1 &
   pid=$!
   SERVERS="$SERVERS $pid"

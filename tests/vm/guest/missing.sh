@@ -6,15 +6,20 @@
 #   legacy-rules    a legacy table holds another tool's rule (a CNI plugin's, say)
 #   retry-tproxy    after a failed TPROXY attempt on iptables-legacy, the pod's next try
 #   native          --native-nftables
+#   sets            --match-sets, with lists of excluded ports and CIDRs (ipsets on
+#                   iptables): traffic to them goes out uncaptured
 # Each either works (traffic captured: `ok`) or meshinit refuses with one error naming the
-# flag that picks another backend (`refused`, which passes); anything else fails.
+# flag that picks another backend, leaving nothing of its own (`refused`, which passes);
+# anything else fails.
 # One `@@ RESULT CASE ok|refused|FAIL …` line each.
 . /vm/common.sh
 SUITE="$1"
 
+# Istio's injector arguments; dual-stack where the kernel has IPv6 (without it, nothing
+# about IPv6 is said: meshinit finds out itself).
 args() {
   echo "-p 15001 -z 15006 -u 1337 -m $1 -i * -b * -d 15090,15021,15020 --dns-servers="
-  if $IPV6; then echo "--dual-stack --ipv6"; else echo "--ipv6=false"; fi
+  if $IPV6; then echo "--dual-stack --ipv6"; fi
 }
 
 # try CASE MODE [ARGS…]: the default apply, then traffic or the refusal.
@@ -28,6 +33,10 @@ try() {
     backend="$(grep -o 'backend="[^"]*"' /tmp/meshinit.log | head -n1)"
     expect traffic app tcp "$VAULT" "$(captured "$VAULT")"
     expect traffic proxy tcp "$VAULT" "$(direct peer "$VAULT")"
+    if [ "$ENGINE" = sets ]; then
+      expect traffic app tcp "$VAULT_8300" "$(direct peer "$VAULT_8300")"
+      expect traffic app tcp "$EXCLUDED_CIDR_TARGET" "$(direct peer "$EXCLUDED_CIDR_TARGET")"
+    fi
     if [ "$mode" = TPROXY ]; then
       expect traffic peer tcp "$POD_8080" "^by=sidecar:15006 local=$(quote "$POD_8080") .*client=192\.0\.2\.1:"
     else
@@ -38,7 +47,15 @@ try() {
     code=$?
     error="$(grep -iE 'error|fail' /tmp/meshinit.log | tail -n 3 | tr '\n' ' ')"
     if grep -qE -- '--(force-iptables-binary|native-nftables)' /tmp/meshinit.log; then
-      echo "@@ RESULT $ENGINE refused exit=$code $error"
+      echo "-- $ENGINE: $(grep '^meshinit:' /tmp/meshinit.log)"
+      module="$(grep -o '(module [a-z0-9_]*' /tmp/meshinit.log | head -n1 | sed 's/(module //')"
+      left="$(ours)"
+      if [ -n "$left" ]; then
+        echo "!! $ENGINE: refused, but left: $left"
+        echo "@@ RESULT $ENGINE FAIL refused-but-left-rules"
+      else
+        echo "@@ RESULT $ENGINE refused lacks=$module exit=$code"
+      fi
     else
       echo "!! $ENGINE: meshinit exited $code: $(cat /tmp/meshinit.log)"
       echo "@@ RESULT $ENGINE FAIL exit=$code $error"
@@ -71,4 +88,5 @@ fresh retry-tproxy && {
   try retry-tproxy TPROXY
 }
 fresh native && try native REDIRECT --native-nftables
+fresh sets && try sets REDIRECT --match-sets -o 8300,8301 -x 203.0.113.10/32,203.0.113.11/32
 teardown
