@@ -24,7 +24,8 @@
 # the aarch64-unknown-linux-gnu target and gcc-aarch64-linux-gnu + libc6-dev-arm64-cross.
 # Fetched packages and built pieces are cached in $MESHINIT_VM_CACHE
 # (/var/lib/meshinit-test/vm), keyed by package version; apt uses a private APT_CONFIG
-# there, never the machine's sources.
+# there, never the machine's sources. The static builds' cargo target directory is there
+# too, so that a fresh clone (CI's) compiles only meshinit, not its dependencies.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo="$PWD"
@@ -182,9 +183,10 @@ userland_cpio() {
 # --- this tree's binaries, static, per arch -----------------------------------------------
 build_static() {
   local triple="$1"
-  bash scripts/build-static.sh "$triple" --bin meshinit --example vm_probe >/dev/null \
+  STATIC_TARGET_DIR="$cache/target" \
+    bash scripts/build-static.sh "$triple" --bin meshinit --example vm_probe >/dev/null \
     || die "cannot build meshinit for $triple"
-  echo "target/static/$triple/release"
+  echo "$cache/target/$triple/release"
 }
 
 # The last cpio: /init, the checks, meshinit and the probe (made per run, not cached).

@@ -31,15 +31,20 @@ engine, with and without `--match-sets`: REDIRECT with dual-stack, DNS capture a
 excluded ports, CIDRs and inbound ports; a re-run that must leave the rules exactly as they
 were; a switch of the same pod to TPROXY (inbound keeps the client's address, v4 and v6);
 cleanup, after which nothing of meshinit's is left (rules, chains, tables, sets, routing).
-`ok` means every check of every step passed. See tests/vm/guest/checks.sh.
+`ok` means every check of every step passed. See tests/vm/guest/checks.sh. Engines:
+`iptables-legacy` and `iptables-nft` are `--force-iptables-binary legacy|nft`, `nftables`
+is `--native-nftables --nftables-apply netlink`; `+sets` adds `--match-sets`.
 
-| kernel | arch | engine | result |
-| --- | --- | --- | --- |
 EOF
+header="| kernel | arch |"
+rule="| --- | --- |"
+for e in "${engines[@]}"; do header="$header $e |"; rule="$rule --- |"; done
+echo "$header"
+echo "$rule"
 awk '$3 == "matrix" { print $1, $2 }' "$results" | sort -u -k2,2V -k1,1 | while read -r arch release; do
-  for engine in "${engines[@]}"; do
-    echo "| $release | $arch | $engine | $(cell "$arch" "$release" matrix "$engine") |"
-  done
+  line="| $release | $arch |"
+  for e in "${engines[@]}"; do line="$line $(cell "$arch" "$release" matrix "$e") |"; done
+  echo "$line"
 done
 
 cat <<'EOF'
@@ -53,9 +58,10 @@ arguments and no backend flag, so this is its default choice; per case
 exist but hold no rules; `legacy-rules` a legacy table holding another tool's rule;
 `retry-tproxy` the pod's next try after a failed TPROXY attempt on iptables-legacy;
 `native` `--native-nftables`; `sets` `--match-sets` with lists of excluded ports and
-CIDRs (ipsets on iptables), which must still go out uncaptured. `ok: BACKEND`: the rules applied there and captured real
-traffic; `refused: no MODULE`: meshinit changed nothing and exited 3 with one error naming
-what the kernel lacks (that module) and the flag that picks another backend.
+CIDRs (ipsets on iptables), which must still go out uncaptured. `ok: BACKEND`: the rules
+applied there and captured real traffic; `refused: no MODULE`: meshinit changed nothing
+and exited 3 with one error naming what the kernel lacks (that module) and the flag that
+picks another backend.
 
 EOF
 header="| kernel | arch | kernel lacks |"

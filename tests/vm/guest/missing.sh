@@ -48,7 +48,7 @@ try() {
     error="$(grep -iE 'error|fail' /tmp/meshinit.log | tail -n 3 | tr '\n' ' ')"
     if grep -qE -- '--(force-iptables-binary|native-nftables)' /tmp/meshinit.log; then
       echo "-- $ENGINE: $(grep '^meshinit:' /tmp/meshinit.log)"
-      module="$(grep -o '(module [a-z0-9_]*' /tmp/meshinit.log | head -n1 | sed 's/(module //')"
+      module="$(grep -o '(module [A-Za-z0-9_]*' /tmp/meshinit.log | head -n1 | sed 's/(module //')"
       left="$(ours)"
       if [ -n "$left" ]; then
         echo "!! $ENGINE: refused, but left: $left"
