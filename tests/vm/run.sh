@@ -218,10 +218,19 @@ boot() {
     -kernel "$kdir/vmlinuz" -initrd "$initrd" </dev/null >/dev/null 2>&1 || true
 }
 
+# one_of WORD LIST…: whether WORD is in LIST. (Not `printf | grep -q`: under pipefail, grep
+# leaving early can fail the pipeline with printf's SIGPIPE.)
+one_of() {
+  local word="$1" item
+  shift
+  for item in "$@"; do [ "$item" = "$word" ] && return 0; done
+  return 1
+}
+
 selected() {
   local key="$1"
   if [ -n "$only" ]; then [ "$key" = "$only" ]; return; fi
-  if $quick; then printf '%s\n' "${QUICK[@]}" | grep -qxF "$key"; return; fi
+  if $quick; then one_of "$key" "${QUICK[@]}"; return; fi
   return 0
 }
 
@@ -246,10 +255,10 @@ for entry in "${KERNELS[@]}"; do
   initrd="$runs/initrd-$arch-$version.cpio"
   cat "$(userland_cpio "$arch")" "$kdir/modules.cpio" "${tails[$arch]}" >"$initrd"
   specs=("matrix||")
-  if $missing && printf '%s\n' "${MISSING_ON[@]}" | grep -qxF "$key"; then
+  if $missing && one_of "$key" "${MISSING_ON[@]}"; then
     for spec in "${MISSING[@]}"; do
       if $quick && { [ "$key" != "${MISSING_ON[0]}" ] \
-           || ! printf '%s\n' "${MISSING_QUICK[@]}" | grep -qxF "${spec%%|*}"; }; then
+           || ! one_of "${spec%%|*}" "${MISSING_QUICK[@]}"; }; then
         continue
       fi
       specs+=("$spec")
@@ -290,7 +299,7 @@ for b in "${boots[@]}"; do
   tr -d '\r' <"$console" | sed -n 's/^@@ RESULT //p' | while read -r engine outcome detail; do
     echo "$arch $release $name $engine $outcome $detail"
   done >>"$results"
-  if tr -d '\r' <"$console" | grep '^@@ RESULT' | grep -q ' FAIL'; then
+  if [ "$(tr -d '\r' <"$console" | grep -c '^@@ RESULT .* FAIL')" != 0 ]; then
     failed=1
     log "$release ($arch) $name:"
     tr -d '\r' <"$console" | grep -E '^(@@ RESULT .* FAIL|!! )' >&2 || true
