@@ -10,47 +10,144 @@
 # The Rust toolchain: anything with cargo, a C compiler and glibc's static libraries
 # (libc6-dev), laid out like the official image (cargo on PATH).
 ARG RUST_IMAGE=rust:1.95-slim-bookworm
-# Where the iptables and nft tools and their libraries come from: Debian bookworm
-# (iptables 1.8.9, nftables 1.0.6).
+# Debian bookworm on the build machine's platform, where the tools are gathered.
 ARG DEBIAN_IMAGE=debian:bookworm-slim
+# Where the iptables and nft tools and their libraries come from: Debian bookworm
+# (iptables 1.8.9, nftables 1.0.6) for the image's arch (its packages are fetched into it
+# unless it already has them).
+ARG TARGET_ROOT_IMAGE=debian:bookworm-slim
 
-FROM ${RUST_IMAGE} AS build
+# The arch the image is for (amd64 or arm64; `--platform linux/arm64` sets TARGETARCH) is
+# only ever built for, never run: the compiler and the tools' gathering run on the build
+# machine's platform (BUILDPLATFORM), so an arm64 image builds on amd64 without emulation.
+
+# The target arch's root filesystem, where the tools and their libraries come from:
+# TARGET_ROOT_IMAGE for TARGETARCH. Nothing runs in it.
+FROM ${TARGET_ROOT_IMAGE} AS target-root
+
+# The compiler, on the build machine, able to link for TARGETARCH: a cross linker and the
+# Rust target when TARGETARCH is not the build machine's (taken from the image when it has
+# them, as the offline build's does).
+FROM --platform=$BUILDPLATFORM ${RUST_IMAGE} AS cross
+ARG TARGETARCH
 WORKDIR /src
+RUN set -eu; \
+    arch="${TARGETARCH:-$(dpkg --print-architecture)}"; \
+    case "$arch" in \
+      amd64) gnu=x86_64; triple=x86_64-unknown-linux-gnu ;; \
+      arm64) gnu=aarch64; triple=aarch64-unknown-linux-gnu ;; \
+      *) echo "TARGETARCH $arch: meshinit's image is built for amd64 and arm64" >&2; exit 1 ;; \
+    esac; \
+    if [ "$arch" != "$(dpkg --print-architecture)" ]; then \
+      if ! command -v "$gnu-linux-gnu-gcc" >/dev/null; then \
+        apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+          "gcc-$(echo "$gnu" | tr _ -)-linux-gnu" "libc6-dev-$arch-cross" \
+        && rm -rf /var/lib/apt/lists/*; \
+      fi; \
+      rustup target list --installed | grep -qx "$triple" || rustup target add "$triple"; \
+    fi
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 # A member of the workspace: cargo reads its manifest even when building meshinit alone.
 COPY agent ./agent
-# glibc, statically linked: the binary needs no library, not even the image's libc.
-RUN RUSTFLAGS="-C target-feature=+crt-static" \
-      cargo build --release --locked --bin meshinit \
-        --target x86_64-unknown-linux-gnu --target-dir /tmp/target \
- && cp /tmp/target/x86_64-unknown-linux-gnu/release/meshinit /meshinit \
- && rm -rf /tmp/target \
- && /meshinit --version
+COPY scripts/build-static.sh ./scripts/
 
-FROM ${DEBIAN_IMAGE} AS tools
-# A base that already carries them (the offline build's) skips the download.
-RUN if ! [ -x /usr/sbin/xtables-nft-multi ] || ! [ -x /usr/sbin/xtables-legacy-multi ] \
-       || ! [ -x /usr/sbin/nft ]; then \
-      apt-get update \
-      && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-           iptables nftables \
-      && rm -rf /var/lib/apt/lists/*; \
+FROM cross AS build
+ARG TARGETARCH
+# glibc, statically linked: the binary needs no library, not even the image's libc.
+RUN set -eu; \
+    bin="$(STATIC_TARGET_DIR=/tmp/target bash scripts/build-static.sh "${TARGETARCH:-}")"; \
+    cp "$bin" /meshinit; \
+    rm -rf /tmp/target; \
+    if [ "${TARGETARCH:-$(dpkg --print-architecture)}" = "$(dpkg --print-architecture)" ]; then \
+      /meshinit --version; \
+    fi
+
+FROM --platform=$BUILDPLATFORM ${DEBIAN_IMAGE} AS tools
+ARG TARGETARCH
+COPY --from=target-root / /target/
+# A target root that already carries the tools (the offline build's) needs no download;
+# otherwise TARGETARCH's packages are fetched and unpacked into it (no maintainer script
+# runs: nothing there is executed). readelf (binutils) reads any arch's binaries.
+RUN set -eu; \
+    arch="${TARGETARCH:-$(dpkg --print-architecture)}"; \
+    missing=; \
+    for tool in xtables-nft-multi xtables-legacy-multi nft; do \
+      [ -e "/target/usr/sbin/$tool" ] || missing=1; \
+    done; \
+    command -v readelf >/dev/null || missing="$missing binutils"; \
+    if [ -n "$missing" ]; then \
+      dpkg --add-architecture "$arch" && apt-get update; \
+      if ! command -v readelf >/dev/null; then \
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends binutils; \
+      fi; \
+      if ! [ -e /target/usr/sbin/nft ] || ! [ -e /target/usr/sbin/xtables-nft-multi ]; then \
+        mkdir -p /tmp/debs; \
+        apt-get install -y --download-only --no-install-recommends -o Dir::Cache::archives=/tmp/debs \
+          "iptables:$arch" "nftables:$arch"; \
+        for deb in /tmp/debs/*.deb; do dpkg-deb -x "$deb" /target; done; \
+        rm -rf /tmp/debs; \
+      fi; \
+      rm -rf /var/lib/apt/lists/*; \
     fi
 # Gather into /out: the two xtables multi-call binaries under the names meshinit runs, nft,
-# each shared library those load (found with ldd, copied to its real path with its soname
-# link; /lib and /lib64 stay links into /usr, as in Debian), and every xtables extension
-# that needs no other library (iptables-save must be able to print whatever another tool
-# put into the pod's namespace). That leaves out three, statistic, RATEEST and connlabel,
-# which would bring in 1 MB more (libm, libnetfilter_conntrack); the build names them.
-# Then each tool runs once, chrooted into /out: nothing it needs is missing.
+# each shared library those load (the closure of their ELF NEEDED entries, found where the
+# target's loader looks, copied to its real path with its soname link; /lib and /lib64 stay
+# links into /usr, as in Debian), the loader, and every xtables extension that needs no
+# other library (iptables-save must be able to print whatever another tool put into the
+# pod's namespace). That leaves out three, statistic, RATEEST and connlabel, which would
+# bring in 1 MB more (libm, libnetfilter_conntrack); the build names them. Paths inside
+# /target resolve as they would with /target as the root (its links are absolute). Then,
+# when the image is for this machine's arch, each tool runs once, chrooted into /out:
+# nothing it needs is missing.
 RUN set -eu; \
-    out=/out; sbin="$out/usr/sbin"; ext=/usr/lib/x86_64-linux-gnu/xtables; \
+    arch="${TARGETARCH:-$(dpkg --print-architecture)}"; \
+    case "$arch" in amd64) multi=x86_64-linux-gnu ;; arm64) multi=aarch64-linux-gnu ;; esac; \
+    t=/target; out=/out; sbin="$out/usr/sbin"; ext="/usr/lib/$multi/xtables"; \
     tools="/usr/sbin/xtables-legacy-multi /usr/sbin/xtables-nft-multi /usr/sbin/nft"; \
-    libs_of() { ldd "$@" | awk '$2 == "=>" { print $3 } NF == 2 && $1 ~ /^\// { print $1 }' \
-                | sort -u; }; \
+    inroot() { \
+      rest="${1#/}"; res=; hops=0; \
+      while [ -n "$rest" ]; do \
+        comp="${rest%%/*}"; \
+        case "$rest" in */*) rest="${rest#*/}" ;; *) rest= ;; esac; \
+        case "$comp" in ""|.) continue ;; ..) res="${res%/*}"; continue ;; esac; \
+        if [ -L "$t$res/$comp" ]; then \
+          hops=$((hops + 1)); [ "$hops" -lt 40 ] || return 1; \
+          link="$(readlink "$t$res/$comp")"; \
+          case "$link" in /*) res= ;; esac; \
+          rest="${link#/}${rest:+/$rest}"; \
+        else res="$res/$comp"; fi; \
+      done; \
+      echo "${res:-/}"; \
+    }; \
+    find_lib() { \
+      for dir in "/lib/$multi" "/usr/lib/$multi" /lib /usr/lib; do \
+        found="$(inroot "$dir/$1")"; \
+        if [ -n "$found" ] && [ -e "$t$found" ]; then echo "$dir/$1"; return; fi; \
+      done; \
+      echo "no $1 in the target root" >&2; return 1; \
+    }; \
+    deps_of() { \
+      for elf in "$@"; do \
+        readelf -d "$t$(inroot "$elf")" | sed -n 's/.*(NEEDED).*\[\(.*\)\]$/\1/p'; \
+      done | sort -u; \
+    }; \
+    interp="$(readelf -l "$t/usr/sbin/nft" | sed -n 's/.*interpreter: \(.*\)\]$/\1/p')"; \
+    libs_of() { \
+      seen=; todo="$(deps_of "$@")"; \
+      while [ -n "$todo" ]; do \
+        next=; \
+        for soname in $todo; do \
+          case " $seen " in *" $soname "*) continue ;; esac; \
+          seen="$seen $soname"; \
+          next="$next $(deps_of "$(find_lib "$soname")")"; \
+        done; \
+        todo="$next"; \
+      done; \
+      for soname in $seen; do find_lib "$soname"; done | sort -u; \
+    }; \
     mkdir -p "$sbin" "$out$ext" "$out/etc" "$out/run" "$out/tmp"; chmod 1777 "$out/tmp"; \
-    cp -a $tools "$sbin/"; \
+    for tool in $tools; do cp -a "$t$tool" "$sbin/"; done; \
     for fam in iptables ip6tables; do \
       for backend in legacy nft; do \
         for kind in "" -restore -save; do \
@@ -59,21 +156,23 @@ RUN set -eu; \
       done; \
     done; \
     tool_libs="$(libs_of $tools)"; \
-    for lib in $tool_libs; do \
-      real="$(readlink -f "$lib")"; dir="$(readlink -f "$(dirname "$lib")")"; \
+    for lib in $tool_libs "$interp"; do \
+      real="$(inroot "$lib")"; dir="$(inroot "$(dirname "$lib")")"; \
       mkdir -p "$out$(dirname "$real")" "$out$dir"; \
-      cp -a "$real" "$out$real"; \
-      if [ -L "$lib" ]; then cp -a "$lib" "$out$dir/"; fi; \
+      cp -a "$t$real" "$out$real"; \
+      if [ -L "$t$dir/$(basename "$lib")" ]; then cp -a "$t$dir/$(basename "$lib")" "$out$dir/"; fi; \
     done; \
-    for so in "$ext"/*.so; do \
-      more="$(libs_of "$so" | grep -vxF "$tool_libs" || true)"; \
+    for so in "$t$ext"/*.so; do \
+      more="$(libs_of "$ext/$(basename "$so")" | grep -vxF "$tool_libs" || true)"; \
       if [ -z "$more" ]; then cp -a "$so" "$out$ext/"; \
       else echo "left out $(basename "$so"), which needs" $more; fi; \
     done; \
-    for link in /lib /lib64; do if [ -L "$link" ]; then cp -a "$link" "$out/"; fi; done; \
-    chroot "$out" /usr/sbin/iptables-nft-save --version; \
-    chroot "$out" /usr/sbin/ip6tables-legacy-restore --version; \
-    chroot "$out" /usr/sbin/nft --version
+    for link in /lib /lib64; do if [ -L "$t$link" ]; then cp -a "$t$link" "$out/"; fi; done; \
+    if [ "$arch" = "$(dpkg --print-architecture)" ]; then \
+      chroot "$out" /usr/sbin/iptables-nft-save --version; \
+      chroot "$out" /usr/sbin/ip6tables-legacy-restore --version; \
+      chroot "$out" /usr/sbin/nft --version; \
+    fi
 
 # The nftables-only variant: the static binary alone, nothing else in the image (no
 # iptables, no nft, no library). It programs Istio's nftables tables over netlink, so it is
@@ -96,17 +195,16 @@ ENTRYPOINT ["/usr/local/bin/meshinit"]
 # it installs on each node as the CNI plugin, nothing else. Built only when asked for:
 #
 #   docker build --target agent -t meshinit-cni-agent:0.1.0 .
-FROM ${RUST_IMAGE} AS agent-build
-WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
-COPY src ./src
-COPY agent ./agent
-RUN RUSTFLAGS="-C target-feature=+crt-static" \
-      cargo build --release --locked -p meshinit-cni-agent \
-        --target x86_64-unknown-linux-gnu --target-dir /tmp/target \
- && cp /tmp/target/x86_64-unknown-linux-gnu/release/meshinit-cni-agent /meshinit-cni-agent \
- && rm -rf /tmp/target \
- && /meshinit-cni-agent --version
+FROM cross AS agent-build
+ARG TARGETARCH
+RUN set -eu; \
+    bin="$(STATIC_TARGET_DIR=/tmp/target bash scripts/build-static.sh "${TARGETARCH:-}" \
+             -p meshinit-cni-agent)"; \
+    cp "$(dirname "$bin")/meshinit-cni-agent" /meshinit-cni-agent; \
+    rm -rf /tmp/target; \
+    if [ "${TARGETARCH:-$(dpkg --print-architecture)}" = "$(dpkg --print-architecture)" ]; then \
+      /meshinit-cni-agent --version; \
+    fi
 
 FROM scratch AS agent
 ARG VERSION=0.1.0

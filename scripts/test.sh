@@ -24,8 +24,15 @@ cannot() {
 # those pods on podman's CNI backend with meshinit-cni chained (tests/integration/cni_runtime.rs).
 # ipset only reads the sets meshinit makes over netlink, as an independent check
 # (tests/integration/support/state.rs). libseccomp's header: the Kubernetes node's runc is
-# built from its Go module with seccomp (tests/k8s/build-addons.sh).
+# built from its Go module with seccomp (tests/k8s/build-addons.sh). qemu (system, for
+# both arches; user-mode, to run the arm64 image's programs), cpio, kmod's depmod and xz
+# build and boot the kernel matrix's guests (tests/vm/run.sh); the aarch64 cross linker
+# and glibc build meshinit for arm64 (the VM guests, the arm64 image).
 declare -A package_of=(
+  [qemu-system-x86_64]=qemu-system-x86 [qemu-system-aarch64]=qemu-system-arm
+  [qemu-aarch64]=qemu-user [cpio]=cpio [depmod]=kmod [xz]=xz-utils
+  [aarch64-linux-gnu-gcc]=gcc-aarch64-linux-gnu
+  [/usr/aarch64-linux-gnu/lib/libc.a]=libc6-dev-arm64-cross
   [iptables-legacy-restore]=iptables [iptables-nft-restore]=iptables
   [ip6tables-legacy-restore]=iptables [ip]=iproute2 [setpriv]=util-linux [nft]=nftables
   [podman]=podman [runc]=runc [mmdebstrap]=mmdebstrap
@@ -79,6 +86,13 @@ if [ ! -x "$newer_nft/usr/sbin/nft" ]; then
   fi
 fi
 
+# Rust's standard library for arm64, for the cross builds above.
+if ! rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-gnu; then
+  echo "test.sh: adding the aarch64-unknown-linux-gnu target"
+  rustup target add aarch64-unknown-linux-gnu \
+    || cannot "could not add the aarch64-unknown-linux-gnu target" "the arm64 image and VM tests will fail"
+fi
+
 cargo fmt --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 # helm, for the node agent's chart tests (tests/integration/chart.rs): built from its pinned
@@ -100,6 +114,21 @@ cargo test "$@"
 # its release build does (a workspace-wide build would unify the two crates' features).
 if [ "$#" -eq 0 ]; then
   cargo test -p meshinit-cni-agent
+fi
+
+# The kernel matrix's quick set: Debian's 6.1 kernels for amd64 and arm64 booted under
+# qemu, every engine with real traffic, and the amd64 one with modules taken away
+# (tests/vm/run.sh --quick; `bash tests/vm/run.sh` is the whole matrix, docs/kernels.md).
+# As root (its cache, /var/lib/meshinit-test/vm, and apt's download); not when test.sh was
+# given arguments.
+if [ "$#" -gt 0 ]; then
+  echo "test.sh: arguments given: not running tests/vm/run.sh" >&2
+elif [ "$(id -u)" != 0 ]; then
+  cannot "tests/vm/run.sh needs root" "the kernel matrix will not run"
+else
+  vm_started=$SECONDS
+  bash tests/vm/run.sh --quick
+  echo "test.sh: the kernel matrix's quick set took $((SECONDS - vm_started)) s"
 fi
 
 # A single-node Kubernetes built from pinned Go modules (etcd, the API server, the

@@ -4,8 +4,8 @@
 //!
 //! Istio picks its binary by running each candidate's save, `--version`, `-A` and `-D`
 //! (about ten launches before anything is applied). meshinit decides without launching
-//! anything: which binaries exist (`which`), whether legacy tables are instantiated in
-//! this namespace (`/proc/net/ip*_tables_names`), and, for nft, whether any ISTIO_* chain
+//! anything: which binaries exist (`which`), whether legacy tables in this namespace hold
+//! rules (`/proc/net/ip*_tables_names`, then `IPT_SO_GET_INFO`), and, for nft, whether any ISTIO_* chain
 //! exists (one netlink dump), so a fresh pod costs one `*-restore` per family.
 
 use std::borrow::Cow;
@@ -88,12 +88,50 @@ fn tool_name(family: Family, backend: Backend, kind: &str) -> String {
     format!("{base}{}-{kind}", backend.suffix())
 }
 
+/// Tables alone (empty ones stay once anything looked) do not count: see `kernel`.
 fn legacy_tables_in_use(family: Family) -> bool {
-    let file = match family {
-        Family::V4 => "/proc/net/ip_tables_names",
-        Family::V6 => "/proc/net/ip6_tables_names",
+    super::kernel::legacy_rules_present(family)
+}
+
+/// What a tool's complaint says the kernel lacks, and what to do about it.
+fn kernel_lacks(backend: Backend, family: Family, stderr: &str) -> Option<(String, &'static str)> {
+    const USE_NFT: &str = "pass --force-iptables-binary=nft (FORCE_IPTABLES_BINARY=nft) or \
+                           --native-nftables to use nf_tables instead";
+    const USE_LEGACY: &str = "pass --force-iptables-binary=legacy \
+                              (FORCE_IPTABLES_BINARY=legacy) to use iptables-legacy instead";
+    const USE_NATIVE: &str = "pass --native-nftables to use nf_tables' own matches instead \
+                              of xtables extensions";
+    let quoted = |after: &str, until: char| {
+        let rest = stderr.split(after).nth(1)?;
+        rest.split(until).next().filter(|word| !word.is_empty())
     };
-    std::fs::read_to_string(file).is_ok_and(|names| !names.trim().is_empty())
+    // "Warning: Extension owner revision 0 not supported, missing kernel module?"
+    if let Some(extension) = quoted("Extension ", ' ')
+        .filter(|_| stderr.contains("not supported, missing kernel module"))
+    {
+        let module = format!("xt_{extension}");
+        return Some((
+            format!("xtables extension '{extension}' (module {module})"),
+            USE_NATIVE,
+        ));
+    }
+    if backend != Backend::Nft {
+        if let Some(table) = quoted("unable to initialize table '", '\'') {
+            let module = match family {
+                Family::V4 => format!("iptable_{table}"),
+                Family::V6 => format!("ip6table_{table}"),
+            };
+            return Some((
+                format!(
+                    "iptables-legacy '{table}' table (module {module}; Amazon Linux 2023's \
+                     kernels, for one, ship none)"
+                ),
+                USE_NFT,
+            ));
+        }
+    }
+    (backend != Backend::Legacy && stderr.contains("Could not fetch rule set generation id"))
+        .then(|| ("nf_tables (module nf_tables)".to_owned(), USE_LEGACY))
 }
 
 /// The save/restore programs for one backend.
@@ -137,6 +175,7 @@ impl IptablesTools {
                     && find(&tool_name(f, backend, "save")).is_some()
             })
         };
+        let mut nft_chains = None;
         let backend = match forced {
             Some(ForcedBackend::Legacy) => Backend::Legacy,
             Some(ForcedBackend::Nft) => Backend::Nft,
@@ -145,7 +184,12 @@ impl IptablesTools {
             {
                 Backend::Legacy
             }
-            None if has_all(Backend::Nft) => Backend::Nft,
+            None if has_all(Backend::Nft)
+                && !(has_all(Backend::Legacy)
+                    && super::kernel::nf_tables_missing(&mut nft_chains)) =>
+            {
+                Backend::Nft
+            }
             None if has_all(Backend::Legacy) && !has_all(Backend::Plain) => Backend::Legacy,
             None => Backend::Plain,
         };
@@ -164,7 +208,7 @@ impl IptablesTools {
             backend,
             wait,
             launched: 0,
-            nft_chains: None,
+            nft_chains,
             ready: Vec::new(),
             xtables_lock: None,
             private_lock: None,
@@ -247,6 +291,17 @@ impl IptablesTools {
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    fn kernel_lacks(&self, program: &str, family: Family, stderr: &str) -> Option<ApplyError> {
+        let (lacks, remedy) = kernel_lacks(self.backend, family, stderr)?;
+        Some(ApplyError::KernelLacks {
+            program: program.to_owned(),
+            backend: self.backend.name(),
+            lacks,
+            remedy,
+            stderr: stderr.lines().next().unwrap_or_default().to_owned(),
+        })
     }
 
     /// This family's nf_tables chains as (table, chain), from one dump per run; `None`
@@ -370,7 +425,9 @@ impl Netfilter for IptablesTools {
         if ok {
             Ok(stdout)
         } else {
-            Err(ApplyError::Save { program, stderr })
+            Err(self
+                .kernel_lacks(&program, family, &stderr)
+                .unwrap_or(ApplyError::Save { program, stderr }))
         }
     }
 
@@ -380,6 +437,9 @@ impl Netfilter for IptablesTools {
         let (_, stderr, ok) = self.run(&program, &args, Some((family, input)))?;
         if ok {
             return Ok(());
+        }
+        if let Some(lacks) = self.kernel_lacks(&program, family, &stderr) {
+            return Err(lacks);
         }
         let line = failed_line(&stderr);
         let line_text = line.and_then(|n| {
@@ -749,6 +809,33 @@ mod tests {
             Some(3)
         );
         assert_eq!(failed_line("something else"), None);
+    }
+
+    #[test]
+    fn what_the_kernel_lacks() {
+        let legacy = "iptables-restore v1.8.9 (legacy): iptables-restore: unable to initialize table 'nat'\n\nError occurred at line: 1";
+        let (lacks, remedy) = kernel_lacks(Backend::Legacy, Family::V6, legacy).expect("legacy");
+        assert!(
+            lacks.contains("'nat' table (module ip6table_nat"),
+            "{lacks}"
+        );
+        assert!(remedy.contains("--force-iptables-binary=nft"), "{remedy}");
+        let nft = "iptables-nft-save v1.8.9 (nf_tables): Could not fetch rule set generation id: Invalid argument";
+        let (lacks, remedy) = kernel_lacks(Backend::Nft, Family::V4, nft).expect("nft");
+        assert!(lacks.contains("nf_tables"), "{lacks}");
+        assert!(
+            remedy.contains("--force-iptables-binary=legacy"),
+            "{remedy}"
+        );
+        let owner = "Warning: Extension owner revision 0 not supported, missing kernel module?\niptables-restore: line 24 failed";
+        let (lacks, remedy) = kernel_lacks(Backend::Legacy, Family::V4, owner).expect("owner");
+        assert!(lacks.contains("'owner' (module xt_owner)"), "{lacks}");
+        assert!(remedy.contains("--native-nftables"), "{remedy}");
+        assert_eq!(kernel_lacks(Backend::Nft, Family::V4, legacy), None);
+        assert_eq!(
+            kernel_lacks(Backend::Legacy, Family::V4, "line 3 failed"),
+            None
+        );
     }
 
     #[test]

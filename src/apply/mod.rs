@@ -10,6 +10,7 @@
 
 mod ipsets;
 pub mod iptables;
+mod kernel;
 mod locks;
 pub mod nft;
 mod routing;
@@ -273,6 +274,17 @@ pub enum ApplyError {
 
     #[error("{program} failed: {stderr}")]
     Save { program: String, stderr: String },
+
+    /// The kernel lacks what this backend needs (a module the distribution does not ship):
+    /// says what, and the flag that picks a backend that can work.
+    #[error("{program}: the kernel has no {lacks}, so {backend} cannot work on this node ({stderr}); {remedy}")]
+    KernelLacks {
+        program: String,
+        backend: &'static str,
+        lacks: String,
+        remedy: &'static str,
+        stderr: String,
+    },
 
     /// A transaction covering both families (nftables' inet tables) was refused whole.
     #[error("{program} rejected the ruleset, changing nothing: {stderr}")]

@@ -335,6 +335,16 @@ pub fn program<'a>(
             Err(NotCommitted::Failed(reason)) => break (existing, ops, reason),
         }
     };
+    // A kernel without nf_tables refuses every batch, and nft can do no better.
+    if super::kernel::nf_tables_missing(&mut None) {
+        return Err(ApplyError::KernelLacks {
+            program: "meshinit".to_owned(),
+            backend: "--native-nftables",
+            lacks: "nf_tables (module nf_tables)".to_owned(),
+            remedy: "leave out --native-nftables (NATIVE_NFTABLES) to use iptables-legacy",
+            stderr: reason,
+        });
+    }
     if mode == NftablesApply::Netlink {
         return Err(ApplyError::NftablesNetlink {
             reason,

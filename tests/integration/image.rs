@@ -31,6 +31,9 @@ const VAULT_8300: &str = "198.51.100.30:8300";
 const POD_8080: &str = "192.0.2.2:8080";
 /// The image must stay under this (Istio's proxyv2, which istio-init uses, is ~160 MB).
 const MAX_IMAGE_BYTES: u64 = 10_000_000;
+/// The arm64 image's bound: Debian's arm64 shared objects are laid out for 64 KiB pages, so
+/// each xtables extension takes at least 64 KiB (docs/limits.md); 14.5 MB today.
+const MAX_ARM64_IMAGE_BYTES: u64 = 15_000_000;
 
 /// The peer's servers: Vault and its neighbour.
 fn peer_listeners() -> Vec<String> {
@@ -445,28 +448,6 @@ fn image_is_minimal() {
     let stdout = podman_stdout(test, &run);
     assert_eq!(stdout.trim(), format!("meshinit {version}"), "{test}");
 
-    let inspect = podman::expect(&[
-        "image",
-        "inspect",
-        "--format",
-        "{{.Size}}|{{json .Config.Entrypoint}}|{{json .Labels}}",
-        image,
-    ]);
-    let mut fields = inspect.trim().splitn(3, '|');
-    let size: u64 = fields.next().and_then(|s| s.parse().ok()).expect("size");
-    let entrypoint = fields.next().expect("entrypoint");
-    let labels = fields.next().expect("labels");
-    eprintln!("{test}: {image} is {:.2} MB", size as f64 / 1e6);
-    assert!(size < MAX_IMAGE_BYTES, "{test}: the image is {size} bytes");
-    assert_eq!(entrypoint, r#"["/usr/local/bin/meshinit"]"#, "{test}");
-    for label in [
-        r#""org.opencontainers.image.licenses":"Apache-2.0""#.to_owned(),
-        format!(r#""org.opencontainers.image.version":"{version}""#),
-        r#""org.opencontainers.image.source":""#.to_owned(),
-    ] {
-        assert!(labels.contains(&label), "{test}: no {label} in {labels}");
-    }
-
     let shell = Container::create(
         "shell",
         &["--network=none", "--entrypoint=/bin/sh"],
@@ -476,10 +457,163 @@ fn image_is_minimal() {
     .run();
     assert!(!shell.status.success(), "{test}: /bin/sh ran in the image");
 
-    let files = image_files(image);
+    check_image(test, image, podman::host_arch());
+}
+
+/// The same image for the other arch (arm64 on amd64), built on this machine with no
+/// emulation: its metadata, files and static meshinit are checked as for this arch's, and
+/// its programs run under qemu's user-mode emulator (podman cannot start a container of
+/// another arch here), with the image's own libraries.
+#[test]
+fn image_is_minimal_other_arch() {
+    let test = "image_is_minimal_other_arch";
+    if !require_podman(test) || !require_qemu_user(test) {
+        return;
+    }
+    let image = podman::other_arch_image();
+    let root = check_image(test, image, podman::other_arch());
+    let version = env!("CARGO_PKG_VERSION");
+    let ran = qemu_user(
+        podman::other_arch(),
+        root.path(),
+        "usr/local/bin/meshinit",
+        None,
+    );
+    assert_eq!(ran.trim(), format!("meshinit {version}"), "{test}");
+    // nft opens its netlink socket before it reads its arguments, and qemu's user mode
+    // has no NETLINK_NETFILTER: nft's own complaint shows it loaded with its libraries.
+    for (program, argv0, expected) in [
+        (
+            "usr/sbin/xtables-nft-multi",
+            "iptables-nft-save",
+            "v1.8.9 (nf_tables)",
+        ),
+        (
+            "usr/sbin/xtables-legacy-multi",
+            "ip6tables-legacy-restore",
+            "v1.8.9 (legacy)",
+        ),
+        ("usr/sbin/nft", "nft", "Unable to initialize Netlink socket"),
+    ] {
+        let ran = qemu_user(podman::other_arch(), root.path(), program, Some(argv0));
+        assert!(
+            ran.contains(expected) || ran.contains("nftables v1.0.6"),
+            "{test}: {argv0} --version printed {ran:?}"
+        );
+    }
+}
+
+/// The OCI image index (`podman manifest`) holding both arches' images, as the README says
+/// to push it: pushed to an OCI layout directory, its index lists one manifest per arch,
+/// each the image built for that arch.
+#[test]
+fn image_index_holds_both_arches() {
+    let test = "image_index_holds_both_arches";
+    if !require_podman(test) {
+        return;
+    }
+    let images_by_arch = [
+        (podman::host_arch(), images().meshinit.clone()),
+        (podman::other_arch(), podman::other_arch_image().to_owned()),
+    ];
+    let list = format!("localhost/meshinit-index:{}", podman::fresh_name("index"));
+    podman::expect(&["manifest", "create", &list]);
+    let _list = podman::RemoveImage(list.clone());
+    for (_, image) in &images_by_arch {
+        podman::expect(&[
+            "manifest",
+            "add",
+            &list,
+            &format!("containers-storage:{image}"),
+        ]);
+    }
+    let dir = ScratchDir::new("index");
+    let layout = dir.path().join("oci");
+    let layout = layout.to_str().expect("utf-8 path");
+    podman::expect(&["manifest", "push", "--all", &list, &format!("oci:{layout}")]);
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("oci/index.json")).expect("index.json"),
+    )
+    .expect("index.json is JSON");
+    // The layout's index names the pushed list; the list names the images.
+    let list_digest = index["manifests"][0]["digest"]
+        .as_str()
+        .expect("list digest");
+    let blob = |digest: &str| -> serde_json::Value {
+        let path = dir.path().join("oci/blobs").join(digest.replace(':', "/"));
+        serde_json::from_str(&std::fs::read_to_string(path).expect("blob")).expect("JSON blob")
+    };
+    let pushed = blob(list_digest);
+    let mut arches: Vec<String> = pushed["manifests"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{test}: no manifests in {pushed}"))
+        .iter()
+        .map(|m| {
+            let platform = &m["platform"];
+            let arch = platform["architecture"].as_str().unwrap_or("?").to_owned();
+            // The manifest's config is that arch's image.
+            let manifest = blob(m["digest"].as_str().expect("manifest digest"));
+            let config = blob(
+                manifest["config"]["digest"]
+                    .as_str()
+                    .expect("config digest"),
+            );
+            assert_eq!(config["architecture"], platform["architecture"], "{test}");
+            assert_eq!(platform["os"], "linux", "{test}");
+            arch
+        })
+        .collect();
+    arches.sort();
+    let mut expected: Vec<String> = images_by_arch
+        .iter()
+        .map(|(a, _)| (*a).to_owned())
+        .collect();
+    expected.sort();
+    assert_eq!(arches, expected, "{test}: the index's platforms");
+}
+
+/// Checks `image` (for Debian arch `arch`): its metadata (entrypoint, labels, arch, size
+/// under 10 MB), that it holds exactly meshinit, iptables' tools, nft and their libraries
+/// and extensions, and that its meshinit is a static binary for `arch`. Returns the
+/// image's filesystem, unpacked.
+fn check_image(test: &str, image: &str, arch: &str) -> ScratchDir {
+    let version = env!("CARGO_PKG_VERSION");
+    let inspect = podman::expect(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{.Size}}|{{.Architecture}}|{{json .Config.Entrypoint}}|{{json .Labels}}",
+        image,
+    ]);
+    let mut fields = inspect.trim().splitn(4, '|');
+    let size: u64 = fields.next().and_then(|s| s.parse().ok()).expect("size");
+    let image_arch = fields.next().expect("architecture");
+    let entrypoint = fields.next().expect("entrypoint");
+    let labels = fields.next().expect("labels");
+    eprintln!(
+        "{test}: {image} ({image_arch}) is {:.2} MB",
+        size as f64 / 1e6
+    );
+    assert_eq!(image_arch, arch, "{test}: the image's architecture");
+    let max = match arch {
+        "arm64" => MAX_ARM64_IMAGE_BYTES,
+        _ => MAX_IMAGE_BYTES,
+    };
+    assert!(size < max, "{test}: the image is {size} bytes");
+    assert_eq!(entrypoint, r#"["/usr/local/bin/meshinit"]"#, "{test}");
+    for label in [
+        r#""org.opencontainers.image.licenses":"Apache-2.0""#.to_owned(),
+        format!(r#""org.opencontainers.image.version":"{version}""#),
+        r#""org.opencontainers.image.source":""#.to_owned(),
+    ] {
+        assert!(labels.contains(&label), "{test}: no {label} in {labels}");
+    }
+
+    let (files, root) = image_files(image);
+    let multiarch = multiarch(arch);
     let unexpected: Vec<&String> = files
         .iter()
-        .filter(|(path, kind)| **kind != 'd' && !expected_file(path))
+        .filter(|(path, kind)| **kind != 'd' && !expected_file(path, arch))
         .map(|(path, _)| path)
         .collect();
     assert!(
@@ -519,13 +653,98 @@ fn image_is_minimal() {
         "CONNMARK",
         "CT",
     ] {
-        let path = format!("usr/lib/x86_64-linux-gnu/xtables/libxt_{extension}.so");
+        let path = format!("usr/lib/{multiarch}/xtables/libxt_{extension}.so");
         // Some are links, as in Debian: REDIRECT is NAT's.
         assert!(
             matches!(files.get(&path), Some('f' | 'l')),
             "{test}: no {path}"
         );
     }
+    let elf = std::fs::read(root.path().join("usr/local/bin/meshinit")).expect("meshinit");
+    assert_eq!(
+        elf_machine(&elf),
+        Some(match arch {
+            "arm64" => EM_AARCH64,
+            _ => EM_X86_64,
+        }),
+        "{test}: meshinit is not built for {arch}"
+    );
+    assert_eq!(
+        elf_has_interpreter(&elf),
+        Some(false),
+        "{test}: meshinit is not a static binary"
+    );
+    root
+}
+
+const EM_X86_64: u16 = 62;
+const EM_AARCH64: u16 = 183;
+
+/// A 64-bit little-endian ELF file's machine.
+fn elf_machine(elf: &[u8]) -> Option<u16> {
+    if elf.get(..6)? != b"\x7fELF\x02\x01" {
+        return None;
+    }
+    Some(u16::from_le_bytes(elf.get(18..20)?.try_into().ok()?))
+}
+
+/// Whether a 64-bit little-endian ELF file asks for a program interpreter (`PT_INTERP`):
+/// a dynamically linked executable does, a static one does not.
+fn elf_has_interpreter(elf: &[u8]) -> Option<bool> {
+    const PT_INTERP: u32 = 3;
+    let u16_at = |at: usize| Some(u16::from_le_bytes(elf.get(at..at + 2)?.try_into().ok()?));
+    let phoff = usize::try_from(u64::from_le_bytes(elf.get(32..40)?.try_into().ok()?)).ok()?;
+    let (entsize, count) = (usize::from(u16_at(54)?), usize::from(u16_at(56)?));
+    let mut found = false;
+    for i in 0..count {
+        let at = phoff + i * entsize;
+        found |= u32::from_le_bytes(elf.get(at..at + 4)?.try_into().ok()?) == PT_INTERP;
+    }
+    Some(found)
+}
+
+/// Debian's multiarch directory name for `arch`.
+fn multiarch(arch: &str) -> &'static str {
+    match arch {
+        "arm64" => "aarch64-linux-gnu",
+        _ => "x86_64-linux-gnu",
+    }
+}
+
+/// qemu's user-mode emulator for the other arch (Debian's qemu-user).
+fn qemu_user_program(arch: &str) -> &'static str {
+    match arch {
+        "arm64" => "qemu-aarch64",
+        _ => "qemu-x86_64",
+    }
+}
+
+fn require_qemu_user(test: &str) -> bool {
+    let program = qemu_user_program(podman::other_arch());
+    if which::which(program).is_ok() {
+        return true;
+    }
+    let reason = format!("needs `{program}` (Debian's qemu-user; scripts/test.sh installs it)");
+    crate::support::skip(test, &reason);
+    false
+}
+
+/// Runs `program --version` from the unpacked image at `root` (its loader and libraries
+/// too: qemu's `-L`), as `argv0` when given (the xtables multi-call binaries act on their
+/// name); returns what it printed, stdout and stderr.
+fn qemu_user(arch: &str, root: &std::path::Path, program: &str, argv0: Option<&str>) -> String {
+    let mut command = std::process::Command::new(qemu_user_program(arch));
+    command.arg("-L").arg(root);
+    if let Some(argv0) = argv0 {
+        command.args(["-0", argv0]);
+    }
+    command.arg(root.join(program)).arg("--version");
+    let output = crate::support::run_bounded(&mut command, std::time::Duration::from_secs(60));
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
 }
 
 fn podman_stdout(test: &str, output: &std::process::Output) -> String {
@@ -539,21 +758,27 @@ fn podman_stdout(test: &str, output: &std::process::Output) -> String {
 }
 
 /// Every entry of the image's filesystem: path (no leading `/`) → kind (`f` file, `l`
-/// link, `d` directory), from `podman export` of a container made from it.
-fn image_files(image: &str) -> HashMap<String, char> {
+/// link, `d` directory), from `podman export` of a container made from it; and the
+/// filesystem itself, unpacked into a scratch directory.
+fn image_files(image: &str) -> (HashMap<String, char>, ScratchDir) {
     let container = Container::create("files", &["--network=none"], image, &[]);
     let dir = ScratchDir::new("export");
     let tar = dir.path().join("rootfs.tar");
     let tar = tar.to_str().expect("utf-8 path");
     podman::expect(&["export", "--output", tar, container.name()]);
-    let listing = crate::support::expect_success(
-        "tar -tvf",
-        crate::support::run_bounded(
-            std::process::Command::new("tar").args(["-tvf", tar]),
-            std::time::Duration::from_secs(30),
-        ),
-    );
-    listing
+    let tar_run = |args: &[&str]| {
+        crate::support::expect_success(
+            &format!("tar {args:?}"),
+            crate::support::run_bounded(
+                std::process::Command::new("tar").args(args),
+                std::time::Duration::from_secs(30),
+            ),
+        )
+    };
+    let listing = tar_run(&["-tvf", tar]);
+    let root = ScratchDir::new("rootfs");
+    tar_run(&["-xf", tar, "-C", root.path().to_str().expect("utf-8 path")]);
+    let files = listing
         .lines()
         .filter_map(|line| {
             let kind = match line.chars().next()? {
@@ -564,15 +789,22 @@ fn image_files(image: &str) -> HashMap<String, char> {
             let path = line.split_whitespace().nth(5)?;
             Some((path.trim_end_matches('/').to_owned(), kind))
         })
-        .collect()
+        .collect();
+    (files, root)
 }
 
-/// Whether a non-directory may be in the image: meshinit, iptables' tools and their
-/// names, nft, shared libraries and xtables extensions, the /lib and /lib64 links.
-fn expected_file(path: &str) -> bool {
-    let lib = "usr/lib/x86_64-linux-gnu/";
+/// Whether a non-directory may be in the image for `arch`: meshinit, iptables' tools and
+/// their names, nft, shared libraries and xtables extensions, the loader, the /lib and
+/// /lib64 links.
+fn expected_file(path: &str, arch: &str) -> bool {
+    let lib = format!("usr/lib/{}/", multiarch(arch));
+    let loader = match arch {
+        "arm64" => "usr/lib/ld-linux-aarch64.so.1",
+        _ => "usr/lib64/ld-linux-x86-64.so.2",
+    };
     match path {
-        "usr/local/bin/meshinit" | "lib" | "lib64" | "usr/lib64/ld-linux-x86-64.so.2" => true,
+        "usr/local/bin/meshinit" | "lib" | "lib64" => true,
+        _ if path == loader => true,
         _ if path.starts_with("usr/sbin/") => {
             let name = &path["usr/sbin/".len()..];
             name == "nft"
@@ -580,7 +812,7 @@ fn expected_file(path: &str) -> bool {
                 || name.starts_with("iptables-")
                 || name.starts_with("ip6tables-")
         }
-        _ if path.starts_with(lib) => {
+        _ if path.starts_with(&lib) => {
             let name = &path[lib.len()..];
             name.contains(".so") && (!name.contains('/') || name.starts_with("xtables/lib"))
         }

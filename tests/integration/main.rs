@@ -7,6 +7,7 @@ mod chart;
 mod cni;
 mod cni_runtime;
 mod cni_userns;
+mod detection;
 mod e2e;
 mod faults;
 mod golden;

@@ -2,18 +2,25 @@
 # Builds the repository's Dockerfile with podman, on a machine that reaches no image
 # registry but does reach Debian's package mirror (as the project's machines do).
 #
-#   bash tests/podman/build-offline.sh [--target STAGE] [TAG]
+#   bash tests/podman/build-offline.sh [--arch amd64|arm64] [--target STAGE] [TAG]
 #
 # builds the Dockerfile's final stage, the default image, as TAG (default:
-# localhost/meshinit:<version>); with `--target STAGE` (passed to `podman build --target`),
-# the Dockerfile's stage STAGE instead, e.g. `--target nftables-only`, as TAG (default:
-# localhost/meshinit:<version>-STAGE). Stages a build shares with an earlier one (the
-# compiled binary) come from podman's layer cache.
+# localhost/meshinit:<version>, with -ARCH added for an arch not the machine's); with
+# `--target STAGE` (passed to `podman build --target`), the Dockerfile's stage STAGE
+# instead, e.g. `--target nftables-only`, as TAG (default: localhost/meshinit:<version>-STAGE).
+# `--arch` (default: this machine's) is the image's arch, `podman build --platform
+# linux/ARCH`: the Dockerfile cross-compiles and gathers the tools on this machine, so
+# nothing of the other arch runs (no emulation needed). Stages a build shares with an
+# earlier one (the compiled binary) come from podman's layer cache.
 #
-# The Dockerfile's two base images become one local image: a Debian bookworm root
-# filesystem made by mmdebstrap (with iptables, nftables, gcc and libc6-dev), imported with
-# `podman import`, laid out like the official Rust image (RUSTUP_HOME=/usr/local/rustup,
-# CARGO_HOME=/usr/local/cargo, cargo on PATH). The Rust toolchain itself is this machine's,
+# The Dockerfile's RUST_IMAGE and DEBIAN_IMAGE become one local image: a Debian bookworm
+# root filesystem made by mmdebstrap (with iptables, nftables, gcc and libc6-dev, and the
+# cross linker for the other arch), imported with `podman import`, laid out like the
+# official Rust image (RUSTUP_HOME=/usr/local/rustup, CARGO_HOME=/usr/local/cargo, cargo on
+# PATH). TARGET_ROOT_IMAGE, where the image's tools come from, is bookworm's iptables and
+# nftables for ARCH, unpacked by mmdebstrap without running anything (--variant=extract),
+# its /bin, /sbin and /lib merged into /usr as in Debian's images, imported for ARCH.
+# The Rust toolchain itself is this machine's (with the aarch64 target for arm64),
 # bind-mounted read-only at those paths for the build, with its crate cache overlaid (cargo
 # may extract into it; the host's copy is not written). The build runs with no network:
 # everything it needs is local.
@@ -25,14 +32,18 @@
 #   PODMAN_OPTS      extra global podman options (word-split), e.g. --root/--runroot/--tmpdir
 #   CONTAINERS_CONF  podman configuration (default: tests/podman/containers.conf)
 #   RUSTUP_HOME, CARGO_HOME   the toolchain to mount (default: ~/.rustup, ~/.cargo)
-# Prints `base <tag>` and `image <tag>` as its last lines.
+# Prints `base <tag>`, `target-root <tag>` and `image <tag>` as its last lines.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-usage() { echo "usage: build-offline.sh [--target STAGE] [TAG]" >&2; exit 2; }
+usage() { echo "usage: build-offline.sh [--arch amd64|arm64] [--target STAGE] [TAG]" >&2; exit 2; }
 stage=
+host_arch="$(dpkg --print-architecture)"
+arch="$host_arch"
 while [ $# -gt 0 ]; do
   case "$1" in
+    --arch) [ $# -ge 2 ] && [ -n "$2" ] || usage; arch="$2"; shift 2 ;;
+    --arch=?*) arch="${1#--arch=}"; shift ;;
     --target) [ $# -ge 2 ] && [ -n "$2" ] || usage; stage="$2"; shift 2 ;;
     --target=?*) stage="${1#--target=}"; shift ;;
     --) shift; break ;;
@@ -44,8 +55,15 @@ done
 target=()
 [ -z "$stage" ] || target=(--target "$stage")
 
+case "$arch" in
+  amd64) triple=x86_64-unknown-linux-gnu ;;
+  arm64) triple=aarch64-unknown-linux-gnu ;;
+  *) echo "build-offline.sh: --arch $arch: amd64 or arm64" >&2; exit 2 ;;
+esac
+arch_suffix=
+[ "$arch" = "$host_arch" ] || arch_suffix="-$arch"
 version="$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)"
-tag="${1:-localhost/meshinit:$version${stage:+-$stage}}"
+tag="${1:-localhost/meshinit:$version${stage:+-$stage}$arch_suffix}"
 export CONTAINERS_CONF="${CONTAINERS_CONF:-$PWD/tests/podman/containers.conf}"
 rustup_home="${RUSTUP_HOME:-$HOME/.rustup}"
 cargo_home="${CARGO_HOME:-$HOME/.cargo}"
@@ -59,9 +77,23 @@ for dir in "$rustup_home" "$cargo_home/bin"; do
   [ -d "$dir" ] || { echo "build-offline.sh: no Rust toolchain at $dir (set RUSTUP_HOME/CARGO_HOME)" >&2; exit 1; }
 done
 
+# Earlier recipes' images (REPO's tags starting with PREFIX, other than KEEP) are no
+# longer used.
+remove_older() {
+  local repo="$1" prefix="$2" keep="$3" old
+  for old in $(podman images --format '{{.Repository}}:{{.Tag}}' --filter "reference=$repo"); do
+    case "$old" in "$prefix"*) [ "$old" = "$keep" ] || podman rmi "$old" >/dev/null || true ;; esac
+  done
+}
+
 # The base image: one rootfs serves as both RUST_IMAGE and DEBIAN_IMAGE.
 suite=bookworm
 packages=iptables,nftables,gcc,libc6-dev
+# The other arch's linker and glibc (static libraries), for the cross build.
+case "$host_arch" in
+  amd64) packages="$packages,gcc-aarch64-linux-gnu,libc6-dev-arm64-cross" ;;
+  arm64) packages="$packages,gcc-x86-64-linux-gnu,libc6-dev-amd64-cross" ;;
+esac
 rust_env=(
   "ENV=PATH=/usr/local/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
   "ENV=RUSTUP_HOME=/usr/local/rustup"
@@ -80,21 +112,47 @@ if ! podman image exists "$base"; then
   podman import --quiet "${changes[@]}" "$rootfs/rootfs.tar" "$base" >/dev/null
   rm -rf "$rootfs"
   trap - EXIT
-  # Earlier recipes' base images are no longer used.
-  for old in $(podman images --format '{{.Repository}}:{{.Tag}}' --filter "reference=$base_repo"); do
-    [ "$old" = "$base" ] || podman rmi "$old" >/dev/null || true
+  remove_older "$base_repo" "$base_repo:$suite-" "$base"
+fi
+
+# The target root: the image's tools for ARCH, unpacked, nothing run. (podman 4.3 sets
+# neither TARGETARCH nor BUILDPLATFORM for the Dockerfile, as BuildKit does: given below.)
+root_recipe="mmdebstrap --variant=extract --architectures=$arch --include=iptables,nftables $suite; merged /usr"
+root_repo=localhost/meshinit-target-root
+target_root="$root_repo:$suite-$arch-$(printf '%s' "$root_recipe" | sha256sum | cut -c1-12)"
+if ! podman image exists "$target_root"; then
+  echo "build-offline.sh: making $target_root ($root_recipe)" >&2
+  work="$(mktemp -d)"
+  trap 'rm -rf "$work"' EXIT
+  mmdebstrap --quiet --variant=extract --architectures="$arch" --include=iptables,nftables \
+    "$suite" "$work/root"
+  for dir in bin sbin lib lib64; do
+    if [ -d "$work/root/$dir" ] && [ ! -L "$work/root/$dir" ]; then
+      mkdir -p "$work/root/usr/$dir"
+      cp -a "$work/root/$dir/." "$work/root/usr/$dir/"
+      rm -rf "${work:?}/root/$dir"
+      ln -s "usr/$dir" "$work/root/$dir"
+    fi
   done
+  tar -C "$work/root" -cf "$work/root.tar" .
+  podman import --quiet --arch "$arch" "$work/root.tar" "$target_root" >/dev/null
+  rm -rf "$work"
+  trap - EXIT
+  remove_older "$root_repo" "$root_repo:$suite-$arch-" "$target_root"
 fi
 
 # Every crate the build needs, in the cache the build mounts (a no-op when they are there).
-CARGO_HOME="$cargo_home" cargo fetch --locked --quiet --target x86_64-unknown-linux-gnu
+CARGO_HOME="$cargo_home" cargo fetch --locked --quiet --target "$triple"
 
-podman build --pull=never --network=none \
+podman build --pull=never --network=none --platform "linux/$arch" \
   --build-arg RUST_IMAGE="$base" --build-arg DEBIAN_IMAGE="$base" \
+  --build-arg TARGET_ROOT_IMAGE="$target_root" \
+  --build-arg TARGETARCH="$arch" --build-arg BUILDPLATFORM="linux/$host_arch" \
   --build-arg VERSION="$version" \
   --volume "$rustup_home:/usr/local/rustup:ro" \
   --volume "$cargo_home/bin:/usr/local/cargo/bin:ro" \
   --volume "$cargo_home/registry:/usr/local/cargo/registry:O" \
   "${target[@]}" --tag "$tag" --file Dockerfile . >&2
 echo "base $base"
+echo "target-root $target_root"
 echo "image $tag"

@@ -33,6 +33,9 @@ pub const RUN_STATE: &str = "/run/meshinit-test/podman";
 pub const IMAGE: &str = "localhost/meshinit:test";
 /// The tag the tests build the Dockerfile's `nftables-only` target under.
 pub const NFTABLES_ONLY_IMAGE: &str = "localhost/meshinit:test-nftables-only";
+/// The tag the tests build the default image for the other arch under (`-arm64` on an
+/// amd64 machine, `-amd64` on an arm64 one).
+pub const OTHER_ARCH_IMAGE_PREFIX: &str = "localhost/meshinit:test-";
 
 /// Bound on the offline build: a cold one makes the base image and compiles meshinit.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(900);
@@ -112,7 +115,34 @@ pub struct Images {
 /// Panics (in each caller) with the build's output if it failed.
 pub fn images() -> &'static Images {
     static BUILT: OnceLock<Result<Images, String>> = OnceLock::new();
-    built_once(&BUILT, None, IMAGE)
+    built_once(&BUILT, None, None, IMAGE)
+}
+
+/// The Debian arch of this machine (and of [`images`]'s image).
+pub fn host_arch() -> &'static str {
+    if cfg!(target_arch = "aarch64") {
+        "arm64"
+    } else {
+        "amd64"
+    }
+}
+
+/// The Debian arch the image is also built for: the one this machine is not.
+pub fn other_arch() -> &'static str {
+    if host_arch() == "amd64" {
+        "arm64"
+    } else {
+        "amd64"
+    }
+}
+
+/// The default image built offline for [`other_arch`] (`build-offline.sh --arch`), once
+/// per test run, after [`images`] (whose crates and base it reuses). Panics like [`images`].
+pub fn other_arch_image() -> &'static str {
+    static BUILT: OnceLock<Result<Images, String>> = OnceLock::new();
+    images();
+    let tag = format!("{OTHER_ARCH_IMAGE_PREFIX}{}", other_arch());
+    &built_once(&BUILT, None, Some(other_arch()), &tag).meshinit
 }
 
 /// Builds the Dockerfile's `nftables-only` target offline, once per test run, as
@@ -122,7 +152,7 @@ pub fn images() -> &'static Images {
 pub fn nftables_only_image() -> &'static str {
     static BUILT: OnceLock<Result<Images, String>> = OnceLock::new();
     images();
-    &built_once(&BUILT, Some("nftables-only"), NFTABLES_ONLY_IMAGE).meshinit
+    &built_once(&BUILT, Some("nftables-only"), None, NFTABLES_ONLY_IMAGE).meshinit
 }
 
 /// The result in `cell`, made by the first caller with [`build`]; panics with the build's
@@ -130,21 +160,25 @@ pub fn nftables_only_image() -> &'static str {
 fn built_once(
     cell: &'static OnceLock<Result<Images, String>>,
     target: Option<&str>,
+    arch: Option<&str>,
     tag: &str,
 ) -> &'static Images {
-    match cell.get_or_init(|| build(target, tag)) {
+    match cell.get_or_init(|| build(target, arch, tag)) {
         Ok(images) => images,
         Err(report) => panic!("building {tag} failed:\n{report}"),
     }
 }
 
-/// `build-offline.sh [--target TARGET] TAG`, into the tests' storage.
-fn build(target: Option<&str>, tag: &str) -> Result<Images, String> {
+/// `build-offline.sh [--target TARGET] [--arch ARCH] TAG`, into the tests' storage.
+fn build(target: Option<&str>, arch: Option<&str>, tag: &str) -> Result<Images, String> {
     let started = Instant::now();
     let mut cmd = Command::new("bash");
     cmd.arg(repo_root().join("tests/podman/build-offline.sh"));
     if let Some(target) = target {
         cmd.args(["--target", target]);
+    }
+    if let Some(arch) = arch {
+        cmd.args(["--arch", arch]);
     }
     cmd.arg(tag)
         .env("PODMAN_OPTS", global_options().join(" "))
@@ -181,6 +215,15 @@ fn build(target: Option<&str>, tag: &str) -> Result<Images, String> {
         started.elapsed()
     );
     Ok(images)
+}
+
+/// Removes a manifest list (an image index) on drop, also when a test panics.
+pub struct RemoveImage(pub String);
+
+impl Drop for RemoveImage {
+    fn drop(&mut self) {
+        let _ = run(&["manifest", "rm", &self.0]);
+    }
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);

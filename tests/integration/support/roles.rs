@@ -61,16 +61,21 @@ fn helper_entrypoint() {
     }
     // End libtest's "test … " line, so that our output starts on lines of its own.
     println!();
+    std::process::exit(play(&spec));
+}
+
+/// Plays the role `spec` names (see the module's documentation); returns the exit code.
+/// Also the whole of the VM guests' checker, examples/vm_probe.rs.
+pub fn play(spec: &str) -> i32 {
     let words: Vec<&str> = spec.split_whitespace().collect();
-    let code = match words.as_slice() {
+    match words.as_slice() {
         ["serve", name, listeners @ ..] => serve(name, listeners),
         ["client", proto, target] => client(proto, target),
         _ => {
             eprintln!("unknown role {spec:?}");
             2
         }
-    };
-    std::process::exit(code);
+    }
 }
 
 fn serve(name: &str, listeners: &[&str]) -> i32 {
