@@ -8,7 +8,7 @@ use crate::config::{
     validate, Annotations, AnnotationsVerdict, Config, ConfigOutcome, Env, RunOptions, SystemHost,
     Validated,
 };
-use crate::engine::Engine;
+use crate::engine::{self, Engine};
 use crate::error::Error;
 use crate::values::Family;
 
@@ -87,7 +87,7 @@ fn print(args: &PrintArgs, env: Env<'_>, out: &mut dyn Write) -> Result<(), Erro
 fn what_apply_does(validated: Validated, family: Option<FamilyArg>) -> Result<String, Error> {
     let run = validated.run_options().clone();
     let mut text = match family {
-        None => run_settings(&run),
+        None => engine::notes::run_settings(&run),
         Some(_) => String::new(),
     };
     let note = |text: &mut String, line: &str| {
@@ -96,14 +96,11 @@ fn what_apply_does(validated: Validated, family: Option<FamilyArg>) -> Result<St
         }
     };
     if run.skip_rule_apply {
-        note(
-            &mut text,
-            "# --skip-rule-apply: apply installs and removes nothing here\n",
-        );
+        note(&mut text, engine::notes::SKIP_RULE_APPLY);
         return Ok(text);
     }
     if run.cleanup_only {
-        note(&mut text, CLEANUP_ONLY);
+        note(&mut text, engine::notes::CLEANUP_ONLY);
         return Ok(text);
     }
     let Some(config) = resolve(validated)? else {
@@ -116,50 +113,6 @@ fn what_apply_does(validated: Validated, family: Option<FamilyArg>) -> Result<St
         Some(FamilyArg::Ipv6) => engine.dry_run_family(&config, Family::V6)?,
     });
     Ok(text)
-}
-
-/// `--cleanup-only` installs nothing; what it removes is what it finds, so it is described.
-const CLEANUP_ONLY: &str = "# --cleanup-only: apply installs nothing; it removes what meshinit or \
-istio-init added here, as it finds it: the ISTIO_* chains and the rules jumping to them \
-(both families), the nftables tables istio-proxy-nat, istio-proxy-mangle and \
-istio-proxy-raw, meshinit's sets, and the TPROXY routing\n";
-
-/// One comment line with how each option that shapes the run (not the rules) resolved, from
-/// flags, annotations, environment or defaults: `--skip-rule-apply=false ...`.
-fn run_settings(run: &RunOptions) -> String {
-    let timeout = run.probe_timeout;
-    // Seconds, as a Go duration `--probe-timeout` takes back ("5s", "0.25s").
-    let mut seconds = format!("{}.{:09}", timeout.as_secs(), timeout.subsec_nanos());
-    seconds = seconds
-        .trim_end_matches('0')
-        .trim_end_matches('.')
-        .to_owned();
-    let namespace = run
-        .network_namespace
-        .as_ref()
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
-    let binary = match run.force_backend {
-        None => "",
-        Some(crate::config::ForcedBackend::Legacy) => "legacy",
-        Some(crate::config::ForcedBackend::Nft) => "nft",
-    };
-    format!(
-        "# run: --dry-run={} --skip-rule-apply={} --cleanup-only={} --run-validation={} \
-         --iptables-probe-port={} --probe-timeout={seconds}s --network-namespace={namespace:?} \
-         --cni-mode={} --reconcile={} --force-apply={} --native-nftables={} \
-         --force-iptables-binary={binary:?} --dual-stack={}\n",
-        run.dry_run,
-        run.skip_rule_apply,
-        run.cleanup_only,
-        run.run_validation,
-        run.probe_port,
-        run.cni_mode,
-        run.reconcile,
-        run.force_apply,
-        run.native_nftables,
-        run.dual_stack,
-    )
 }
 
 /// Prepare and resolve in one go, for commands with nothing to do in between.

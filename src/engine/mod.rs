@@ -4,6 +4,7 @@
 //! container's commands and the CNI plugin both come through here.
 
 mod drift;
+pub mod notes;
 
 use std::time::Instant;
 
