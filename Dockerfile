@@ -191,8 +191,10 @@ COPY --from=build /meshinit /usr/local/bin/meshinit
 ENV NATIVE_NFTABLES=true
 ENTRYPOINT ["/usr/local/bin/meshinit"]
 
-# The node agent's image (charts/meshinit-cni): meshinit-cni-agent and the static meshinit
-# it installs on each node as the CNI plugin, nothing else. Built only when asked for:
+# The node agent's image (charts/meshinit-cni): meshinit-cni-agent, the static meshinit it
+# installs on each node as the CNI plugin, and the iptables and nft tools meshinit's image
+# has: the agent runs that plugin on running pods (CHECK, ADD) from its own container,
+# so the tools it reads and writes rules with are the image's. Built only when asked for:
 #
 #   docker build --target agent -t meshinit-cni-agent:0.1.0 .
 FROM cross AS agent-build
@@ -214,8 +216,14 @@ LABEL org.opencontainers.image.title="meshinit-cni-agent" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.source="${SOURCE}" \
       org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=tools /out/ /
 COPY --from=build /meshinit /usr/local/bin/meshinit
 COPY --from=agent-build /meshinit-cni-agent /usr/local/bin/meshinit-cni-agent
+ENV PATH=/usr/local/bin:/usr/sbin
+# The node's xtables lock (the chart mounts the host's /run/xtables.lock): on
+# iptables-legacy the agent's plugin runs wait for the node's other writers, as the
+# runtime's do.
+ENV XTABLES_LOCKFILE=/run/xtables.lock
 ENTRYPOINT ["/usr/local/bin/meshinit-cni-agent"]
 
 # The default image (the last stage): meshinit with iptables and nft.

@@ -274,8 +274,16 @@ fn invalid(msg: impl Into<String>, details: impl std::fmt::Display) -> CniError 
     CniError::new(code::INVALID_CONFIG, msg, details.to_string())
 }
 
-/// The settings for this pod, in its namespace (where addresses decide IPv6).
-fn pod_config(conf: &NetConf, env: Env<'_>) -> Result<Option<crate::config::Config>, CniError> {
+/// The pod's settings from its annotations, `proxy_env` and `args`, validated as ADD and
+/// CHECK validate them, before anything is read from or done in its network namespace. A
+/// bad value is error 7, its details naming the annotation (or setting) and the value.
+/// The node agent asks this of a running pod's current annotations before it touches the
+/// pod, so that a bad value leaves the running rules alone.
+pub fn validate_pod_settings(conf: &NetConf, env: Env<'_>) -> Result<(), CniError> {
+    pod_settings(conf, env).map(|_| ())
+}
+
+fn pod_settings(conf: &NetConf, env: Env<'_>) -> Result<crate::config::Validated, CniError> {
     let mut raw = RawSettings::default();
     let annotations = Annotations::from_map(
         ANNOTATIONS_CAPABILITY,
@@ -294,8 +302,12 @@ fn pod_config(conf: &NetConf, env: Env<'_>) -> Result<Option<crate::config::Conf
             })?;
         raw.set_flag(spec.setting, value.clone());
     }
-    let validated = validate(&raw, env).map_err(|e| invalid("invalid pod settings", e))?;
-    match validated
+    validate(&raw, env).map_err(|e| invalid("invalid pod settings", e))
+}
+
+/// The settings for this pod, in its namespace (where addresses decide IPv6).
+fn pod_config(conf: &NetConf, env: Env<'_>) -> Result<Option<crate::config::Config>, CniError> {
+    match pod_settings(conf, env)?
         .resolve(&SystemHost::default())
         .map_err(|e| invalid("pod settings", e))?
     {

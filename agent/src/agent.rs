@@ -2,6 +2,7 @@
 //! change inotify reports, and every few seconds in case one was missed), serve readiness
 //! and metrics, run repair, and on SIGTERM remove everything it installed.
 
+use crate::capture::{self, CaptureSettings, PodEvent, PodView};
 use crate::error::{AgentError, RepairError};
 use crate::install::{Ensured, Installer};
 use crate::metrics::Metrics;
@@ -23,6 +24,10 @@ const RESYNC: Duration = Duration::from_secs(5);
 /// then write) is finished by then, and the entry is still back well within a second.
 const SETTLE: Duration = Duration::from_millis(100);
 
+/// A plugin run on a pod that takes longer is killed and reported (meshinit's own lock wait
+/// is 30 s by default).
+const PLUGIN_TIMEOUT: Duration = Duration::from_secs(60);
+
 pub async fn run(settings: Settings) -> Result<(), AgentError> {
     let metrics = Arc::new(Metrics::default());
     let listener = http::bind(&settings.metrics_addr).await?;
@@ -33,23 +38,41 @@ pub async fn run(settings: Settings) -> Result<(), AgentError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Runtime)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Runtime)?;
 
-    let mut repair_task = match settings.repair.clone() {
-        Some(repair) => {
-            let client = kube::Client::try_default()
+    let client = if settings.repair.is_some() || settings.capture.is_some() {
+        Some(
+            kube::Client::try_default()
                 .await
-                .map_err(|err| RepairError::Client(Box::new(err)))?;
+                .map_err(|err| RepairError::Client(Box::new(err)))?,
+        )
+    } else {
+        None
+    };
+    let mut repair_task = match (settings.repair.clone(), client.clone()) {
+        (Some(repair), Some(client)) => {
             let metrics = metrics.clone();
             Some(tokio::spawn(async move {
                 run_repair(client, repair, &metrics).await;
             }))
         }
-        None => None,
+        _ => None,
+    };
+    let mut capture_task = match (settings.capture.clone(), client) {
+        (Some(capture), Some(client)) => {
+            let metrics = metrics.clone();
+            let binary = settings.install.plugin_source.clone();
+            let proc_root = settings.proc_root.clone();
+            Some(tokio::spawn(async move {
+                run_capture(client, capture, binary, proc_root, metrics).await;
+            }))
+        }
+        _ => None,
     };
     tracing::info!(
         bin_dir = %settings.install.cni_bin_dir.display(),
         conf_dir = %settings.install.cni_conf_dir.display(),
         chained = settings.install.chained,
         repair = settings.repair.is_some(),
+        capture = settings.capture.as_ref().map(|c| match c.policy { capture::Policy::Report => "report", capture::Policy::Repair => "repair" }),
         "meshinit-cni-agent started"
     );
 
@@ -69,6 +92,10 @@ pub async fn run(settings: Settings) -> Result<(), AgentError> {
             _ = async { if let Some(task) = repair_task.as_mut() { let _ = task.await; } else { std::future::pending::<()>().await } } => {
                 tracing::error!("the pod watch ended; repair stops");
                 repair_task = None;
+            }
+            _ = async { if let Some(task) = capture_task.as_mut() { let _ = task.await; } else { std::future::pending::<()>().await } } => {
+                tracing::error!("the capture check ended; running pods are no longer checked");
+                capture_task = None;
             }
         }
     }
@@ -137,4 +164,82 @@ async fn run_repair(client: kube::Client, settings: RepairSettings, metrics: &Me
     };
     tracing::info!(node = %settings.node_name, init_container = %settings.init_container_name, "repair watching this node's pods");
     repair::process_pods(stream, &settings, &actions, metrics).await;
+}
+
+async fn run_capture(
+    client: kube::Client,
+    mut settings: CaptureSettings,
+    binary: std::path::PathBuf,
+    proc_root: std::path::PathBuf,
+    metrics: Arc<Metrics>,
+) {
+    settings.plugin_id = capture::plugin_id(&binary);
+    let capture = Arc::new(capture::ProcCapture {
+        processes: capture::netns::PodProcesses::new(proc_root),
+        plugin: capture::plugin::PluginRunner {
+            binary,
+            conf: settings.plugin.clone(),
+            timeout: PLUGIN_TIMEOUT,
+        },
+    });
+    let budget = Arc::new(std::sync::Mutex::new(capture::UpgradeBudget::default()));
+    let pods: kube::Api<Pod> = kube::Api::all(client.clone());
+    let config =
+        watcher::Config::default().fields(&format!("spec.nodeName={}", settings.node_name));
+    let events = watcher(pods, config)
+        .default_backoff()
+        .filter_map(|event| async move {
+            match event {
+                Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => {
+                    PodView::of(&pod).map(PodEvent::Changed)
+                }
+                Ok(watcher::Event::Delete(pod)) => pod.metadata.uid.map(PodEvent::Deleted),
+                Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+                Err(err) => {
+                    tracing::warn!(%err, "watching pods on this node");
+                    None
+                }
+            }
+        })
+        .boxed();
+    let reporter = capture::KubeReporter {
+        client,
+        node_name: settings.node_name.clone(),
+    };
+    let check_settings = settings.clone();
+    // The plugin runs are blocking (a child process each): on the blocking pool, one at
+    // a time, so that the watch and the metrics endpoint stay responsive.
+    let check = move |pod: PodView, failures: u32, now: std::time::Instant| {
+        let capture = capture.clone();
+        let settings = check_settings.clone();
+        let budget = budget.clone();
+        async move {
+            let name = format!("{}/{}", pod.namespace, pod.name);
+            let view = pod.clone();
+            let fallback = settings.clone();
+            match tokio::task::spawn_blocking(move || {
+                let mut budget = budget
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                capture::reconcile_pod(&pod, &*capture, &settings, &mut budget, failures, now)
+            })
+            .await
+            {
+                Ok(outcome) => outcome,
+                Err(err) => {
+                    tracing::error!(%err, pod = %name, "checking a pod's capture");
+                    capture::reconcile_pod(
+                        &view,
+                        &capture::Unavailable(err.to_string()),
+                        &fallback,
+                        &mut capture::UpgradeBudget::default(),
+                        failures,
+                        now,
+                    )
+                }
+            }
+        }
+    };
+    tracing::info!(node = %settings.node_name, interval_s = settings.interval.as_secs(), upgrade = settings.upgrade, "checking the capture of this node's meshed pods");
+    capture::process(events, &settings, check, &reporter, &metrics).await;
 }

@@ -3,6 +3,7 @@
 //! termination, and repairs pods that started before it was ready (docs/cni-agent.md).
 
 pub mod agent;
+pub mod capture;
 pub mod conflist;
 pub mod error;
 pub mod files;

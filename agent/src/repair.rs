@@ -222,28 +222,58 @@ impl PodActions for KubeActions {
 
 /// The Event that explains a repair, as `kubectl describe pod` shows it.
 pub fn repair_event(pod: &Pod, action: RepairAction, message: &str, node_name: &str) -> Event {
+    let reason = match action {
+        RepairAction::Delete => "MeshinitCNIRepairDeleted",
+        RepairAction::Label => "MeshinitCNIRepairLabeled",
+    };
+    pod_event(
+        PodRef {
+            namespace: pod.metadata.namespace.as_deref(),
+            name: pod.metadata.name.as_deref(),
+            uid: pod.metadata.uid.as_deref(),
+        },
+        reason,
+        message,
+        true,
+        node_name,
+    )
+}
+
+/// The pod an Event is about.
+#[derive(Debug, Clone, Copy)]
+pub struct PodRef<'a> {
+    pub namespace: Option<&'a str>,
+    pub name: Option<&'a str>,
+    pub uid: Option<&'a str>,
+}
+
+/// An Event on a pod from the agent of `node_name`.
+pub fn pod_event(
+    pod: PodRef<'_>,
+    reason: &str,
+    message: &str,
+    warning: bool,
+    node_name: &str,
+) -> Event {
     let now = Time(k8s_openapi::jiff::Timestamp::now());
-    let pod_name = pod.metadata.name.clone().unwrap_or_default();
+    let owned = |s: Option<&str>| s.map(str::to_owned);
     Event {
         metadata: ObjectMeta {
-            generate_name: Some(format!("{pod_name}.")),
-            namespace: pod.metadata.namespace.clone(),
+            generate_name: Some(format!("{}.", pod.name.unwrap_or_default())),
+            namespace: owned(pod.namespace),
             ..Default::default()
         },
         involved_object: ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Pod".into()),
-            name: pod.metadata.name.clone(),
-            namespace: pod.metadata.namespace.clone(),
-            uid: pod.metadata.uid.clone(),
+            name: owned(pod.name),
+            namespace: owned(pod.namespace),
+            uid: owned(pod.uid),
             ..Default::default()
         },
-        reason: Some(match action {
-            RepairAction::Delete => "MeshinitCNIRepairDeleted".into(),
-            RepairAction::Label => "MeshinitCNIRepairLabeled".into(),
-        }),
+        reason: Some(reason.to_owned()),
         message: Some(message.to_owned()),
-        type_: Some("Warning".into()),
+        type_: Some(if warning { "Warning" } else { "Normal" }.into()),
         source: Some(k8s_openapi::api::core::v1::EventSource {
             component: Some("meshinit-cni-agent".into()),
             host: Some(node_name.to_owned()),

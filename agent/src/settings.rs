@@ -3,6 +3,7 @@
 //! `REPAIR_DELETE_PODS`), so a platform team recognises them. Parsing and validation only:
 //! no I/O here.
 
+use crate::capture::{plugin::PluginConf, CaptureSettings, Policy};
 use crate::conflist::EntrySettings;
 use crate::error::SettingsError;
 use crate::install::InstallSettings;
@@ -143,6 +144,55 @@ pub struct Args {
     /// This node's name (the Downward API's spec.nodeName): repair watches only its pods.
     #[arg(long, env = "NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
+
+    /// Running meshed CNI-mode pods of this node: off (not looked at), report (checked
+    /// against their plan, recorded), or repair (also re-applied when they differ).
+    #[arg(
+        long,
+        env = "CAPTURE_POLICY",
+        default_value = "repair",
+        value_name = "POLICY"
+    )]
+    pub capture_policy: String,
+
+    /// Seconds between two checks of every pod when nothing changed (the bound on how long
+    /// a flushed or edited pod stays so).
+    #[arg(
+        long,
+        env = "CAPTURE_INTERVAL",
+        default_value_t = 30,
+        value_name = "SECONDS"
+    )]
+    pub capture_interval: u64,
+
+    /// Re-apply pods whose rules differ only because this meshinit plans differently for
+    /// the same annotations (after an upgrade).
+    #[arg(long, env = "CAPTURE_UPGRADE", default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub capture_upgrade: bool,
+
+    /// At most this many such upgrades a minute on this node.
+    #[arg(
+        long,
+        env = "CAPTURE_UPGRADES_PER_MINUTE",
+        default_value_t = 6,
+        value_name = "N"
+    )]
+    pub capture_upgrades_per_minute: u32,
+
+    /// Namespaces whose pods the agent never checks or changes, comma-separated (besides
+    /// --exclude-namespaces, which the plugin never captures).
+    #[arg(
+        long,
+        env = "CAPTURE_EXCLUDE_NAMESPACES",
+        value_delimiter = ',',
+        value_name = "NAMESPACES"
+    )]
+    pub capture_exclude_namespaces: Vec<String>,
+
+    /// Where the node's processes are (the agent runs with hostPID): pods' network
+    /// namespaces are found there.
+    #[arg(long, env = "PROC_ROOT", default_value = "/proc", value_name = "DIR")]
+    pub proc_root: PathBuf,
 }
 
 /// Validated settings.
@@ -150,6 +200,8 @@ pub struct Args {
 pub struct Settings {
     pub install: InstallSettings,
     pub repair: Option<RepairSettings>,
+    pub capture: Option<CaptureSettings>,
+    pub proc_root: PathBuf,
     pub metrics_addr: String,
     pub log_level: tracing::Level,
     pub log_json: bool,
@@ -194,13 +246,54 @@ impl Args {
                 ));
             }
         }
+        let policy = match self.capture_policy.as_str() {
+            "off" => None,
+            "report" => Some(Policy::Report),
+            "repair" => Some(Policy::Repair),
+            other => return Err(invalid("capture-policy", other, "off, report or repair")),
+        };
+        if self.capture_interval == 0 {
+            return Err(invalid("capture-interval", "0", "at least 1 second"));
+        }
+        let node_name = self.node_name.filter(|n| !n.is_empty());
+        let needs_node = |what: &str| {
+            node_name.clone().ok_or_else(|| {
+                invalid(
+                    "node-name",
+                    "",
+                    &format!("needed for {what}: set NODE_NAME from spec.nodeName, or turn it off"),
+                )
+            })
+        };
+        let exclude_namespaces: Vec<String> = self
+            .exclude_namespaces
+            .into_iter()
+            .filter(|ns| !ns.is_empty())
+            .collect();
+        let capture = match policy {
+            Some(policy) => Some(CaptureSettings {
+                node_name: needs_node("--capture-policy (report or repair)")?,
+                policy,
+                interval: std::time::Duration::from_secs(self.capture_interval),
+                upgrade: self.capture_upgrade,
+                upgrades_per_minute: self.capture_upgrades_per_minute,
+                exclude_namespaces: self
+                    .capture_exclude_namespaces
+                    .into_iter()
+                    .filter(|ns| !ns.is_empty())
+                    .collect(),
+                plugin: PluginConf {
+                    exclude_namespaces: exclude_namespaces.clone(),
+                    proxy_env: proxy_env.clone(),
+                },
+                // Set from the binary when the agent starts (settings do no I/O).
+                plugin_id: String::new(),
+            }),
+            None => None,
+        };
         let repair = if self.repair_enabled {
-            let node_name = self
-                .node_name
-                .filter(|n| !n.is_empty())
-                .ok_or_else(|| invalid("node-name", "", "needed for repair: set NODE_NAME from spec.nodeName, or --repair-enabled=false"))?;
             Some(RepairSettings {
-                node_name,
+                node_name: needs_node("repair (--repair-enabled=false)")?,
                 init_container_name: self.repair_init_container_name,
                 delete_pods: self.repair_delete_pods,
                 label_pods: self.repair_label_pods,
@@ -218,15 +311,13 @@ impl Args {
                 chained: self.chained,
                 plugin_source: self.plugin_source,
                 entry: EntrySettings {
-                    exclude_namespaces: self
-                        .exclude_namespaces
-                        .into_iter()
-                        .filter(|ns| !ns.is_empty())
-                        .collect(),
+                    exclude_namespaces,
                     proxy_env,
                 },
             },
             repair,
+            capture,
+            proc_root: self.proc_root,
             metrics_addr: self.metrics_addr,
             log_level,
             log_json,
@@ -344,10 +435,46 @@ mod tests {
         if std::env::var_os("NODE_NAME").is_none() {
             assert!(err.expect_err("no node").to_string().contains("NODE_NAME"));
         }
-        let off = Args::try_parse_from(["meshinit-cni-agent", "--repair-enabled", "false"])
-            .expect("clap")
-            .validate()
-            .expect("valid without repair");
-        assert!(off.repair.is_none());
+        let off = Args::try_parse_from([
+            "meshinit-cni-agent",
+            "--repair-enabled",
+            "false",
+            "--capture-policy",
+            "off",
+        ])
+        .expect("clap")
+        .validate()
+        .expect("valid without repair");
+        assert!(off.repair.is_none() && off.capture.is_none());
+    }
+
+    #[test]
+    fn capture_settings() {
+        let s = parse(&[]).expect("valid");
+        let capture = s.capture.expect("on by default");
+        assert_eq!(capture.policy, Policy::Repair);
+        assert_eq!(capture.interval, std::time::Duration::from_secs(30));
+        assert!(!capture.upgrade);
+        assert_eq!(capture.plugin.exclude_namespaces, ["kube-system"]);
+        let s = parse(&[
+            "--capture-policy",
+            "report",
+            "--capture-upgrade",
+            "true",
+            "--capture-exclude-namespaces",
+            "legacy,batch",
+        ])
+        .expect("valid");
+        let capture = s.capture.expect("report");
+        assert_eq!(capture.policy, Policy::Report);
+        assert!(capture.upgrade);
+        assert_eq!(capture.exclude_namespaces, ["legacy", "batch"]);
+        for (args, flag) in [
+            (vec!["--capture-policy", "fix"], "--capture-policy"),
+            (vec!["--capture-interval", "0"], "--capture-interval"),
+        ] {
+            let err = parse(&args).expect_err(flag);
+            assert!(err.to_string().starts_with(flag), "{err}");
+        }
     }
 }

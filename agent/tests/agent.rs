@@ -26,7 +26,8 @@ impl Agent {
             .port();
         let addr = format!("127.0.0.1:{port}");
         let child = Command::new(env!("CARGO_BIN_EXE_meshinit-cni-agent"))
-            .args(["--repair-enabled", "false", "--metrics-addr", &addr])
+            .args(["--repair-enabled", "false", "--capture-policy", "off"])
+            .args(["--metrics-addr", &addr])
             .arg("--cni-bin-dir")
             .arg(bin)
             .arg("--cni-conf-dir")

@@ -133,6 +133,14 @@ const VALUE_SETS: [(&str, &[&str]); 5] = [
             "repair.deletePods=false",
             "--set",
             "repair.labelPods=true",
+            "--set",
+            "capture.policy=report",
+            "--set",
+            "capture.intervalSeconds=10",
+            "--set",
+            "capture.upgrade=true",
+            "--set",
+            "capture.excludeNamespaces={legacy,batch}",
         ],
     ),
 ];
@@ -221,8 +229,8 @@ fn chart_uses_each_platforms_cni_paths() {
 }
 
 #[test]
-fn chart_grants_no_capability_and_only_repairs_rbac() {
-    let test = "chart_grants_no_capability_and_only_repairs_rbac";
+fn chart_grants_only_what_repair_and_capture_need() {
+    let test = "chart_grants_only_what_repair_and_capture_need";
     let Some(helm) = require_helm(test) else {
         return;
     };
@@ -233,10 +241,12 @@ fn chart_grants_no_capability_and_only_repairs_rbac() {
     let ds = kind(&rendered, "DaemonSet");
     let pod = &ds["spec"]["template"]["spec"];
     let security = &pod["containers"][0]["securityContext"];
+    // Checking running pods: the plugin's capabilities, and the node's processes.
     assert_eq!(
         security["capabilities"],
-        serde_json::json!({"drop": ["ALL"]})
+        serde_json::json!({"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE"]})
     );
+    assert_eq!(pod["hostPID"], true);
     assert_eq!(security["allowPrivilegeEscalation"], false);
     assert_eq!(security["readOnlyRootFilesystem"], true);
     assert!(security.get("privileged").is_none_or(|p| p == false));
@@ -252,21 +262,54 @@ fn chart_grants_no_capability_and_only_repairs_rbac() {
         env_of(ds, "REPAIR_INIT_CONTAINER_NAME").as_deref(),
         Some("istio-validation")
     );
-    let role = kind(&rendered, "ClusterRole");
-    assert_eq!(
-        role["rules"],
+    assert_eq!(env_of(ds, "CAPTURE_POLICY").as_deref(), Some("repair"));
+    let rules = |rendered: &[serde_json::Value]| kind(rendered, "ClusterRole")["rules"].clone();
+    let pods_and_events = |verbs: &[&str]| {
         serde_json::json!([
-            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "delete", "patch"]},
+            {"apiGroups": [""], "resources": ["pods"], "verbs": verbs},
             {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
         ])
+    };
+    assert_eq!(
+        rules(&rendered),
+        pods_and_events(&["get", "list", "watch", "delete", "patch"])
     );
     let binding = kind(&rendered, "ClusterRoleBinding");
     assert_eq!(
         binding["subjects"][0]["name"],
         ds["spec"]["template"]["spec"]["serviceAccountName"]
     );
-    // Without repair, no API access at all.
+    // Capture only: its annotation (patch), no delete.
     let rendered = objects(&template(&helm, &["--set", "repair.enabled=false"]).expect("renders"));
+    assert_eq!(
+        rules(&rendered),
+        pods_and_events(&["get", "list", "watch", "patch"])
+    );
+    // Repair only, deleting: no patch, no capability, not the node's processes.
+    let rendered = objects(&template(&helm, &["--set", "capture.policy=off"]).expect("renders"));
+    assert_eq!(
+        rules(&rendered),
+        pods_and_events(&["get", "list", "watch", "delete"])
+    );
+    let pod = &kind(&rendered, "DaemonSet")["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["containers"][0]["securityContext"]["capabilities"],
+        serde_json::json!({"drop": ["ALL"]})
+    );
+    assert!(pod.get("hostPID").is_none_or(|p| p == false));
+    // Neither: no API access at all.
+    let rendered = objects(
+        &template(
+            &helm,
+            &[
+                "--set",
+                "repair.enabled=false",
+                "--set",
+                "capture.policy=off",
+            ],
+        )
+        .expect("renders"),
+    );
     assert!(rendered
         .iter()
         .all(|o| o["kind"] != "ClusterRole" && o["kind"] != "ClusterRoleBinding"));
@@ -296,6 +339,10 @@ fn chart_passes_settings_as_the_agent_reads_them() {
         ("REPAIR_LABEL_PODS", "true"),
         ("CNI_BIN_DIR", "/host/cni/bin"),
         ("CNI_CONF_DIR", "/host/cni/net.d"),
+        ("CAPTURE_POLICY", "report"),
+        ("CAPTURE_INTERVAL", "10"),
+        ("CAPTURE_UPGRADE", "true"),
+        ("CAPTURE_EXCLUDE_NAMESPACES", "legacy,batch"),
     ] {
         assert_eq!(env_of(ds, name).as_deref(), Some(value), "{name}");
     }
