@@ -64,7 +64,8 @@ pub struct PodView {
     pub name: String,
     pub annotations: BTreeMap<String, String>,
     pub host_network: bool,
-    /// Its sandbox runs (an address, not finished, not being deleted).
+    /// Its sandbox runs and its init containers are done (Running, an address, not
+    /// being deleted).
     pub running: bool,
     pub node_name: Option<String>,
 }
@@ -81,11 +82,13 @@ impl PodView {
             name: meta.name.clone()?,
             annotations: meta.annotations.clone().unwrap_or_default(),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+            // Running: a pod still in its init containers is the plugin's ADD's and
+            // repair's (one that raced the agent is deleted and recreated).
             running: meta.deletion_timestamp.is_none()
                 && status
                     .and_then(|s| s.pod_ip.as_deref())
                     .is_some_and(|ip| !ip.is_empty())
-                && matches!(phase, "Running" | "Pending"),
+                && phase == "Running",
             node_name: spec.and_then(|s| s.node_name.clone()),
         })
     }

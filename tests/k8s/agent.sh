@@ -70,13 +70,13 @@ agent_logs() { # the agent's log, for a failure's message
   kubectl logs -n kube-system -l app.kubernetes.io/name=meshinit-cni --tail=40 2>&1 || true
 }
 
-agent_install() {
+agent_install() { # [HELM-ARGS...]
   mkdir -p "$WORK/helm"
   helm install "$AGENT_RELEASE" "$repo/charts/meshinit-cni" -n kube-system \
     --set image.repository="${AGENT_IMAGE%:*}" --set image.tag="${AGENT_IMAGE##*:}" \
     --set image.pullPolicy=Never \
     --set cniBinDir="$WORK/cni/bin" --set cniConfDir="$WORK/cni/net.d" \
-    --set metricsPort="$AGENT_PORT" >"$WORK/logs/helm-agent.log" 2>&1 \
+    --set metricsPort="$AGENT_PORT" "$@" >"$WORK/logs/helm-agent.log" 2>&1 \
     || die "helm install $AGENT_RELEASE failed: $(cat "$WORK/logs/helm-agent.log")"
 }
 # Until the agent's pod is Ready: helm's --wait can return before a DaemonSet recreated
@@ -247,5 +247,8 @@ scenario_agent_bad_config() {
   agent_restore
 }
 
+# shellcheck source=tests/k8s/agent-capture.sh
+. "$here/agent-capture.sh"
+
 # shellcheck disable=SC2034 # scenarios.sh's list takes them
-AGENT_SCENARIOS="agent_install agent_repair agent_bad_config"
+AGENT_SCENARIOS="agent_install agent_repair agent_bad_config $AGENT_CAPTURE_SCENARIOS"

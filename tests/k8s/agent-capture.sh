@@ -1,0 +1,245 @@
+# shellcheck shell=bash
+# Running pods' capture, checked and repaired by the node agent (sourced by agent.sh; see
+# docs/cni-agent.md "Running pods"). Each scenario installs the chart with a short sweep
+# interval, starts from the node without meshinit-cni and puts back what it found.
+# shellcheck disable=SC2154 # WORK, HELPER_EXE, NODE_NAME...: run.sh's
+#   - agent_capture: a CNI-mode pod, checked and recorded captured; its nat OUTPUT flushed
+#     inside its namespace → its outbound bypasses the sidecar, then the agent repairs it
+#     within the bound (interval + a check), the rules exactly as planned, an Event; its
+#     excludeOutboundPorts changed while connections both configurations capture run → the
+#     new rules within the bound, none of those connections bypassed; a bad value → an
+#     Event naming the annotation and the value, the pod's tables unchanged.
+#   - agent_capture_kill: the agent killed (SIGKILL) while the plugin it runs applies a
+#     long change → the pod holds the old rules or the new ones, nothing between; the
+#     restarted agent converges it.
+#   - agent_capture_sweep: the node filled to its 110 pods, all but a few meshed CNI-mode
+#     pods: one sweep's wall and CPU time and the agent's memory (written to
+#     $AGENT_SWEEP_FIGURES when set: tests/k8s/agent-sweep-figures.sh puts them in docs/).
+
+# The sweep interval in these scenarios, and the bound for flushed rules it gives: the
+# interval, one check and one repair (each well under a second), and the polling.
+CAPTURE_INTERVAL=3
+CAPTURE_BOUND_MS=$(((CAPTURE_INTERVAL + 2) * 1000))
+PORTS_ANNOTATION=traffic.sidecar.istio.io/excludeOutboundPorts
+
+pod_pid() { # POD: the node's PID of a process of the pod's sandbox
+  crictl inspectp "$(sandbox_of "$1")" | python3 -c 'import json, sys; print(json.load(sys.stdin)["info"]["pid"])'
+}
+in_pod_net() { # PID COMMAND...: in the pod's network namespace, from the node
+  local pid="$1"
+  shift
+  in_node nsenter --target "$pid" --net -- "$@"
+}
+# meshinit's part of the pod's nat table.
+pod_nat() { in_pod_net "$1" iptables-nft-save -t nat | grep ISTIO || true; }
+# Every table of the pod, without counters.
+pod_tables() { in_pod_net "$1" iptables-nft-save | grep -v '^#' | sed 's/\[[0-9]*:[0-9]*\]//'; }
+nat_is() { [ "$(pod_nat "$1")" = "$2" ]; }
+nat_has() { pod_nat "$1" | grep -qF -- "$2"; }
+# One connection from inside the pod's namespace, as root (captured as the app's are).
+pod_connect() { # PID TARGET
+  in_pod_net "$1" env MESHINIT_TEST_NO_PDEATHSIG=1 MESHINIT_TEST_ROLE="client tcp $2" "$HELPER_EXE" \
+    support::roles::helper_entrypoint --exact --nocapture --test-threads=1 2>/dev/null | answer
+}
+# Connections in a loop until connections_stop; each answer line in FILE.
+connections_start() { # PID TARGET FILE
+  rm -f "$3" "$3.stop"
+  (while [ ! -e "$3.stop" ]; do pod_connect "$1" "$2"; done) >"$3" 2>/dev/null &
+  connections_pid=$!
+}
+connections_stop() { # FILE: prints "N made, M bypassed" (bypassed: not answered by 15001)
+  touch "$1.stop"
+  wait "$connections_pid" 2>/dev/null || true
+  echo "$(grep -c . "$1") made, $(grep -vc 'by=sidecar:15001' "$1") bypassed"
+}
+capture_state() { # POD: the state the agent recorded (meshinit.io/capture)
+  kubectl get pod -n meshed "$1" -o jsonpath='{.metadata.annotations.meshinit\.io/capture}' \
+    | python3 -c 'import json, sys
+try:
+    print(json.load(sys.stdin)["state"])
+except Exception:
+    print("none")'
+}
+capture_state_is() { [ "$(capture_state "$1")" = "$2" ]; }
+pod_events() { # POD REASON: the messages of the pod's Events with that reason
+  kubectl get events -n meshed --field-selector "involvedObject.name=$1,reason=$2" \
+    -o jsonpath='{range .items[*]}{.message}{"\n"}{end}'
+}
+pod_has_event() { [ -n "$(pod_events "$1" "$2")" ]; }
+within_bound() { # MS: "ok MS" when a number within CAPTURE_BOUND_MS
+  if [[ "$1" =~ ^[0-9]+$ ]] && [ "$1" -le "$CAPTURE_BOUND_MS" ]; then echo "ok $1"; else echo "over: $1"; fi
+}
+agent_metric() { agent_get /metrics | grep -F "$1" | awk '{print $2}'; }
+
+capture_setup() { # POD: the agent installed with the short interval, and a CNI-mode pod
+  agent_image
+  agent_save_node
+  agent_install --set capture.intervalSeconds="$CAPTURE_INTERVAL"
+  agent_wait_ready
+  wait_for "containerd's CNI configuration (the agent's entry)" 30 containerd cni_config_is with-meshinit
+  start_pod "$1" istio-validation < <(cni_pod "$1")
+  local took
+  took="$(wait_until 30 capture_state_is "$1" captured)"
+  check "capture: the agent checked the running pod $1 and recorded it captured (ms)" '^[0-9]+$' "$took"
+}
+capture_teardown() { # POD
+  delete_pod "$1"
+  helm uninstall "$AGENT_RELEASE" -n kube-system --wait --timeout 60s >/dev/null
+  wait_until 60 agent_gone >/dev/null || die "the agent's pod did not go away"
+  agent_restore
+}
+
+scenario_agent_capture() {
+  capture_setup capture
+  local pid vault planned took before counts
+  pid="$(pod_pid capture)"
+  vault="$(pod_ip outside vault)"
+  planned="$(pod_nat "$pid")"
+
+  # Flushed inside the pod: uncaptured until the agent's next sweep repairs it.
+  in_pod_net "$pid" iptables-nft -t nat -F OUTPUT
+  check "capture: nat OUTPUT flushed, the pod's connection to $vault:8300 bypasses the sidecar" \
+    '^(FAIL|REPLY by=vault)' "$(pod_connect "$pid" "$vault:8300")"
+  took="$(wait_until 30 nat_is "$pid" "$planned")"
+  check "capture: the flushed rules are back exactly as planned within ${CAPTURE_BOUND_MS} ms (interval ${CAPTURE_INTERVAL} s + a check)" \
+    '^ok ' "$(within_bound "$took")"
+  connections_start "$pid" "$vault:8300" "$WORK/capture-after-repair"
+  sleep 2
+  check "capture: after the repair, connections are captured" '^[1-9][0-9]* made, 0 bypassed$' \
+    "$(connections_stop "$WORK/capture-after-repair")"
+  wait_until 10 pod_has_event capture MeshinitCaptureRepaired >/dev/null || true
+  check "capture: an Event on the pod says it was repaired, and why" \
+    'capture rules differed from the plan \(drift\): .*OUTPUT.*re-applied' \
+    "$(pod_events capture MeshinitCaptureRepaired)"
+  check "capture: counted in meshinit_cni_capture_repaired_total{cause=\"drift\"}" '^[1-9]' \
+    "$(agent_metric 'meshinit_cni_capture_repaired_total{cause="drift"}')"
+
+  # A live annotation change, while connections both configurations capture run.
+  connections_start "$pid" "$vault:8300" "$WORK/capture-during-change"
+  sleep 1
+  kubectl annotate pod -n meshed capture "$PORTS_ANNOTATION=8200" --overwrite >/dev/null
+  took="$(wait_until 30 nat_has "$pid" '--dport 8200 -j RETURN')"
+  sleep 1
+  counts="$(connections_stop "$WORK/capture-during-change")"
+  check "capture: excludeOutboundPorts=8200 reaches the pod's rules within ${CAPTURE_BOUND_MS} ms, without a restart" \
+    '^ok ' "$(within_bound "$took")"
+  check "capture: connections to $vault:8300 (captured before and after) made during the change: none bypassed" \
+    '^[1-9][0-9]* made, 0 bypassed$' "$counts"
+  check "capture: now the pod's connection to $vault:8200 goes out directly" \
+    "^REPLY by=vault:8200 " "$(pod_connect "$pid" "$vault:8200")"
+  check "capture: and to $vault:8300 is still captured" "^REPLY by=sidecar:15001 " "$(pod_connect "$pid" "$vault:8300")"
+  check "capture: the pod restarted nothing" '^0$' \
+    "$(kubectl get pod -n meshed capture -o jsonpath='{.status.containerStatuses[0].restartCount}')"
+  wait_until 10 pod_has_event capture MeshinitCaptureUpdated >/dev/null || true
+  check "capture: an Event says the new annotations were applied" 'differed from the plan \(annotations\)' \
+    "$(pod_events capture MeshinitCaptureUpdated)"
+
+  # A bad value: the rules stay, the Event names the annotation and the value.
+  wait_until 10 capture_state_is capture captured >/dev/null || true
+  before="$(pod_tables "$pid")"
+  kubectl annotate pod -n meshed capture "$PORTS_ANNOTATION=8200,80x" --overwrite >/dev/null
+  took="$(wait_until 30 pod_has_event capture MeshinitCaptureInvalid)"
+  check "capture: a bad excludeOutboundPorts is reported in an Event within ${CAPTURE_BOUND_MS} ms" '^ok ' "$(within_bound "$took")"
+  check "capture: the Event names the annotation and the value, and says the rules are left" \
+    "invalid value \"8200,80x\" for annotation $PORTS_ANNOTATION.*left as they are" \
+    "$(pod_events capture MeshinitCaptureInvalid)"
+  sleep "$CAPTURE_INTERVAL"
+  check "capture: the pod's tables are unchanged after a sweep" '^unchanged$' \
+    "$(if [ "$(pod_tables "$pid")" = "$before" ]; then echo unchanged; else diff <(echo "$before") <(pod_tables "$pid"); fi)"
+  check "capture: the pod's recorded state is invalid" '^invalid$' "$(capture_state capture)"
+  check "capture: meshinit_cni_capture_failed_total{reason=\"invalid\"}" '^[1-9]' \
+    "$(agent_metric 'meshinit_cni_capture_failed_total{reason="invalid"}')"
+  capture_teardown capture
+}
+
+# The agent's plugin run applying ADD on a pod (its PID), if one runs now: a child of the
+# agent's process whose environment says ADD.
+capture_add_running() {
+  local agent p
+  agent="$(pgrep -f '^/usr/local/bin/meshinit-cni-agent' | head -n1)"
+  [ -n "$agent" ] || return 1
+  for p in $(pgrep -P "$agent" || true); do
+    if tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -qx 'CNI_COMMAND=ADD'; then
+      echo "$p"
+      return 0
+    fi
+  done
+  return 1
+}
+
+scenario_agent_capture_kill() {
+  capture_setup capture-kill
+  local pid old new mid child agent ranges took landed
+  pid="$(pod_pid capture-kill)"
+  old="$(pod_nat "$pid")"
+  # A long change (768 excluded addresses), so that the kill lands while it is applied.
+  ranges="$(python3 -c 'print(",".join(f"{n}.{i}/32" for n in ("192.0.2", "198.51.100", "203.0.113") for i in range(256)))')"
+  kubectl annotate pod -n meshed capture-kill "traffic.sidecar.istio.io/excludeOutboundIPRanges=$ranges" --overwrite >/dev/null
+  child=
+  local start=$SECONDS
+  while [ $((SECONDS - start)) -lt 30 ]; do
+    child="$(capture_add_running)" && break
+    sleep 0.005
+  done
+  [ -n "$child" ] || die "no ADD by the agent seen within 30 s: $(agent_logs)"
+  agent="$(ps -o ppid= -p "$child" | tr -d ' ')"
+  kill -KILL "$agent"
+  landed="$(if kill -0 "$child" 2>/dev/null; then echo "while the plugin ran"; else echo "after the plugin ended"; fi)"
+  log "capture: killed the agent (pid $agent) $landed (ADD pid $child)"
+  # Once no plugin run of the old agent is left, the pod holds what the kill left.
+  wait_until 30 sh -c "! kill -0 $child 2>/dev/null" >/dev/null || true
+  mid="$(pod_nat "$pid")"
+  took="$(wait_until 120 nat_has "$pid" '-d 203.0.113.255/32 -j RETURN')"
+  wait_until 60 capture_state_is capture-kill captured >/dev/null || true
+  new="$(pod_nat "$pid")"
+  check "capture: the agent killed during a change; the restarted agent converges the pod (ms)" '^[0-9]+$' "$took"
+  check "capture: what the kill left is the old rules or the new ones, nothing between ($landed)" '^(old|new)$' \
+    "$(if [ "$mid" = "$old" ]; then echo old; elif [ "$mid" = "$new" ]; then echo new; else echo "neither: $(diff <(echo "$old") <(echo "$mid") | head -n 5)"; fi)"
+  check "capture: the agent restarted once" '^[1-9]' \
+    "$(kubectl get pods -n kube-system -l app.kubernetes.io/name=meshinit-cni -o jsonpath='{.items[0].status.containerStatuses[0].restartCount}')"
+  capture_teardown capture-kill
+}
+
+scenario_agent_capture_sweep() {
+  agent_image
+  agent_save_node
+  agent_install --set capture.intervalSeconds=20
+  agent_wait_ready
+  wait_for "containerd's CNI configuration (the agent's entry)" 30 containerd cni_config_is with-meshinit
+  local others replicas start pods wall cpu rss hwm agent
+  others="$(kubectl get pods -A --field-selector "spec.nodeName=$NODE_NAME" -o name | wc -l)"
+  replicas=$((110 - others))
+  start=$SECONDS
+  kubectl apply -f - >/dev/null <<<"$(cni_pod sweep | as_deployment sweep "$replicas")"
+  kubectl rollout status -n meshed deployment/sweep --timeout=900s >/dev/null \
+    || log "sweep: not all $replicas pods Ready within 900 s"
+  check "sweep: $replicas meshed CNI-mode pods Ready ($((SECONDS - start)) s), $((others + replicas)) pods on the node" \
+    "^$replicas\$" "$(kubectl get deployment -n meshed sweep -o jsonpath='{.status.readyReplicas}')"
+  # A sweep that began once every pod was known (the gauge counts the pods it went over).
+  sweep_covers() { [ "$(agent_metric meshinit_cni_capture_sweep_pods)" -ge "$replicas" ] 2>/dev/null; }
+  wait_until 120 sweep_covers >/dev/null || log "sweep: no sweep over $replicas pods within 120 s"
+  sleep 21
+  wait_until 60 sweep_covers >/dev/null || true
+  pods="$(agent_metric meshinit_cni_capture_sweep_pods)"
+  wall="$(agent_metric meshinit_cni_capture_sweep_seconds)"
+  cpu="$(agent_metric meshinit_cni_capture_sweep_cpu_seconds)"
+  agent="$(pgrep -f '^/usr/local/bin/meshinit-cni-agent' | head -n1)"
+  rss="$(awk '/^VmRSS/ {print $2}' "/proc/$agent/status")"
+  hwm="$(awk '/^VmHWM/ {print $2}' "/proc/$agent/status")"
+  check "sweep: one sweep over $pods pods: wall ${wall} s, CPU ${cpu} s; the agent's memory: RSS ${rss} KiB, peak ${hwm} KiB" \
+    '^[0-9]+ [0-9.]+ [0-9.]+ [0-9]+$' "$pods $wall $cpu $rss"
+  check "sweep: every pod recorded captured" "^$replicas\$" \
+    "$(kubectl get pods -n meshed -l app=sweep -o jsonpath='{range .items[*]}{.metadata.annotations.meshinit\.io/capture}{"\n"}{end}' | grep -c '"captured"')"
+  if [ -n "${AGENT_SWEEP_FIGURES:-}" ]; then
+    printf 'node_pods=%s\nmeshed_pods=%s\nswept_pods=%s\nsweep_wall_s=%s\nsweep_cpu_s=%s\nagent_rss_kib=%s\nagent_peak_rss_kib=%s\n' \
+      "$((others + replicas))" "$replicas" "$pods" "$wall" "$cpu" "$rss" "$hwm" >"$AGENT_SWEEP_FIGURES"
+  fi
+  kubectl delete deployment -n meshed sweep --wait=true >/dev/null
+  kubectl wait --for=delete pod -n meshed -l app=sweep --timeout=600s >/dev/null 2>&1 || true
+  helm uninstall "$AGENT_RELEASE" -n kube-system --wait --timeout 60s >/dev/null
+  wait_until 60 agent_gone >/dev/null || die "the agent's pod did not go away"
+  agent_restore
+}
+
+# shellcheck disable=SC2034 # agent.sh's list takes them
+AGENT_CAPTURE_SCENARIOS="agent_capture agent_capture_kill agent_capture_sweep"
