@@ -580,7 +580,8 @@ pub async fn process<S, R, F, Fut>(
     let mut queue: VecDeque<String> = VecDeque::new();
     let mut sweep = tokio::time::interval(settings.interval);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut sweep_started: Option<(Instant, f64)> = None;
+    // The sweep under way: when it began, the CPU time then, the pods it checked so far.
+    let mut sweep_started: Option<(Instant, f64, usize)> = None;
     let mut ended = false;
     loop {
         // Events first, without waiting: a change goes ahead of the sweep's queue.
@@ -588,21 +589,22 @@ pub async fn process<S, R, F, Fut>(
             on_event(event, settings, &mut known, &mut queue);
         }
         if let Some(uid) = queue.pop_front() {
-            let Some(entry) = known.get(&uid) else {
-                continue;
-            };
-            if entry.not_before.is_some_and(|t| Instant::now() < t)
-                || entry.invalid_key.as_deref() == Some(entry.key.as_str())
-            {
-                continue;
+            let due = known.get(&uid).filter(|entry| {
+                !entry.not_before.is_some_and(|t| Instant::now() < t)
+                    && entry.invalid_key.as_deref() != Some(entry.key.as_str())
+            });
+            if let Some(entry) = due {
+                let started = Instant::now();
+                let outcome = check(entry.pod.clone(), entry.failures, started).await;
+                metrics.observe_check(started.elapsed());
+                report(&uid, outcome, &mut known, reporter, metrics).await;
+                if let Some(sweep) = sweep_started.as_mut() {
+                    sweep.2 += 1;
+                }
             }
-            let started = Instant::now();
-            let outcome = check(entry.pod.clone(), entry.failures, started).await;
-            metrics.observe_check(started.elapsed());
-            report(&uid, outcome, &mut known, reporter, metrics).await;
             if queue.is_empty() {
-                if let Some((wall, cpu)) = sweep_started.take() {
-                    metrics.set_sweep(wall.elapsed(), cpu_seconds() - cpu, known.len());
+                if let Some((wall, cpu, checked)) = sweep_started.take() {
+                    metrics.set_sweep(wall.elapsed(), cpu_seconds() - cpu, checked);
                 }
             }
             continue;
@@ -616,14 +618,16 @@ pub async fn process<S, R, F, Fut>(
                 // Tests end the stream; the production watch does not end.
                 None => ended = true,
             },
-            _ = sweep.tick() => {
+            // A sweep still going covers every pod: sweeps never overlap, so a node whose
+            // sweep takes longer than the interval is swept back to back, not faster.
+            _ = sweep.tick(), if sweep_started.is_none() => {
                 for uid in known.keys() {
                     if !queue.contains(uid) {
                         queue.push_back(uid.clone());
                     }
                 }
                 if !queue.is_empty() {
-                    sweep_started = Some((Instant::now(), cpu_seconds()));
+                    sweep_started = Some((Instant::now(), cpu_seconds(), 0));
                 }
             }
         }

@@ -241,5 +241,78 @@ scenario_agent_capture_sweep() {
   agent_restore
 }
 
+# The record the agent would have written under another meshinit for POD's annotations
+# once its opt-out is removed: the same annotations fingerprint (FNV-1a over them, the
+# agent's record left out, as the agent computes it), another plugin's.
+older_record() { # POD
+  kubectl get pod -n meshed "$1" -o json | python3 -c 'import json, sys
+annotations = json.load(sys.stdin)["metadata"].get("annotations", {})
+h = 0xcbf29ce484222325
+for k in sorted(annotations):
+    if k in ("meshinit.io/capture", "meshinit.io/reconcile"):
+        continue
+    for b in k.encode() + b"\0" + annotations[k].encode() + b"\0":
+        h = ((h ^ b) * 0x100000001b3) & (2**64 - 1)
+print(json.dumps({"state": "captured", "annotations": f"{h:016x}", "plugin": "an-older-meshinit"}))'
+}
+upgraded_count() { # how many of the upgrade pods are recorded captured by this agent's plugin
+  kubectl get pods -n meshed -l app=upgrade -o jsonpath='{range .items[*]}{.metadata.annotations.meshinit\.io/capture}{"\n"}{end}' \
+    | grep '"captured"' | grep -vc an-older-meshinit
+}
+upgraded_all() { [ "$(upgraded_count)" = 3 ]; }
+
+# An upgrade as the agent sees one: three pods whose rules an older meshinit planned
+# differently for the same annotations (an extra rule it would have made) and whose record
+# that older plugin wrote. Without capture.upgrade they are reported and left; with it,
+# they converge at capture.upgradesPerMinute (2): two at once, the third a minute later.
+scenario_agent_capture_upgrade() {
+  agent_image
+  agent_save_node
+  agent_install --set capture.intervalSeconds="$CAPTURE_INTERVAL" --set capture.upgradesPerMinute=2
+  agent_wait_ready
+  wait_for "containerd's CNI configuration (the agent's entry)" 30 containerd cni_config_is with-meshinit
+  kubectl apply -f - >/dev/null <<<"$(cni_pod upgrade | as_deployment upgrade 3)"
+  rollout meshed upgrade
+  local pod pid pods took
+  pods="$(kubectl get pods -n meshed -l app=upgrade -o jsonpath='{range .items[*]}{.metadata.name}{"\n"}{end}')"
+  # Each pod opted out while the older meshinit's state is made (so that no sweep repairs
+  # it halfway), then in again with the older record in the same update.
+  for pod in $pods; do
+    wait_until 30 capture_state_is "$pod" captured >/dev/null || true
+    kubectl annotate pod -n meshed "$pod" meshinit.io/reconcile=false >/dev/null
+    sleep 1
+    pid="$(pod_pid "$pod")"
+    in_pod_net "$pid" iptables-nft -t nat -I ISTIO_OUTPUT 1 -p tcp --dport 9999 -j RETURN
+    kubectl annotate pod -n meshed "$pod" "meshinit.io/capture=$(older_record "$pod")" meshinit.io/reconcile- --overwrite >/dev/null
+  done
+  pod="$(head -n1 <<<"$pods")"
+  took="$(wait_until 30 capture_state_is "$pod" upgrade-pending)"
+  check "upgrade: without capture.upgrade, a pod an older meshinit set up is recorded upgrade-pending (ms)" '^[0-9]+$' "$took"
+  check "upgrade: its rules are left as they were" '--dport 9999 -j RETURN' "$(pod_nat "$(pod_pid "$pod")")"
+  wait_until 10 pod_has_event "$pod" MeshinitCaptureDrifted >/dev/null || true
+  check "upgrade: an Event says why it is left" 'differ from the plan \(upgrade\).*upgrades are not enabled' \
+    "$(pod_events "$pod" MeshinitCaptureDrifted)"
+  helm upgrade "$AGENT_RELEASE" "$repo/charts/meshinit-cni" -n kube-system --reuse-values \
+    --set capture.upgrade=true >"$WORK/logs/helm-agent-upgrade.log" 2>&1 \
+    || die "helm upgrade failed: $(cat "$WORK/logs/helm-agent-upgrade.log")"
+  local start=$SECONDS
+  while [ $((SECONDS - start)) -lt 90 ] && [ "$(upgraded_count)" -lt 2 ]; do sleep 0.5; done
+  sleep 5
+  check "upgrade: with capture.upgrade, two pods converge at once, the third waits (upgradesPerMinute: 2)" '^2$' "$(upgraded_count)"
+  check "upgrade: the third counted as deferred" '^[1-9]' "$(agent_metric meshinit_cni_capture_deferred_total)"
+  took="$(wait_until 90 upgraded_all)"
+  check "upgrade: the third converges a minute later (ms after the first two)" '^[0-9]+$' "$took"
+  for pod in $pods; do
+    check "upgrade: $pod's rules are this meshinit's plan (the older rule gone)" '^gone$' \
+      "$(pod_nat "$(pod_pid "$pod")" | grep -q -- '--dport 9999' && echo still || echo gone)"
+  done
+  check "upgrade: Events say so" 'differed from the plan \(upgrade\)' "$(pod_events "$pod" MeshinitCaptureUpgraded)"
+  kubectl delete deployment -n meshed upgrade --wait=true >/dev/null
+  kubectl wait --for=delete pod -n meshed -l app=upgrade --timeout=120s >/dev/null 2>&1 || true
+  helm uninstall "$AGENT_RELEASE" -n kube-system --wait --timeout 60s >/dev/null
+  wait_until 60 agent_gone >/dev/null || die "the agent's pod did not go away"
+  agent_restore
+}
+
 # shellcheck disable=SC2034 # agent.sh's list takes them
-AGENT_CAPTURE_SCENARIOS="agent_capture agent_capture_kill agent_capture_sweep"
+AGENT_CAPTURE_SCENARIOS="agent_capture agent_capture_kill agent_capture_upgrade agent_capture_sweep"

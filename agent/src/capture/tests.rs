@@ -510,6 +510,8 @@ async fn the_loop_checks_on_changes_and_sweeps_without_tight_retries() {
         "meshinit_cni_capture_failed_total{reason=\"netns\"} 1\n",
         "meshinit_cni_capture_failed_total{reason=\"invalid\"} 1\n",
         "meshinit_cni_capture_drifted_total 1\n",
+        // A sweep checks the pods that are due: not the one backing off, not the bad value.
+        "meshinit_cni_capture_sweep_pods 1\n",
     ] {
         assert!(text.contains(line), "{line} in {text}");
     }
