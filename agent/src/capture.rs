@@ -590,7 +590,7 @@ pub async fn process<S, R, F, Fut>(
         }
         if let Some(uid) = queue.pop_front() {
             let due = known.get(&uid).filter(|entry| {
-                !entry.not_before.is_some_and(|t| Instant::now() < t)
+                entry.not_before.is_none_or(|t| Instant::now() >= t)
                     && entry.invalid_key.as_deref() != Some(entry.key.as_str())
             });
             if let Some(entry) = due {
