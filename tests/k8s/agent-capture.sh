@@ -152,19 +152,56 @@ scenario_agent_capture() {
   capture_teardown capture
 }
 
-# The agent's plugin run applying ADD on a pod (its PID), if one runs now: a child of the
-# agent's process whose environment says ADD.
-capture_add_running() {
-  local agent p
-  agent="$(pgrep -f '^/usr/local/bin/meshinit-cni-agent' | head -n1)"
-  [ -n "$agent" ] || return 1
-  for p in $(pgrep -P "$agent" || true); do
-    if tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -qx 'CNI_COMMAND=ADD'; then
-      echo "$p"
-      return 0
-    fi
-  done
-  return 1
+# Waits (up to 60 s) for the agent's process to start a plugin run with CNI_COMMAND=ADD,
+# and SIGKILLs the agent the moment it sees one; prints "AGENT-PID ADD-PID" and whether the
+# ADD was still running just after the kill. Polls /proc in a loop of its own (python: a
+# shell's pgrep per round is slower than a small ADD).
+kill_agent_during_add() {
+  python3 - <<'PY'
+import os, signal, sys, time
+
+def agent_pid():
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                if open(f"/proc/{p}/cmdline", "rb").read().startswith(b"/usr/local/bin/meshinit-cni-agent"):
+                    return p
+            except OSError:
+                pass
+    return None
+
+def children(agent):
+    found = []
+    try:
+        for task in os.listdir(f"/proc/{agent}/task"):
+            try:
+                found += open(f"/proc/{agent}/task/{task}/children").read().split()
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return found
+
+deadline = time.time() + 60
+agent = None
+while time.time() < deadline:
+    agent = agent or agent_pid()
+    for child in children(agent) if agent else []:
+        try:
+            env = open(f"/proc/{child}/environ", "rb").read()
+        except OSError:
+            continue
+        if b"CNI_COMMAND=ADD\0" in env:
+            os.kill(int(agent), signal.SIGKILL)
+            try:
+                state = open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                state = "gone"
+            running = "while the plugin ran" if state not in ("gone", "Z", "X") else "after the plugin ended"
+            print(agent, child, running)
+            sys.exit(0)
+sys.exit(1)
+PY
 }
 
 scenario_agent_capture_kill() {
@@ -174,17 +211,13 @@ scenario_agent_capture_kill() {
   old="$(pod_nat "$pid")"
   # A long change (768 excluded addresses), so that the kill lands while it is applied.
   ranges="$(python3 -c 'print(",".join(f"{n}.{i}/32" for n in ("192.0.2", "198.51.100", "203.0.113") for i in range(256)))')"
+  local killer="$WORK/capture-kill.out"
+  kill_agent_during_add >"$killer" &
+  local killer_pid=$!
+  sleep 0.5
   kubectl annotate pod -n meshed capture-kill "traffic.sidecar.istio.io/excludeOutboundIPRanges=$ranges" --overwrite >/dev/null
-  child=
-  local start=$SECONDS
-  while [ $((SECONDS - start)) -lt 30 ]; do
-    child="$(capture_add_running)" && break
-    sleep 0.005
-  done
-  [ -n "$child" ] || die "no ADD by the agent seen within 30 s: $(agent_logs)"
-  agent="$(ps -o ppid= -p "$child" | tr -d ' ')"
-  kill -KILL "$agent"
-  landed="$(if kill -0 "$child" 2>/dev/null; then echo "while the plugin ran"; else echo "after the plugin ended"; fi)"
+  wait "$killer_pid" || die "no ADD by the agent seen within 60 s: $(agent_logs)"
+  read -r agent child landed <"$killer"
   log "capture: killed the agent (pid $agent) $landed (ADD pid $child)"
   # Once no plugin run of the old agent is left, the pod holds what the kill left.
   wait_until 30 sh -c "! kill -0 $child 2>/dev/null" >/dev/null || true
