@@ -9,9 +9,9 @@
 #     excludeOutboundPorts changed while connections both configurations capture run → the
 #     new rules within the bound, none of those connections bypassed; a bad value → an
 #     Event naming the annotation and the value, the pod's tables unchanged.
-#   - agent_capture_kill: the agent killed (SIGKILL) while the plugin it runs applies a
-#     long change → the pod holds the old rules or the new ones, nothing between; the
-#     restarted agent converges it.
+#   - agent_capture_kill: the agent and the ADD it runs killed (SIGKILL) as the ADD of a
+#     long change starts → the pod holds the old rules or the new ones, nothing between;
+#     the restarted agent converges it.
 #   - agent_capture_sweep: the node filled to its 110 pods, all but a few meshed CNI-mode
 #     pods: one sweep's wall and CPU time and the agent's memory (written to
 #     $AGENT_SWEEP_FIGURES when set: tests/k8s/agent-sweep-figures.sh puts them in docs/).
@@ -69,7 +69,7 @@ pod_has_event() { [ -n "$(pod_events "$1" "$2")" ]; }
 within_bound() { # MS: "ok MS" when a number within CAPTURE_BOUND_MS
   if [[ "$1" =~ ^[0-9]+$ ]] && [ "$1" -le "$CAPTURE_BOUND_MS" ]; then echo "ok $1"; else echo "over: $1"; fi
 }
-agent_metric() { agent_get /metrics | grep -F "$1" | awk '{print $2}'; }
+agent_metric() { agent_get /metrics | grep -v '^#' | grep -F "$1 " | awk '{print $2}'; }
 
 capture_setup() { # POD: the agent installed with the short interval, and a CNI-mode pod
   agent_image
@@ -192,6 +192,8 @@ while time.time() < deadline:
         except OSError:
             continue
         if b"CNI_COMMAND=ADD\0" in env:
+            # The ADD too: it would otherwise outlive the agent and finish its change.
+            os.kill(int(child), signal.SIGKILL)
             os.kill(int(agent), signal.SIGKILL)
             try:
                 state = open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[0]
@@ -222,14 +224,20 @@ scenario_agent_capture_kill() {
   # Once no plugin run of the old agent is left, the pod holds what the kill left.
   wait_until 30 sh -c "! kill -0 $child 2>/dev/null" >/dev/null || true
   mid="$(pod_nat "$pid")"
+  agent_restarted() {
+    [ "$(kubectl get pods -n kube-system -l app.kubernetes.io/name=meshinit-cni -o jsonpath='{.items[0].status.containerStatuses[0].restartCount}')" -ge 1 ] 2>/dev/null
+  }
+  wait_until 120 agent_restarted >/dev/null || true
+  check "capture: the agent restarted" '^[1-9]' \
+    "$(kubectl get pods -n kube-system -l app.kubernetes.io/name=meshinit-cni -o jsonpath='{.items[0].status.containerStatuses[0].restartCount}')"
   took="$(wait_until 120 nat_has "$pid" '-d 203.0.113.255/32 -j RETURN')"
-  wait_until 60 capture_state_is capture-kill captured >/dev/null || true
+  converged() { nat_has "$pid" '-d 203.0.113.255/32 -j RETURN' && capture_state_is capture-kill captured; }
+  wait_until 120 converged >/dev/null || true
   new="$(pod_nat "$pid")"
   check "capture: the agent killed during a change; the restarted agent converges the pod (ms)" '^[0-9]+$' "$took"
+  check "capture: the restarted agent recorded the pod captured" '^captured$' "$(capture_state capture-kill)"
   check "capture: what the kill left is the old rules or the new ones, nothing between ($landed)" '^(old|new)$' \
     "$(if [ "$mid" = "$old" ]; then echo old; elif [ "$mid" = "$new" ]; then echo new; else echo "neither: $(diff <(echo "$old") <(echo "$mid") | head -n 5)"; fi)"
-  check "capture: the agent restarted once" '^[1-9]' \
-    "$(kubectl get pods -n kube-system -l app.kubernetes.io/name=meshinit-cni -o jsonpath='{.items[0].status.containerStatuses[0].restartCount}')"
   capture_teardown capture-kill
 }
 
