@@ -61,6 +61,7 @@ pub fn run(cli: &Cli, env: Env<'_>) -> Result<(), Error> {
             0 => Ok(()),
             code => Err(Error::CniFailed(code)),
         },
+        Command::Check(args) => check(args, env, &mut out),
         Command::Validate(args) => match configured(args, env)? {
             Some(config) => validate_capture(&config),
             None => Ok(()),
@@ -162,6 +163,30 @@ fn apply(args: &CaptureArgs, env: Env<'_>, out: &mut dyn Write) -> Result<(), Er
         validate_capture(&config)?;
     }
     Ok(())
+}
+
+/// `check`: the pod's state against the plan of these flags, as CNI CHECK compares them.
+fn check(args: &CaptureArgs, env: Env<'_>, out: &mut dyn Write) -> Result<(), Error> {
+    let validated = match prepare(args, env)? {
+        Prepared::Skip(reason) => {
+            tracing::info!("{reason}; nothing to check");
+            return Ok(());
+        }
+        Prepared::Ready(validated) => validated,
+    };
+    enter_pod_namespace(validated.run_options())?;
+    let Some(config) = resolve(*validated)? else {
+        return Ok(());
+    };
+    let drift = Engine::of(&config.run).drift(&config)?;
+    for difference in &drift {
+        writeln!(out, "{difference}").map_err(Error::Output)?;
+    }
+    if drift.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Drifted(drift.len()))
+    }
 }
 
 /// Istio's validation probe, for this config's ports and family.

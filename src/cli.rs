@@ -93,6 +93,11 @@ pub enum Command {
     /// --iptables-probe-port once a second; exits 0 when the capture rules redirect that
     /// connection, 126 after --probe-timeout otherwise.
     Validate(CaptureArgs),
+    /// Compare this (or --network-namespace's) namespace with what `apply` would install
+    /// for the same flags, as CNI CHECK compares: every rule, routing entry and set member
+    /// of meshinit's. Exits 0 when nothing differs; otherwise prints each difference, one a
+    /// line, and exits 5. Changes nothing.
+    Check(CaptureArgs),
     /// Say whether a connection would be captured, and by which rules, before deploying.
     ///
     /// Walks the planned ruleset (the same one `apply` installs) for the first packet of

@@ -33,6 +33,14 @@ pub enum Error {
 
     #[error("writing the output failed")]
     Output(#[source] std::io::Error),
+
+    /// `check`: the namespace could not be compared with the plan.
+    #[error(transparent)]
+    Check(Box<crate::engine::DriftError>),
+
+    /// `check`: the namespace differs from the plan (each difference is on stdout).
+    #[error("capture rules drifted ({0} difference(s) from the plan, listed on stdout)")]
+    Drifted(usize),
 }
 
 impl From<EngineError> for Error {
@@ -43,6 +51,12 @@ impl From<EngineError> for Error {
             EngineError::Apply(err) => Error::Apply(err),
             EngineError::Ipv6Disabled => Error::Ipv6Disabled(err),
         }
+    }
+}
+
+impl From<crate::engine::DriftError> for Error {
+    fn from(err: crate::engine::DriftError) -> Error {
+        Error::Check(Box::new(err))
     }
 }
 
@@ -74,6 +88,8 @@ pub mod exit {
     pub const APPLY_FAILED: u8 = 3;
     /// Writing output failed.
     pub const IO: u8 = 4;
+    /// `check`: the namespace differs from the plan.
+    pub const DRIFTED: u8 = 5;
 }
 
 impl Error {
@@ -90,6 +106,8 @@ impl Error {
             Error::Apply(_) => exit::APPLY_FAILED,
             Error::Validation(err) => err.exit_code(),
             Error::Output(_) => exit::IO,
+            Error::Check(_) => exit::ENVIRONMENT,
+            Error::Drifted(_) => exit::DRIFTED,
             Error::CniFailed(code) => *code,
         }
     }

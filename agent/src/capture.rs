@@ -54,6 +54,8 @@ pub struct CaptureSettings {
     pub plugin: plugin::PluginConf,
     /// Identifies the plugin binary: a record with another one was made by another meshinit.
     pub plugin_id: String,
+    /// Check init-container-mode pods too (against istio-init's arguments; reported only).
+    pub init_container_pods: bool,
 }
 
 /// What the agent reads of a pod.
@@ -68,6 +70,10 @@ pub struct PodView {
     /// being deleted).
     pub running: bool,
     pub node_name: Option<String>,
+    /// Init-container mode: istio-init's arguments (`istio-iptables -p 15001 ...`), and
+    /// the values of its environment given literally.
+    pub init_args: Option<Vec<String>>,
+    pub init_env: BTreeMap<String, String>,
 }
 
 impl PodView {
@@ -90,7 +96,21 @@ impl PodView {
                     .is_some_and(|ip| !ip.is_empty())
                 && phase == "Running",
             node_name: spec.and_then(|s| s.node_name.clone()),
+            init_args: istio_init(pod).and_then(|c| c.args.clone()),
+            init_env: istio_init(pod)
+                .and_then(|c| c.env.as_ref())
+                .map(|env| {
+                    env.iter()
+                        .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+                        .collect()
+                })
+                .unwrap_or_default(),
         })
+    }
+
+    /// An init-container-mode pod whose istio-init arguments the agent can plan from.
+    pub fn init_mode(&self) -> bool {
+        init_container_mode(self) && self.init_args.is_some()
     }
 
     /// The annotations as the plan reads them: all but the agent's own record, so that
@@ -113,6 +133,15 @@ impl PodView {
     pub fn record(&self) -> Option<Record> {
         Record::parse(self.annotations.get(STATE_ANNOTATION)?)
     }
+}
+
+fn istio_init(pod: &Pod) -> Option<&k8s_openapi::api::core::v1::Container> {
+    pod.spec
+        .as_ref()?
+        .init_containers
+        .as_ref()?
+        .iter()
+        .find(|c| c.name == "istio-init")
 }
 
 /// FNV-1a, 64 bits: a stable fingerprint (std's hasher may change between releases, and a
@@ -169,12 +198,25 @@ pub fn select(pod: &PodView, settings: &CaptureSettings) -> Scope {
         proxy_env: settings.plugin.proxy_env.clone(),
         args: BTreeMap::new(),
     };
-    if let Some(reason) =
+    if init_container_mode(pod) {
+        // istio-init's arguments are its plan; the plugin's selection is not its.
+        if !settings.init_container_pods {
+            return skip(
+                "init-container mode (istio-init): capture.initContainerPods is off".into(),
+            );
+        }
+        if pod.init_args.is_none() {
+            return skip(
+                "init-container mode, but istio-init has no arguments to plan from".into(),
+            );
+        }
+        let inject = pod.annotations.get("sidecar.istio.io/inject");
+        if inject.is_some_and(|v| meshinit::config::parse::parse_bool(v) == Ok(false)) {
+            return skip("sidecar.istio.io/inject is false".into());
+        }
+    } else if let Some(reason) =
         meshinit::cni::skip_reason(&conf, Some(&(pod.namespace.clone(), pod.name.clone())))
     {
-        if init_container_mode(pod) {
-            return skip("init-container mode (istio-init): not checked by the agent".into());
-        }
         return skip(reason);
     }
     if !pod.running {
@@ -288,8 +330,15 @@ pub enum Verdict {
     Defer,
 }
 
-pub fn decide(cause: CaptureCause, settings: &CaptureSettings, upgrade_allowed: bool) -> Verdict {
+pub fn decide(
+    cause: CaptureCause,
+    settings: &CaptureSettings,
+    upgrade_allowed: bool,
+    init_mode: bool,
+) -> Verdict {
     match (settings.policy, cause) {
+        // Init-container-mode pods are checked and reported, never changed.
+        _ if init_mode => Verdict::Report(cause),
         (Policy::Report, _) => Verdict::Report(cause),
         (Policy::Repair, CaptureCause::Upgrade) if !settings.upgrade => Verdict::Report(cause),
         (Policy::Repair, CaptureCause::Upgrade) if !upgrade_allowed => Verdict::Defer,
@@ -449,7 +498,7 @@ pub fn reconcile_pod(
     outcome.drifted = true;
     let cause = cause(previous.as_ref(), &key, &settings.plugin_id);
     let allowed = budget.allowed(now, settings.upgrades_per_minute);
-    match decide(cause, settings, allowed) {
+    match decide(cause, settings, allowed, pod.init_mode()) {
         Verdict::Report(cause) => {
             let state = if cause == CaptureCause::Upgrade {
                 State::UpgradePending
@@ -465,6 +514,7 @@ pub fn reconcile_pod(
                     "capture rules differ from the plan ({}): {details}; not re-applied ({})",
                     cause.as_str(),
                     match (settings.policy, cause) {
+                        _ if pod.init_mode() => "init-container mode: reported only",
                         (Policy::Report, _) => "policy: report",
                         _ => "upgrades are not enabled",
                     }
@@ -778,6 +828,13 @@ impl ProcCapture {
 
 impl PodCapture for ProcCapture {
     fn check(&self, pod: &PodView) -> Checked {
+        if pod.init_mode() {
+            // meshinit itself validates istio-init's arguments (a bad one: exit 1).
+            return match self.processes.open(&pod.uid) {
+                Ok(netns) => self.plugin.check_init(pod, &netns),
+                Err(err) => Checked::Unreachable(err.to_string()),
+            };
+        }
         // A bad value is found before the pod is touched at all (the plugin would refuse
         // it too, after entering the namespace).
         if let Err(err) = validate(pod, &self.plugin.conf) {
@@ -786,6 +843,9 @@ impl PodCapture for ProcCapture {
         self.run(plugin::CniCommand::Check, pod)
     }
     fn apply(&self, pod: &PodView) -> Checked {
+        if pod.init_mode() {
+            return Checked::Failed("init-container-mode pods are not re-applied".into());
+        }
         if let Err(err) = validate(pod, &self.plugin.conf) {
             return err;
         }

@@ -189,6 +189,11 @@ pub struct Args {
     )]
     pub capture_exclude_namespaces: Vec<String>,
 
+    /// Check init-container-mode pods too, against istio-init's own arguments
+    /// (`meshinit check`); they are reported, never changed.
+    #[arg(long, env = "CAPTURE_INIT_CONTAINER_PODS", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub capture_init_container_pods: bool,
+
     /// Where the node's processes are (the agent runs with hostPID): pods' network
     /// namespaces are found there.
     #[arg(long, env = "PROC_ROOT", default_value = "/proc", value_name = "DIR")]
@@ -288,6 +293,7 @@ impl Args {
                 },
                 // Set from the binary when the agent starts (settings do no I/O).
                 plugin_id: String::new(),
+                init_container_pods: self.capture_init_container_pods,
             }),
             None => None,
         };

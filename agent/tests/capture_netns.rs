@@ -52,8 +52,8 @@ fn sh(args: &[&str]) -> String {
 struct Netns(String);
 
 impl Netns {
-    fn new() -> Netns {
-        let name = format!("mi-reconcile-{}", std::process::id());
+    fn new(which: &str) -> Netns {
+        let name = format!("mi-reconcile-{which}-{}", std::process::id());
         let _ = Command::new("ip").args(["netns", "del", &name]).status();
         sh(&["ip", "netns", "add", &name]);
         let ns = Netns(name);
@@ -101,6 +101,18 @@ fn proc_tree(dir: &Path, netns: &Netns) {
     std::os::unix::fs::symlink("/proc/thread-self/ns/net", dir.join("thread-self/ns/net")).unwrap();
 }
 
+/// The production capture, finding the pod in the proc tree at `dir`.
+fn proc_capture(dir: &Path, binary: &Path) -> ProcCapture {
+    ProcCapture {
+        processes: PodProcesses::new(dir.to_owned()),
+        plugin: plugin::PluginRunner {
+            binary: binary.to_owned(),
+            conf: plugin::PluginConf::default(),
+            timeout: Duration::from_secs(60),
+        },
+    }
+}
+
 fn pod() -> PodView {
     PodView {
         uid: UID.into(),
@@ -113,6 +125,8 @@ fn pod() -> PodView {
         host_network: false,
         running: true,
         node_name: Some("node-a".into()),
+        init_args: None,
+        init_env: BTreeMap::new(),
     }
 }
 
@@ -126,6 +140,7 @@ fn settings(policy: Policy, binary: &Path) -> CaptureSettings {
         exclude_namespaces: Vec::new(),
         plugin: plugin::PluginConf::default(),
         plugin_id: capture::plugin_id(binary),
+        init_container_pods: true,
     }
 }
 
@@ -135,34 +150,36 @@ fn recorded(mut pod: PodView, outcome: &capture::Outcome) -> PodView {
     pod
 }
 
-#[test]
-fn a_real_namespace_drifted_is_repaired_and_a_bad_annotation_changes_nothing() {
-    let test = "a_real_namespace_drifted_is_repaired_and_a_bad_annotation_changes_nothing";
+/// The meshinit binary, when this test can run here (root, the tools); else skips.
+fn can_run(test: &str) -> Option<PathBuf> {
     if !nix::unistd::Uid::effective().is_root() {
-        return skip(test, "needs root (network namespaces, iptables)");
+        skip(test, "needs root (network namespaces, iptables)");
+        return None;
     }
     for tool in ["ip", "iptables-nft-save"] {
         if which(tool).is_none() {
-            return skip(test, &format!("needs {tool}"));
+            skip(test, &format!("needs {tool}"));
+            return None;
         }
     }
-    let Some(binary) = meshinit_binary() else {
-        return skip(
+    let binary = meshinit_binary();
+    if binary.is_none() {
+        skip(
             test,
             "needs the meshinit binary beside the tests (cargo build --bin meshinit)",
         );
-    };
-    let netns = Netns::new();
+    }
+    binary
+}
+
+#[test]
+fn a_real_namespace_drifted_is_repaired_and_a_bad_annotation_changes_nothing() {
+    let test = "a_real_namespace_drifted_is_repaired_and_a_bad_annotation_changes_nothing";
+    let Some(binary) = can_run(test) else { return };
+    let netns = Netns::new("cni");
     let dir = tempfile::tempdir().unwrap();
     proc_tree(dir.path(), &netns);
-    let capture = ProcCapture {
-        processes: PodProcesses::new(dir.path().to_owned()),
-        plugin: plugin::PluginRunner {
-            binary: binary.clone(),
-            conf: plugin::PluginConf::default(),
-            timeout: Duration::from_secs(60),
-        },
-    };
+    let capture = proc_capture(dir.path(), &binary);
     let repair = settings(Policy::Repair, &binary);
     let mut budget = UpgradeBudget::default();
     let mut run = |pod: &PodView, settings: &CaptureSettings| {
@@ -254,6 +271,75 @@ fn a_real_namespace_drifted_is_repaired_and_a_bad_annotation_changes_nothing() {
     );
     assert_eq!(outcome.state, State::Unreachable);
     assert!(outcome.retry_after.is_some());
+}
+
+/// An init-container-mode pod: checked against istio-init's own arguments (`meshinit
+/// check`), its drift reported and never repaired, a bad argument named.
+#[test]
+fn an_init_container_mode_pod_is_checked_and_only_reported() {
+    let test = "an_init_container_mode_pod_is_checked_and_only_reported";
+    let Some(binary) = can_run(test) else { return };
+    let netns = Netns::new("init");
+    let dir = tempfile::tempdir().unwrap();
+    proc_tree(dir.path(), &netns);
+    let capture = proc_capture(dir.path(), &binary);
+    // istio-init's arguments as Istio's injector renders them (empty -x aside).
+    let args: Vec<String> =
+        "istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i * -b * -d 15090,15021,15020"
+            .split(' ')
+            .map(String::from)
+            .collect();
+    let mut pod = pod();
+    pod.annotations.insert(
+        "sidecar.istio.io/status".into(),
+        r#"{"initContainers":["istio-init"],"containers":["istio-proxy"]}"#.into(),
+    );
+    pod.init_args = Some(args.clone());
+    // istio-init ran: the rules are there.
+    let out = Command::new(&binary)
+        .arg("apply")
+        .arg("--network-namespace")
+        .arg(format!("/run/netns/{}", netns.0))
+        .args(&args[1..])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(capture.check(&pod), Checked::Clean);
+    netns.exec(&["iptables-nft", "-t", "nat", "-F", "OUTPUT"]);
+    let outcome = reconcile_pod(
+        &pod,
+        &capture,
+        &settings(Policy::Repair, &binary),
+        &mut UpgradeBudget::default(),
+        0,
+        Instant::now(),
+    );
+    assert_eq!(outcome.state, State::Drifted, "{outcome:?}");
+    let event = outcome.event.expect("an Event");
+    assert!(
+        event.message.contains("missing `-j ISTIO_OUTPUT`")
+            && event.message.contains("init-container mode: reported only"),
+        "{}",
+        event.message
+    );
+    assert!(
+        !netns.rules().contains("-A OUTPUT"),
+        "reported only: not repaired"
+    );
+    let mut bad = pod.clone();
+    bad.init_args = Some(
+        ["istio-iptables", "-p", "15001", "-b", "80x"]
+            .map(String::from)
+            .to_vec(),
+    );
+    match capture.check(&bad) {
+        Checked::Invalid(why) => assert!(why.contains("80x"), "{why}"),
+        other => panic!("a bad argument: {other:?}"),
+    }
 }
 
 fn which(tool: &str) -> Option<PathBuf> {

@@ -104,55 +104,78 @@ pub struct PluginRunner {
 
 impl PluginRunner {
     pub fn run(&self, command: CniCommand, pod: &PodView, netns: &File) -> Checked {
-        // The child opens the namespace through the agent's descriptor: the namespace the
-        // agent verified is the pod's, whatever happens to that process meanwhile.
-        let netns_path = format!("/proc/{}/fd/{}", std::process::id(), netns.as_raw_fd());
-        let mut child = match Command::new(&self.binary)
-            .arg0_cni()
-            // Only what the runtime gives a plugin: the agent's own settings (its
-            // environment) must not reach the pod's.
-            .env_clear()
-            .envs(std::env::vars_os().filter(|(k, _)| k == "PATH" || k == "XTABLES_LOCKFILE"))
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg0_cni()
             .env("CNI_COMMAND", command.as_str())
-            .env("CNI_NETNS", &netns_path)
+            .env("CNI_NETNS", netns_path(netns))
             .env("CNI_ARGS", cni_args(pod))
             .env("CNI_IFNAME", "eth0")
             .env("CNI_CONTAINERID", format!("meshinit-cni-agent-{}", pod.uid))
-            .env("CNI_PATH", "/opt/cni/bin")
+            .env("CNI_PATH", "/opt/cni/bin");
+        let input = netconf(pod, &self.conf).to_string();
+        match self.spawn(&mut cmd, &input, command.as_str()) {
+            Ok((status, out, err)) => outcome(command, status, &out, &err),
+            Err(failed) => failed,
+        }
+    }
+
+    /// An init-container-mode pod: `meshinit check` with istio-init's own arguments, in
+    /// the pod's namespace (its environment's literal values too, as istio-init has them).
+    pub fn check_init(&self, pod: &PodView, netns: &File) -> Checked {
+        let Some(args) = pod.init_args.as_deref().and_then(init_check_args) else {
+            return Checked::Failed(
+                "istio-init's arguments are not meshinit's (istio-iptables or apply ...)".into(),
+            );
+        };
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("check")
+            .arg("--network-namespace")
+            .arg(netns_path(netns))
+            .args(args)
+            .envs(&pod.init_env);
+        match self.spawn(&mut cmd, "", "check") {
+            Ok((status, out, err)) => init_outcome(status, &out, &err),
+            Err(failed) => failed,
+        }
+    }
+
+    /// Starts `cmd` with only what a plugin or init container is given, writes `input`,
+    /// waits at most `timeout`; its exit code and output.
+    fn spawn(&self, cmd: &mut Command, input: &str, what: &str) -> Result<Ran, Checked> {
+        let mut child = cmd
+            // The agent's own settings (its environment) must not reach the pod's.
+            .env_remove_all_but(&["PATH", "XTABLES_LOCKFILE"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-        {
-            Ok(child) => child,
-            Err(err) => {
-                return Checked::Failed(format!("starting {}: {err}", self.binary.display()))
-            }
-        };
-        let input = netconf(pod, &self.conf).to_string();
+            .map_err(|err| Checked::Failed(format!("starting {}: {err}", self.binary.display())))?;
         if let Some(mut stdin) = child.stdin.take() {
-            // A plugin that exits early closes its end; its answer says why.
+            // A run that exits early closes its end; its answer says why.
             let _ = stdin.write_all(input.as_bytes());
         }
         let mut stdout = child.stdout.take();
         let mut stderr = child.stderr.take();
         let started = Instant::now();
-        // Output is small (a CNI error, a few lines of log): reading after the exit cannot
-        // fill the pipes and block the child.
+        // Output is small (a CNI error, a few lines of log or differences): reading after
+        // the exit cannot fill the pipes and block the child.
         let status = loop {
             match child.try_wait() {
-                Ok(Some(status)) => break Some(status),
+                Ok(Some(status)) => break status,
                 Ok(None) if started.elapsed() > self.timeout => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    return Checked::Failed(format!(
-                        "meshinit-cni {} took more than {:?}; killed",
-                        command.as_str(),
+                    return Err(Checked::Failed(format!(
+                        "meshinit {what} took more than {:?}; killed",
                         self.timeout
-                    ));
+                    )));
                 }
                 Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-                Err(err) => return Checked::Failed(format!("waiting for meshinit-cni: {err}")),
+                Err(err) => {
+                    return Err(Checked::Failed(format!(
+                        "waiting for meshinit {what}: {err}"
+                    )))
+                }
             }
         };
         let mut out = Vec::new();
@@ -163,7 +186,69 @@ impl PluginRunner {
         if let Some(s) = stderr.as_mut() {
             let _ = s.read_to_end(&mut err);
         }
-        outcome(command, status.and_then(|s| s.code()), &out, &err)
+        Ok((status.code(), out, err))
+    }
+}
+
+/// A finished run: its exit code (none after a signal), stdout, stderr.
+type Ran = (Option<i32>, Vec<u8>, Vec<u8>);
+
+/// The child opens the namespace through the agent's descriptor: the namespace the agent
+/// verified is the pod's, whatever happens to that process meanwhile.
+fn netns_path(netns: &File) -> String {
+    format!("/proc/{}/fd/{}", std::process::id(), netns.as_raw_fd())
+}
+
+/// `meshinit check`'s arguments from istio-init's (`istio-iptables ARGS` or `apply ARGS`).
+pub fn init_check_args(args: &[String]) -> Option<&[String]> {
+    match args.split_first()? {
+        (first, rest) if first == "istio-iptables" || first == "apply" => Some(rest),
+        _ => None,
+    }
+}
+
+/// What `meshinit check` answered: 0 nothing differs, 5 the differences on stdout, 1 a bad
+/// argument (its message names it).
+pub fn init_outcome(status: Option<i32>, stdout: &[u8], stderr: &[u8]) -> Checked {
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).trim().to_owned();
+    // The last line of stderr is meshinit's error; the lines before are its log.
+    let error = || {
+        let stderr = text(stderr);
+        let last = stderr.lines().last().unwrap_or_default();
+        last.strip_prefix("meshinit: ").unwrap_or(last).to_owned()
+    };
+    match status {
+        Some(0) => Checked::Clean,
+        Some(5) => Checked::Drifted(text(stdout).lines().collect::<Vec<_>>().join("; ")),
+        Some(1) => Checked::Invalid(format!("istio-init's arguments: {}", error())),
+        Some(code) => Checked::Failed(format!("meshinit check exited {code}: {}", error())),
+        None => Checked::Failed("meshinit check ended with a signal".into()),
+    }
+}
+
+trait EnvOnly {
+    fn env_remove_all_but(&mut self, keep: &[&str]) -> &mut Self;
+}
+
+impl EnvOnly for Command {
+    /// Clears the inherited environment but `keep`, leaving what was set on `self`.
+    fn env_remove_all_but(&mut self, keep: &[&str]) -> &mut Command {
+        let set: Vec<(std::ffi::OsString, Option<std::ffi::OsString>)> = self
+            .get_envs()
+            .map(|(k, v)| (k.to_owned(), v.map(ToOwned::to_owned)))
+            .collect();
+        self.env_clear();
+        for (key, value) in std::env::vars_os() {
+            if keep.iter().any(|k| key == *k) {
+                self.env(key, value);
+            }
+        }
+        for (key, value) in set {
+            if let Some(value) = value {
+                self.env(key, value);
+            }
+        }
+        self
     }
 }
 

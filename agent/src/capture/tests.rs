@@ -22,6 +22,7 @@ fn settings(policy: Policy) -> CaptureSettings {
             proxy_env: BTreeMap::new(),
         },
         plugin_id: "plugin-v2".into(),
+        init_container_pods: true,
     }
 }
 
@@ -37,7 +38,25 @@ fn meshed(name: &str) -> PodView {
         host_network: false,
         running: true,
         node_name: Some(NODE.into()),
+        init_args: None,
+        init_env: BTreeMap::new(),
     }
+}
+
+/// An init-container-mode pod: istio-init with Istio's injector's arguments.
+fn init_mode(name: &str) -> PodView {
+    let mut pod = with(
+        meshed(name),
+        "sidecar.istio.io/status",
+        r#"{"initContainers":["istio-init"],"containers":["istio-proxy"]}"#,
+    );
+    pod.init_args = Some(
+        "istio-iptables -p 15001 -m REDIRECT"
+            .split(' ')
+            .map(String::from)
+            .collect(),
+    );
+    pod
 }
 
 fn with(mut pod: PodView, key: &str, value: &str) -> PodView {
@@ -161,12 +180,63 @@ fn only_this_nodes_meshed_cni_pods_are_checked() {
     let mut starting = meshed("starting");
     starting.running = false;
     skipped(starting, "not running");
-    let init = with(
-        meshed("init"),
-        "sidecar.istio.io/status",
-        r#"{"initContainers":["istio-init"],"containers":["istio-proxy"]}"#,
+    // Init-container mode: checked against istio-init's arguments, unless the value is off,
+    // or there are none, or injection is off.
+    assert_eq!(select(&init_mode("init"), &s), Scope::Check);
+    let mut no_args = init_mode("no-args");
+    no_args.init_args = None;
+    skipped(no_args, "no arguments");
+    skipped(
+        with(init_mode("off"), "sidecar.istio.io/inject", "false"),
+        "inject is false",
     );
-    skipped(init, "init-container mode");
+    let mut off = settings(Policy::Repair);
+    off.init_container_pods = false;
+    match select(&init_mode("init"), &off) {
+        Scope::Skip(reason) => assert!(reason.contains("initContainerPods"), "{reason}"),
+        Scope::Check => panic!("checked with capture.initContainerPods off"),
+    }
+}
+
+#[test]
+fn init_container_mode_pods_are_reported_never_changed() {
+    let pod = init_mode("a");
+    let ns = FakeNs::new("plugin-v2");
+    let outcome = run(&pod, &ns, &settings(Policy::Repair));
+    assert_eq!(outcome.state, State::Drifted);
+    assert!(outcome.repaired.is_none());
+    assert!(
+        !ns.calls.borrow().contains(&"apply"),
+        "{:?}",
+        ns.calls.borrow()
+    );
+    let event = outcome.event.expect("an Event");
+    assert!(
+        event.message.contains("init-container mode: reported only"),
+        "{}",
+        event.message
+    );
+    // istio-init's arguments become `meshinit check`'s.
+    let args = pod.init_args.clone().unwrap();
+    assert_eq!(plugin::init_check_args(&args), Some(&args[1..]));
+    assert_eq!(plugin::init_check_args(&["sh".to_owned()]), None);
+    assert_eq!(
+        plugin::init_outcome(
+            Some(5),
+            b"ipv4 nat OUTPUT: missing `-j ISTIO_OUTPUT`\nipv4 x\n",
+            b""
+        ),
+        Checked::Drifted("ipv4 nat OUTPUT: missing `-j ISTIO_OUTPUT`; ipv4 x".into())
+    );
+    assert_eq!(
+        plugin::init_outcome(
+            Some(1),
+            b"",
+            b" INFO x\nmeshinit: invalid value \"80x\" for -b\n"
+        ),
+        Checked::Invalid("istio-init's arguments: invalid value \"80x\" for -b".into())
+    );
+    assert_eq!(plugin::init_outcome(Some(0), b"", b""), Checked::Clean);
 }
 
 #[test]
