@@ -272,8 +272,8 @@ scenario_agent_capture_sweep() {
   check "sweep: every pod recorded captured" "^$replicas\$" \
     "$(kubectl get pods -n meshed -l app=sweep -o jsonpath='{range .items[*]}{.metadata.annotations.meshinit\.io/capture}{"\n"}{end}' | grep -c '"captured"')"
   if [ -n "${AGENT_SWEEP_FIGURES:-}" ]; then
-    printf 'node_pods=%s\nmeshed_pods=%s\nswept_pods=%s\nsweep_wall_s=%s\nsweep_cpu_s=%s\nagent_rss_kib=%s\nagent_peak_rss_kib=%s\n' \
-      "$((others + replicas))" "$replicas" "$pods" "$wall" "$cpu" "$rss" "$hwm" >"$AGENT_SWEEP_FIGURES"
+    printf 'node_pods=%s\nmeshed_pods=%s\nswept_pods=%s\nsweep_wall_s=%s\nsweep_cpu_s=%s\nagent_rss_kib=%s\nagent_peak_rss_kib=%s\nload=%s\n' \
+      "$((others + replicas))" "$replicas" "$pods" "$wall" "$cpu" "$rss" "$hwm" "$(cut -d' ' -f1 /proc/loadavg)" >"$AGENT_SWEEP_FIGURES"
   fi
   kubectl delete deployment -n meshed sweep --wait=true >/dev/null
   kubectl wait --for=delete pod -n meshed -l app=sweep --timeout=600s >/dev/null 2>&1 || true

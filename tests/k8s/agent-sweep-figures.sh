@@ -27,9 +27,10 @@ figures = dict(line.strip().split("=", 1) for line in open(sys.argv[1]) if "=" i
 doc = open(sys.argv[2]).read()
 date = datetime.date.today().isoformat()
 cores = os.cpu_count()
-load = open("/proc/loadavg").read().split()[0]
+# The machine's load when the sweep was measured (the scenario records it), else now.
+load = figures.get("load") or open("/proc/loadavg").read().split()[0]
 table = f"""<!-- agent-sweep:begin (written by tests/k8s/agent-sweep-figures.sh) -->
-| measured {date}, {cores} cores shared (load {load} at the end) | |
+| measured {date}, {cores} cores shared (load average {load}) | |
 | --- | --- |
 | pods on the node | {figures['node_pods']} ({figures['meshed_pods']} meshed CNI-mode pods) |
 | pods one sweep checked | {figures['swept_pods']} |
