@@ -8,7 +8,9 @@
 #     within the bound (interval + a check), the rules exactly as planned, an Event; its
 #     excludeOutboundPorts changed while connections both configurations capture run → the
 #     new rules within the bound, none of those connections bypassed; a bad value → an
-#     Event naming the annotation and the value, the pod's tables unchanged.
+#     Event naming the annotation and the value, the pod's tables unchanged; an
+#     init-container-mode pod checked against istio-init's arguments, its flushed rules
+#     reported and left.
 #   - agent_capture_kill: the agent and the ADD it runs killed (SIGKILL) as the ADD of a
 #     long change starts → the pod holds the old rules or the new ones, nothing between;
 #     the restarted agent converges it.
@@ -149,6 +151,22 @@ scenario_agent_capture() {
   check "capture: the pod's recorded state is invalid" '^invalid$' "$(capture_state capture)"
   check "capture: meshinit_cni_capture_failed_total{reason=\"invalid\"}" '^[1-9]' \
     "$(agent_metric 'meshinit_cni_capture_failed_total{reason="invalid"}')"
+
+  # An init-container-mode pod: checked against istio-init's arguments, reported, left.
+  start_pod capture-init istio-init < <(meshed_pod capture-init '[NET_ADMIN, NET_RAW]')
+  took="$(wait_until 30 capture_state_is capture-init captured)"
+  check "capture: an init-container-mode pod checked against istio-init's arguments, recorded captured (ms)" '^[0-9]+$' "$took"
+  local init_pid
+  init_pid="$(pod_pid capture-init)"
+  in_pod_net "$init_pid" iptables-nft -t nat -F OUTPUT
+  took="$(wait_until 30 pod_has_event capture-init MeshinitCaptureDrifted)"
+  check "capture: its flushed rules are reported within ${CAPTURE_BOUND_MS} ms" '^ok ' "$(within_bound "$took")"
+  check "capture: the Event names the difference and says it is only reported" \
+    "missing \`-j ISTIO_OUTPUT\`.*init-container mode: reported only" "$(pod_events capture-init MeshinitCaptureDrifted)"
+  sleep "$CAPTURE_INTERVAL"
+  check "capture: its rules are left as they are (still flushed after a sweep)" '^flushed$' \
+    "$(nat_has "$init_pid" '-A OUTPUT' && echo repaired || echo flushed)"
+  delete_pod capture-init
   capture_teardown capture
 }
 
