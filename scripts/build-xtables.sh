@@ -127,11 +127,12 @@ case "${1:-}" in
     for new in "$built"/*.so; do
       [ -e "$debian_ext/$(basename "$new")" ] || die "$(basename "$new"): not in Debian's package"
     done
-    mkdir -p "$out/usr/lib/$multi/xtables"
-    cp -a "$built"/. "$out/usr/lib/$multi/xtables/"
+    # (Measured before the copy: OUT may be ROOT.)
     echo "build-xtables.sh: $(find "$built" -name '*.so' | wc -l) extensions," \
       "$(du -sb --apparent-size "$built" | cut -f1) bytes (Debian's:" \
       "$(du -sb --apparent-size "$debian_ext" | cut -f1))" >&2
+    mkdir -p "$out/usr/lib/$multi/xtables"
+    cp -a "$built"/. "$out/usr/lib/$multi/xtables/"
     ;;
   *) usage ;;
 esac
