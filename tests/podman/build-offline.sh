@@ -19,14 +19,17 @@
 # official Rust image (RUSTUP_HOME=/usr/local/rustup, CARGO_HOME=/usr/local/cargo, cargo on
 # PATH). TARGET_ROOT_IMAGE, where the image's tools come from, is bookworm's iptables and
 # nftables for ARCH, unpacked by mmdebstrap without running anything (--variant=extract),
-# its /bin, /sbin and /lib merged into /usr as in Debian's images, imported for ARCH.
+# its /bin, /sbin and /lib merged into /usr as in Debian's images, imported for ARCH; for
+# arm64 also libmnl-dev, libnftnl-dev and iptables' source package, and XTABLES_BUILD_IMAGE,
+# where the Dockerfile rebuilds the arm64 extensions (scripts/build-xtables.sh): bookworm
+# with the cross compiler, make, pkg-config and dpkg-dev.
 # The Rust toolchain itself is this machine's (with the aarch64 target for arm64),
 # bind-mounted read-only at those paths for the build, with its crate cache overlaid (cargo
 # may extract into it; the host's copy is not written). The build runs with no network:
 # everything it needs is local.
 #
-# Needs root, podman (with runc), mmdebstrap, cargo. The base image is made once and kept
-# (its tag names a hash of the recipe); the Dockerfile build uses podman's layer cache.
+# Needs root, podman (with runc), mmdebstrap, cargo. The base images are made once and kept
+# (their tags name a hash of the recipe); the Dockerfile build uses podman's layer cache.
 #
 # Environment:
 #   PODMAN_OPTS      extra global podman options (word-split), e.g. --root/--runroot/--tmpdir

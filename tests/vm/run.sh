@@ -79,7 +79,8 @@ cache="${MESHINIT_VM_CACHE:-/var/lib/meshinit-test/vm}"
 mkdir -p "$cache"
 log() { echo "vm: $*" >&2; }
 die() { echo "vm: $*" >&2; exit 1; }
-for tool in qemu-system-x86_64 qemu-system-aarch64 cpio xz depmod apt-get dpkg-deb cargo; do
+for tool in qemu-system-x86_64 qemu-system-aarch64 cpio xz depmod apt-get dpkg-deb cargo \
+  make pkg-config dpkg-source; do
   command -v "$tool" >/dev/null || die "needs $tool"
 done
 
