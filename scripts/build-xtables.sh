@@ -11,9 +11,9 @@
 # 64 KiB-page kernels: RHEL 9's kernel-64k, some Ampere setups), and bookworm's binutils
 # ends the RELRO region on such a boundary. A segment's file offset must equal its address
 # modulo that size, so each extension's data segment sits 64 KiB into its file: Debian's
-# arm64 extensions take 7.9 MB, 1.1 MB once rebuilt so. Linked with `-z norelro`, the data
-# segment follows the code in the file (its address is still 64 KiB further on): the same
-# alignment, loading on 4 and 64 KiB pages alike, and each file holds only its contents.
+# arm64 extensions take 7.9 MB. Linked with `-z norelro`, the data segment follows the
+# code in the file (its address is still 64 KiB further on): the same alignment, loading on
+# 4 and 64 KiB pages alike, and each file holds only its contents (1.1 MB for all of them).
 # The cost: what RELRO protects (an extension's GOT, made read-only once relocated) stays
 # writable, in the short-lived iptables processes meshinit starts. amd64's extensions are
 # Debian's own: linked for 4 KiB pages, their padding is at most a page.
