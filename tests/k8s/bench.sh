@@ -164,8 +164,7 @@ print(f"  {mode:5} median {median:6.0f}  quartiles {q1:6.0f} {q3:6.0f}  min {val
 }
 
 # `BENCH_SCALE_ONLY=1 run.sh --bench`: only the 100-replica Deployments, BENCH_SCALE_ROUNDS
-# rounds (default 2) of both modes, the order swapped each round (init first, then CNI
-# first), each on a node left quiet for BENCH_SCALE_SETTLE seconds (default 20) after the
+# rounds (default 2) of both modes, the order rotated each round, each on a node left quiet for BENCH_SCALE_SETTLE seconds (default 20) after the
 # previous Deployment's pods are gone (the kernel tears down their network namespaces
 # after the API server has forgotten them). For each: the time to all Ready, and, per pod,
 # where it went (from the pod's conditions and container states, to the second; medians and
@@ -200,11 +199,18 @@ sandbox_histogram() { # prints "SUM COUNT" of the kubelet's run_podsandbox opera
 }
 run_scale_phases() {
   local replicas="${BENCH_SCALE_REPLICAS:-100}" rounds="${BENCH_SCALE_ROUNDS:-2}" round mode name manifest start took before after log_from
-  log "bench: $replicas replicas per Deployment, $rounds rounds, the modes' order swapped each round"
+  log "bench: $replicas replicas per Deployment, $rounds rounds, the modes' order rotated each round"
+  local modes="init cni" plugin
+  # BENCH_SCALE_PLUGIN=PATH: CNI mode once more per round with PATH as the plugin (cni-alt).
+  plugin="$(readlink "$WORK/cni/bin/meshinit-cni")"
+  [ -z "${BENCH_SCALE_PLUGIN:-}" ] || modes="init cni cni-alt"
   for round in $(seq "$rounds"); do
-    for mode in $([ $((round % 2)) = 1 ] && echo init cni || echo cni init); do
+    # The order rotates each round, so that no mode always follows the same one.
+    for mode in $(python3 -c 'import sys; m = sys.argv[2].split(); r = int(sys.argv[1]) - 1; print(*(m[r % len(m):] + m[:r % len(m)]))' "$round" "$modes"); do
       name="phases-$mode-$round"
-      if [ "$mode" = cni ]; then
+      ln -sfn "$plugin" "$WORK/cni/bin/meshinit-cni"
+      [ "$mode" != cni-alt ] || ln -sfn "$BENCH_SCALE_PLUGIN" "$WORK/cni/bin/meshinit-cni"
+      if [ "${mode%-alt}" = cni ]; then
         node_cni_config with-meshinit
         manifest="$(cni_pod "$name" | as_deployment "$name" "$replicas")"
       else
@@ -227,7 +233,7 @@ run_scale_phases() {
       python3 -c 'import sys
 (s0, c0), (s1, c1) = (map(float, a.split()) for a in sys.argv[1:3])
 print(f"  kubelet RunPodSandbox: mean {1000 * (s1 - s0) / max(c1 - c0, 1):.0f} ms over {c1 - c0:.0f}")' "$before" "$after"
-      if [ "$mode" = cni ]; then
+      if [ "${mode%-alt}" = cni ]; then
         tail -n "+$log_from" "$WORK/logs/containerd.log" | grep -o 'applied backend=[^ ]*.*elapsed_ms=[0-9]*' \
           | sed 's/.*elapsed_ms=//' | python3 -c 'import sys, statistics
 v = sorted(int(x) for x in sys.stdin)
@@ -237,4 +243,5 @@ if v: print(f"  meshinit-cni ADD (its own elapsed_ms): {len(v)} ADDs, median {st
       kubectl wait --for=delete pod -n meshed -l "app=$name" --timeout=300s >/dev/null 2>&1 || true
     done
   done
+  ln -sfn "$plugin" "$WORK/cni/bin/meshinit-cni"
 }
