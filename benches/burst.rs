@@ -10,9 +10,10 @@
 //!   namespace and a remount of /sys to each side).
 //!
 //! Every process of a burst is started before the first is waited for, and nothing is fed
-//! through a pipe, so no start waits on another's exit. Rounds alternate (meshinit, then the
-//! bare restores, for each backend and style in turn), so a drift in the machine's load
-//! spreads over both sides; the ratio is taken within the run. Wall time from the first
+//! through a pipe, so no start waits on another's exit. Rounds come in pairs, a meshinit
+//! burst and a bare one back to back, which goes first alternating; the ratio is the median
+//! of the pairs' ratios (with their range), since the machine's load is shared and drifts
+//! more between pairs than within one. Wall time from the first
 //! start to the last exit; CPU time is every process of the burst, user and system
 //! (`RUSAGE_CHILDREN`: the restores meshinit starts are its own children, waited for).
 //! Namespaces are made before and deleted after, untimed. Needs root; prints why and exits
@@ -215,7 +216,7 @@ fn main() {
         load_average()
     );
     println!();
-    println!("| backend | launched | meshinit (median wall) | bare restores (median wall) | ratio | CPU per pod, meshinit / bare |");
+    println!("| backend | launched | meshinit (median wall) | bare restores (median wall) | ratio, median of pairs (range) | CPU per pod, meshinit / bare |");
     println!("| --- | --- | --- | --- | --- | --- |");
     let mut round = 0;
     for backend in ["legacy", "nft"] {
@@ -233,25 +234,37 @@ fn main() {
             (Style::IpNetnsExec, "`ip netns exec`"),
         ] {
             let (mut ours, mut theirs) = (Side::default(), Side::default());
-            for _ in 0..runs {
-                round += 1;
-                ours.push(burst(&Namespaces::new(round, pods), style, &apply, None));
-                round += 1;
-                theirs.push(burst(
-                    &Namespaces::new(round, pods),
-                    style,
-                    &bare,
-                    Some(&input),
-                ));
+            let mut ratios = Vec::new();
+            for run in 0..runs {
+                // A pair of bursts back to back, which goes first alternating: the machine's
+                // load (shared, and it drifts) is as alike as it gets within a pair.
+                round += 2;
+                let (ours_ns, bare_ns) = (round - 1, round);
+                let run_ours = || burst(&Namespaces::new(ours_ns, pods), style, &apply, None);
+                let run_bare =
+                    || burst(&Namespaces::new(bare_ns, pods), style, &bare, Some(&input));
+                let (a, b) = if run % 2 == 0 {
+                    let a = run_ours();
+                    (a, run_bare())
+                } else {
+                    let b = run_bare();
+                    (run_ours(), b)
+                };
+                ratios.push(a.wall.as_secs_f64() / b.wall.as_secs_f64());
+                ours.push(a);
+                theirs.push(b);
             }
+            ratios.sort_by(f64::total_cmp);
             let (wall_ours, wall_theirs) = (median(&mut ours.wall), median(&mut theirs.wall));
             let (cpu_ours, cpu_theirs) = (median(&mut ours.cpu), median(&mut theirs.cpu));
             let per_pod = |d: Duration| d.as_secs_f64() * 1000.0 / pods as f64;
             println!(
-                "| iptables-{backend} | {label} | {} | {} | {:.2}x | {:.2} / {:.2} ms |",
+                "| iptables-{backend} | {label} | {} | {} | {:.2}x ({:.2}x-{:.2}x) | {:.2} / {:.2} ms |",
                 ms(wall_ours),
                 ms(wall_theirs),
-                wall_ours.as_secs_f64() / wall_theirs.as_secs_f64(),
+                ratios[ratios.len() / 2],
+                ratios[0],
+                ratios[ratios.len() - 1],
                 per_pod(cpu_ours),
                 per_pod(cpu_theirs),
             );
