@@ -220,7 +220,9 @@ fn a_one_commit_apply_waits_for_the_lock_within_the_bound() {
         !save.contains("ISTIO"),
         "applied despite the timeout:\n{save}"
     );
-    run(command(&ns, &[], &argv)).assert_exit(0);
+    // With the lock free again (other tests may take it briefly: the default wait), the
+    // same pod goes through.
+    run(command(&ns, &[], &argv[..argv.len() - 2])).assert_exit(0);
 }
 
 /// The capture arguments with `-m MODE`, dual-stack, on iptables-legacy.
