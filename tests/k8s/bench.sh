@@ -133,6 +133,10 @@ for what, unit, values in (("memory peak", "KiB", sys.argv[1]), ("CPU time", "ms
 
 run_bench() {
   local pods="${BENCH_PODS:-21}" i mode
+  if [ -n "${BENCH_SCALE_ONLY:-}" ]; then
+    run_scale_phases
+    return
+  fi
   node_cni_config with-meshinit
   declare -A results=([none]="" [init]="" [cni]="")
   log "bench: $pods pods of each mode, one at a time, the modes taking turns"
@@ -157,4 +161,87 @@ q1, median, q3 = statistics.quantiles(values, n=4)
 print(f"  {mode:5} median {median:6.0f}  quartiles {q1:6.0f} {q3:6.0f}  min {values[0]:6}  max {values[-1]:6}")' \
       "$mode" "${results[$mode]}"
   done
+}
+
+# `BENCH_SCALE_ONLY=1 run.sh --bench`: only the 100-replica Deployments, BENCH_SCALE_ROUNDS
+# rounds (default 2) of both modes, the order rotated each round, each on a node left quiet for BENCH_SCALE_SETTLE seconds (default 20) after the
+# previous Deployment's pods are gone (the kernel tears down their network namespaces
+# after the API server has forgotten them). For each: the time to all Ready, and, per pod,
+# where it went (from the pod's conditions and container states, to the second; medians and
+# 90th percentiles over the pods): sandbox (creation to PodReadyToStartContainers: the
+# runtime's sandbox, CNI ADD included), init (its init container's run), app (init done to
+# Ready); the kubelet's RunPodSandbox time (its runtime_operations histogram, mean over the
+# Deployment); and in CNI mode each ADD's own elapsed_ms, from meshinit-cni's log line
+# (containerd passes a plugin's stderr to its own).
+scale_phases() { # NAME: per-pod phases of the Deployment's pods, as one line
+  kubectl get pods -n meshed -l "app=$1" -o json | python3 -c 'import json, sys, datetime, statistics
+t = lambda s: datetime.datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
+phases = {"sandbox": [], "init": [], "app": []}
+for pod in json.load(sys.stdin)["items"]:
+    cond = {c["type"]: t(c["lastTransitionTime"]) for c in pod["status"].get("conditions", [])}
+    created = t(pod["metadata"]["creationTimestamp"])
+    init = pod["status"]["initContainerStatuses"][0]["state"].get("terminated", {})
+    if "PodReadyToStartContainers" not in cond or not init or "Ready" not in cond:
+        continue
+    phases["sandbox"].append(cond["PodReadyToStartContainers"] - created)
+    phases["init"].append(t(init["finishedAt"]) - t(init["startedAt"]))
+    phases["app"].append(cond["Ready"] - cond["Initialized"])
+def q(v):
+    v = sorted(v)
+    return f"median {statistics.median(v):4.1f}s p90 {v[int(len(v) * 0.9)]:4.1f}s max {v[-1]:4.0f}s"
+print("; ".join(f"{k} {q(v)}" for k, v in phases.items() if v))'
+}
+sandbox_histogram() { # prints "SUM COUNT" of the kubelet's run_podsandbox operations so far
+  kubectl get --raw "/api/v1/nodes/$NODE_NAME/proxy/metrics" | awk '
+    /^kubelet_runtime_operations_duration_seconds_sum\{operation_type="run_podsandbox"\}/ { s = $2 }
+    /^kubelet_runtime_operations_duration_seconds_count\{operation_type="run_podsandbox"\}/ { c = $2 }
+    END { print s + 0, c + 0 }'
+}
+run_scale_phases() {
+  local replicas="${BENCH_SCALE_REPLICAS:-100}" rounds="${BENCH_SCALE_ROUNDS:-2}" round mode name manifest start took before after log_from
+  log "bench: $replicas replicas per Deployment, $rounds rounds, the modes' order rotated each round"
+  local modes="init cni" plugin
+  # BENCH_SCALE_PLUGIN=PATH: CNI mode once more per round with PATH as the plugin (cni-alt).
+  plugin="$(readlink "$WORK/cni/bin/meshinit-cni")"
+  [ -z "${BENCH_SCALE_PLUGIN:-}" ] || modes="init cni cni-alt"
+  for round in $(seq "$rounds"); do
+    # The order rotates each round, so that no mode always follows the same one.
+    for mode in $(python3 -c 'import sys; m = sys.argv[2].split(); r = int(sys.argv[1]) - 1; print(*(m[r % len(m):] + m[:r % len(m)]))' "$round" "$modes"); do
+      name="phases-$mode-$round"
+      ln -sfn "$plugin" "$WORK/cni/bin/meshinit-cni"
+      [ "$mode" != cni-alt ] || ln -sfn "$BENCH_SCALE_PLUGIN" "$WORK/cni/bin/meshinit-cni"
+      if [ "${mode%-alt}" = cni ]; then
+        node_cni_config with-meshinit
+        manifest="$(cni_pod "$name" | as_deployment "$name" "$replicas")"
+      else
+        node_cni_config without-meshinit
+        manifest="$(meshed_pod "$name" '[NET_ADMIN, NET_RAW]' | as_deployment "$name" "$replicas")"
+      fi
+      sleep "${BENCH_SCALE_SETTLE:-20}"
+      before="$(sandbox_histogram)"
+      log_from=$(($(wc -l <"$WORK/logs/containerd.log") + 1))
+      local load
+      load="$(cut -d' ' -f1-3 /proc/loadavg)"
+      start=$(date +%s.%N)
+      kubectl apply -f - <<<"$manifest" >/dev/null
+      kubectl rollout status -n meshed "deployment/$name" --timeout=600s >/dev/null \
+        || die "bench: deployment $name did not become Ready"
+      took="$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)")"
+      after="$(sandbox_histogram)"
+      echo "round $round, $mode: all $replicas Ready in ${took}s (load average at the start $load)"
+      echo "  per pod: $(scale_phases "$name")"
+      python3 -c 'import sys
+(s0, c0), (s1, c1) = (map(float, a.split()) for a in sys.argv[1:3])
+print(f"  kubelet RunPodSandbox: mean {1000 * (s1 - s0) / max(c1 - c0, 1):.0f} ms over {c1 - c0:.0f}")' "$before" "$after"
+      if [ "${mode%-alt}" = cni ]; then
+        tail -n "+$log_from" "$WORK/logs/containerd.log" | grep -o 'applied backend=[^ ]*.*elapsed_ms=[0-9]*' \
+          | sed 's/.*elapsed_ms=//' | python3 -c 'import sys, statistics
+v = sorted(int(x) for x in sys.stdin)
+if v: print(f"  meshinit-cni ADD (its own elapsed_ms): {len(v)} ADDs, median {statistics.median(v):.0f} ms, p90 {v[int(len(v) * 0.9)]} ms, max {v[-1]} ms")'
+      fi
+      kubectl delete deployment -n meshed "$name" --wait=true >/dev/null
+      kubectl wait --for=delete pod -n meshed -l "app=$name" --timeout=300s >/dev/null 2>&1 || true
+    done
+  done
+  ln -sfn "$plugin" "$WORK/cni/bin/meshinit-cni"
 }

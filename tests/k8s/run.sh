@@ -417,15 +417,7 @@ start_component kube-scheduler kube-scheduler \
 for plugin in bridge host-local loopback; do
   ln -s "/usr/lib/cni/$plugin" "$WORK/cni/bin/$plugin"
 done
-# meshinit-cni: the binary cargo builds, under the name that makes it the CNI plugin.
-MESHINIT_EXE="$(cd "$repo" && cargo build --quiet --bin meshinit --message-format=json \
-  | python3 -c 'import json,sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable"):
-        print(m["executable"])')"
-[ -x "$MESHINIT_EXE" ] || die "could not build meshinit"
-ln -s "$MESHINIT_EXE" "$WORK/cni/bin/meshinit-cni"
+# meshinit-cni: installed once meshinit's image is built (below), from the image.
 # The node's CNI network: the bridge (with host-local addresses), and, with `with-meshinit`,
 # meshinit-cni chained after it, taking each pod's annotations from containerd. containerd
 # reloads the directory on a write (not on a file created or renamed into it), so the file
@@ -602,6 +594,18 @@ for line in sys.stdin:
   rm -rf "$WORK/images"
 }
 timed "images (build, import)" build_images
+# meshinit-cni: the image's own binary (the static release build the node agent installs),
+# under the name that makes it the CNI plugin: both modes then run the same build (cargo's
+# debug build costs an ADD about 1.6 ms more CPU; docs/measured.md).
+install_plugin() {
+  local ctr
+  ctr="$(podman create "$MESHINIT_IMAGE")"
+  podman cp "$ctr:/usr/local/bin/meshinit" "$WORK/cni/meshinit"
+  podman rm "$ctr" >/dev/null
+}
+install_plugin
+[ -x "$WORK/cni/meshinit" ] || die "could not copy meshinit out of $MESHINIT_IMAGE"
+ln -s "$WORK/cni/meshinit" "$WORK/cni/bin/meshinit-cni"
 
 # --- the kubelet --------------------------------------------------------------------------
 for hierarchy in /sys/fs/cgroup/*/; do
