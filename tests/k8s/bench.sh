@@ -28,8 +28,9 @@
 #    launched, and for the plugins the wall time per ADD (fork to exit, as the runtime
 #    waits for it). p50 over the pods.
 # 3. BENCH_SCALE_REPLICAS (default 100) replicas of a Deployment in each capturing mode, one
-#    mode after the other: seconds from `kubectl apply` until all are Ready; a few pods'
-#    capture checked with a real connection.
+#    mode after the other, BENCH_SCALE_ROUNDS rounds (default 1), the order turning: seconds
+#    from `kubectl apply` until all are Ready; five pods' capture checked with a real
+#    connection each.
 # shellcheck disable=SC2154 # WORK, here, the images...: run.sh's, scenarios.sh's
 
 ISTIO_BENCH_NS=istio-bench
@@ -166,9 +167,19 @@ print(f"  {mode:14} p50 {statistics.median(v):6.0f}  p95 {q[18]:6.0f}  min {v[0]
   python3 "$here/exits-report.py" "$exits" skip-istio-cni "${windows[none]} ${windows[istio-init]} ${windows[meshinit-init]} ${windows[meshinit-cni]}"
   python3 "$here/exits-report.py" "$exits" skip-meshinit-cni "${windows[none]} ${windows[istio-init]} ${windows[meshinit-init]} ${windows[istio-cni]}"
 
-  echo "== ${BENCH_SCALE_REPLICAS:-100} replicas of a Deployment, from apply to all Ready"
+  local scale_rounds="${BENCH_SCALE_ROUNDS:-1}" took
+  declare -A scaled=()
+  echo "== ${BENCH_SCALE_REPLICAS:-100} replicas of a Deployment, from apply to all Ready, $scale_rounds round(s), the order turning"
+  order="istio-init meshinit-init istio-cni meshinit-cni"
+  for i in $(seq "$scale_rounds"); do
+    for mode in $order; do
+      took="$(bench_scale "$mode")"
+      scaled[$mode]+="$took "
+    done
+    order="${order#* } ${order%% *}"
+  done
   for mode in istio-init meshinit-init istio-cni meshinit-cni; do
-    bench_scale "$mode"
+    echo "  $(printf '%-14s' "$mode") seconds to all Ready, each round: ${scaled[$mode]}"
   done
   echo "== $(date -u '+%F %H:%M UTC'), load average at the end $(cut -d' ' -f1-3 /proc/loadavg)"
 }
@@ -189,8 +200,9 @@ bench_scale() { # MODE
     re="^REPLY by=sidecar:15001 local=127\\.0\\.0\\.1:15001 orig=${vault//./\\.}:8200 client=${ip//./\\.}:[0-9]+\$"
     [[ "$(helper_in "$ns" "$pod" app client tcp "$vault:8200")" =~ $re ]] || bad="$bad $pod"
   done < <(kubectl get pods -n "$ns" -l "app=$name" -o jsonpath='{range .items[*]}{.metadata.name}={.status.podIP}{"\n"}{end}' | shuf -n 5)
-  echo "  $(printf '%-14s' "$mode") ${took} s to ${ready:-0}/$replicas Ready; 5 sampled pods captured: $([ -z "$bad" ] && echo yes || echo "no:$bad")"
+  log "bench: $mode: ${took} s to ${ready:-0}/$replicas Ready; 5 sampled pods captured: $([ -z "$bad" ] && echo yes || echo "no:$bad")"
   [ "${ready:-0}" = "$replicas" ] && [ -z "$bad" ] || die "bench: $name: ${ready:-0}/$replicas Ready, not captured:${bad:- none}"
   kubectl delete deployment -n "$ns" "$name" --wait=true >/dev/null
   kubectl wait --for=delete pod -n "$ns" -l "app=$name" --timeout=600s >/dev/null 2>&1 || true
+  echo "$took"
 }
