@@ -9,7 +9,8 @@
 #     values as a user sets them, chained into the node's conflist; istiod with
 #     pilot.cni.enabled renders istio-validation (Istio's image again). Removed at the end
 #     (helm uninstall; the conflist checked byte for byte), so that meshinit's agent
-#     (agent.sh) is installed on the same node afterwards.
+#     (agent.sh) is installed on the same node afterwards;
+#   - istio_own_meshinit: the same pods and checks with meshinit in both its modes.
 # Both images are Debian bookworm's iptables and nftables, the target root meshinit's image
 # is gathered from (build-offline.sh made it for run.sh's images), with Istio's binaries
 # added: built offline, nothing pulled.
@@ -82,8 +83,7 @@ without_host_users() { sed 's/^    spec:$/    spec:\n      hostUsers: false/'; }
 
 # The scenarios' pods, all at once, in the mode istiod now injects (PREFIX names them): a
 # pod with Istio's defaults; excludes (excludeOutboundPorts 8200, includeOutboundIPRanges);
-# TPROXY; DNS capture; the Vault app with istio-proxy as a native sidecar; and, with
-# USERNS=1, a pod with hostUsers: false.
+# TPROXY; DNS capture; the Vault app with istio-proxy as a native sidecar.
 istio_own_deployments() { # PREFIX
   local p="$1" vault
   vault="$(pod_ip outside vault)"
@@ -168,6 +168,34 @@ scenario_istio_init() {
   # hostUsers: false: istio-init's NET_ADMIN is the pod's user namespace's, which owns the
   # pod's network namespace: enough (istio/istio#58750 says so too).
   istio_own_user_namespaces istio-init
+}
+
+# The same pods and checks with meshinit in both of its modes, injected by the same istiod:
+# its image as istio-init, then meshinit-cni chained with pilot.cni.enabled (istio-
+# validation meshinit's image), so that the four ways pass one set of checks.
+scenario_istio_own_meshinit() {
+  local mode init image="$MESHINIT_IMAGE" cni p
+  for mode in init cni; do
+    p="mi-$mode"
+    if [ "$mode" = init ]; then
+      node_cni_config without-meshinit
+      init=istio-init cni=false
+    else
+      node_cni_config with-meshinit
+      init=istio-validation cni=true
+    fi
+    istiod_upgrade "meshinit's image, pilot.cni.enabled=$cni" \
+      --set global.proxy_init.image="$image" --set pilot.cni.enabled="$cni"
+    wait_for_injection "$init as meshinit's image" \
+      '{.spec.initContainers[0].name}={.spec.initContainers[0].image}' "^$init=${image//./\\.}\$"
+    start_injected "$p-plain" "$p-excluded" "$p-ranges" "$p-tproxy" "$p-dns" "$p-vault" \
+      < <(istio_own_deployments "$p")
+    istio_own_checks "$p" "$init" "$image"
+    istio_own_cleanup "$p"
+    istio_own_user_namespaces "$p"
+  done
+  node_cni_config without-meshinit
+  istiod_upgrade "pilot.cni.enabled off" --set pilot.cni.enabled=false
 }
 
 # --- Istio's CNI ---------------------------------------------------------------------------
@@ -345,4 +373,4 @@ istio_cni_replaced() { # OLD-POD: a new agent pod is Ready
 }
 
 # shellcheck disable=SC2034 # scenarios.sh's list takes them
-ISTIO_OWN_SCENARIOS="istio_init istio_cni"
+ISTIO_OWN_SCENARIOS="istio_init istio_own_meshinit istio_cni"
