@@ -131,6 +131,10 @@ while IFS='=' read -r tunable value; do
 done <"$TUNABLES_FILE"
 run_containerd_existed=
 [ -e /run/containerd ] && run_containerd_existed=1
+# Istio's CNI agent (istio-own.sh) keeps its run directory at this fixed path of the node,
+# a hostPath its chart does not let a user move.
+run_istio_cni_existed=
+[ -e /var/run/istio-cni ] && run_istio_cni_existed=1
 
 # Every process in the node's mount namespace (the holder's), the holder last.
 node_processes() {
@@ -217,6 +221,7 @@ teardown() {
   done
   [ -z "$restored" ] || rm -f "$TUNABLES_FILE"
   [ -n "$run_containerd_existed" ] || rm -rf /run/containerd
+  [ -n "$run_istio_cni_existed" ] || rm -rf /var/run/istio-cni
   if mount | grep -qF " $WORK"; then
     log "mounts left under $WORK in the host's namespace; not removing it"
   else
@@ -419,7 +424,8 @@ for plugin in bridge host-local loopback; do
 done
 # meshinit-cni: installed once meshinit's image is built (below), from the image.
 # The node's CNI network: the bridge (with host-local addresses), and, with `with-meshinit`,
-# meshinit-cni chained after it, taking each pod's annotations from containerd. containerd
+# meshinit-cni chained after it, taking each pod's annotations from containerd, excluding
+# kube-system (MESHINIT_CNI_EXCLUDE, a JSON list, overrides: bench.sh's). containerd
 # reloads the directory on a write (not on a file created or renamed into it), so the file
 # is rewritten in place, and the change waited for.
 node_cni_config() { # with-meshinit | without-meshinit
@@ -429,7 +435,7 @@ node_cni_config() { # with-meshinit | without-meshinit
     {
       "type": "meshinit-cni",
       "capabilities": {"io.kubernetes.cri.pod-annotations": true},
-      "exclude_namespaces": ["kube-system"]
+      "exclude_namespaces": '"${MESHINIT_CNI_EXCLUDE:-[\"kube-system\"]}"'
     }'
   fi
   cat >"$WORK/cni/10-node.conflist.tmp" <<EOF
@@ -459,12 +465,15 @@ EOF
     wait_for "containerd's CNI configuration ($1)" 30 containerd cni_config_is "$1"
   fi
 }
-cni_config_is() { # with-meshinit | without-meshinit: what containerd has loaded
-  local loaded
-  loaded="$(crictl info | python3 -c 'import json,sys
+loaded_cni_types() { # the types of the plugins containerd has loaded, in order
+  crictl info | python3 -c 'import json,sys
 d = json.load(sys.stdin)
 c = d.get("cniconfig") or d.get("config", {}).get("cniconfig") or {}
-print(" ".join(p["Network"]["type"] for n in c.get("Networks", []) for p in n["Config"]["Plugins"]))')"
+print(" ".join(p["Network"]["type"] for n in c.get("Networks", []) for p in n["Config"]["Plugins"]))'
+}
+cni_config_is() { # with-meshinit | without-meshinit: what containerd has loaded
+  local loaded
+  loaded="$(loaded_cni_types)"
   case "$1" in
     with-meshinit) [[ " $loaded " == *" meshinit-cni "* ]] ;;
     *) [[ " $loaded " == *" bridge "* && " $loaded " != *" meshinit-cni "* ]] ;;
