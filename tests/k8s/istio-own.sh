@@ -127,18 +127,12 @@ istio_own_checks() { # PREFIX INIT IMAGE
   MODE=TPROXY check_traffic "$pod" "$INJECTED_NS"
 
   pod="$(deployment_pod "$INJECTED_NS" "$p-dns")"
-  # (The pods' nameserver is the node's address: the kubelet's clusterDNS.) meshinit-cni
-  # takes DNS capture from its node's configuration only (proxy_env), not from the pod's
-  # proxy.istio.io/config, which Istio's plugin reads from istio-proxy's env: a known gap
-  # (docs/limits.md), pinned here so that its fix shows.
-  if [ "$p" = mi-cni ]; then
-    check "$p-dns: app → its nameserver $NODE_IP:53 (UDP) is NOT captured (the known gap of meshinit-cni: per-pod DNS capture)" \
-      '^FAIL ' "$(helper_in "$INJECTED_NS" "$pod" app client udp "$NODE_IP:53")"
-  else
-    check "$p-dns: app → its nameserver $NODE_IP:53 (UDP) is captured by istio-proxy's 15053" \
-      '^REPLY by=sidecar:15053 local=127\.0\.0\.1:15053 ' \
-      "$(helper_in "$INJECTED_NS" "$pod" app client udp "$NODE_IP:53")"
-  fi
+  # (The pods' nameserver is the node's address: the kubelet's clusterDNS.) Every mode
+  # takes the pod's own DNS capture from proxy.istio.io/config: istiod renders it into
+  # istio-proxy's environment, which Istio's plugin reads; meshinit-cni reads the annotation.
+  check "$p-dns: app → its nameserver $NODE_IP:53 (UDP) is captured by istio-proxy's 15053" \
+    '^REPLY by=sidecar:15053 local=127\.0\.0\.1:15053 ' \
+    "$(helper_in "$INJECTED_NS" "$pod" app client udp "$NODE_IP:53")"
   check_traffic "$pod" "$INJECTED_NS"
 
   pod="$(deployment_pod "$INJECTED_NS" "$p-vault")"
