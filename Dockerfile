@@ -12,6 +12,10 @@
 ARG RUST_IMAGE=rust:1.95-slim-bookworm
 # Debian bookworm on the build machine's platform, where the tools are gathered.
 ARG DEBIAN_IMAGE=debian:bookworm-slim
+# Debian bookworm on the build machine's platform, where the arm64 image's xtables
+# extensions are compiled (scripts/build-xtables.sh; the compiler, make, pkg-config and
+# dpkg-dev are installed into it unless it has them).
+ARG XTABLES_BUILD_IMAGE=debian:bookworm-slim
 # Where the iptables and nft tools and their libraries come from: Debian bookworm
 # (iptables 1.8.9, nftables 1.0.6) for the image's arch (its packages are fetched into it
 # unless it already has them).
@@ -63,33 +67,85 @@ RUN set -eu; \
       /meshinit --version; \
     fi
 
-FROM --platform=$BUILDPLATFORM ${DEBIAN_IMAGE} AS tools
+# The target root, completed: TARGETARCH's iptables and nftables and, where the extensions
+# are rebuilt (scripts/build-xtables.sh: arm64), libmnl-dev and libnftnl-dev (iptables'
+# configure asks for them) and iptables' source package of the same version in
+# /target/usr/src/iptables. A target root that already has them (the offline build's)
+# needs no download; otherwise the packages are fetched and unpacked into it (no
+# maintainer script runs: nothing there is executed), the source with this stage's own apt
+# sources, deb-src added. readelf (binutils) reads any arch's binaries.
+FROM --platform=$BUILDPLATFORM ${DEBIAN_IMAGE} AS target
 ARG TARGETARCH
 COPY --from=target-root / /target/
-# A target root that already carries the tools (the offline build's) needs no download;
-# otherwise TARGETARCH's packages are fetched and unpacked into it (no maintainer script
-# runs: nothing there is executed). readelf (binutils) reads any arch's binaries.
+COPY scripts/build-xtables.sh /usr/local/lib/meshinit/
 RUN set -eu; \
     arch="${TARGETARCH:-$(dpkg --print-architecture)}"; \
-    missing=; \
+    xtables=/usr/local/lib/meshinit/build-xtables.sh; \
+    multi="$(case "$arch" in amd64) echo x86_64-linux-gnu ;; arm64) echo aarch64-linux-gnu ;; esac)"; \
+    packages=; \
     for tool in xtables-nft-multi xtables-legacy-multi nft; do \
-      [ -e "/target/usr/sbin/$tool" ] || missing=1; \
+      [ -e "/target/usr/sbin/$tool" ] || packages="iptables:$arch nftables:$arch"; \
     done; \
-    command -v readelf >/dev/null || missing="$missing binutils"; \
-    if [ -n "$missing" ]; then \
+    source=; \
+    if bash "$xtables" rebuilds "$arch"; then \
+      for pc in libmnl libnftnl; do \
+        [ -e "/target/usr/lib/$multi/pkgconfig/$pc.pc" ] || packages="$packages $pc-dev:$arch"; \
+      done; \
+      ls /target/usr/src/iptables/*.dsc >/dev/null 2>&1 || source=1; \
+    fi; \
+    if [ -n "$packages$source" ] || ! command -v readelf >/dev/null; then \
+      if [ -n "$source" ]; then \
+        if [ -f /etc/apt/sources.list.d/debian.sources ]; then \
+          sed -i 's/^Types: deb$/Types: deb deb-src/' /etc/apt/sources.list.d/debian.sources; \
+        fi; \
+        if [ -f /etc/apt/sources.list ]; then \
+          sed -n 's/^deb /deb-src /p' /etc/apt/sources.list >/etc/apt/sources.list.d/src.list; \
+        fi; \
+      fi; \
       dpkg --add-architecture "$arch" && apt-get update; \
       if ! command -v readelf >/dev/null; then \
         DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends binutils; \
       fi; \
-      if ! [ -e /target/usr/sbin/nft ] || ! [ -e /target/usr/sbin/xtables-nft-multi ]; then \
+      if [ -n "$packages" ]; then \
         mkdir -p /tmp/debs; \
         apt-get install -y --download-only --no-install-recommends -o Dir::Cache::archives=/tmp/debs \
-          "iptables:$arch" "nftables:$arch"; \
+          $packages; \
         for deb in /tmp/debs/*.deb; do dpkg-deb -x "$deb" /target; done; \
         rm -rf /tmp/debs; \
       fi; \
+      if [ -n "$source" ]; then bash "$xtables" fetch /target; fi; \
       rm -rf /var/lib/apt/lists/*; \
     fi
+
+# The rebuilt extensions (arm64; nothing for amd64) in /xtables, laid out as in the target
+# root, compiled on the build machine (a cross compiler unless it is arm64 too).
+FROM --platform=$BUILDPLATFORM ${XTABLES_BUILD_IMAGE} AS xtables
+ARG TARGETARCH
+COPY --from=target /target/ /target/
+COPY scripts/build-xtables.sh /usr/local/lib/meshinit/
+RUN set -eu; \
+    arch="${TARGETARCH:-$(dpkg --print-architecture)}"; \
+    xtables=/usr/local/lib/meshinit/build-xtables.sh; \
+    mkdir /xtables; \
+    if bash "$xtables" rebuilds "$arch"; then \
+      multi="$(case "$arch" in amd64) echo x86_64-linux-gnu ;; arm64) echo aarch64-linux-gnu ;; esac)"; \
+      if [ "$arch" = "$(dpkg --print-architecture)" ]; then compiler="gcc libc6-dev"; \
+      else compiler="gcc-$(echo "$multi" | tr _ -) libc6-dev-$arch-cross"; fi; \
+      missing=; \
+      command -v "$multi-gcc" >/dev/null || missing="$compiler"; \
+      for tool in make:make pkg-config:pkg-config dpkg-source:dpkg-dev; do \
+        command -v "${tool%%:*}" >/dev/null || missing="$missing ${tool#*:}"; \
+      done; \
+      if [ -n "$missing" ]; then \
+        apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+          $missing && rm -rf /var/lib/apt/lists/*; \
+      fi; \
+      bash "$xtables" build "$arch" /target /xtables; \
+    fi
+
+FROM target AS tools
+ARG TARGETARCH
+COPY --from=xtables /xtables/ /target/
 # Gather into /out: the two xtables multi-call binaries under the names meshinit runs, nft,
 # each shared library those load (the closure of their ELF NEEDED entries, found where the
 # target's loader looks, copied to its real path with its soname link; /lib and /lib64 stay

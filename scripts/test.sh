@@ -27,12 +27,14 @@ cannot() {
 # built from its Go module with seccomp (tests/k8s/build-addons.sh). qemu (system, for
 # both arches; user-mode, to run the arm64 image's programs), cpio, kmod's depmod and xz
 # build and boot the kernel matrix's guests (tests/vm/run.sh); the aarch64 cross linker
-# and glibc build meshinit for arm64 (the VM guests, the arm64 image).
+# and glibc build meshinit for arm64 (the VM guests, the arm64 image); with make, pkg-config
+# and dpkg-dev, the arm64 guests' xtables extensions (scripts/build-xtables.sh).
 declare -A package_of=(
   [qemu-system-x86_64]=qemu-system-x86 [qemu-system-aarch64]=qemu-system-arm
   [qemu-aarch64]=qemu-user [cpio]=cpio [depmod]=kmod [xz]=xz-utils
   [aarch64-linux-gnu-gcc]=gcc-aarch64-linux-gnu
   [/usr/aarch64-linux-gnu/lib/libc.a]=libc6-dev-arm64-cross
+  [make]=make [pkg-config]=pkg-config [dpkg-source]=dpkg-dev
   [iptables-legacy-restore]=iptables [iptables-nft-restore]=iptables
   [ip6tables-legacy-restore]=iptables [ip]=iproute2 [setpriv]=util-linux [nft]=nftables
   [podman]=podman [runc]=runc [mmdebstrap]=mmdebstrap

@@ -289,7 +289,9 @@ fn pod_settings(conf: &NetConf, env: Env<'_>) -> Result<crate::config::Validated
         ANNOTATIONS_CAPABILITY,
         conf.annotations.clone().unwrap_or_default(),
     );
-    annotations.derive_cni(&mut raw, &conf.proxy_env);
+    annotations
+        .derive_cni(&mut raw, &conf.proxy_env)
+        .map_err(|e| invalid("invalid pod settings", e))?;
     for (flag, value) in &conf.args {
         let spec = crate::config::build::SETTINGS
             .iter()

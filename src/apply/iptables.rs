@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::locks::{PrivateLock, XtablesLock};
+use super::locks::{ChildLock, XtablesLock};
 use super::{ApplyError, IpSets, Netfilter, RestoreInput, Routing, RoutingChanges, RoutingPlan};
 use crate::config::ForcedBackend;
 use crate::netlink::{NlFamily, Socket};
@@ -146,8 +146,11 @@ pub struct IptablesTools {
     ready: Vec<(Family, Child)>,
     /// iptables-legacy's lock, once taken for the rest of the run (`hold_xtables_lock`).
     xtables_lock: Option<XtablesLock>,
-    /// The lock the restores take instead, which meshinit's holds for them.
-    private_lock: Option<PrivateLock>,
+    /// The lock file the restores are pointed at: a private one while meshinit holds the
+    /// node's lock for them, the node's own when they take it themselves.
+    child_lock: Option<ChildLock>,
+    /// The node's lock file, when each restore takes the lock itself (`lock_per_commit`).
+    restores_lock: Option<PathBuf>,
 }
 
 impl Drop for IptablesTools {
@@ -211,7 +214,8 @@ impl IptablesTools {
             nft_chains,
             ready: Vec::new(),
             xtables_lock: None,
-            private_lock: None,
+            child_lock: None,
+            restores_lock: None,
         })
     }
 
@@ -235,14 +239,24 @@ impl IptablesTools {
         Ok(())
     }
 
+    /// Has each restore take iptables-legacy's lock (at `path`) itself, around its own
+    /// commit, waiting at most the run's `--xtables-wait` (`--wait=N`: iptables 1.8.8 and
+    /// later block in the kernel, earlier ones poll once a second), instead of this run
+    /// holding it from its first commit to its last. Only for a run that is one commit
+    /// ([`one_commit`]); to be called before any restore starts.
+    pub fn lock_per_commit(&mut self, path: &Path) {
+        self.restores_lock = Some(path.to_owned());
+    }
+
     /// Lets go of iptables-legacy's lock, once nothing more will be restored.
     pub fn release_xtables_lock(&mut self) {
         self.xtables_lock = None;
     }
 
-    /// Starts each family's `iptables-restore` now, before the ruleset is planned, so its
-    /// start-up (exec, libraries, extensions: most of its run time for a small ruleset)
-    /// overlaps meshinit's own work. Until it gets input, it has changed nothing.
+    /// Starts each family's `iptables-restore` now, before the existing rules are read and
+    /// the input rendered, so its start-up (exec, libraries, extensions: most of its run
+    /// time for a small ruleset) overlaps meshinit's own work. Until it gets input, it has
+    /// changed nothing.
     pub fn prepare(&mut self, families: &[Family]) -> Result<(), ApplyError> {
         for &family in families {
             let program = tool_name(family, self.backend, "restore");
@@ -264,10 +278,13 @@ impl IptablesTools {
         })?;
         let mut command = Command::new(&path);
         if self.backend != Backend::Nft {
-            if self.private_lock.is_none() {
-                self.private_lock = Some(PrivateLock::new()?);
+            if self.child_lock.is_none() {
+                self.child_lock = Some(match &self.restores_lock {
+                    Some(path) => ChildLock::node(path)?,
+                    None => ChildLock::private()?,
+                });
             }
-            if let Some(lock) = &self.private_lock {
+            if let Some(lock) = &self.child_lock {
                 command.env("XTABLES_LOCKFILE", lock.path_for_children());
             }
         }
@@ -441,6 +458,16 @@ impl Netfilter for IptablesTools {
         if let Some(lacks) = self.kernel_lacks(&program, family, &stderr) {
             return Err(lacks);
         }
+        // iptables' own words when its --wait ran out ("Another app is currently holding
+        // the xtables lock. Stopped waiting after 30s."): nothing was committed.
+        if let Some(path) = &self.restores_lock {
+            if stderr.contains("holding the xtables lock") {
+                return Err(ApplyError::LockTimeout {
+                    path: path.clone(),
+                    wait: self.wait,
+                });
+            }
+        }
         let line = failed_line(&stderr);
         let line_text = line.and_then(|n| {
             input
@@ -588,6 +615,28 @@ fn tidy_sets(sets: &mut dyn IpSets) -> usize {
 /// Sets (`--match-sets`) are not part of any transaction, so they are made first, under
 /// names no rule uses yet (see `rules::iptables::ipset`), and the old ones removed only once nothing
 /// uses them: the switch itself happens inside each family's restore.
+/// Whether applying `ruleset` is one commit: one family's restore of one table, into a
+/// namespace holding no rules of ours (so nothing is read first), and nothing after it that
+/// could call for a rollback (no sets, no routing). Then iptables-legacy's lock has no
+/// "between two commits" to guard, and the restore can take it around its commit alone
+/// ([`IptablesTools::lock_per_commit`]). The injector's default IPv4 pod is such a run.
+pub fn one_commit(nf: &mut dyn Netfilter, ruleset: &Ruleset) -> bool {
+    if ruleset.tproxy_routing.is_some()
+        || ruleset.ipv6_passthrough_address
+        || ruleset.families().any(|f| !f.sets().is_empty())
+    {
+        return false;
+    }
+    let mut commits = 0;
+    for family in Family::ALL {
+        if nf.may_hold_rules(family) {
+            return false;
+        }
+        commits += ruleset.family(family).map_or(0, |f| f.tables.len());
+    }
+    commits == 1
+}
+
 pub fn apply(
     nf: &mut dyn Netfilter,
     routing: &mut dyn Routing,

@@ -9,8 +9,12 @@
 //!   killed run never leaves it behind.
 //! - [`XtablesLock`]: iptables-legacy's node-wide lock, taken once for the whole apply
 //!   instead of by each `iptables-restore` in turn, so that a rollback can never find it
-//!   taken by someone else half way. The restores meshinit starts are pointed at a
-//!   [`PrivateLock`] (`XTABLES_LOCKFILE`), which they get at once.
+//!   taken by someone else half way. The restores meshinit starts are then pointed at a
+//!   private [`ChildLock`] (`XTABLES_LOCKFILE`), which they get at once. An apply that is
+//!   one commit (one restore of one table into a fresh namespace, nothing after it to roll
+//!   back) has no "half way": its restore is pointed at the node's lock file and takes the
+//!   lock around that commit only, as every iptables command does, so pods starting
+//!   together queue for the commit alone and not for meshinit's own start and exit.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -85,20 +89,9 @@ impl XtablesLock {
     /// Takes the lock at `path` (iptables' `XTABLES_LOCKFILE`, or its default), waiting at
     /// most `wait` for whoever holds it.
     pub fn acquire(path: &Path, wait: Duration) -> Result<XtablesLock, ApplyError> {
-        let file_error = |error| ApplyError::LockFile {
-            path: path.to_owned(),
-            error,
-        };
-        // As iptables opens it: created if missing, never written. Inherited by the
-        // processes meshinit starts, so that a restore left running by a killed meshinit
-        // still holds the lock until it ends.
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_CREAT)
-            .mode(0o600)
-            .open(path)
-            .map_err(file_error)?;
-        inheritable(&file).map_err(file_error)?;
+        // Inherited by the processes meshinit starts, so that a restore left running by a
+        // killed meshinit still holds the lock until it ends.
+        let file = open_lock_file(path)?;
         let held = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(held) => held,
             Err((file, Errno::EWOULDBLOCK)) => {
@@ -108,29 +101,48 @@ impl XtablesLock {
                     wait,
                 })?
             }
-            Err((_, errno)) => return Err(file_error(std::io::Error::from(errno))),
+            Err((_, errno)) => {
+                return Err(ApplyError::LockFile {
+                    path: path.to_owned(),
+                    error: std::io::Error::from(errno),
+                })
+            }
         };
         Ok(XtablesLock { _held: held })
     }
 }
 
-/// What the restores meshinit starts lock instead of the node's lock, which meshinit holds
-/// for them: an anonymous file nobody else has, so they get it at once.
+/// The lock file the restores meshinit starts are pointed at (`XTABLES_LOCKFILE`): a
+/// descriptor they inherit and open anew through /proc, so they need no writable /run and
+/// no path of their own. Either a private file nobody else has, which they get at once,
+/// while meshinit holds the node's lock for them ([`XtablesLock`]); or the node's lock file
+/// itself, for a run that is one commit, whose restore then takes the lock around that
+/// commit as any iptables command does.
 #[derive(Debug)]
-pub struct PrivateLock {
+pub struct ChildLock {
     fd: OwnedFd,
 }
 
-impl PrivateLock {
-    pub fn new() -> Result<PrivateLock, ApplyError> {
+impl ChildLock {
+    /// An anonymous file: the restores lock it without waiting for anyone.
+    pub fn private() -> Result<ChildLock, ApplyError> {
         nix::sys::memfd::memfd_create(
             c"meshinit-xtables-lock",
             nix::sys::memfd::MemFdCreateFlag::empty(),
         )
-        .map(|fd| PrivateLock { fd })
+        .map(|fd| ChildLock { fd })
         .map_err(|errno| ApplyError::LockFile {
             path: PathBuf::from("memfd:meshinit-xtables-lock"),
             error: std::io::Error::from(errno),
+        })
+    }
+
+    /// The node's lock file at `path`, opened (created if missing) as iptables opens it,
+    /// but not locked: the restores lock it themselves.
+    pub fn node(path: &Path) -> Result<ChildLock, ApplyError> {
+        let file = open_lock_file(path)?;
+        Ok(ChildLock {
+            fd: OwnedFd::from(file),
         })
     }
 
@@ -139,6 +151,23 @@ impl PrivateLock {
     pub fn path_for_children(&self) -> PathBuf {
         PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
     }
+}
+
+/// Opens the lock file as iptables does (created if missing, never written), inheritable
+/// by the processes meshinit starts.
+fn open_lock_file(path: &Path) -> Result<File, ApplyError> {
+    let file_error = |error| ApplyError::LockFile {
+        path: path.to_owned(),
+        error,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_CREAT)
+        .mode(0o600)
+        .open(path)
+        .map_err(file_error)?;
+    inheritable(&file).map_err(file_error)?;
+    Ok(file)
 }
 
 fn inheritable(fd: &impl AsRawFd) -> std::io::Result<()> {

@@ -15,6 +15,7 @@ use super::build::{
     STATUS_PORT,
 };
 use super::error::{ConfigError, Origin};
+use super::proxy_metadata::{proxy_metadata, PROXY_CONFIG};
 
 /// The injector's chart default for `global.proxy.statusPort`.
 const DEFAULT_STATUS_PORT: &str = "15020";
@@ -167,7 +168,22 @@ impl Annotations {
     /// defaults, which differ from the injector's (15020 excluded outbound, 15020, 15021
     /// and 15090 always excluded inbound), and DNS, dual-stack and invalid-drop from the
     /// proxy's environment.
-    pub fn derive_cni(&self, raw: &mut RawSettings, proxy_env: &BTreeMap<String, String>) {
+    ///
+    /// The proxy's environment is the node's `proxy_env` (the mesh's defaults) with the
+    /// pod's own `proxyMetadata` (`proxy.istio.io/config`) over it, as istiod merges them.
+    pub fn derive_cni(
+        &self,
+        raw: &mut RawSettings,
+        proxy_env: &BTreeMap<String, String>,
+    ) -> Result<(), ConfigError> {
+        let pod_metadata = match self.get(PROXY_CONFIG) {
+            Some(config) => proxy_metadata(config).map_err(|reason| ConfigError::InvalidValue {
+                origin: Origin::Annotation(PROXY_CONFIG.into()),
+                value: config.to_owned(),
+                reason,
+            })?,
+            None => BTreeMap::new(),
+        };
         for spec in SETTINGS {
             if let Some(Annotation::Keys { keys, cni, .. }) = spec.annotation {
                 self.set_first(raw, spec.setting, keys, cni);
@@ -202,13 +218,21 @@ impl Annotations {
             ("ISTIO_DUAL_STACK", &[Setting::DualStack][..]),
             ("INVALID_DROP", &[Setting::DropInvalid][..]),
         ] {
-            if let Some(value) = proxy_env.get(variable) {
+            let (source, value) = match pod_metadata.get(variable) {
+                Some(value) => (
+                    format!("{PROXY_CONFIG} proxyMetadata.{variable}"),
+                    Some(value),
+                ),
+                None => (variable.to_owned(), proxy_env.get(variable)),
+            };
+            if let Some(value) = value {
                 for setting in settings {
-                    raw.set_annotation(*setting, variable, value.as_str());
+                    raw.set_annotation(*setting, &source, value.as_str());
                 }
             }
         }
         raw.set_flag(Setting::CniMode, "true");
+        Ok(())
     }
 }
 
@@ -397,7 +421,8 @@ mod tests {
         a.derive_cni(
             &mut raw,
             &BTreeMap::from([("ISTIO_META_DNS_CAPTURE".into(), "true".into())]),
-        );
+        )
+        .unwrap();
         let v = validate(&raw, &|_| None).unwrap();
         let text = format!("{v:?}");
         assert!(
@@ -409,6 +434,64 @@ mod tests {
             "{text}"
         );
         assert!(v.run_options().cni_mode);
+    }
+
+    /// The pod's own proxyMetadata beats the node's proxy_env, key by key, as istiod
+    /// merges a pod's ProxyConfig over the mesh's defaults.
+    #[test]
+    fn cni_takes_the_pods_own_proxy_metadata_over_the_nodes() {
+        use crate::config::build::validate;
+        let derived = |annotations: &str, node: &[(&str, &str)]| {
+            let mut raw = RawSettings::default();
+            let node = node
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect();
+            parse(annotations).derive_cni(&mut raw, &node)?;
+            let v = validate(&raw, &|_| None)?;
+            Ok::<_, ConfigError>(format!("{v:?}"))
+        };
+        let on =
+            "proxy.istio.io/config=\"proxyMetadata:\\n  ISTIO_META_DNS_CAPTURE: \\\"true\\\"\\n\"";
+        let off = "proxy.istio.io/config=\"{\\\"proxyMetadata\\\": {\\\"ISTIO_META_DNS_CAPTURE\\\": \\\"false\\\"}}\"";
+        let unrelated = "proxy.istio.io/config=\"concurrency: 2\"";
+        let dns = |text: &str| text.contains("redirect_dns: true");
+        assert!(dns(&derived(on, &[]).unwrap()));
+        assert!(!dns(
+            &derived(off, &[("ISTIO_META_DNS_CAPTURE", "true")]).unwrap()
+        ));
+        assert!(dns(&derived(
+            unrelated,
+            &[("ISTIO_META_DNS_CAPTURE", "true")]
+        )
+        .unwrap()));
+        assert!(!dns(&derived(unrelated, &[]).unwrap()));
+        let dual = "proxy.istio.io/config=\"proxyMetadata: {ISTIO_DUAL_STACK: \\\"true\\\"}\"";
+        assert!(derived(dual, &[]).unwrap().contains("dual_stack: true"));
+    }
+
+    #[test]
+    fn a_pods_unreadable_proxy_metadata_is_named() {
+        let mut raw = RawSettings::default();
+        let bad = parse(
+            "proxy.istio.io/config=\"proxyMetadata:\\n  ISTIO_META_DNS_CAPTURE: |\\n    true\\n\"",
+        );
+        let err = bad
+            .derive_cni(&mut raw, &BTreeMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("proxy.istio.io/config"), "{err}");
+        let mut raw = RawSettings::default();
+        let wrong =
+            parse("proxy.istio.io/config=\"proxyMetadata: {ISTIO_META_DNS_CAPTURE: maybe}\"");
+        wrong.derive_cni(&mut raw, &BTreeMap::new()).unwrap();
+        let err = crate::config::build::validate(&raw, &|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("proxyMetadata.ISTIO_META_DNS_CAPTURE") && err.contains("maybe"),
+            "{err}"
+        );
     }
 
     #[test]

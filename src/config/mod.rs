@@ -10,6 +10,7 @@ pub mod build;
 mod error;
 mod host;
 pub mod parse;
+mod proxy_metadata;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;

@@ -212,10 +212,26 @@ fn install_iptables(config: &Config) -> Result<(), EngineError> {
     let started = Instant::now();
     let _run_lock = RunLock::acquire(run.xtables_wait)?;
     let mut tools = IptablesTools::detect(run.force_backend, &families, run.xtables_wait)?;
-    tools.prepare(&families)?;
     let mut sets = NetlinkIpSets::default();
+    // nft takes no lock: its restores start before the plan is made, so that their start
+    // overlaps the planning. With iptables-legacy's lock, the plan comes first: whether
+    // the restores take the lock themselves, around one commit, or this run holds it for
+    // them, depends on it.
+    let shares_lock = tools.backend() != crate::apply::iptables::Backend::Nft;
+    if !shares_lock {
+        tools.prepare(&families)?;
+    }
     let ruleset = kernel_plan(config, &mut sets);
-    tools.hold_xtables_lock(&run.xtables_lockfile)?;
+    if shares_lock {
+        let one_commit = crate::apply::iptables::one_commit(&mut tools, &ruleset);
+        if one_commit {
+            tools.lock_per_commit(&run.xtables_lockfile);
+        }
+        tools.prepare(&families)?;
+        if !one_commit {
+            tools.hold_xtables_lock(&run.xtables_lockfile)?;
+        }
+    }
     let mut routing = NetlinkRouting::default();
     let summary = crate::apply::iptables::apply(&mut tools, &mut routing, &mut sets, &ruleset);
     tools.release_xtables_lock();

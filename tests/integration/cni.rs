@@ -4,7 +4,7 @@
 //! that runs as the pod's first init container in CNI mode passes.
 
 use crate::support::cni::{config_for, invoke, invoke_with, with_args, CniResult};
-use crate::support::lab::{tcp, Client::*, Expect, Lab, Setup, Sidecar};
+use crate::support::lab::{tcp, udp, Client::*, Expect, Lab, Setup, Sidecar};
 use crate::support::meshinit::{command, run};
 use crate::support::netns::NetNs;
 use crate::support::{injector_args, require_root};
@@ -87,6 +87,51 @@ fn cni_add_captures_like_the_init_container() {
             },
         ),
     ]);
+}
+
+/// A pod that asks for DNS capture itself (`proxy.istio.io/config`, which istiod turns into
+/// istio-proxy's environment and Istio's plugin reads from there): its app's DNS goes to the
+/// sidecar's 15053, the sidecar's own goes out; a pod that does not ask keeps its DNS.
+#[test]
+fn cni_add_takes_the_pods_own_dns_capture() {
+    if !require_root("cni_add_takes_the_pods_own_dns_capture") {
+        return;
+    }
+    let mut dns_args: Vec<String> = CNI_EQUIVALENT.iter().map(|s| s.to_string()).collect();
+    dns_args.extend(["--redirect-dns".into(), "--capture-all-dns".into()]);
+    for config in [
+        "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n",
+        r#"{"proxyMetadata": {"ISTIO_META_DNS_CAPTURE": "true"}}"#,
+    ] {
+        let annotated = config_for(&[
+            ("traffic.sidecar.istio.io/excludeOutboundPorts", "8200"),
+            ("proxy.istio.io/config", config),
+        ]);
+        let lab = Lab::start(&Setup::new(dns_args.clone()).via_cni(annotated));
+        lab.check(&[
+            udp(App, "203.0.113.53:53", Expect::DnsProxy),
+            udp(
+                Proxy,
+                "203.0.113.53:53",
+                Expect::Direct {
+                    name: "peer",
+                    local: "203.0.113.53:53",
+                },
+            ),
+        ]);
+    }
+    let lab = Lab::start(
+        &Setup::new(CNI_EQUIVALENT.iter().map(|s| s.to_string()).collect())
+            .via_cni(vault_excluded()),
+    );
+    lab.check(&[udp(
+        App,
+        "203.0.113.53:53",
+        Expect::Direct {
+            name: "peer",
+            local: "203.0.113.53:53",
+        },
+    )]);
 }
 
 fn pod() -> NetNs {

@@ -139,6 +139,92 @@ fn the_xtables_lock_is_held_from_the_first_commit_to_the_last() {
     );
 }
 
+/// Whether the lock is free at some moment within about a second: other tests'
+/// iptables-legacy take it briefly, a run that holds it keeps it.
+fn xtables_lock_comes_free() -> bool {
+    (0..100).any(|_| {
+        let free = !xtables_lock_is_held();
+        if !free {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        free
+    })
+}
+
+/// The injector's default pod, IPv4 only, on iptables-legacy: one restore of one table
+/// into a fresh namespace, one commit.
+fn one_commit_args() -> Vec<String> {
+    injector_args(&["--no-ipv6", "--force-iptables-binary", "legacy"])
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect()
+}
+
+/// docs/design.md, "The lock": an apply that is one commit has no "between two commits"
+/// to guard, so its restore takes the lock around that commit, as any iptables command
+/// does. Once the commit is done, the lock is free while meshinit still runs: the next
+/// pod's restore does not wait for this meshinit to see its restore exit and end (on a
+/// node starting many pods, that wait was most of each turn at the lock).
+#[test]
+fn a_one_commit_apply_holds_the_lock_around_its_commit_only() {
+    if !require_root("a_one_commit_apply_holds_the_lock_around_its_commit_only") {
+        return;
+    }
+    let ns = NetNs::new("lock-one");
+    let stepper = Stepper::new();
+    let mut apply = start_stepped(&ns, &stepper, &one_commit_args());
+    let committed = stepper
+        .wait(1, &mut apply)
+        .expect("meshinit ended before committing");
+    assert!(
+        xtables_lock_comes_free(),
+        "after its one commit ({committed}), with meshinit still running, the xtables lock \
+         stayed held"
+    );
+    stepper.release(1);
+    let status = apply.wait().expect("meshinit");
+    assert!(status.success(), "meshinit failed: {status}");
+    assert_eq!(stepper.committed().len(), 1, "{:?}", stepper.committed());
+    let save = ns.run(&["iptables-legacy-save", "-t", "nat"]);
+    assert!(save.contains("-j ISTIO_OUTPUT"), "not applied:\n{save}");
+}
+
+/// The same one-commit pod while another process holds the lock: the restore's own wait
+/// is bounded by --xtables-wait and reported as meshinit's own is, nothing applied.
+#[test]
+fn a_one_commit_apply_waits_for_the_lock_within_the_bound() {
+    if !require_root("a_one_commit_apply_waits_for_the_lock_within_the_bound") {
+        return;
+    }
+    let ns = NetNs::new("lock-one-wait");
+    let mut argv = vec!["apply".to_owned()];
+    argv.extend(one_commit_args());
+    argv.extend(["--xtables-wait".to_owned(), "2".to_owned()]);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let (ran, took) = {
+        let _held = LockHolder::hold(10);
+        let began = Instant::now();
+        (run(command(&ns, &[], &argv)), began.elapsed())
+    };
+    ran.assert_exit(3).assert_stderr_mentions(&[
+        "gave up after 2s",
+        "xtables lock",
+        "--xtables-wait",
+    ]);
+    assert!(
+        took < Duration::from_millis(3500),
+        "waited {took:?} for a 2s --xtables-wait\n{ran}"
+    );
+    let save = ns.run(&["iptables-legacy-save"]);
+    assert!(
+        !save.contains("ISTIO"),
+        "applied despite the timeout:\n{save}"
+    );
+    // With the lock free again (other tests may take it briefly: the default wait), the
+    // same pod goes through.
+    run(command(&ns, &[], &argv[..argv.len() - 2])).assert_exit(0);
+}
+
 /// The capture arguments with `-m MODE`, dual-stack, on iptables-legacy.
 fn legacy_mode(mode: &str) -> Vec<String> {
     let mut args: Vec<String> = INJECTOR_DEFAULT.iter().map(|a| (*a).to_owned()).collect();

@@ -5,7 +5,10 @@
 #   modules/istio/  istio.io/istio                pilot-discovery (istiod), at the commit
 #                                                 whose charts and injector interop/istio pins;
 #                                                 pilot-agent, whose `istio-iptables` is Istio's
-#                                                 istio-init (benches/istio.sh measures it)
+#                                                 istio-init (benches/istio.sh measures it; the
+#                                                 node's Istio proxy_init image carries it);
+#                                                 install-cni and the istio-cni plugin, Istio's
+#                                                 CNI agent and plugin (its install-cni image)
 #   modules/runc/   github.com/opencontainers/runc  runc, the node's OCI runtime: Debian 12's
 #                                                 (1.1.5) has no idmapped mounts, so
 #                                                 containerd could run no pod with
@@ -60,6 +63,8 @@ helm="$(cd "$modules/helm" && go list -m -f '{{.Version}}' helm.sh/helm/v3)"
 build helm helm "-X helm.sh/helm/v3/internal/version.version=$helm" helm.sh/helm/v3/cmd/helm
 build pilot-discovery istio "" istio.io/istio/pilot/cmd/pilot-discovery
 build pilot-agent istio "" istio.io/istio/pilot/cmd/pilot-agent
+build install-cni istio "" istio.io/istio/cni/cmd/install-cni
+build istio-cni istio "" istio.io/istio/cni/cmd/istio-cni
 runc="$(cd "$modules/runc" && go list -m -f '{{.Version}}' github.com/opencontainers/runc)"
 [ -f /usr/include/seccomp.h ] || { echo "build-addons.sh: runc needs libseccomp-dev" >&2; exit 1; }
 CGO_ENABLED=1 build runc runc "-X main.version=${runc#v}" -tags seccomp github.com/opencontainers/runc

@@ -131,6 +131,10 @@ while IFS='=' read -r tunable value; do
 done <"$TUNABLES_FILE"
 run_containerd_existed=
 [ -e /run/containerd ] && run_containerd_existed=1
+# Istio's CNI agent (istio-own.sh) keeps its run directory at this fixed path of the node,
+# a hostPath its chart does not let a user move.
+run_istio_cni_existed=
+[ -e /var/run/istio-cni ] && run_istio_cni_existed=1
 
 # Every process in the node's mount namespace (the holder's), the holder last.
 node_processes() {
@@ -217,6 +221,7 @@ teardown() {
   done
   [ -z "$restored" ] || rm -f "$TUNABLES_FILE"
   [ -n "$run_containerd_existed" ] || rm -rf /run/containerd
+  [ -n "$run_istio_cni_existed" ] || rm -rf /var/run/istio-cni
   if mount | grep -qF " $WORK"; then
     log "mounts left under $WORK in the host's namespace; not removing it"
   else
@@ -417,17 +422,10 @@ start_component kube-scheduler kube-scheduler \
 for plugin in bridge host-local loopback; do
   ln -s "/usr/lib/cni/$plugin" "$WORK/cni/bin/$plugin"
 done
-# meshinit-cni: the binary cargo builds, under the name that makes it the CNI plugin.
-MESHINIT_EXE="$(cd "$repo" && cargo build --quiet --bin meshinit --message-format=json \
-  | python3 -c 'import json,sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable"):
-        print(m["executable"])')"
-[ -x "$MESHINIT_EXE" ] || die "could not build meshinit"
-ln -s "$MESHINIT_EXE" "$WORK/cni/bin/meshinit-cni"
+# meshinit-cni: installed once meshinit's image is built (below), from the image.
 # The node's CNI network: the bridge (with host-local addresses), and, with `with-meshinit`,
-# meshinit-cni chained after it, taking each pod's annotations from containerd. containerd
+# meshinit-cni chained after it, taking each pod's annotations from containerd, excluding
+# kube-system (MESHINIT_CNI_EXCLUDE, a JSON list, overrides: bench.sh's). containerd
 # reloads the directory on a write (not on a file created or renamed into it), so the file
 # is rewritten in place, and the change waited for.
 node_cni_config() { # with-meshinit | without-meshinit
@@ -437,7 +435,7 @@ node_cni_config() { # with-meshinit | without-meshinit
     {
       "type": "meshinit-cni",
       "capabilities": {"io.kubernetes.cri.pod-annotations": true},
-      "exclude_namespaces": ["kube-system"]
+      "exclude_namespaces": '"${MESHINIT_CNI_EXCLUDE:-[\"kube-system\"]}"'
     }'
   fi
   cat >"$WORK/cni/10-node.conflist.tmp" <<EOF
@@ -467,12 +465,15 @@ EOF
     wait_for "containerd's CNI configuration ($1)" 30 containerd cni_config_is "$1"
   fi
 }
-cni_config_is() { # with-meshinit | without-meshinit: what containerd has loaded
-  local loaded
-  loaded="$(crictl info | python3 -c 'import json,sys
+loaded_cni_types() { # the types of the plugins containerd has loaded, in order
+  crictl info | python3 -c 'import json,sys
 d = json.load(sys.stdin)
 c = d.get("cniconfig") or d.get("config", {}).get("cniconfig") or {}
-print(" ".join(p["Network"]["type"] for n in c.get("Networks", []) for p in n["Config"]["Plugins"]))')"
+print(" ".join(p["Network"]["type"] for n in c.get("Networks", []) for p in n["Config"]["Plugins"]))'
+}
+cni_config_is() { # with-meshinit | without-meshinit: what containerd has loaded
+  local loaded
+  loaded="$(loaded_cni_types)"
   case "$1" in
     with-meshinit) [[ " $loaded " == *" meshinit-cni "* ]] ;;
     *) [[ " $loaded " == *" bridge "* && " $loaded " != *" meshinit-cni "* ]] ;;
@@ -602,6 +603,18 @@ for line in sys.stdin:
   rm -rf "$WORK/images"
 }
 timed "images (build, import)" build_images
+# meshinit-cni: the image's own binary (the static release build the node agent installs),
+# under the name that makes it the CNI plugin: both modes then run the same build (cargo's
+# debug build costs an ADD about 1.6 ms more CPU; docs/measured.md).
+install_plugin() {
+  local ctr
+  ctr="$(podman create "$MESHINIT_IMAGE")"
+  podman cp "$ctr:/usr/local/bin/meshinit" "$WORK/cni/meshinit"
+  podman rm "$ctr" >/dev/null
+}
+install_plugin
+[ -x "$WORK/cni/meshinit" ] || die "could not copy meshinit out of $MESHINIT_IMAGE"
+ln -s "$WORK/cni/meshinit" "$WORK/cni/bin/meshinit-cni"
 
 # --- the kubelet --------------------------------------------------------------------------
 for hierarchy in /sys/fs/cgroup/*/; do

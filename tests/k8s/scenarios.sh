@@ -23,6 +23,9 @@
 # istiod, installed with helm, and the pods its webhook injects.
 # shellcheck source=tests/k8s/istio.sh
 . "$here/istio.sh"
+# Istio's own istio-init and CNI, built from the pinned module, on the same node.
+# shellcheck source=tests/k8s/istio-own.sh
+. "$here/istio-own.sh"
 # The node agent (charts/meshinit-cni), installed with helm.
 # shellcheck source=tests/k8s/agent.sh
 . "$here/agent.sh"
@@ -66,11 +69,19 @@ check() { # WHAT EXPECTED-REGEX ANSWER
 # istio-init's arguments, as Istio's injector renders them for a pod without annotations.
 ISTIO_INIT_ARGS='["istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020", "--log_output_level=default:info"]'
 
+# The init container's resources in manifests/ (meshinit's); Istio's injector's defaults
+# (global.proxy_init.resources) for Istio's image.
+MESHINIT_INIT_RESOURCES='{requests: {cpu: 10m, memory: 16Mi}, limits: {cpu: "1", memory: 16Mi}}'
+ISTIO_INIT_RESOURCES='{requests: {cpu: 10m, memory: 40Mi}, limits: {cpu: 2000m, memory: 1024Mi}}'
+
 # The sidecar.istio.io/status Istio's injector writes, in each mode.
 INIT_MODE_STATUS='{"initContainers":["istio-init"],"containers":["istio-proxy"],"volumes":["istio-envoy"]}'
 CNI_MODE_STATUS='{"initContainers":["istio-validation"],"containers":["istio-proxy"],"volumes":["istio-envoy"]}'
 
-# The pod generators below read, besides their arguments: MODE, the interception mode
+# The pod generators below read, besides their arguments: INIT_IMAGE, the init container's
+# image (default meshinit's; bench.sh gives Istio's proxy_init image), and INIT_RESOURCES
+# (default the manifests' 16Mi; Istio's own defaults for Istio's image, whose peak is
+# larger); MODE, the interception mode
 # (REDIRECT, the default, or TPROXY: istio-init's -m, and istio-proxy as Istio runs it in
 # that mode: uid 0, gid 1337, NET_ADMIN, a transparent inbound listener); POD_NS, the
 # namespace (default meshed); POD_SECURITY, the pod's securityContext (default {}).
@@ -78,12 +89,10 @@ meshed_pod() { # NAME CAPABILITIES-ADD (a JSON list): init-container mode
   local args="${ISTIO_INIT_ARGS/\"REDIRECT\"/\"${MODE:-REDIRECT}\"}"
   pod_with_init "$1" "$INIT_MODE_STATUS" <<EOF
   - name: istio-init
-    image: $MESHINIT_IMAGE
+    image: ${INIT_IMAGE:-$MESHINIT_IMAGE}
     imagePullPolicy: Never
     args: $args
-    resources:
-      requests: {cpu: 10m, memory: 16Mi}
-      limits: {cpu: "1", memory: 16Mi}
+    resources: ${INIT_RESOURCES:-$MESHINIT_INIT_RESOURCES}
     securityContext:
       allowPrivilegeEscalation: false
       capabilities: {add: $2, drop: [ALL]}
@@ -99,12 +108,10 @@ cni_pod() { # NAME: CNI mode, istio-validation as Istio's injector renders it
   local args="${ISTIO_INIT_ARGS%]}, \"--run-validation\", \"--skip-rule-apply\"]"
   pod_with_init "$1" "$CNI_MODE_STATUS" <<EOF
   - name: istio-validation
-    image: $MESHINIT_IMAGE
+    image: ${INIT_IMAGE:-$MESHINIT_IMAGE}
     imagePullPolicy: Never
     args: $args
-    resources:
-      requests: {cpu: 10m, memory: 16Mi}
-      limits: {cpu: "1", memory: 16Mi}
+    resources: ${INIT_RESOURCES:-$MESHINIT_INIT_RESOURCES}
     securityContext:
       allowPrivilegeEscalation: false
       capabilities: {drop: [ALL]}
@@ -662,15 +669,17 @@ scenario_manifests_vault_alternatives() {
 SCENARIOS="init_container_mode init_container_mode_tproxy init_container_without_capabilities
   cni_mode pod_security restarts user_namespaces scale
   cni_mode_without_plugin manifests_deployment manifests_vault_native_sidecar
-  manifests_vault_alternatives $ISTIOD_SCENARIOS $AGENT_SCENARIOS"
+  manifests_vault_alternatives $ISTIOD_SCENARIOS $ISTIO_OWN_SCENARIOS $AGENT_SCENARIOS"
 
 run_scenarios() {
   ensure_namespaces
-  local scenario
+  local scenario start
   for scenario in ${K8S_SCENARIOS:-$SCENARIOS}; do
     declare -F "scenario_$scenario" >/dev/null || die "no scenario $scenario (K8S_SCENARIOS)"
     log "scenario $scenario"
+    start=$SECONDS
     "scenario_$scenario"
+    log "scenario $scenario took $((SECONDS - start))s"
   done
   if [ "$failures" -gt 0 ]; then
     die "$failures check(s) failed"

@@ -19,14 +19,17 @@
 # official Rust image (RUSTUP_HOME=/usr/local/rustup, CARGO_HOME=/usr/local/cargo, cargo on
 # PATH). TARGET_ROOT_IMAGE, where the image's tools come from, is bookworm's iptables and
 # nftables for ARCH, unpacked by mmdebstrap without running anything (--variant=extract),
-# its /bin, /sbin and /lib merged into /usr as in Debian's images, imported for ARCH.
+# its /bin, /sbin and /lib merged into /usr as in Debian's images, imported for ARCH; for
+# arm64 also libmnl-dev, libnftnl-dev and iptables' source package, and XTABLES_BUILD_IMAGE,
+# where the Dockerfile rebuilds the arm64 extensions (scripts/build-xtables.sh): bookworm
+# with the cross compiler, make, pkg-config and dpkg-dev.
 # The Rust toolchain itself is this machine's (with the aarch64 target for arm64),
 # bind-mounted read-only at those paths for the build, with its crate cache overlaid (cargo
 # may extract into it; the host's copy is not written). The build runs with no network:
 # everything it needs is local.
 #
-# Needs root, podman (with runc), mmdebstrap, cargo. The base image is made once and kept
-# (its tag names a hash of the recipe); the Dockerfile build uses podman's layer cache.
+# Needs root, podman (with runc), mmdebstrap, cargo. The base images are made once and kept
+# (their tags name a hash of the recipe); the Dockerfile build uses podman's layer cache.
 #
 # Environment:
 #   PODMAN_OPTS      extra global podman options (word-split), e.g. --root/--runroot/--tmpdir
@@ -99,33 +102,54 @@ rust_env=(
   "ENV=RUSTUP_HOME=/usr/local/rustup"
   "ENV=CARGO_HOME=/usr/local/cargo"
 )
+# essential_image REPO TAG RECIPE PACKAGES [CHANGE…]: TAG, unless it exists: mmdebstrap's
+# essential variant of the suite with PACKAGES, imported with the CHANGEs (Dockerfile
+# instructions); REPO's other tags for this suite are then removed.
+essential_image() {
+  local repo="$1" tag="$2" recipe="$3" include="$4" change rootfs
+  shift 4
+  podman image exists "$tag" && return
+  echo "build-offline.sh: making $tag ($recipe)" >&2
+  rootfs="$(mktemp -d)"
+  trap 'rm -rf "$rootfs"' EXIT
+  mmdebstrap --quiet --variant=essential --include="$include" "$suite" "$rootfs/rootfs.tar"
+  local changes=()
+  for change in "$@"; do changes+=(--change "$change"); done
+  podman import --quiet "${changes[@]}" "$rootfs/rootfs.tar" "$tag" >/dev/null
+  rm -rf "$rootfs"
+  trap - EXIT
+  remove_older "$repo" "${tag%-*}-" "$tag"
+}
 recipe="mmdebstrap --variant=essential --include=$packages $suite; ${rust_env[*]}"
 base_repo=localhost/meshinit-build-base
 base="$base_repo:$suite-$(printf '%s' "$recipe" | sha256sum | cut -c1-12)"
-if ! podman image exists "$base"; then
-  echo "build-offline.sh: making $base ($recipe)" >&2
-  rootfs="$(mktemp -d)"
-  trap 'rm -rf "$rootfs"' EXIT
-  mmdebstrap --quiet --variant=essential --include="$packages" "$suite" "$rootfs/rootfs.tar"
-  changes=()
-  for change in "${rust_env[@]}"; do changes+=(--change "$change"); done
-  podman import --quiet "${changes[@]}" "$rootfs/rootfs.tar" "$base" >/dev/null
-  rm -rf "$rootfs"
-  trap - EXIT
-  remove_older "$base_repo" "$base_repo:$suite-" "$base"
-fi
+essential_image "$base_repo" "$base" "$recipe" "$packages" "${rust_env[@]}"
 
-# The target root: the image's tools for ARCH, unpacked, nothing run. (podman 4.3 sets
-# neither TARGETARCH nor BUILDPLATFORM for the Dockerfile, as BuildKit does: given below.)
-root_recipe="mmdebstrap --variant=extract --architectures=$arch --include=iptables,nftables $suite; merged /usr"
+# The target root: the image's tools for ARCH, unpacked, nothing run. Where the xtables
+# extensions are rebuilt (arm64: scripts/build-xtables.sh), also what that build needs from
+# it: libmnl-dev, libnftnl-dev, and the iptables source package of the same version, which
+# apt (mmdebstrap's own configuration, deb-src lines added) fetches into
+# /usr/src/iptables. (podman 4.3 sets neither TARGETARCH nor BUILDPLATFORM for the
+# Dockerfile, as BuildKit does: given below.)
+root_packages=iptables,nftables
+root_hooks=()
+if bash scripts/build-xtables.sh rebuilds "$arch"; then
+  root_packages="$root_packages,libmnl-dev,libnftnl-dev"
+  root_hooks=(
+    --setup-hook='sed -n "s/^deb /deb-src /p" "$1/etc/apt/sources.list" >>"$1/etc/apt/sources.list"'
+    --extract-hook="APT_CONFIG=\"\$MMDEBSTRAP_APT_CONFIG\" bash $PWD/scripts/build-xtables.sh fetch \"\$1\""
+  )
+fi
+# (The recipe names the hooks without this checkout's path, so that every clone shares it.)
+root_recipe="mmdebstrap --variant=extract --architectures=$arch --include=$root_packages${root_hooks[*]:+ +deb-src, extract hook: build-xtables.sh fetch} $suite; merged /usr"
 root_repo=localhost/meshinit-target-root
 target_root="$root_repo:$suite-$arch-$(printf '%s' "$root_recipe" | sha256sum | cut -c1-12)"
 if ! podman image exists "$target_root"; then
   echo "build-offline.sh: making $target_root ($root_recipe)" >&2
   work="$(mktemp -d)"
   trap 'rm -rf "$work"' EXIT
-  mmdebstrap --quiet --variant=extract --architectures="$arch" --include=iptables,nftables \
-    "$suite" "$work/root"
+  mmdebstrap --quiet --variant=extract --architectures="$arch" --include="$root_packages" \
+    "${root_hooks[@]}" "$suite" "$work/root"
   for dir in bin sbin lib lib64; do
     if [ -d "$work/root/$dir" ] && [ ! -L "$work/root/$dir" ]; then
       mkdir -p "$work/root/usr/$dir"
@@ -141,12 +165,26 @@ if ! podman image exists "$target_root"; then
   remove_older "$root_repo" "$root_repo:$suite-$arch-" "$target_root"
 fi
 
+# XTABLES_BUILD_IMAGE, where the Dockerfile compiles the extensions it rebuilds (arm64:
+# scripts/build-xtables.sh): bookworm with ARCH's compiler, make, pkg-config and dpkg-dev.
+# For an arch whose extensions are Debian's, nothing is compiled there: the base serves.
+xtables_build="$base"
+if bash scripts/build-xtables.sh rebuilds "$arch"; then
+  if [ "$arch" = "$host_arch" ]; then xtables_packages=gcc,libc6-dev
+  else xtables_packages="gcc-${triple%%-*}-linux-gnu,libc6-dev-$arch-cross"; fi
+  xtables_packages="$xtables_packages,make,pkg-config,dpkg-dev"
+  xtables_recipe="mmdebstrap --variant=essential --include=$xtables_packages $suite"
+  xtables_repo=localhost/meshinit-xtables-build
+  xtables_build="$xtables_repo:$suite-$arch-$(printf '%s' "$xtables_recipe" | sha256sum | cut -c1-12)"
+  essential_image "$xtables_repo" "$xtables_build" "$xtables_recipe" "$xtables_packages"
+fi
+
 # Every crate the build needs, in the cache the build mounts (a no-op when they are there).
 CARGO_HOME="$cargo_home" cargo fetch --locked --quiet --target "$triple"
 
 podman build --pull=never --network=none --platform "linux/$arch" \
   --build-arg RUST_IMAGE="$base" --build-arg DEBIAN_IMAGE="$base" \
-  --build-arg TARGET_ROOT_IMAGE="$target_root" \
+  --build-arg TARGET_ROOT_IMAGE="$target_root" --build-arg XTABLES_BUILD_IMAGE="$xtables_build" \
   --build-arg TARGETARCH="$arch" --build-arg BUILDPLATFORM="linux/$host_arch" \
   --build-arg VERSION="$version" \
   --volume "$rustup_home:/usr/local/rustup:ro" \

@@ -6,7 +6,8 @@
 # Each guest boots one of the pinned kernels below under qemu (TCG: no KVM needed), from a
 # small initramfs: Debian bookworm's userland for the guest's arch (iptables 1.8.9 legacy
 # and nft, nftables 1.0.6, iproute2, kmod, ipset, busybox, dash: the image's tools, extracted
-# without running maintainer scripts), that kernel's netfilter modules (from the same
+# without running maintainer scripts; arm64's xtables extensions rebuilt as in the image,
+# scripts/build-xtables.sh), that kernel's netfilter modules (from the same
 # package, with modules.dep), the static release meshinit built from this tree for that
 # arch, and examples/vm_probe.rs (the integration tests' helper roles). In the guest,
 # tests/vm/guest/checks.sh builds network namespaces (documentation addresses only) and
@@ -21,7 +22,8 @@
 #
 # Needs root (only for the cache directory and apt's download), qemu-system-x86,
 # qemu-system-arm, cpio, xz-utils, busybox-static's package from Debian (fetched), cargo with
-# the aarch64-unknown-linux-gnu target and gcc-aarch64-linux-gnu + libc6-dev-arm64-cross.
+# the aarch64-unknown-linux-gnu target and gcc-aarch64-linux-gnu + libc6-dev-arm64-cross,
+# and for the arm64 extensions make, pkg-config and dpkg-dev.
 # Fetched packages and built pieces are cached in $MESHINIT_VM_CACHE
 # (/var/lib/meshinit-test/vm), keyed by package version; apt uses a private APT_CONFIG
 # there, never the machine's sources. The static builds' cargo target directory is there
@@ -77,7 +79,8 @@ cache="${MESHINIT_VM_CACHE:-/var/lib/meshinit-test/vm}"
 mkdir -p "$cache"
 log() { echo "vm: $*" >&2; }
 die() { echo "vm: $*" >&2; exit 1; }
-for tool in qemu-system-x86_64 qemu-system-aarch64 cpio xz depmod apt-get dpkg-deb cargo; do
+for tool in qemu-system-x86_64 qemu-system-aarch64 cpio xz depmod apt-get dpkg-deb cargo \
+  make pkg-config dpkg-source; do
   command -v "$tool" >/dev/null || die "needs $tool"
 done
 
@@ -93,6 +96,8 @@ apt_setup() {
   for suite in bullseye bookworm trixie; do
     echo "deb [signed-by=$keyring] http://deb.debian.org/debian $suite main" >>"$aptdir/etc/sources.list"
   done
+  # The userland's iptables source, for the extensions scripts/build-xtables.sh rebuilds.
+  echo "deb-src [signed-by=$keyring] http://deb.debian.org/debian bookworm main" >>"$aptdir/etc/sources.list"
   cat >"$aptdir/apt.conf" <<EOF
 Dir::Etc "$aptdir/etc";
 Dir::Etc::sourcelist "$aptdir/etc/sources.list";
@@ -155,22 +160,35 @@ kernel_dir() {
 }
 
 # --- the userland: Debian's packages for the arch, extracted, as one cpio -----------------
+# As in the image, the extensions of an arch whose Debian extensions are padded (arm64)
+# are rebuilt from the source of the same iptables (scripts/build-xtables.sh, with the
+# -dev packages it needs fetched too); the cache key covers that script.
 userland_cpio() {
   local arch="$1"
-  local key
-  key="$(printf '%s\n' "${USERLAND[@]}" | sha256sum | cut -c1-12)"
+  local key rebuild=false
+  if bash scripts/build-xtables.sh rebuilds "$arch"; then rebuild=true; fi
+  key="$( { printf '%s\n' "${USERLAND[@]}"; ! $rebuild || cat scripts/build-xtables.sh; } \
+    | sha256sum | cut -c1-12)"
   local dir="$cache/userland/$arch-$key"
   if [ ! -f "$dir/done" ]; then
     log "fetching the $arch userland: ${USERLAND[*]}"
     rm -rf "$dir" && mkdir -p "$dir/debs" "$dir/root"
     local wanted=()
     for p in "${USERLAND[@]}"; do wanted+=("${p%%=*}:$arch=${p#*=}"); done
+    if $rebuild; then wanted+=("libmnl-dev:$arch" "libnftnl-dev:$arch"); fi
     # apt resolves the dependencies against an empty status: everything they need.
     papt apt-get install -qq -y --download-only --no-install-recommends \
       -o Dir::Cache::archives="$dir/debs" -o APT::Default-Release=bookworm "${wanted[@]}" >&2 \
       || die "cannot fetch the $arch userland"
     for deb in "$dir"/debs/*.deb; do dpkg-deb -x "$deb" "$dir/root"; done
     ls "$dir/debs" >"$dir/packages"
+    if $rebuild; then
+      log "rebuilding the $arch xtables extensions (scripts/build-xtables.sh)"
+      papt bash scripts/build-xtables.sh fetch "$dir/root"
+      bash scripts/build-xtables.sh build "$arch" "$dir/root" "$dir/root" \
+        || die "cannot rebuild the $arch xtables extensions"
+      rm -rf "$dir/root/usr/src" "$dir/root/usr/include"
+    fi
     rm -rf "$dir/root/usr/share/doc" "$dir/root/usr/share/man" "$dir/root/usr/share/locale" \
       "$dir/root/usr/share/info" "$dir/debs"
     (cd "$dir/root" && find . | cpio -o -H newc --quiet) >"$dir/userland.cpio"

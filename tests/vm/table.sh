@@ -24,7 +24,8 @@ cat <<'EOF'
 
 Produced by `bash tests/vm/run.sh` (do not edit by hand): Debian's stock kernels, booted
 under qemu (TCG) from an initramfs with Debian bookworm's userland for the guest's arch
-(iptables 1.8.9 legacy and nft, nftables 1.0.6, iproute2, kmod, ipset, busybox), the
+(iptables 1.8.9 legacy and nft, nftables 1.0.6, iproute2, kmod, ipset, busybox; on arm64
+with the xtables extensions rebuilt as in the image, scripts/build-xtables.sh), the
 kernel's own netfilter modules, loaded on demand, and this tree's static meshinit for that
 arch. In each guest, real traffic in network namespaces (documentation addresses), per
 engine, with and without `--match-sets`: REDIRECT with dual-stack, DNS capture and
