@@ -54,8 +54,11 @@ pub struct CaptureSettings {
     pub plugin: plugin::PluginConf,
     /// Identifies the plugin binary: a record with another one was made by another meshinit.
     pub plugin_id: String,
-    /// Check init-container-mode pods too (against istio-init's arguments; reported only).
+    /// Check init-container-mode pods too (against istio-init's arguments).
     pub init_container_pods: bool,
+    /// Re-apply those too, under `policy: repair` (istio-init's arguments, as it ran them);
+    /// otherwise they are reported only.
+    pub repair_init_container_pods: bool,
 }
 
 /// What the agent reads of a pod.
@@ -337,8 +340,9 @@ pub fn decide(
     init_mode: bool,
 ) -> Verdict {
     match (settings.policy, cause) {
-        // Init-container-mode pods are checked and reported, never changed.
-        _ if init_mode => Verdict::Report(cause),
+        // Init-container-mode pods are checked and reported, changed only when opted in:
+        // their rules are istio-init's, which the pod's owner may expect to stay as it left them.
+        _ if init_mode && !settings.repair_init_container_pods => Verdict::Report(cause),
         (Policy::Report, _) => Verdict::Report(cause),
         (Policy::Repair, CaptureCause::Upgrade) if !settings.upgrade => Verdict::Report(cause),
         (Policy::Repair, CaptureCause::Upgrade) if !upgrade_allowed => Verdict::Defer,
@@ -514,7 +518,9 @@ pub fn reconcile_pod(
                     "capture rules differ from the plan ({}): {details}; not re-applied ({})",
                     cause.as_str(),
                     match (settings.policy, cause) {
-                        _ if pod.init_mode() => "init-container mode: reported only",
+                        _ if pod.init_mode() && !settings.repair_init_container_pods => {
+                            "init-container mode: reported only (capture.repairInitContainerPods is off)"
+                        }
                         (Policy::Report, _) => "policy: report",
                         _ => "upgrades are not enabled",
                     }
@@ -844,7 +850,10 @@ impl PodCapture for ProcCapture {
     }
     fn apply(&self, pod: &PodView) -> Checked {
         if pod.init_mode() {
-            return Checked::Failed("init-container-mode pods are not re-applied".into());
+            return match self.processes.open(&pod.uid) {
+                Ok(netns) => self.plugin.apply_init(pod, &netns),
+                Err(err) => Checked::Unreachable(err.to_string()),
+            };
         }
         if let Err(err) = validate(pod, &self.plugin.conf) {
             return err;

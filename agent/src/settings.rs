@@ -190,9 +190,15 @@ pub struct Args {
     pub capture_exclude_namespaces: Vec<String>,
 
     /// Check init-container-mode pods too, against istio-init's own arguments
-    /// (`meshinit check`); they are reported, never changed.
+    /// (`meshinit check`); they are reported, and changed only with
+    /// --capture-repair-init-container-pods.
     #[arg(long, env = "CAPTURE_INIT_CONTAINER_PODS", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub capture_init_container_pods: bool,
+
+    /// Under --capture-policy repair, re-apply init-container-mode pods too (`meshinit
+    /// apply` with istio-init's arguments in the pod's namespace).
+    #[arg(long, env = "CAPTURE_REPAIR_INIT_CONTAINER_PODS", default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub capture_repair_init_container_pods: bool,
 
     /// Where the node's processes are (the agent runs with hostPID): pods' network
     /// namespaces are found there.
@@ -294,6 +300,7 @@ impl Args {
                 // Set from the binary when the agent starts (settings do no I/O).
                 plugin_id: String::new(),
                 init_container_pods: self.capture_init_container_pods,
+                repair_init_container_pods: self.capture_repair_init_container_pods,
             }),
             None => None,
         };

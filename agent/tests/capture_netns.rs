@@ -141,6 +141,7 @@ fn settings(policy: Policy, binary: &Path) -> CaptureSettings {
         plugin: plugin::PluginConf::default(),
         plugin_id: capture::plugin_id(binary),
         init_container_pods: true,
+        repair_init_container_pods: false,
     }
 }
 
@@ -274,10 +275,11 @@ fn a_real_namespace_drifted_is_repaired_and_a_bad_annotation_changes_nothing() {
 }
 
 /// An init-container-mode pod: checked against istio-init's own arguments (`meshinit
-/// check`), its drift reported and never repaired, a bad argument named.
+/// check`), its drift reported and not repaired unless opted in, then repaired; a bad
+/// argument named.
 #[test]
-fn an_init_container_mode_pod_is_checked_and_only_reported() {
-    let test = "an_init_container_mode_pod_is_checked_and_only_reported";
+fn an_init_container_mode_pod_is_reported_and_repaired_only_when_opted_in() {
+    let test = "an_init_container_mode_pod_is_reported_and_repaired_only_when_opted_in";
     let Some(binary) = can_run(test) else { return };
     let netns = Netns::new("init");
     let dir = tempfile::tempdir().unwrap();
@@ -329,6 +331,24 @@ fn an_init_container_mode_pod_is_checked_and_only_reported() {
     assert!(
         !netns.rules().contains("-A OUTPUT"),
         "reported only: not repaired"
+    );
+    // Opted in (capture.repairInitContainerPods): re-applied with istio-init's arguments.
+    let mut opted_in = settings(Policy::Repair, &binary);
+    opted_in.repair_init_container_pods = true;
+    let repaired = reconcile_pod(
+        &pod,
+        &capture,
+        &opted_in,
+        &mut UpgradeBudget::default(),
+        0,
+        Instant::now(),
+    );
+    assert_eq!(repaired.repaired, Some(CaptureCause::Drift), "{repaired:?}");
+    assert_eq!(capture.check(&pod), Checked::Clean);
+    assert!(
+        netns.rules().contains("-A OUTPUT -j ISTIO_OUTPUT"),
+        "{}",
+        netns.rules()
     );
     let mut bad = pod.clone();
     bad.init_args = Some(

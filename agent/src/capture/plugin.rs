@@ -139,6 +139,35 @@ impl PluginRunner {
         }
     }
 
+    /// An init-container-mode pod, re-applied: `meshinit apply` with istio-init's own
+    /// arguments and literal environment in the pod's namespace, as istio-init ran it
+    /// (meshinit moves the pod to that state atomically, whatever it finds there).
+    pub fn apply_init(&self, pod: &PodView, netns: &File) -> Checked {
+        let Some(args) = pod.init_args.as_deref().and_then(init_check_args) else {
+            return Checked::Failed(
+                "istio-init's arguments are not meshinit's (istio-iptables or apply ...)".into(),
+            );
+        };
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("apply")
+            .arg("--network-namespace")
+            .arg(netns_path(netns))
+            .args(args)
+            .envs(&pod.init_env);
+        match self.spawn(&mut cmd, "", "apply") {
+            Ok((Some(0), _, _)) => Checked::Clean,
+            Ok((status, out, err)) => match init_outcome(status, &out, &err) {
+                // apply has no "drifted" exit; any other failure is the apply's.
+                Checked::Drifted(_) | Checked::Clean => Checked::Failed(format!(
+                    "meshinit apply exited {status:?}: {}",
+                    String::from_utf8_lossy(&err).trim()
+                )),
+                other => other,
+            },
+            Err(failed) => failed,
+        }
+    }
+
     /// Starts `cmd` with only what a plugin or init container is given, writes `input`,
     /// waits at most `timeout`; its exit code and output.
     fn spawn(&self, cmd: &mut Command, input: &str, what: &str) -> Result<Ran, Checked> {

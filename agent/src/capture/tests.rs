@@ -23,6 +23,7 @@ fn settings(policy: Policy) -> CaptureSettings {
         },
         plugin_id: "plugin-v2".into(),
         init_container_pods: true,
+        repair_init_container_pods: false,
     }
 }
 
@@ -199,7 +200,7 @@ fn only_this_nodes_meshed_cni_pods_are_checked() {
 }
 
 #[test]
-fn init_container_mode_pods_are_reported_never_changed() {
+fn init_container_mode_pods_are_reported_and_changed_only_when_opted_in() {
     let pod = init_mode("a");
     let ns = FakeNs::new("plugin-v2");
     let outcome = run(&pod, &ns, &settings(Policy::Repair));
@@ -216,6 +217,18 @@ fn init_container_mode_pods_are_reported_never_changed() {
         "{}",
         event.message
     );
+    // Opted in: re-applied, under policy repair only.
+    let mut opted_in = settings(Policy::Repair);
+    opted_in.repair_init_container_pods = true;
+    let ns = FakeNs::new("plugin-v2");
+    let outcome = run(&pod, &ns, &opted_in);
+    assert_eq!(outcome.repaired, Some(CaptureCause::Drift), "{outcome:?}");
+    assert!(ns.calls.borrow().contains(&"apply"));
+    let mut report = settings(Policy::Report);
+    report.repair_init_container_pods = true;
+    let ns = FakeNs::new("plugin-v2");
+    assert!(run(&pod, &ns, &report).repaired.is_none());
+    assert!(!ns.calls.borrow().contains(&"apply"));
     // istio-init's arguments become `meshinit check`'s.
     let args = pod.init_args.clone().unwrap();
     assert_eq!(plugin::init_check_args(&args), Some(&args[1..]));
