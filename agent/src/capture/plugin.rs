@@ -122,18 +122,7 @@ impl PluginRunner {
     /// An init-container-mode pod: `meshinit check` with istio-init's own arguments, in
     /// the pod's namespace (its environment's literal values too, as istio-init has them).
     pub fn check_init(&self, pod: &PodView, netns: &File) -> Checked {
-        let Some(args) = pod.init_args.as_deref().and_then(init_check_args) else {
-            return Checked::Failed(
-                "istio-init's arguments are not meshinit's (istio-iptables or apply ...)".into(),
-            );
-        };
-        let mut cmd = Command::new(&self.binary);
-        cmd.arg("check")
-            .arg("--network-namespace")
-            .arg(netns_path(netns))
-            .args(args)
-            .envs(&pod.init_env);
-        match self.spawn(&mut cmd, "", "check") {
+        match self.run_init("check", pod, netns) {
             Ok((status, out, err)) => init_outcome(status, &out, &err),
             Err(failed) => failed,
         }
@@ -143,21 +132,10 @@ impl PluginRunner {
     /// arguments and literal environment in the pod's namespace, as istio-init ran it
     /// (meshinit moves the pod to that state atomically, whatever it finds there).
     pub fn apply_init(&self, pod: &PodView, netns: &File) -> Checked {
-        let Some(args) = pod.init_args.as_deref().and_then(init_check_args) else {
-            return Checked::Failed(
-                "istio-init's arguments are not meshinit's (istio-iptables or apply ...)".into(),
-            );
-        };
-        let mut cmd = Command::new(&self.binary);
-        cmd.arg("apply")
-            .arg("--network-namespace")
-            .arg(netns_path(netns))
-            .args(args)
-            .envs(&pod.init_env);
-        match self.spawn(&mut cmd, "", "apply") {
+        match self.run_init("apply", pod, netns) {
             Ok((Some(0), _, _)) => Checked::Clean,
             Ok((status, out, err)) => match init_outcome(status, &out, &err) {
-                // apply has no "drifted" exit; any other failure is the apply's.
+                // apply has no "drifted" exit: any other failure is the apply's own.
                 Checked::Drifted(_) | Checked::Clean => Checked::Failed(format!(
                     "meshinit apply exited {status:?}: {}",
                     String::from_utf8_lossy(&err).trim()
@@ -166,6 +144,22 @@ impl PluginRunner {
             },
             Err(failed) => failed,
         }
+    }
+
+    /// `meshinit SUBCOMMAND --network-namespace NS ARGS` with istio-init's arguments.
+    fn run_init(&self, subcommand: &str, pod: &PodView, netns: &File) -> Result<Ran, Checked> {
+        let Some(args) = pod.init_args.as_deref().and_then(init_check_args) else {
+            return Err(Checked::Failed(
+                "istio-init's arguments are not meshinit's (istio-iptables or apply ...)".into(),
+            ));
+        };
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg(subcommand)
+            .arg("--network-namespace")
+            .arg(netns_path(netns))
+            .args(args)
+            .envs(&pod.init_env);
+        self.spawn(&mut cmd, "", subcommand)
     }
 
     /// Starts `cmd` with only what a plugin or init container is given, writes `input`,
