@@ -166,6 +166,15 @@ scenario_agent_capture() {
   sleep "$CAPTURE_INTERVAL"
   check "capture: its rules are left as they are (still flushed after a sweep)" '^flushed$' \
     "$(nat_has "$init_pid" '-A OUTPUT' && echo repaired || echo flushed)"
+  # Opted in (capture.repairInitContainerPods): re-applied with istio-init's arguments.
+  helm upgrade "$AGENT_RELEASE" "$repo/charts/meshinit-cni" -n kube-system --reuse-values \
+    --set capture.repairInitContainerPods=true >"$WORK/logs/helm-agent-init-repair.log" 2>&1 \
+    || die "helm upgrade failed: $(cat "$WORK/logs/helm-agent-init-repair.log")"
+  took="$(wait_until 90 nat_has "$init_pid" '-A OUTPUT -j ISTIO_OUTPUT')"
+  check "capture: with capture.repairInitContainerPods, its flushed rules are re-applied (ms after the helm upgrade)" \
+    '^[0-9]+$' "$took"
+  wait_until 10 pod_has_event capture-init MeshinitCaptureRepaired >/dev/null || true
+  check "capture: an Event says it was repaired" 'drift' "$(pod_events capture-init MeshinitCaptureRepaired)"
   delete_pod capture-init
   capture_teardown capture
 }
