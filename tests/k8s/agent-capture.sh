@@ -63,11 +63,11 @@ except Exception:
     print("none")'
 }
 capture_state_is() { [ "$(capture_state "$1")" = "$2" ]; }
-pod_events() { # POD REASON: the messages of the pod's Events with that reason
+capture_events() { # POD REASON: the messages of the pod's Events with that reason
   kubectl get events -n meshed --field-selector "involvedObject.name=$1,reason=$2" \
     -o jsonpath='{range .items[*]}{.message}{"\n"}{end}'
 }
-pod_has_event() { [ -n "$(pod_events "$1" "$2")" ]; }
+pod_has_event() { [ -n "$(capture_events "$1" "$2")" ]; }
 within_bound() { # MS: "ok MS" when a number within CAPTURE_BOUND_MS
   if [[ "$1" =~ ^[0-9]+$ ]] && [ "$1" -le "$CAPTURE_BOUND_MS" ]; then echo "ok $1"; else echo "over: $1"; fi
 }
@@ -112,7 +112,7 @@ scenario_agent_capture() {
   wait_until 10 pod_has_event capture MeshinitCaptureRepaired >/dev/null || true
   check "capture: an Event on the pod says it was repaired, and why" \
     'capture rules differed from the plan \(drift\): .*OUTPUT.*re-applied' \
-    "$(pod_events capture MeshinitCaptureRepaired)"
+    "$(capture_events capture MeshinitCaptureRepaired)"
   check "capture: counted in meshinit_cni_capture_repaired_total{cause=\"drift\"}" '^[1-9]' \
     "$(agent_metric 'meshinit_cni_capture_repaired_total{cause="drift"}')"
 
@@ -134,7 +134,7 @@ scenario_agent_capture() {
     "$(kubectl get pod -n meshed capture -o jsonpath='{.status.containerStatuses[0].restartCount}')"
   wait_until 10 pod_has_event capture MeshinitCaptureUpdated >/dev/null || true
   check "capture: an Event says the new annotations were applied" 'differed from the plan \(annotations\)' \
-    "$(pod_events capture MeshinitCaptureUpdated)"
+    "$(capture_events capture MeshinitCaptureUpdated)"
 
   # A bad value: the rules stay, the Event names the annotation and the value.
   wait_until 10 capture_state_is capture captured >/dev/null || true
@@ -144,7 +144,7 @@ scenario_agent_capture() {
   check "capture: a bad excludeOutboundPorts is reported in an Event within ${CAPTURE_BOUND_MS} ms" '^ok ' "$(within_bound "$took")"
   check "capture: the Event names the annotation and the value, and says the rules are left" \
     "invalid value \"8200,80x\" for annotation $PORTS_ANNOTATION.*left as they are" \
-    "$(pod_events capture MeshinitCaptureInvalid)"
+    "$(capture_events capture MeshinitCaptureInvalid)"
   sleep "$CAPTURE_INTERVAL"
   check "capture: the pod's tables are unchanged after a sweep" '^unchanged$' \
     "$(if [ "$(pod_tables "$pid")" = "$before" ]; then echo unchanged; else diff <(echo "$before") <(pod_tables "$pid"); fi)"
@@ -162,7 +162,7 @@ scenario_agent_capture() {
   took="$(wait_until 30 pod_has_event capture-init MeshinitCaptureDrifted)"
   check "capture: its flushed rules are reported within ${CAPTURE_BOUND_MS} ms" '^ok ' "$(within_bound "$took")"
   check "capture: the Event names the difference and says it is only reported" \
-    "missing \`-j ISTIO_OUTPUT\`.*init-container mode: reported only" "$(pod_events capture-init MeshinitCaptureDrifted)"
+    "missing \`-j ISTIO_OUTPUT\`.*init-container mode: reported only" "$(capture_events capture-init MeshinitCaptureDrifted)"
   sleep "$CAPTURE_INTERVAL"
   check "capture: its rules are left as they are (still flushed after a sweep)" '^flushed$' \
     "$(nat_has "$init_pid" '-A OUTPUT' && echo repaired || echo flushed)"
@@ -174,7 +174,7 @@ scenario_agent_capture() {
   check "capture: with capture.repairInitContainerPods, its flushed rules are re-applied (ms after the helm upgrade)" \
     '^[0-9]+$' "$took"
   wait_until 10 pod_has_event capture-init MeshinitCaptureRepaired >/dev/null || true
-  check "capture: an Event says it was repaired" 'drift' "$(pod_events capture-init MeshinitCaptureRepaired)"
+  check "capture: an Event says it was repaired" 'drift' "$(capture_events capture-init MeshinitCaptureRepaired)"
   delete_pod capture-init
   capture_teardown capture
 }
@@ -359,7 +359,7 @@ scenario_agent_capture_upgrade() {
   check "upgrade: its rules are left as they were" '--dport 9999 -j RETURN' "$(pod_nat "$(pod_pid "$pod")")"
   wait_until 10 pod_has_event "$pod" MeshinitCaptureDrifted >/dev/null || true
   check "upgrade: an Event says why it is left" 'differ from the plan \(upgrade\).*upgrades are not enabled' \
-    "$(pod_events "$pod" MeshinitCaptureDrifted)"
+    "$(capture_events "$pod" MeshinitCaptureDrifted)"
   helm upgrade "$AGENT_RELEASE" "$repo/charts/meshinit-cni" -n kube-system --reuse-values \
     --set capture.upgrade=true >"$WORK/logs/helm-agent-upgrade.log" 2>&1 \
     || die "helm upgrade failed: $(cat "$WORK/logs/helm-agent-upgrade.log")"
@@ -374,7 +374,7 @@ scenario_agent_capture_upgrade() {
     check "upgrade: $pod's rules are this meshinit's plan (the older rule gone)" '^gone$' \
       "$(pod_nat "$(pod_pid "$pod")" | grep -q -- '--dport 9999' && echo still || echo gone)"
   done
-  check "upgrade: Events say so" 'differed from the plan \(upgrade\)' "$(pod_events "$pod" MeshinitCaptureUpgraded)"
+  check "upgrade: Events say so" 'differed from the plan \(upgrade\)' "$(capture_events "$pod" MeshinitCaptureUpgraded)"
   kubectl delete deployment -n meshed upgrade --wait=true >/dev/null
   kubectl wait --for=delete pod -n meshed -l app=upgrade --timeout=120s >/dev/null 2>&1 || true
   helm uninstall "$AGENT_RELEASE" -n kube-system --wait --timeout 60s >/dev/null

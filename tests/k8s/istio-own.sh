@@ -219,6 +219,7 @@ repair:
   deletePods: true
 EOF
 }
+raced_event_seen() { pod_events "$INJECTED_NS" "$1" | grep -qx 'DeleteBrokenPod: pod detected as broken, deleted'; }
 istio_cni_pod() { kubectl get pods -n "$ISTIO_NS" -l "k8s-app=$ISTIO_CNI_DS" -o jsonpath='{.items[0].metadata.name}'; }
 istio_cni_logs() { kubectl logs -n "$ISTIO_NS" -l "k8s-app=$ISTIO_CNI_DS" --tail=-1 2>&1 || true; }
 istio_cni_gone() { [ -z "$(kubectl get pods -n "$ISTIO_NS" -l "k8s-app=$ISTIO_CNI_DS" -o name)" ]; }
@@ -286,6 +287,9 @@ scenario_istio_cni() {
   # replacement is captured.
   wait_until 60 pod_gone "$INJECTED_NS" "$raced" >/dev/null || log "$raced still there: $(istio_cni_logs | tail -n 20)"
   check "istio-cni-raced: Istio's repair deleted $raced" '^gone$' "$(pod_gone "$INJECTED_NS" "$raced" && echo gone)"
+  # (Istio's agent records the Event through an event broadcaster, which sends it on its
+  # own time, after the deletion as often as not.)
+  wait_until 30 raced_event_seen "$raced" >/dev/null || true
   check "istio-cni-raced: an Event on it says why" '^DeleteBrokenPod: pod detected as broken, deleted$' \
     "$(pod_events "$INJECTED_NS" "$raced" | grep -m1 -x 'DeleteBrokenPod: pod detected as broken, deleted')"
   rollout "$INJECTED_NS" istio-cni-raced
